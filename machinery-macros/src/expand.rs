@@ -1,0 +1,333 @@
+//! Generates the task's code from the validated model.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::ItemFn;
+
+use crate::attr::{self, TaskArgs};
+use crate::ctxt::Ctxt;
+use crate::model::{self, Output, Param, Role, Shape, TaskFn};
+
+pub(crate) fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let mut func: ItemFn = match syn::parse2(item.clone()) {
+        Ok(func) => func,
+        Err(e) => {
+            let mut e2 = syn::Error::new(
+                Span::call_site(),
+                "`#[task]` applies to functions: `fn name(args..) -> T { .. }`",
+            );
+            e2.combine(e);
+            let error = e2.into_compile_error();
+            return quote! { #item #error };
+        }
+    };
+    let mut cx = Ctxt::default();
+    let args = attr::parse(&mut cx, attr);
+    let model = model::analyze(&mut cx, &mut func);
+    match (cx.check(), model) {
+        (Ok(()), Some(model)) => expand(&func, &args, &model),
+        (Err(error), _) => {
+            // Keep the function, so that its other uses still type-check and IDEs keep working.
+            let error = error.into_compile_error();
+            quote! { #func #error }
+        }
+        (Ok(()), None) => quote! { #func },
+    }
+}
+
+fn expand(func: &ItemFn, args: &TaskArgs, task: &TaskFn) -> TokenStream {
+    let krate = match &args.krate {
+        Some(path) => quote!(#path),
+        None => quote!(::machinery),
+    };
+    let private = quote!(#krate::__private);
+    let ident = &task.ident;
+    let vis = &task.vis;
+    let name = match &args.name {
+        Some(name) => name.value(),
+        None => ident.to_string(),
+    };
+
+    let out_ty = output_type(&task.output.shape);
+    let kind = kind_type(&krate, &task.params);
+    let builder = builder(&krate, task, &out_ty, &kind);
+    let runner = runner(&krate, task);
+    let checks = checks(&private, task);
+    let runner_kind = if task.is_async {
+        quote!(Async)
+    } else {
+        quote!(Blocking)
+    };
+    let doc = format!(
+        "The task `{name}`: its typed signature builder. The function itself is [`{ident}()`](fn@{ident})."
+    );
+
+    quote! {
+        #func
+
+        #[doc = #doc]
+        #[allow(non_camel_case_types)]
+        #vis enum #ident {}
+
+        impl #ident {
+            /// The task's name on the wire.
+            #vis const NAME: &'static ::core::primitive::str = #name;
+
+            #builder
+        }
+
+        const _: () = {
+            #checks
+            #runner
+
+            #private::inventory::submit! {
+                #private::TaskDescriptor {
+                    name: #name,
+                    path: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
+                    location: ::core::concat!(::core::file!(), ":", ::core::line!()),
+                    runner: #private::Runner::#runner_kind(__machinery_run),
+                }
+            }
+        };
+    }
+}
+
+fn output_type(shape: &Shape) -> TokenStream {
+    match shape {
+        Shape::Unit => quote!(()),
+        Shape::Single(ty) => quote!(#ty),
+        Shape::Tuple(tys) => quote!((#(#tys,)*)),
+    }
+}
+
+fn kind_type(krate: &TokenStream, params: &[Param]) -> TokenStream {
+    for param in params {
+        let ty = &param.ty;
+        match &param.role {
+            Role::Chained => return quote!(#krate::Needs<#ty>),
+            Role::Variadic(elem) => return quote!(#krate::Variadic<#elem>),
+            Role::ErrorMessage => return quote!(#krate::ErrorHandler),
+            Role::Plain => {}
+        }
+    }
+    quote!(#krate::Full)
+}
+
+/// `name::signature(..)`: the parameters a producer gives (all but the chained input and the
+/// error message), encoded in order.
+fn builder(krate: &TokenStream, task: &TaskFn, out_ty: &TokenStream, kind: &TokenStream) -> TokenStream {
+    let private = quote!(#krate::__private);
+    let vis = &task.vis;
+    let given: Vec<&Param> = task
+        .params
+        .iter()
+        .filter(|p| matches!(p.role, Role::Plain | Role::Variadic(_)))
+        .collect();
+    let decls = given.iter().map(|p| {
+        let (ident, ty) = (&p.ident, &p.ty);
+        quote!(#ident: #ty)
+    });
+    let pushes = given.iter().map(|p| {
+        let ident = &p.ident;
+        let label = ident.to_string();
+        match &p.role {
+            Role::Variadic(_) => quote!(__machinery_builder.args(#label, &#ident);),
+            _ => quote!(__machinery_builder.arg(#label, &#ident);),
+        }
+    });
+    let capacity = task.params.len();
+    let decode = decoder(&private, &task.output);
+    let doc = match &task.params.iter().find(|p| !matches!(p.role, Role::Plain)) {
+        Some(Param {
+            role: Role::Chained,
+            ..
+        }) => "A signature of this task, to use as a chain link: the previous task's result becomes its last argument.",
+        Some(Param {
+            role: Role::Variadic(_),
+            ..
+        }) => "A signature of this task; in a chain, the previous task's result is appended to its arguments.",
+        Some(Param {
+            role: Role::ErrorMessage,
+            ..
+        }) => "A signature of this task, to use as an error callback with `on_error`.",
+        _ => "A signature of this task, ready to send.",
+    };
+    quote! {
+        #[doc = #doc]
+        #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
+        #vis fn signature(#(#decls),*) -> #krate::Signature<#out_ty, #kind> {
+            #decode
+            let mut __machinery_builder = #private::SignatureBuilder::new(Self::NAME, #capacity);
+            #(#pushes)*
+            __machinery_builder.finish(__machinery_decode)
+        }
+    }
+}
+
+fn decoder(private: &TokenStream, output: &Output) -> TokenStream {
+    let body = match &output.shape {
+        Shape::Unit => quote!(#private::decode_unit(__machinery_results)),
+        Shape::Single(ty) => quote!(#private::decode_one::<#ty>(__machinery_results)),
+        Shape::Tuple(tys) => {
+            let count = tys.len();
+            let items = tys.iter().enumerate().map(|(i, ty)| {
+                quote!(#private::decode_nth::<#ty>(__machinery_results, #i, #count)?)
+            });
+            quote!(::core::result::Result::Ok((#(#items,)*)))
+        }
+    };
+    let out_ty = output_type(&output.shape);
+    quote! {
+        fn __machinery_decode(
+            __machinery_results: &[#private::TaskResult],
+        ) -> ::core::result::Result<#out_ty, #private::Error> {
+            #body
+        }
+    }
+}
+
+/// `__machinery_run`: decodes the args, calls the function, encodes its results.
+fn runner(krate: &TokenStream, task: &TaskFn) -> TokenStream {
+    let private = quote!(#krate::__private);
+    let ident = &task.ident;
+    let variadic = task
+        .params
+        .iter()
+        .any(|p| matches!(p.role, Role::Variadic(_)));
+    let fixed = task.params.len() - usize::from(variadic);
+    let names: Vec<_> = task
+        .params
+        .iter()
+        .map(|p| format_ident!("__machinery_arg_{}", p.ident))
+        .collect();
+    let reads = task.params.iter().zip(&names).map(|(p, local)| {
+        let ty = &p.ty;
+        let label = p.ident.to_string();
+        let read = match &p.role {
+            Role::Variadic(elem) => quote!(__machinery_reader.rest::<#elem>(#label)),
+            _ => quote!(__machinery_reader.next::<#ty>(#label)),
+        };
+        quote! {
+            let #local: #ty = match #read {
+                ::core::result::Result::Ok(value) => value,
+                ::core::result::Result::Err(error) => return __machinery_fail(error),
+            };
+        }
+    });
+    let pack = pack(&private, &task.output);
+    let (ret, call, fail) = if task.is_async {
+        (
+            quote!(#private::TaskFuture),
+            quote!(#private::boxed(async move { __machinery_pack(#ident(#(#names),*).await) })),
+            quote!(#private::ready(::core::result::Result::Err(error))),
+        )
+    } else {
+        (
+            quote!(#private::TaskOutcome),
+            quote!(__machinery_pack(#ident(#(#names),*))),
+            quote!(::core::result::Result::Err(error)),
+        )
+    };
+    let pack_input = pack_input_type(task);
+    quote! {
+        fn __machinery_pack(__machinery_ret: #pack_input) -> #private::TaskOutcome {
+            #pack
+        }
+
+        fn __machinery_fail(error: #private::TaskError) -> #ret {
+            #fail
+        }
+
+        fn __machinery_run(
+            __machinery_args: ::std::vec::Vec<#private::Arg>,
+        ) -> #ret {
+            let mut __machinery_reader = match #private::ArgReader::new(
+                #ident::NAME,
+                __machinery_args,
+                #fixed,
+                #variadic,
+            ) {
+                ::core::result::Result::Ok(reader) => reader,
+                ::core::result::Result::Err(error) => return __machinery_fail(error),
+            };
+            #(#reads)*
+            #call
+        }
+    }
+}
+
+/// The function's declared return type, as `__machinery_pack` takes it.
+fn pack_input_type(task: &TaskFn) -> TokenStream {
+    match &task.return_type {
+        Some(ty) => quote!(#ty),
+        None => quote!(()),
+    }
+}
+
+/// Turns the returned value into task results.
+fn pack(private: &TokenStream, output: &Output) -> TokenStream {
+    let unwrap = if output.fallible {
+        quote! {
+            let __machinery_value = match __machinery_ret {
+                ::core::result::Result::Ok(value) => value,
+                ::core::result::Result::Err(error) => {
+                    return ::core::result::Result::Err(#private::task_error(error));
+                }
+            };
+        }
+    } else {
+        quote!(let __machinery_value = __machinery_ret;)
+    };
+    let encode = |value: TokenStream| quote!(#private::encode_result(&#value)?);
+    let results = match &output.shape {
+        Shape::Unit => quote! {
+            let () = __machinery_value;
+            ::core::result::Result::Ok(::std::vec::Vec::new())
+        },
+        Shape::Single(_) => {
+            let item = encode(quote!(__machinery_value));
+            quote!(::core::result::Result::Ok(::std::vec![#item]))
+        }
+        Shape::Tuple(tys) => {
+            let locals: Vec<_> = (0..tys.len())
+                .map(|i| format_ident!("__machinery_result_{}", i))
+                .collect();
+            let items = locals.iter().map(|l| encode(quote!(#l)));
+            quote! {
+                let (#(#locals,)*) = __machinery_value;
+                ::core::result::Result::Ok(::std::vec![#(#items),*])
+            }
+        }
+    };
+    quote! {
+        #unwrap
+        #results
+    }
+}
+
+/// Bound checks spanned at the user's types, so a type that cannot travel is reported there.
+fn checks(private: &TokenStream, task: &TaskFn) -> TokenStream {
+    let args = task.params.iter().map(|p| {
+        let ty = match &p.role {
+            Role::Variadic(elem) => elem,
+            _ => &p.ty,
+        };
+        quote_spanned!(ty.span()=> #private::assert_arg::<#ty>();)
+    });
+    let results: Vec<TokenStream> = match &task.output.shape {
+        Shape::Unit => Vec::new(),
+        Shape::Single(ty) => vec![quote_spanned!(ty.span()=> #private::assert_result::<#ty>();)],
+        Shape::Tuple(tys) => tys
+            .iter()
+            .map(|ty| quote_spanned!(ty.span()=> #private::assert_result::<#ty>();))
+            .collect(),
+    };
+    quote! {
+        #[allow(dead_code)]
+        fn __machinery_checks() {
+            #(#args)*
+            #(#results)*
+        }
+    }
+}

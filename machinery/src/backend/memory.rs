@@ -1,0 +1,213 @@
+//! The embedded in-process result backend (`memory://`).
+//!
+//! Shared by name within a process like the [memory broker](crate::broker::memory). States
+//! expire after `ResultsExpireIn` seconds, as they do in Redis; waiting for a result is woken
+//! by the write that finishes the task, without polling.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{timeout, ResultBackend};
+use crate::error::Result;
+use crate::wire::TaskState;
+
+/// An in-process result backend; see the [module docs](self).
+#[derive(Clone)]
+pub struct MemoryBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: String,
+    ttl: Duration,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    states: HashMap<String, Entry>,
+    /// (expiry, uuid) in write order; the TTL is the same for all, so expiries are ordered.
+    expiries: VecDeque<(Instant, String)>,
+}
+
+struct Entry {
+    state: Option<TaskState>,
+    expires: Instant,
+    waiters: Option<Arc<Notify>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each critical section is a single map operation, so a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Arc<Shared>>> {
+    static BACKENDS: OnceLock<Mutex<HashMap<String, Arc<Shared>>>> = OnceLock::new();
+    BACKENDS.get_or_init(Default::default)
+}
+
+impl MemoryBackend {
+    /// Opens the process-wide backend called `name` (created on first use, keeping states for
+    /// `ttl`).
+    pub fn open(name: &str, ttl: Duration) -> MemoryBackend {
+        let shared = lock(registry())
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Shared {
+                    name: name.to_owned(),
+                    ttl,
+                    inner: Mutex::new(Inner::default()),
+                })
+            })
+            .clone();
+        MemoryBackend { shared }
+    }
+
+    /// How many task states are stored.
+    pub fn len(&self) -> usize {
+        let mut inner = lock(&self.shared.inner);
+        inner.expire(Instant::now());
+        inner.states.values().filter(|e| e.state.is_some()).count()
+    }
+
+    /// Whether no task state is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Inner {
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, _)) = self.expiries.front() {
+            if *at > now {
+                break;
+            }
+            let Some((at, uuid)) = self.expiries.pop_front() else {
+                break;
+            };
+            if let Some(entry) = self.states.get(&uuid) {
+                if entry.expires <= at && entry.waiters.is_none() {
+                    self.states.remove(&uuid);
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("name", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl ResultBackend for MemoryBackend {
+    async fn set_state(&self, mut state: TaskState) -> Result<()> {
+        let now = Instant::now();
+        let expires = now + self.shared.ttl;
+        let uuid = state.task_uuid.clone();
+        let mut inner = lock(&self.shared.inner);
+        inner.expire(now);
+        let waiters = match inner.states.get_mut(&uuid) {
+            Some(entry) => {
+                if let Some(old) = entry.state.take() {
+                    if state.task_name.is_empty() {
+                        state.task_name = old.task_name;
+                    }
+                    if state.created_at.is_zero() {
+                        state.created_at = old.created_at;
+                    }
+                }
+                entry.state = Some(state);
+                entry.expires = expires;
+                entry.waiters.clone()
+            }
+            None => {
+                inner.states.insert(
+                    uuid.clone(),
+                    Entry {
+                        state: Some(state),
+                        expires,
+                        waiters: None,
+                    },
+                );
+                None
+            }
+        };
+        inner.expiries.push_back((expires, uuid));
+        drop(inner);
+        if let Some(waiters) = waiters {
+            waiters.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
+        let inner = lock(&self.shared.inner);
+        Ok(inner
+            .states
+            .get(task_uuid)
+            .filter(|e| e.expires > Instant::now())
+            .and_then(|e| e.state.clone()))
+    }
+
+    async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
+        loop {
+            let notify = {
+                let mut inner = lock(&self.shared.inner);
+                let entry = inner
+                    .states
+                    .entry(task_uuid.to_owned())
+                    .or_insert_with(|| Entry {
+                        state: None,
+                        expires: Instant::now() + self.shared.ttl,
+                        waiters: None,
+                    });
+                if let Some(state) = &entry.state {
+                    if state.state.is_final() {
+                        let state = state.clone();
+                        entry.waiters = None;
+                        return Ok(state);
+                    }
+                }
+                entry
+                    .waiters
+                    .get_or_insert_with(|| Arc::new(Notify::new()))
+                    .clone()
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            // Register before re-checking, so a write between the check and the wait is seen.
+            notified.as_mut().enable();
+            {
+                let inner = lock(&self.shared.inner);
+                if let Some(Some(state)) = inner.states.get(task_uuid).map(|e| &e.state) {
+                    if state.state.is_final() {
+                        return Ok(state.clone());
+                    }
+                }
+            }
+            match deadline {
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return Err(timeout(task_uuid));
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    async fn purge_state(&self, task_uuid: &str) -> Result<()> {
+        lock(&self.shared.inner).states.remove(task_uuid);
+        Ok(())
+    }
+}

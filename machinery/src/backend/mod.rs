@@ -1,0 +1,58 @@
+//! Result backends: where task states and results are kept.
+
+pub mod memory;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::wire::TaskState;
+
+/// Stores [`TaskState`]s by task UUID (Go's result backend interface).
+#[async_trait]
+pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
+    /// Records a state transition. When `state.task_name` is empty or `state.created_at` is
+    /// zero, the stored values are carried forward, so every record names its task and the
+    /// time it was sent.
+    async fn set_state(&self, state: TaskState) -> Result<()>;
+
+    /// The stored state of a task, if any.
+    async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>>;
+
+    /// Waits until the task reaches SUCCESS or FAILURE, or `deadline` passes.
+    ///
+    /// The default polls [`get_state`](Self::get_state) with a backoff from 1 ms to 100 ms;
+    /// backends that can be notified of changes override it.
+    async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if let Some(state) = self.get_state(task_uuid).await? {
+                if state.state.is_final() {
+                    return Ok(state);
+                }
+            }
+            let wake = Instant::now() + pause;
+            match deadline {
+                Some(deadline) if deadline <= Instant::now() => {
+                    return Err(timeout(task_uuid));
+                }
+                Some(deadline) => tokio::time::sleep_until(wake.min(deadline)).await,
+                None => tokio::time::sleep_until(wake).await,
+            }
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Deletes the stored state of a task.
+    async fn purge_state(&self, task_uuid: &str) -> Result<()>;
+}
+
+pub(crate) fn timeout(task_uuid: &str) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("task {task_uuid} did not finish in time"),
+    )
+}

@@ -1,0 +1,149 @@
+//! The broker abstraction: publish messages, consume deliveries, settle them.
+//!
+//! A [`Broker`] moves encoded messages; it knows nothing of tasks. The worker settles every
+//! [`Delivery`] exactly once, and only after the task's outcome is recorded and its follow-up
+//! messages are published:
+//!
+//! - [`Delivery::ack`]: done, remove it;
+//! - [`Delivery::requeue`]: hand it back for another consumer (a task this worker does not have);
+//! - [`Delivery::dead_letter`]: it can never succeed (undecodable, oversized): move it to the
+//!   dead-letter queue, never back into the queue.
+//!
+//! A delivery dropped without being settled goes back to the queue, as an unacknowledged AMQP
+//! message does when its channel closes: nothing is lost if a worker stops mid-task.
+//!
+//! Delayed messages ([`Message::delay`]) are held by the broker and delivered when the delay has
+//! passed (AMQP does this with dead-lettering TTL queues).
+
+pub mod memory;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::error::Result;
+
+/// A message to publish.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Message {
+    /// Where the message goes (a queue or binding key).
+    pub routing_key: String,
+    /// The encoded signature.
+    pub body: Bytes,
+    /// Message priority (0 = none).
+    pub priority: u8,
+    /// Message headers.
+    pub headers: Map<String, Value>,
+    /// Hold the message this long before delivering it.
+    pub delay: Option<Duration>,
+}
+
+impl Message {
+    /// A message with the given routing key and body.
+    pub fn new(routing_key: impl Into<String>, body: impl Into<Bytes>) -> Message {
+        Message {
+            routing_key: routing_key.into(),
+            body: body.into(),
+            ..Message::default()
+        }
+    }
+}
+
+/// A message broker: RabbitMQ, or the embedded in-process broker.
+#[async_trait]
+pub trait Broker: Send + Sync + fmt::Debug + 'static {
+    /// The routing key a message with an empty `RoutingKey` is published with
+    /// (Go's `AdjustRoutingKey`).
+    fn default_routing_key(&self) -> &str;
+
+    /// Publishes one message; returns once the broker has accepted it.
+    async fn publish(&self, message: Message) -> Result<()>;
+
+    /// Publishes several messages; brokers pipeline them.
+    async fn publish_many(&self, messages: Vec<Message>) -> Result<()> {
+        for message in messages {
+            self.publish(message).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts consuming `queue` with at most `prefetch` unsettled deliveries at a time.
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>>;
+}
+
+/// A stream of deliveries from one queue.
+#[async_trait]
+pub trait Consumer: Send + fmt::Debug {
+    /// The next delivery; `None` once the consumer is cancelled or the broker is gone for good.
+    async fn next(&mut self) -> Option<Result<Delivery>>;
+
+    /// Stops taking new deliveries. Deliveries already handed out can still be settled.
+    async fn cancel(&mut self) -> Result<()>;
+}
+
+/// How a delivery that is not acknowledged leaves the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// Back into the queue, for this or another consumer.
+    Requeue,
+    /// To the dead-letter queue: it can never succeed.
+    DeadLetter,
+}
+
+/// Settles one delivery with its broker.
+#[async_trait]
+pub trait Acker: Send + Sync + fmt::Debug {
+    /// Acknowledges the delivery.
+    async fn ack(&self) -> Result<()>;
+    /// Rejects the delivery.
+    async fn reject(&self, how: Rejection) -> Result<()>;
+}
+
+/// One message handed to a consumer.
+#[derive(Debug)]
+pub struct Delivery {
+    body: Bytes,
+    redelivered: bool,
+    acker: Box<dyn Acker>,
+}
+
+impl Delivery {
+    /// A delivery that `acker` settles.
+    pub fn new(body: Bytes, redelivered: bool, acker: Box<dyn Acker>) -> Delivery {
+        Delivery {
+            body,
+            redelivered,
+            acker,
+        }
+    }
+
+    /// The message body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Whether the broker delivered this message before (to this or another consumer).
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
+    /// Acknowledges: the message is done.
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Hands the message back to the queue.
+    pub async fn requeue(self) -> Result<()> {
+        self.acker.reject(Rejection::Requeue).await
+    }
+
+    /// Moves the message to the dead-letter queue.
+    pub async fn dead_letter(self) -> Result<()> {
+        self.acker.reject(Rejection::DeadLetter).await
+    }
+}

@@ -1,0 +1,374 @@
+//! Configuration, with Go Machinery's names and defaults.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// Server and worker configuration.
+///
+/// The defaults are Go Machinery's, so a Go and a Rust process started without configuration
+/// meet on the same exchange and queue. [`Config::from_env`] reads Go's environment variables;
+/// [`Config::builder`] sets values in code.
+///
+/// ```
+/// use machinery::Config;
+///
+/// let config = Config::builder()
+///     .broker("memory://")
+///     .default_queue("jobs")
+///     .results_expire_in(600)
+///     .build()?;
+/// assert_eq!(config.default_queue, "jobs");
+/// assert_eq!(config.amqp.exchange, "machinery_exchange");
+/// # Ok::<(), machinery::Error>(())
+/// ```
+#[derive(Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Broker URL: `amqp://`, `amqps://` or `memory://[name]` (`BROKER`).
+    pub broker: String,
+    /// The queue workers consume by default (`DEFAULT_QUEUE`).
+    pub default_queue: String,
+    /// Result backend URL: `redis://` or `memory://[name]`; empty for none (`RESULT_BACKEND`).
+    /// With a `memory://` broker and no backend set, the memory backend of the same name is used.
+    pub result_backend: String,
+    /// Seconds a task state is kept (`RESULTS_EXPIRE_IN`).
+    pub results_expire_in: u64,
+    /// AMQP settings.
+    pub amqp: AmqpConfig,
+    /// When true, [`worker::launch`](crate::worker::launch) does not handle SIGINT/SIGTERM
+    /// (`NO_UNIX_SIGNALS`).
+    pub no_unix_signals: bool,
+    /// Largest message body accepted, in bytes, when sending and when consuming
+    /// (`MAX_MESSAGE_SIZE`, default 4 MiB). Larger incoming messages are dead-lettered.
+    pub max_message_size: usize,
+    /// How far ahead of its ETA a message may arrive and still run (clock skew between
+    /// machines); a message that arrives earlier is delayed again (`ETA_TOLERANCE_MS`).
+    pub eta_tolerance: Duration,
+    /// How long a worker holds a message for a task it does not have before handing it back
+    /// to the broker, so that it does not spin (`REQUEUE_DELAY_MS`, default 1 s).
+    pub requeue_delay: Duration,
+}
+
+/// RabbitMQ settings (Go's `AMQPConfig`).
+#[derive(Clone, PartialEq)]
+#[non_exhaustive]
+pub struct AmqpConfig {
+    /// Exchange name (`AMQP_EXCHANGE`).
+    pub exchange: String,
+    /// Exchange type: `direct`, `fanout`, `topic`, `headers` (`AMQP_EXCHANGE_TYPE`).
+    pub exchange_type: String,
+    /// Key the default queue is bound with (`AMQP_BINDING_KEY`).
+    pub binding_key: String,
+    /// Unacknowledged deliveries per consumer (`AMQP_PREFETCH_COUNT`).
+    pub prefetch_count: u16,
+    /// Extra queue declaration arguments, such as `x-queue-type` or `x-max-priority`
+    /// (`AMQP_QUEUE_DECLARE_ARGS`, `key:value,key:value`).
+    pub queue_declare_args: Map<String, Value>,
+    /// Extra queue binding arguments (`AMQP_QUEUE_BINDING_ARGS`, `key:value,key:value`).
+    pub queue_binding_args: Map<String, Value>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            broker: "amqp://guest:guest@localhost:5672/".to_owned(),
+            default_queue: "machinery_tasks".to_owned(),
+            result_backend: String::new(),
+            results_expire_in: 3600,
+            amqp: AmqpConfig::default(),
+            no_unix_signals: false,
+            max_message_size: 4 * 1024 * 1024,
+            eta_tolerance: Duration::from_millis(500),
+            requeue_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            exchange: "machinery_exchange".to_owned(),
+            exchange_type: "direct".to_owned(),
+            binding_key: "machinery_task".to_owned(),
+            prefetch_count: 3,
+            queue_declare_args: Map::new(),
+            queue_binding_args: Map::new(),
+        }
+    }
+}
+
+impl Config {
+    /// A builder starting from the defaults.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder {
+            config: Config::default(),
+        }
+    }
+
+    /// Reads Go Machinery's environment variables over the defaults: `BROKER`,
+    /// `DEFAULT_QUEUE`, `RESULT_BACKEND`, `RESULTS_EXPIRE_IN`, `AMQP_EXCHANGE`,
+    /// `AMQP_EXCHANGE_TYPE`, `AMQP_BINDING_KEY`, `AMQP_PREFETCH_COUNT`,
+    /// `AMQP_QUEUE_DECLARE_ARGS`, `AMQP_QUEUE_BINDING_ARGS`, `NO_UNIX_SIGNALS`, and
+    /// machinery's own `MAX_MESSAGE_SIZE`, `ETA_TOLERANCE_MS`, `REQUEUE_DELAY_MS`.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`from_env`](Self::from_env), reading variables through `lookup`.
+    ///
+    /// ```
+    /// use machinery::Config;
+    /// let config = Config::from_lookup(|name| match name {
+    ///     "BROKER" => Some("memory://".to_owned()),
+    ///     "AMQP_PREFETCH_COUNT" => Some("10".to_owned()),
+    ///     _ => None,
+    /// })?;
+    /// assert_eq!(config.amqp.prefetch_count, 10);
+    /// # Ok::<(), machinery::Error>(())
+    /// ```
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut c = Config::default();
+        let text = |name: &str, slot: &mut String| {
+            if let Some(v) = lookup(name) {
+                *slot = v;
+            }
+        };
+        text("BROKER", &mut c.broker);
+        text("DEFAULT_QUEUE", &mut c.default_queue);
+        text("RESULT_BACKEND", &mut c.result_backend);
+        text("AMQP_EXCHANGE", &mut c.amqp.exchange);
+        text("AMQP_EXCHANGE_TYPE", &mut c.amqp.exchange_type);
+        text("AMQP_BINDING_KEY", &mut c.amqp.binding_key);
+        if let Some(v) = parsed(&lookup, "RESULTS_EXPIRE_IN")? {
+            c.results_expire_in = v;
+        }
+        if let Some(v) = parsed(&lookup, "AMQP_PREFETCH_COUNT")? {
+            c.amqp.prefetch_count = v;
+        }
+        if let Some(v) = parsed(&lookup, "MAX_MESSAGE_SIZE")? {
+            c.max_message_size = v;
+        }
+        if let Some(v) = parsed(&lookup, "ETA_TOLERANCE_MS")? {
+            c.eta_tolerance = Duration::from_millis(v);
+        }
+        if let Some(v) = parsed(&lookup, "REQUEUE_DELAY_MS")? {
+            c.requeue_delay = Duration::from_millis(v);
+        }
+        if let Some(v) = lookup("NO_UNIX_SIGNALS") {
+            c.no_unix_signals = parse_bool("NO_UNIX_SIGNALS", &v)?;
+        }
+        if let Some(v) = lookup("AMQP_QUEUE_DECLARE_ARGS") {
+            c.amqp.queue_declare_args = parse_table("AMQP_QUEUE_DECLARE_ARGS", &v)?;
+        }
+        if let Some(v) = lookup("AMQP_QUEUE_BINDING_ARGS") {
+            c.amqp.queue_binding_args = parse_table("AMQP_QUEUE_BINDING_ARGS", &v)?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the values that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        if self.broker.is_empty() {
+            return Err(Error::config("the broker URL is empty"));
+        }
+        if self.default_queue.is_empty() {
+            return Err(Error::config("the default queue name is empty"));
+        }
+        if self.max_message_size == 0 {
+            return Err(Error::config("max_message_size must be positive"));
+        }
+        if !matches!(
+            self.amqp.exchange_type.as_str(),
+            "direct" | "fanout" | "topic" | "headers"
+        ) {
+            return Err(Error::config(format!(
+                "unknown AMQP exchange type `{}` (expected direct, fanout, topic or headers)",
+                self.amqp.exchange_type
+            )));
+        }
+        Ok(())
+    }
+
+    /// The routing key Go's `AdjustRoutingKey` gives a signature without one: the binding key
+    /// on a direct exchange, else the default queue.
+    pub fn default_routing_key(&self) -> &str {
+        if self.amqp.exchange_type == "direct" {
+            &self.amqp.binding_key
+        } else {
+            &self.default_queue
+        }
+    }
+}
+
+fn parsed<T: std::str::FromStr>(
+    lookup: &impl Fn(&str) -> Option<String>,
+    name: &str,
+) -> Result<Option<T>>
+where
+    T::Err: fmt::Display,
+{
+    match lookup(name) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| Error::config(format!("{name}={v:?} is not a valid number: {e}"))),
+    }
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "t" | "true" | "yes" => Ok(true),
+        "0" | "f" | "false" | "no" | "" => Ok(false),
+        _ => Err(Error::config(format!("{name}={v:?} is not a boolean"))),
+    }
+}
+
+/// Go's `key:value,key:value` map syntax. Integer values become numbers (so that
+/// `x-max-priority:10` works), others strings.
+fn parse_table(name: &str, v: &str) -> Result<Map<String, Value>> {
+    let mut map = Map::new();
+    for pair in v.split(',').filter(|p| !p.trim().is_empty()) {
+        let Some((key, value)) = pair.split_once(':') else {
+            return Err(Error::config(format!(
+                "{name}: invalid item {pair:?} (expected key:value)"
+            )));
+        };
+        let value = value.trim();
+        let value = match value.parse::<i64>() {
+            Ok(n) => Value::from(n),
+            Err(_) => Value::from(value),
+        };
+        map.insert(key.trim().to_owned(), value);
+    }
+    Ok(map)
+}
+
+/// A URL with its password replaced by `***`, for logs and errors.
+///
+/// ```
+/// assert_eq!(
+///     machinery::config::mask_url("amqp://guest:secret@host:5672/vhost"),
+///     "amqp://guest:***@host:5672/vhost"
+/// );
+/// ```
+pub fn mask_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let masked = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None => "***".to_owned(),
+    };
+    format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..])
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("broker", &mask_url(&self.broker))
+            .field("default_queue", &self.default_queue)
+            .field("result_backend", &mask_url(&self.result_backend))
+            .field("results_expire_in", &self.results_expire_in)
+            .field("amqp", &self.amqp)
+            .field("no_unix_signals", &self.no_unix_signals)
+            .field("max_message_size", &self.max_message_size)
+            .field("eta_tolerance", &self.eta_tolerance)
+            .field("requeue_delay", &self.requeue_delay)
+            .finish()
+    }
+}
+
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("exchange", &self.exchange)
+            .field("exchange_type", &self.exchange_type)
+            .field("binding_key", &self.binding_key)
+            .field("prefetch_count", &self.prefetch_count)
+            .field("queue_declare_args", &self.queue_declare_args)
+            .field("queue_binding_args", &self.queue_binding_args)
+            .finish()
+    }
+}
+
+/// Builds a [`Config`]; see [`Config::builder`].
+#[derive(Debug, Clone)]
+pub struct ConfigBuilder {
+    config: Config,
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty => $($field:ident).+;)*) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, value: impl Into<$ty>) -> Self {
+            self.config.$($field).+ = value.into();
+            self
+        }
+    )*};
+}
+
+impl ConfigBuilder {
+    setters! {
+        /// Broker URL.
+        broker: String => broker;
+        /// Default queue.
+        default_queue: String => default_queue;
+        /// Result backend URL.
+        result_backend: String => result_backend;
+        /// Seconds results are kept.
+        results_expire_in: u64 => results_expire_in;
+        /// AMQP exchange name.
+        exchange: String => amqp.exchange;
+        /// AMQP exchange type.
+        exchange_type: String => amqp.exchange_type;
+        /// AMQP binding key.
+        binding_key: String => amqp.binding_key;
+        /// AMQP prefetch count.
+        prefetch_count: u16 => amqp.prefetch_count;
+        /// Disable signal handling in `worker::launch`.
+        no_unix_signals: bool => no_unix_signals;
+        /// Largest message body accepted.
+        max_message_size: usize => max_message_size;
+        /// Clock skew tolerance for ETAs.
+        eta_tolerance: Duration => eta_tolerance;
+        /// Delay before handing back a message for an unknown task.
+        requeue_delay: Duration => requeue_delay;
+    }
+
+    /// Adds a queue declaration argument (`x-max-priority`, `x-queue-type`, ...).
+    pub fn queue_declare_arg(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.config
+            .amqp
+            .queue_declare_args
+            .insert(key.into(), value.into());
+        self
+    }
+
+    /// Adds a queue binding argument.
+    pub fn queue_binding_arg(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.config
+            .amqp
+            .queue_binding_args
+            .insert(key.into(), value.into());
+        self
+    }
+
+    /// Validates and returns the configuration.
+    pub fn build(self) -> Result<Config> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}

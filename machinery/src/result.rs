@@ -1,0 +1,99 @@
+//! Waiting for a sent task's result.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::ResultBackend;
+use crate::error::{Error, ErrorKind, Result};
+use crate::signature::Decoder;
+use crate::wire::{State, TaskState};
+
+/// A handle on a sent task (or chain), returned by [`Server::send`](crate::Server::send).
+///
+/// [`get`](Self::get) waits for the final result, typed as the (last) task's output. For a
+/// chain it waits for each link in turn, so a link that fails ends the wait with its error
+/// instead of waiting forever for links that will never run.
+pub struct AsyncResult<O> {
+    backend: Option<Arc<dyn ResultBackend>>,
+    links: Vec<String>,
+    decode: Decoder<O>,
+}
+
+impl<O> AsyncResult<O> {
+    pub(crate) fn new(
+        backend: Option<Arc<dyn ResultBackend>>,
+        links: Vec<String>,
+        decode: Decoder<O>,
+    ) -> Self {
+        AsyncResult {
+            backend,
+            links,
+            decode,
+        }
+    }
+
+    /// The UUID of the (first) task.
+    pub fn task_uuid(&self) -> &str {
+        self.links.first().map(String::as_str).unwrap_or_default()
+    }
+
+    /// The UUIDs of every link of a chain, in order.
+    pub fn task_uuids(&self) -> &[String] {
+        &self.links
+    }
+
+    /// The current state of the (last) task, if the backend has one.
+    pub async fn state(&self) -> Result<Option<TaskState>> {
+        let backend = self.backend()?;
+        match self.links.last() {
+            Some(uuid) => backend.get_state(uuid).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Waits for the result. A task that failed returns an error of kind
+    /// [`ErrorKind::Task`] carrying its message.
+    pub async fn get(&self) -> Result<O> {
+        self.wait(None).await
+    }
+
+    /// Waits for the result at most `timeout`; past it, returns an error of kind
+    /// [`ErrorKind::Timeout`].
+    pub async fn get_timeout(&self, timeout: Duration) -> Result<O> {
+        self.wait(Some(Instant::now() + timeout)).await
+    }
+
+    async fn wait(&self, deadline: Option<Instant>) -> Result<O> {
+        let backend = self.backend()?;
+        let mut last = None;
+        for uuid in &self.links {
+            let state = backend.wait_final(uuid, deadline).await?;
+            if state.state == State::Failure {
+                return Err(Error::task(state.error));
+            }
+            last = Some(state);
+        }
+        let results = last.and_then(|s| s.results).unwrap_or_default();
+        (self.decode)(&results)
+    }
+
+    fn backend(&self) -> Result<&Arc<dyn ResultBackend>> {
+        self.backend.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                "no result backend is configured (set RESULT_BACKEND)",
+            )
+        })
+    }
+}
+
+impl<O> fmt::Debug for AsyncResult<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncResult")
+            .field("links", &self.links)
+            .finish_non_exhaustive()
+    }
+}

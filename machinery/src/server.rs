@@ -1,0 +1,234 @@
+//! The producer side: connect, send signatures, get results.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::Utc;
+
+use crate::backend::memory::MemoryBackend;
+use crate::backend::ResultBackend;
+use crate::broker::memory::MemoryBroker;
+use crate::broker::{Broker, Message};
+use crate::config::{mask_url, Config};
+use crate::error::{Error, ErrorKind, Result};
+use crate::result::AsyncResult;
+use crate::signature::{Sendable, Signature};
+use crate::wire::{self, GoTime, State, TaskState};
+use crate::worker::WorkerBuilder;
+
+/// A connection to a broker and a result backend: sends tasks, builds workers.
+///
+/// Cheap to clone; clones share the connections.
+///
+/// ```
+/// use machinery::{task, Config, Server};
+///
+/// #[task]
+/// fn add(a: i64, b: i64) -> i64 { a + b }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> machinery::Result<()> {
+/// let server = Server::new(Config::builder().broker("memory://server-docs").build()?).await?;
+/// let worker = server.worker().spawn()?;
+/// let sum = server.send(add::signature(2, 3)).await?.get().await?;
+/// assert_eq!(sum, 5);
+/// worker.shutdown().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    broker: Arc<dyn Broker>,
+    backend: Option<Arc<dyn ResultBackend>>,
+}
+
+impl Server {
+    /// Connects to the broker and result backend named in `config`.
+    pub async fn new(config: Config) -> Result<Server> {
+        config.validate()?;
+        let broker = open_broker(&config).await?;
+        let backend = open_backend(&config).await?;
+        Ok(Server::from_parts(config, broker, backend))
+    }
+
+    /// Connects with [`Config::from_env`].
+    pub async fn from_env() -> Result<Server> {
+        Server::new(Config::from_env()?).await
+    }
+
+    /// A server over a broker and backend built by hand (custom implementations).
+    pub fn from_parts(
+        config: Config,
+        broker: Arc<dyn Broker>,
+        backend: Option<Arc<dyn ResultBackend>>,
+    ) -> Server {
+        Server {
+            inner: Arc::new(Inner {
+                config,
+                broker,
+                backend,
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    /// The result backend, if one is configured.
+    pub fn backend(&self) -> Option<&Arc<dyn ResultBackend>> {
+        self.inner.backend.as_ref()
+    }
+
+    /// A builder for a worker that consumes with this server's connections.
+    pub fn worker(&self) -> WorkerBuilder {
+        WorkerBuilder::new(self.clone())
+    }
+
+    /// Sends a task or a chain. Records it as PENDING, publishes it, and returns a handle whose
+    /// [`get`](AsyncResult::get) waits for the result typed as the (last) task's output.
+    pub async fn send<O, K: Sendable>(&self, signature: Signature<O, K>) -> Result<AsyncResult<O>> {
+        let (raw, links, decode) = signature.into_parts()?;
+        self.publish(raw).await?;
+        Ok(AsyncResult::new(self.inner.backend.clone(), links, decode))
+    }
+
+    /// Sends many tasks at once; brokers pipeline the publishes.
+    pub async fn send_all<O, K: Sendable>(
+        &self,
+        signatures: impl IntoIterator<Item = Signature<O, K>>,
+    ) -> Result<Vec<AsyncResult<O>>> {
+        let mut messages = Vec::new();
+        let mut handles = Vec::new();
+        for signature in signatures {
+            let (raw, links, decode) = signature.into_parts()?;
+            messages.push(self.prepare(raw).await?);
+            handles.push(AsyncResult::new(self.inner.backend.clone(), links, decode));
+        }
+        self.inner.broker.publish_many(messages).await?;
+        Ok(handles)
+    }
+
+    /// Sends a signature in its wire form, as Go's `SendTask` does (for tools and for tasks
+    /// that only exist in another language).
+    pub async fn send_wire(&self, signature: wire::Signature) -> Result<()> {
+        self.publish(signature).await
+    }
+
+    /// Records PENDING and publishes.
+    pub(crate) async fn publish(&self, signature: wire::Signature) -> Result<()> {
+        let message = self.prepare(signature).await?;
+        self.inner.broker.publish(message).await
+    }
+
+    /// Adjusts the routing key, records PENDING and encodes.
+    async fn prepare(&self, mut signature: wire::Signature) -> Result<Message> {
+        if signature.uuid.is_empty() {
+            signature.uuid = wire::new_uuid("task_");
+        }
+        if signature.routing_key.is_empty() {
+            signature.routing_key = self.inner.broker.default_routing_key().to_owned();
+        }
+        let body = signature.to_json()?;
+        if body.len() > self.inner.config.max_message_size {
+            return Err(Error::encode(format!(
+                "task {} ({}) encodes to {} bytes, more than max_message_size ({} bytes)",
+                signature.name,
+                signature.uuid,
+                body.len(),
+                self.inner.config.max_message_size
+            )));
+        }
+        if let Some(backend) = &self.inner.backend {
+            backend
+                .set_state(TaskState {
+                    task_uuid: signature.uuid.clone(),
+                    task_name: signature.name.clone(),
+                    state: State::Pending,
+                    created_at: GoTime::now(),
+                    ..TaskState::default()
+                })
+                .await?;
+        }
+        let delay = signature
+            .eta
+            .and_then(|eta| eta.datetime())
+            .and_then(|eta| (eta - Utc::now()).to_std().ok())
+            .filter(|d| *d >= Duration::from_millis(1));
+        let mut message = Message::new(signature.routing_key, Bytes::from(body));
+        message.priority = signature.priority;
+        message.headers = signature.headers;
+        message.delay = delay;
+        Ok(message)
+    }
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.inner.config)
+            .field("broker", &self.inner.broker)
+            .field("backend", &self.inner.backend)
+            .finish()
+    }
+}
+
+/// The name in a `memory://name` URL (`default` when empty).
+fn memory_name(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("memory://")?;
+    let name = rest.trim_end_matches('/');
+    Some(if name.is_empty() { "default" } else { name })
+}
+
+async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>> {
+    if let Some(name) = memory_name(&config.broker) {
+        return Ok(Arc::new(MemoryBroker::open(
+            name,
+            &config.default_queue,
+            config.default_routing_key(),
+        )));
+    }
+    Err(Error::new(
+        ErrorKind::Config,
+        format!(
+            "unsupported broker URL `{}` (supported: memory://)",
+            mask_url(&config.broker)
+        ),
+    ))
+}
+
+async fn open_backend(config: &Config) -> Result<Option<Arc<dyn ResultBackend>>> {
+    let ttl = Duration::from_secs(config.results_expire_in);
+    let url = if config.result_backend.is_empty() {
+        // The embedded broker comes with the embedded backend of the same name.
+        match memory_name(&config.broker) {
+            Some(_) => config.broker.as_str(),
+            None => return Ok(None),
+        }
+    } else {
+        config.result_backend.as_str()
+    };
+    if let Some(name) = memory_name(url) {
+        return Ok(Some(Arc::new(MemoryBackend::open(name, ttl))));
+    }
+    Err(Error::new(
+        ErrorKind::Config,
+        format!(
+            "unsupported result backend URL `{}` (supported: memory://)",
+            mask_url(url)
+        ),
+    ))
+}

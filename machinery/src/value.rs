@@ -1,0 +1,156 @@
+//! How Rust values travel as Go-typed [`Arg`]s and [`TaskResult`]s.
+//!
+//! | Rust | Go `Type` |
+//! |---|---|
+//! | `bool` | `bool` |
+//! | `i8`, `i16`, `i32`, `i64`, `isize` | `int8`, `int16`, `int32`, `int64`, `int` |
+//! | `u8`, `u16`, `u32`, `u64`, `usize` | `uint8`, `uint16`, `uint32`, `uint64`, `uint` |
+//! | `f32`, `f64` | `float32`, `float64` |
+//! | `String` | `string` |
+//! | `Vec<T>` for each `T` above | `[]T` (`[]byte` is accepted for `[]uint8`, as a base64 string too) |
+//! | any other `Serialize + DeserializeOwned` type | `json` (Rust-to-Rust only) |
+//!
+//! Decoding is strict: the `Type` must be the one the task declares, an integer must be written
+//! as an integer (`1`, not `1.0` or `1e0`) and fit its type, and a slice may be `null` (empty).
+//!
+//! ```
+//! use machinery::value::{decode, encode_arg, go_type_name};
+//! use serde_json::json;
+//!
+//! assert_eq!(go_type_name::<Vec<i64>>(), "[]int64");
+//! let arg = encode_arg(&3.5f64)?;
+//! assert_eq!((arg.type_name.as_str(), &arg.value), ("float64", &json!(3.5)));
+//! assert_eq!(decode::<i64>("int64", &json!(7))?, 7);
+//! assert!(decode::<i64>("int64", &json!(1.0)).is_err());
+//! assert!(decode::<u8>("uint8", &json!(300)).is_err());
+//! assert!(decode::<i64>("int32", &json!(7)).is_err());
+//! # Ok::<(), machinery::Error>(())
+//! ```
+
+use std::any::TypeId;
+
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::wire::{Arg, TaskResult};
+
+/// The `Type` used for values outside Go's type table: JSON, readable by Rust workers only.
+pub const JSON_TYPE: &str = "json";
+
+/// The Go type name that values of `T` travel under.
+pub fn go_type_name<T: 'static>() -> &'static str {
+    let id = TypeId::of::<T>();
+    macro_rules! table {
+        ($($t:ty => $name:literal, $slice:literal;)*) => {
+            $(
+                if id == TypeId::of::<$t>() {
+                    return $name;
+                }
+                if id == TypeId::of::<Vec<$t>>() {
+                    return $slice;
+                }
+            )*
+        };
+    }
+    table! {
+        f64 => "float64", "[]float64";
+        i64 => "int64", "[]int64";
+        String => "string", "[]string";
+        bool => "bool", "[]bool";
+        u64 => "uint64", "[]uint64";
+        i32 => "int32", "[]int32";
+        u32 => "uint32", "[]uint32";
+        f32 => "float32", "[]float32";
+        u8 => "uint8", "[]uint8";
+        i8 => "int8", "[]int8";
+        i16 => "int16", "[]int16";
+        u16 => "uint16", "[]uint16";
+        isize => "int", "[]int";
+        usize => "uint", "[]uint";
+    }
+    JSON_TYPE
+}
+
+/// Whether a `Type` string from the wire names the Go type `expected`.
+fn type_matches(expected: &str, got: &str) -> bool {
+    expected == got
+        || match expected {
+            "uint8" => got == "byte",
+            "[]uint8" => got == "[]byte",
+            "int32" => got == "rune",
+            "[]int32" => got == "[]rune",
+            _ => false,
+        }
+}
+
+/// Encodes a value as a Go-typed argument.
+pub fn encode_arg<T: Serialize + 'static>(value: &T) -> Result<Arg> {
+    let (type_name, value) = encode_value(value)?;
+    Ok(Arg {
+        name: String::new(),
+        type_name: type_name.to_owned(),
+        value,
+    })
+}
+
+/// Encodes a value as a Go-typed task result.
+pub fn encode_result<T: Serialize + 'static>(value: &T) -> Result<TaskResult> {
+    let (type_name, value) = encode_value(value)?;
+    Ok(TaskResult {
+        type_name: type_name.to_owned(),
+        value,
+    })
+}
+
+fn encode_value<T: Serialize + 'static>(value: &T) -> Result<(&'static str, Value)> {
+    let type_name = go_type_name::<T>();
+    let value = serde_json::to_value(value)
+        .map_err(|e| Error::encode(format!("cannot encode a `{type_name}` value: {e}")))?;
+    Ok((type_name, value))
+}
+
+/// Decodes a value that arrived with Go type name `type_name` into `T`, strictly.
+pub fn decode<T: DeserializeOwned + 'static>(type_name: &str, value: &Value) -> Result<T> {
+    let expected = go_type_name::<T>();
+    if !type_matches(expected, type_name) {
+        return Err(Error::decode(format!(
+            "expected type `{expected}`, got `{type_name}`"
+        )));
+    }
+    let decoded = if expected.starts_with("[]") && value.is_null() {
+        T::deserialize(&Value::Array(Vec::new()))
+    } else if expected == "[]uint8" {
+        if let Value::String(b64) = value {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| Error::decode(format!("invalid base64 for `[]uint8`: {e}")))?;
+            T::deserialize(&Value::Array(bytes.into_iter().map(Value::from).collect()))
+        } else {
+            T::deserialize(value)
+        }
+    } else {
+        T::deserialize(value)
+    };
+    decoded.map_err(|e| Error::decode(format!("invalid `{expected}` value {}: {e}", Brief(value))))
+}
+
+/// Decodes an argument into `T`.
+pub fn decode_arg<T: DeserializeOwned + 'static>(arg: &Arg) -> Result<T> {
+    decode(&arg.type_name, &arg.value)
+}
+
+/// Shows a value in an error message, cut short when long.
+struct Brief<'a>(&'a Value);
+
+impl std::fmt::Display for Brief<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0.to_string();
+        match s.char_indices().nth(64) {
+            Some((i, _)) => write!(f, "{}...", &s[..i]),
+            None => f.write_str(&s),
+        }
+    }
+}

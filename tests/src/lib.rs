@@ -1,0 +1,1 @@
+//! Integration tests for machinery live in `tests/`.

@@ -1,0 +1,1 @@
+//! trybuild tests for `#[task]` live in `tests/ui.rs`.
