@@ -521,3 +521,213 @@ pub(crate) fn new_uuid(prefix: &str) -> String {
     s.push_str(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf));
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::{decode, encode_arg};
+    use serde_json::json;
+
+    /// Byte for byte what a Go Machinery v2 producer publishes for `add(1, 1)`.
+    const GO_PLAIN: &str = r#"{"UUID":"task_5d7a3ec6-2f6a-4a44-b1b5-50c1e8f5b9e1","Name":"add","RoutingKey":"machinery_task","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":1},{"Name":"","Type":"int64","Value":1}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}"#;
+
+    /// The head of Go's `NewChain(add(2,2), add(5,6), multiply(4))`: links nested in OnSuccess,
+    /// nested RoutingKeys empty until a worker publishes them.
+    const GO_CHAIN_HEAD: &str = r#"{"UUID":"task_1","Name":"add","RoutingKey":"machinery_task","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":2},{"Name":"","Type":"int64","Value":2}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":[{"UUID":"task_2","Name":"add","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":5},{"Name":"","Type":"int64","Value":6}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":[{"UUID":"task_3","Name":"multiply","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":4}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}],"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}],"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}"#;
+
+    /// A member of Go's `NewChord(NewGroup(add(1,1), add(5,5)), multiply())`.
+    const GO_CHORD_MEMBER: &str = r#"{"UUID":"task_a","Name":"add","RoutingKey":"machinery_task","ETA":"2026-11-29T20:17:52.337696883Z","GroupUUID":"group_g","GroupTaskCount":2,"Args":[{"Name":"","Type":"int64","Value":1},{"Name":"","Type":"int64","Value":1}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":{"UUID":"chord_c","Name":"multiply","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":null,"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false},"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}"#;
+
+    fn round_trip(golden: &str) -> Signature {
+        let sig = Signature::from_json(golden.as_bytes()).unwrap();
+        let encoded = String::from_utf8(sig.to_json().unwrap()).unwrap();
+        assert_eq!(encoded, golden, "re-encoding must reproduce Go's bytes");
+        sig
+    }
+
+    #[test]
+    fn plain_task_golden() {
+        let sig = round_trip(GO_PLAIN);
+        assert_eq!(sig.name, "add");
+        assert_eq!(sig.args.len(), 2);
+        assert_eq!(decode::<i64>(&sig.args[0].type_name, &sig.args[0].value).unwrap(), 1);
+    }
+
+    #[test]
+    fn chain_head_golden() {
+        let sig = round_trip(GO_CHAIN_HEAD);
+        assert_eq!(sig.on_success.len(), 1);
+        assert_eq!(sig.on_success[0].routing_key, "");
+        assert_eq!(sig.on_success[0].on_success[0].name, "multiply");
+    }
+
+    #[test]
+    fn chord_member_golden() {
+        let sig = round_trip(GO_CHORD_MEMBER);
+        assert_eq!(sig.group_task_count, 2);
+        let eta = sig.eta.unwrap().datetime().unwrap();
+        assert_eq!(eta.nanosecond(), 337_696_883);
+        let callback = sig.chord_callback.unwrap();
+        assert_eq!(callback.uuid, "chord_c");
+        assert!(callback.args.is_empty());
+    }
+
+    #[test]
+    fn our_encoding_matches_go_shape() {
+        let mut sig = Signature::new("add");
+        sig.routing_key = "machinery_task".into();
+        sig.args.push(encode_arg(&1i64).unwrap());
+        sig.args.push(encode_arg(&1i64).unwrap());
+        sig.uuid = "task_5d7a3ec6-2f6a-4a44-b1b5-50c1e8f5b9e1".into();
+        assert_eq!(String::from_utf8(sig.to_json().unwrap()).unwrap(), GO_PLAIN);
+        assert!(Signature::new("x").uuid.starts_with("task_"));
+        assert_eq!(Signature::new("x").uuid.len(), "task_".len() + 36);
+    }
+
+    #[test]
+    fn decoding_is_tolerant_like_go() {
+        let sig: Signature = serde_json::from_str(
+            r#"{"uuid":"u","NAME":"add","args":null,"headers":null,"Unknown":{"deep":[1,2]},"priority":3,"onsuccess":null,"eta":null}"#,
+        )
+        .unwrap();
+        assert_eq!((sig.uuid.as_str(), sig.name.as_str(), sig.priority), ("u", "add", 3));
+        assert!(sig.args.is_empty() && sig.headers.is_empty());
+        // Missing keys are zero values; an empty object is a valid (if useless) signature.
+        assert_eq!(Signature::from_json(b"{}").unwrap(), Signature::default());
+        // Null strings and numbers keep their zero value, as in Go.
+        let sig = Signature::from_json(br#"{"Name":null,"RetryCount":null}"#).unwrap();
+        assert_eq!((sig.name.as_str(), sig.retry_count), ("", 0));
+    }
+
+    #[test]
+    fn decoding_is_strict_like_go() {
+        for bad in [
+            r#"[1,2]"#,
+            r#"{"Name":5}"#,
+            r#"{"RetryCount":1.5}"#,
+            r#"{"Priority":256}"#,
+            r#"{"Priority":-1}"#,
+            r#"{"Args":{}}"#,
+            r#"{"Args":[{"Type":1}]}"#,
+            r#"{"ETA":"yesterday"}"#,
+            r#"{"Name":"x""#,
+            "not json",
+        ] {
+            assert!(Signature::from_json(bad.as_bytes()).is_err(), "{bad} must be rejected");
+        }
+    }
+
+    #[test]
+    fn task_state_golden() {
+        let go = r#"{"TaskUUID":"task_1","TaskName":"add","State":"SUCCESS","Results":[{"Type":"float64","Value":8}],"Error":"","CreatedAt":"2026-11-29T20:17:52.337696883Z","TTL":0}"#;
+        let state: TaskState = serde_json::from_str(go).unwrap();
+        assert_eq!(state.state, State::Success);
+        let results = state.results.clone().unwrap();
+        assert_eq!(decode::<f64>(&results[0].type_name, &results[0].value).unwrap(), 8.0);
+        assert_eq!(serde_json::to_string(&state).unwrap(), go);
+
+        let pending = TaskState::new("task_2", State::Pending);
+        assert_eq!(
+            serde_json::to_string(&pending).unwrap(),
+            r#"{"TaskUUID":"task_2","TaskName":"","State":"PENDING","Results":null,"Error":"","CreatedAt":"0001-01-01T00:00:00Z","TTL":0}"#
+        );
+        let back: TaskState = serde_json::from_str(&serde_json::to_string(&pending).unwrap()).unwrap();
+        assert!(back.created_at.is_zero());
+        assert!(serde_json::from_str::<TaskState>(r#"{"State":"DONE"}"#).is_err());
+    }
+
+    #[test]
+    fn group_meta_golden() {
+        let go = r#"{"GroupUUID":"group_1","TaskUUIDs":["task_a","task_b"],"ChordTriggered":true,"Lock":false,"CreatedAt":"2026-11-29T20:17:52Z","TTL":0}"#;
+        let meta: GroupMeta = serde_json::from_str(go).unwrap();
+        assert_eq!(meta.task_uuids, ["task_a", "task_b"]);
+        assert_eq!(serde_json::to_string(&meta).unwrap(), go);
+    }
+
+    #[test]
+    fn go_time_formatting() {
+        for (input, output) in [
+            ("2026-11-29T20:17:52.337696883Z", "2026-11-29T20:17:52.337696883Z"),
+            ("2026-11-29T20:17:52.100Z", "2026-11-29T20:17:52.1Z"),
+            ("2026-11-29T20:17:52Z", "2026-11-29T20:17:52Z"),
+            ("2026-11-29T21:17:52+01:00", "2026-11-29T20:17:52Z"),
+            ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00Z"),
+        ] {
+            let t: GoTime = serde_json::from_value(json!(input)).unwrap();
+            assert_eq!(t.to_string(), output);
+        }
+    }
+
+    #[test]
+    fn every_arg_type() {
+        fn check<T>(value: T, type_name: &str, json: Value)
+        where
+            T: Serialize + DeserializeOwned + PartialEq + fmt::Debug + 'static,
+        {
+            let arg = encode_arg(&value).unwrap();
+            assert_eq!(arg.type_name, type_name);
+            assert_eq!(arg.value, json);
+            let wire = serde_json::to_string(&arg).unwrap();
+            let back: Arg = serde_json::from_str(&wire).unwrap();
+            assert_eq!(decode::<T>(&back.type_name, &back.value).unwrap(), value);
+        }
+        check(true, "bool", json!(true));
+        check(-5i8, "int8", json!(-5));
+        check(-300i16, "int16", json!(-300));
+        check(-70_000i32, "int32", json!(-70_000));
+        check(i64::MIN, "int64", json!(i64::MIN));
+        check(-1isize, "int", json!(-1));
+        check(255u8, "uint8", json!(255));
+        check(65_535u16, "uint16", json!(65_535));
+        check(4_000_000_000u32, "uint32", json!(4_000_000_000u32));
+        check(u64::MAX, "uint64", json!(u64::MAX));
+        check(7usize, "uint", json!(7));
+        check(1.5f32, "float32", json!(1.5));
+        check(8.25f64, "float64", json!(8.25));
+        check("hi".to_owned(), "string", json!("hi"));
+        check(vec![true, false], "[]bool", json!([true, false]));
+        check(vec![1i8], "[]int8", json!([1]));
+        check(vec![1i16], "[]int16", json!([1]));
+        check(vec![1i32], "[]int32", json!([1]));
+        check(vec![1i64, 2], "[]int64", json!([1, 2]));
+        check(vec![1isize], "[]int", json!([1]));
+        check(vec![1u8, 2], "[]uint8", json!([1, 2]));
+        check(vec![1u16], "[]uint16", json!([1]));
+        check(vec![1u32], "[]uint32", json!([1]));
+        check(vec![1u64], "[]uint64", json!([1]));
+        check(vec![1usize], "[]uint", json!([1]));
+        check(vec![0.5f32], "[]float32", json!([0.5]));
+        check(vec![0.5f64], "[]float64", json!([0.5]));
+        check(vec!["a".to_owned()], "[]string", json!(["a"]));
+        check(Some(3i64), "json", json!(3));
+    }
+
+    #[test]
+    fn strict_arg_decoding() {
+        // Integers: no fraction, no exponent, in range.
+        assert!(decode::<i64>("int64", &json!(1.0)).is_err());
+        assert!(decode::<i64>("int64", &serde_json::from_str::<Value>("1e3").unwrap()).is_err());
+        assert!(decode::<i64>("int64", &json!(1.5)).is_err());
+        assert!(decode::<i8>("int8", &json!(128)).is_err());
+        assert!(decode::<u8>("uint8", &json!(-1)).is_err());
+        assert!(decode::<u64>("uint64", &serde_json::from_str::<Value>("18446744073709551616").unwrap()).is_err());
+        assert!(decode::<u32>("uint32", &json!(4_294_967_296u64)).is_err());
+        // The declared type must be the task's.
+        assert!(decode::<i64>("int", &json!(1)).is_err());
+        assert!(decode::<i64>("int128", &json!(1)).is_err());
+        assert!(decode::<String>("int64", &json!("1")).is_err());
+        assert!(decode::<f64>("float64", &json!("1.5")).is_err());
+        // Floats accept integers.
+        assert_eq!(decode::<f64>("float64", &json!(2)).unwrap(), 2.0);
+        // A null slice is empty; a null scalar is an error.
+        assert_eq!(decode::<Vec<i64>>("[]int64", &Value::Null).unwrap(), Vec::<i64>::new());
+        assert!(decode::<i64>("int64", &Value::Null).is_err());
+        // []byte: Go's alias, and Go's base64 encoding.
+        assert_eq!(decode::<Vec<u8>>("[]byte", &json!("aGk=")).unwrap(), b"hi".to_vec());
+        assert_eq!(decode::<Vec<u8>>("[]uint8", &json!([104, 105])).unwrap(), b"hi".to_vec());
+        assert!(decode::<Vec<u8>>("[]uint8", &json!("not base64!")).is_err());
+        // Errors say what was expected and what came.
+        let err = decode::<i64>("int64", &json!(1.5)).unwrap_err();
+        assert!(err.message().contains("int64") && err.message().contains("1.5"), "{err}");
+    }
+}

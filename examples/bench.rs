@@ -1,0 +1,114 @@
+//! Throughput on the embedded broker, with the full encode -> publish -> decode -> run ->
+//! record -> acknowledge path.
+//!
+//! ```sh
+//! cargo run --release --example bench [tasks]
+//! ```
+//!
+//! Prints the cost of encoding and decoding one signature, the producer's send rate, and the
+//! end-to-end rate of no-op tasks (async and blocking) from the first send to the last SUCCESS.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use machinery::wire::Signature;
+use machinery::{task, Config, Server};
+use tokio::sync::Notify;
+
+static DONE: AtomicUsize = AtomicUsize::new(0);
+static TARGET: AtomicUsize = AtomicUsize::new(usize::MAX);
+static FINISHED: Notify = Notify::const_new();
+
+fn count() {
+    if DONE.fetch_add(1, Ordering::Relaxed) + 1 == TARGET.load(Ordering::Relaxed) {
+        FINISHED.notify_one();
+    }
+}
+
+#[task]
+async fn noop(n: i64) {
+    let _ = n;
+    count();
+}
+
+#[task]
+fn noop_blocking(n: i64) {
+    let _ = n;
+    count();
+}
+
+#[task]
+fn add(a: f64, b: f64) -> f64 {
+    a + b
+}
+
+fn codec(iterations: usize) -> Duration {
+    let sig = add::signature(1.0, 2.0).as_wire().clone();
+    let started = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..iterations {
+        let body = sig.to_json().expect("encode");
+        let back = Signature::from_json(&body).expect("decode");
+        bytes += body.len() + back.args.len();
+    }
+    std::hint::black_box(bytes);
+    started.elapsed() / iterations as u32
+}
+
+async fn end_to_end(tasks: usize, blocking: bool, name: &str) -> (f64, f64) {
+    let config = Config::builder()
+        .broker(format!("memory://{name}"))
+        .build()
+        .expect("config");
+    let server = Server::new(config).await.expect("server");
+    DONE.store(0, Ordering::SeqCst);
+    TARGET.store(tasks, Ordering::SeqCst);
+    let worker = server.worker().concurrency(256).spawn().expect("worker");
+    let started = Instant::now();
+    let finished = FINISHED.notified();
+    tokio::pin!(finished);
+    finished.as_mut().enable();
+    let batch = 1000;
+    for start in (0..tasks).step_by(batch) {
+        let end = (start + batch).min(tasks);
+        if blocking {
+            server
+                .send_all((start..end).map(|i| noop_blocking::signature(i as i64)))
+                .await
+                .expect("send");
+        } else {
+            server
+                .send_all((start..end).map(|i| noop::signature(i as i64)))
+                .await
+                .expect("send");
+        }
+    }
+    let sent = started.elapsed();
+    finished.await;
+    let total = started.elapsed();
+    worker.shutdown().await.expect("shutdown");
+    (
+        tasks as f64 / sent.as_secs_f64(),
+        tasks as f64 / total.as_secs_f64(),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let tasks: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(200_000);
+    let per_sig = codec(200_000);
+    println!("encode+decode one signature: {:.2} us", per_sig.as_secs_f64() * 1e6);
+
+    // Warm up allocators and the runtime.
+    end_to_end(tasks / 10, false, "bench-warmup").await;
+
+    let (send, e2e) = end_to_end(tasks, false, "bench-async").await;
+    println!("async no-op tasks: {tasks} sent at {send:.0}/s; end to end {e2e:.0} tasks/s");
+    let target = 200_000.0;
+    println!("  end-to-end vs target 200,000/s: {:.2}x", e2e / target);
+    let (send, e2e) = end_to_end(tasks, true, "bench-blocking").await;
+    println!("blocking no-op tasks: {tasks} sent at {send:.0}/s; end to end {e2e:.0} tasks/s");
+}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The project's test command (the README's second command; CI runs it too):
+# installs and starts RabbitMQ and Redis on 127.0.0.1 when needed, then runs every test in the
+# workspace: unit tests, doc tests, the trybuild UI tests and the integration tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tests/services.sh start
+cargo test --workspace --locked "$@"
