@@ -63,7 +63,7 @@ async fn end_to_end(tasks: usize, blocking: bool, name: &str) -> (f64, f64) {
     let server = Server::new(config).await.expect("server");
     DONE.store(0, Ordering::SeqCst);
     TARGET.store(tasks, Ordering::SeqCst);
-    let worker = server.worker().concurrency(256).spawn().expect("worker");
+    let worker = server.worker().concurrency(256).spawn().await.expect("worker");
     let started = Instant::now();
     let finished = FINISHED.notified();
     tokio::pin!(finished);

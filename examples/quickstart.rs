@@ -33,7 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = Server::new(config).await?;
 
     // A worker with every task in this binary, in the background.
-    let worker = server.worker().concurrency(4).spawn()?;
+    let worker = server.worker().concurrency(4).spawn().await?;
 
     // (1 + 1) * 4, as a chain: multiply receives add's result.
     let chain = add::signature(1.0, 1.0).then(multiply::signature(4.0));

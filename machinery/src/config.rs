@@ -51,6 +51,9 @@ pub struct Config {
     /// How long a worker holds a message for a task it does not have before handing it back
     /// to the broker, so that it does not spin (`REQUEUE_DELAY_MS`, default 1 s).
     pub requeue_delay: Duration,
+    /// How long producers and workers keep trying to reach a broker that went away before
+    /// they report an error (`RECONNECT_TIMEOUT_MS`, default 60 s).
+    pub reconnect_timeout: Duration,
 }
 
 /// RabbitMQ settings (Go's `AMQPConfig`).
@@ -84,6 +87,7 @@ impl Default for Config {
             max_message_size: 4 * 1024 * 1024,
             eta_tolerance: Duration::from_millis(500),
             requeue_delay: Duration::from_secs(1),
+            reconnect_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -113,7 +117,8 @@ impl Config {
     /// `DEFAULT_QUEUE`, `RESULT_BACKEND`, `RESULTS_EXPIRE_IN`, `AMQP_EXCHANGE`,
     /// `AMQP_EXCHANGE_TYPE`, `AMQP_BINDING_KEY`, `AMQP_PREFETCH_COUNT`,
     /// `AMQP_QUEUE_DECLARE_ARGS`, `AMQP_QUEUE_BINDING_ARGS`, `NO_UNIX_SIGNALS`, and
-    /// machinery's own `MAX_MESSAGE_SIZE`, `ETA_TOLERANCE_MS`, `REQUEUE_DELAY_MS`.
+    /// machinery's own `MAX_MESSAGE_SIZE`, `ETA_TOLERANCE_MS`, `REQUEUE_DELAY_MS`,
+    /// `RECONNECT_TIMEOUT_MS`.
     pub fn from_env() -> Result<Config> {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
@@ -157,6 +162,9 @@ impl Config {
         }
         if let Some(v) = parsed(&lookup, "REQUEUE_DELAY_MS")? {
             c.requeue_delay = Duration::from_millis(v);
+        }
+        if let Some(v) = parsed(&lookup, "RECONNECT_TIMEOUT_MS")? {
+            c.reconnect_timeout = Duration::from_millis(v);
         }
         if let Some(v) = lookup("NO_UNIX_SIGNALS") {
             c.no_unix_signals = parse_bool("NO_UNIX_SIGNALS", &v)?;
@@ -287,6 +295,7 @@ impl fmt::Debug for Config {
             .field("max_message_size", &self.max_message_size)
             .field("eta_tolerance", &self.eta_tolerance)
             .field("requeue_delay", &self.requeue_delay)
+            .field("reconnect_timeout", &self.reconnect_timeout)
             .finish()
     }
 }
@@ -346,6 +355,8 @@ impl ConfigBuilder {
         eta_tolerance: Duration => eta_tolerance;
         /// Delay before handing back a message for an unknown task.
         requeue_delay: Duration => requeue_delay;
+        /// How long to keep trying to reach a broker that went away.
+        reconnect_timeout: Duration => reconnect_timeout;
     }
 
     /// Adds a queue declaration argument (`x-max-priority`, `x-queue-type`, ...).

@@ -23,7 +23,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> machinery::Result<()> {
 //! let server = Server::new(Config::builder().broker("memory://").build()?).await?;
-//! let worker = server.worker().spawn()?;
+//! let worker = server.worker().spawn().await?;
 //!
 //! let chain = add::signature(1.0, 1.0).then(multiply::signature(4.0));
 //! let result: f64 = server.send(chain).await?.get().await?;

@@ -31,7 +31,7 @@ use crate::worker::WorkerBuilder;
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> machinery::Result<()> {
 /// let server = Server::new(Config::builder().broker("memory://server-docs").build()?).await?;
-/// let worker = server.worker().spawn()?;
+/// let worker = server.worker().spawn().await?;
 /// let sum = server.send(add::signature(2, 3)).await?.get().await?;
 /// assert_eq!(sum, 5);
 /// worker.shutdown().await?;
@@ -201,10 +201,16 @@ async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>> {
             config.default_routing_key(),
         )));
     }
+    #[cfg(feature = "amqp")]
+    if config.broker.starts_with("amqp://") || config.broker.starts_with("amqps://") {
+        return Ok(Arc::new(
+            crate::broker::amqp::AmqpBroker::connect(config).await?,
+        ));
+    }
     Err(Error::new(
         ErrorKind::Config,
         format!(
-            "unsupported broker URL `{}` (supported: memory://)",
+            "unsupported broker URL `{}` (supported: amqp://, amqps://, memory://)",
             mask_url(&config.broker)
         ),
     ))
@@ -224,10 +230,23 @@ async fn open_backend(config: &Config) -> Result<Option<Arc<dyn ResultBackend>>>
     if let Some(name) = memory_name(url) {
         return Ok(Some(Arc::new(MemoryBackend::open(name, ttl))));
     }
+    #[cfg(feature = "redis")]
+    {
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+        if matches!(scheme.as_deref(), Some("redis" | "rediss")) {
+            let backend = crate::backend::redis::RedisBackend::connect(url, ttl).await?;
+            return Ok(Some(Arc::new(backend)));
+        }
+    }
+    let supported = if cfg!(feature = "redis") {
+        "memory://, redis://, rediss://"
+    } else {
+        "memory:// (redis:// needs the `redis` feature)"
+    };
     Err(Error::new(
         ErrorKind::Config,
         format!(
-            "unsupported result backend URL `{}` (supported: memory://)",
+            "unsupported result backend URL `{}` (supported: {supported})",
             mask_url(url)
         ),
     ))

@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn, Instrument as _};
 
-use crate::broker::{Delivery, Message};
+use crate::broker::{Consumer, Delivery, Message};
 use crate::error::{Error, ErrorKind, Result};
 use crate::server::Server;
 use crate::task::{Registry, Runner, TaskDescriptor, TaskError, TaskErrorKind, TaskOutcome};
@@ -122,11 +122,14 @@ impl WorkerBuilder {
         })
     }
 
-    /// Builds the worker and runs it in the background until [`WorkerHandle::shutdown`].
-    pub fn spawn(self) -> Result<WorkerHandle> {
+    /// Builds the worker, starts consuming, and runs it in the background until
+    /// [`WorkerHandle::shutdown`]. When this returns, the worker's queue is declared and
+    /// consumed: tasks sent from now on reach it.
+    pub async fn spawn(self) -> Result<WorkerHandle> {
         let worker = self.build()?;
+        let consumer = worker.consume().await?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let join = tokio::spawn(worker.run_until(async move {
+        let join = tokio::spawn(worker.serve(consumer, async move {
             let _ = stopped.await;
         }));
         Ok(WorkerHandle { stop, join })
@@ -210,16 +213,28 @@ impl Worker {
     /// Runs until `shutdown` completes, then stops taking messages, finishes the tasks in
     /// flight and returns.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let consumer = self.consume().await?;
+        self.serve(consumer, shutdown).await
+    }
+
+    async fn consume(&self) -> Result<Box<dyn Consumer>> {
         let config = self.ctx.server.config();
-        let prefetch = config.amqp.prefetch_count.max(
-            u16::try_from(self.concurrency).unwrap_or(u16::MAX),
-        );
-        let mut consumer = self
-            .ctx
+        let prefetch = config
+            .amqp
+            .prefetch_count
+            .max(u16::try_from(self.concurrency).unwrap_or(u16::MAX));
+        self.ctx
             .server
             .broker()
             .consume(&self.queue, prefetch)
-            .await?;
+            .await
+    }
+
+    async fn serve(
+        self,
+        mut consumer: Box<dyn Consumer>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
         info!(
             worker = %self.ctx.name,
             queue = %self.queue,
@@ -228,7 +243,7 @@ impl Worker {
             "worker started"
         );
         let permits = Arc::new(Semaphore::new(self.concurrency));
-        let mut failures = 0u32;
+        let mut outcome = Ok(());
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
@@ -246,7 +261,6 @@ impl Worker {
             };
             match next {
                 Some(Ok(delivery)) => {
-                    failures = 0;
                     let ctx = self.ctx.clone();
                     tokio::spawn(async move {
                         process(&ctx, delivery).await;
@@ -254,10 +268,10 @@ impl Worker {
                     });
                 }
                 Some(Err(e)) => {
-                    failures = failures.saturating_add(1);
-                    let pause = Duration::from_millis(50 * u64::from(failures.min(20)));
-                    warn!(worker = %self.ctx.name, error = %e, "consume failed; retrying");
-                    tokio::time::sleep(pause).await;
+                    // The consumer already tried to reconnect for `reconnect_timeout`.
+                    error!(worker = %self.ctx.name, error = %e, "the broker is gone; stopping");
+                    outcome = Err(e);
+                    break;
                 }
                 None => {
                     warn!(worker = %self.ctx.name, "the broker closed the consumer");
@@ -272,7 +286,7 @@ impl Worker {
         let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
         let _ = permits.acquire_many(all).await;
         info!(worker = %self.ctx.name, "worker stopped");
-        Ok(())
+        outcome
     }
 }
 

@@ -129,7 +129,7 @@ fn config(name: &str) -> Config {
 
 async fn setup(name: &str) -> (Server, WorkerHandle) {
     let server = Server::new(config(name)).await.unwrap();
-    let worker = server.worker().concurrency(8).spawn().unwrap();
+    let worker = server.worker().concurrency(8).spawn().await.unwrap();
     (server, worker)
 }
 
@@ -395,7 +395,7 @@ async fn early_message_is_delayed_again_by_the_worker() {
     sig.eta = Some(eta.into());
     let uuid = sig.uuid.clone();
     broker.push_raw("machinery_tasks", sig.to_json().unwrap());
-    let worker = server.worker().spawn().unwrap();
+    let worker = server.worker().spawn().await.unwrap();
     let state = final_state(&server, &uuid).await;
     assert_eq!(state.state, State::Success);
     assert!(chrono::Utc::now() >= eta);
@@ -405,7 +405,7 @@ async fn early_message_is_delayed_again_by_the_worker() {
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_finishes_in_flight_tasks() {
     let server = Server::new(config("graceful")).await.unwrap();
-    let worker = server.worker().concurrency(4).spawn().unwrap();
+    let worker = server.worker().concurrency(4).spawn().await.unwrap();
     let slow = server.send(sleepy::signature(400)).await.unwrap();
     let slow_sync = server.send(blocking_sleepy::signature(400)).await.unwrap();
     // Let the worker pick them up, then stop it while they run.
@@ -519,7 +519,7 @@ async fn unregistered_tasks_follow_ignore_when_task_not_registered() {
     let server = Server::new(config("unregistered")).await.unwrap();
     let broker = MemoryBroker::open("unregistered", "machinery_tasks", "machinery_task");
     // A worker that only has add_pair.
-    let narrow = server.worker().tasks(["add_pair"]).spawn().unwrap();
+    let narrow = server.worker().tasks(["add_pair"]).spawn().await.unwrap();
 
     // Flagged: dropped.
     let mut ignored = wire::Signature::new("no_such_task");
@@ -530,7 +530,7 @@ async fn unregistered_tasks_follow_ignore_when_task_not_registered() {
     let handle = server.send(add::signature(vec![4, 5])).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(handle.state().await.unwrap().unwrap().state, State::Pending);
-    let full = server.worker().spawn().unwrap();
+    let full = server.worker().spawn().await.unwrap();
     assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 9);
 
     narrow.shutdown().await.unwrap();

@@ -15,6 +15,8 @@
 //! Delayed messages ([`Message::delay`]) are held by the broker and delivered when the delay has
 //! passed (AMQP does this with dead-lettering TTL queues).
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod memory;
 
 use std::fmt;

@@ -1,0 +1,279 @@
+//! The whole path on a real RabbitMQ with Redis results: Go Machinery's suite, delays,
+//! shared queues, bad messages, and worker processes killed mid-task or stopped with SIGTERM.
+//! RabbitMQ and Redis must be running on 127.0.0.1 (`tests/services.sh`); these tests fail,
+//! never skip, when they are not.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{cleanup, queue_depth, raw_channel, unique_config, WorkerProcess, WAIT};
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use machinery::wire::{self, State};
+use machinery::{ErrorKind, Server};
+
+include!("../src/tasks.rs");
+
+async fn server(tag: &str) -> Server {
+    Server::new(unique_config(tag)).await.expect("connect to RabbitMQ and Redis")
+}
+
+async fn final_state(server: &Server, uuid: &str) -> wire::TaskState {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    server
+        .backend()
+        .expect("backend")
+        .wait_final(uuid, Some(deadline))
+        .await
+        .expect("final state")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn go_suite_on_rabbitmq() {
+    let server = server("suite").await;
+    let worker = server.worker().concurrency(8).spawn().await.unwrap();
+
+    let r = server.send(add::signature(vec![1, 1])).await.unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), 2);
+    let r = server.send(sum_ints::signature(vec![1, 2])).await.unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), 3);
+
+    let chain = add::signature(vec![2, 2])
+        .then(add::signature(vec![5, 6]))
+        .then(multiply::signature(vec![4]));
+    assert_eq!(server.send(chain).await.unwrap().get_timeout(WAIT).await.unwrap(), 60);
+
+    let chain = float_add::signature(1.0, 1.0).then(float_multiply::signature(4.0));
+    assert_eq!(server.send(chain).await.unwrap().get_timeout(WAIT).await.unwrap(), 8.0);
+
+    let err = server
+        .send(return_just_error::signature())
+        .await
+        .unwrap()
+        .get_timeout(WAIT)
+        .await
+        .unwrap_err();
+    assert_eq!(err.task_error(), Some("kaboom"));
+
+    let r = server
+        .send(return_multiple_values::signature("foo".into(), "bar".into()))
+        .await
+        .unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), ("foo".to_owned(), "bar".to_owned()));
+
+    let err = server
+        .send(panic_task::signature())
+        .await
+        .unwrap()
+        .get_timeout(WAIT)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Task);
+    assert_eq!(err.task_error(), Some("oops"));
+
+    worker.shutdown().await.unwrap();
+    cleanup(server.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delayed_task_runs_no_earlier_than_its_eta() {
+    let server = server("delay").await;
+    let worker = server.worker().spawn().await.unwrap();
+    let eta = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let r = server
+        .send(add::signature(vec![40, 2]).with_eta(eta).with_priority(3))
+        .await
+        .unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), 42);
+    let done = chrono::Utc::now();
+    assert!(done >= eta, "ran at {done}, before its ETA {eta}");
+    worker.shutdown().await.unwrap();
+    cleanup(server.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_with_different_tasks_share_a_queue() {
+    let server = server("shared").await;
+    let adders = server.worker().tasks(["add"]).concurrency(4).spawn().await.unwrap();
+    let multipliers = server.worker().tasks(["multiply"]).concurrency(4).spawn().await.unwrap();
+    let mut adds = Vec::new();
+    let mut products = Vec::new();
+    for i in 0..50 {
+        adds.push(server.send(add::signature(vec![i, 1])).await.unwrap());
+        products.push(server.send(multiply::signature(vec![i, 2])).await.unwrap());
+    }
+    for (i, (a, m)) in adds.iter().zip(&products).enumerate() {
+        let i = i as i64;
+        assert_eq!(a.get_timeout(WAIT).await.unwrap(), i + 1);
+        assert_eq!(m.get_timeout(WAIT).await.unwrap(), i * 2);
+    }
+    adders.shutdown().await.unwrap();
+    multipliers.shutdown().await.unwrap();
+    let (_c, channel) = raw_channel().await;
+    assert_eq!(queue_depth(&channel, &server.config().default_queue).await, 0);
+    cleanup(server.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn custom_queue_worker() {
+    let server = server("custom").await;
+    let queue = format!("{}_images", server.config().default_queue);
+    let worker = server.worker().queue(queue.clone()).spawn().await.unwrap();
+    let r = server
+        .send(add::signature(vec![3, 4]).with_routing_key(queue.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), 7);
+    worker.shutdown().await.unwrap();
+    // A routing key no queue is bound to is an error, not a silent loss.
+    let err = server
+        .send(add::signature(vec![1]).with_routing_key("nobody_listens_here"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Broker);
+    assert!(err.to_string().contains("no queue is bound"), "{err}");
+    let (_c, channel) = raw_channel().await;
+    let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+    cleanup(server.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
+    let server = server("bad").await;
+    let config = server.config().clone();
+    let worker = server.worker().tasks(["add", "sum_ints"]).spawn().await.unwrap();
+    let (_c, channel) = raw_channel().await;
+    let publish = |body: Vec<u8>| {
+        let channel = channel.clone();
+        let exchange = config.amqp.exchange.clone();
+        let key = config.amqp.binding_key.clone();
+        async move {
+            channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+
+    // Bodies that are not signatures: dead-lettered.
+    publish(b"not json at all".to_vec()).await;
+    publish(br#"{"UUID": 12, "Name": ["add"]}"#.to_vec()).await;
+    publish(vec![b'x'; 10 * 1024 * 1024]).await;
+    let dlq = format!("{}.dead_letter", config.default_queue);
+    let deadline = Instant::now() + WAIT;
+    while queue_depth(&channel, &dlq).await < 3 {
+        assert!(Instant::now() < deadline, "bad bodies were not dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Signatures whose args do not fit: FAILURE with a clear error.
+    let cases = [
+        (r#"[{"Type":"int128","Value":1}]"#, "add", "expected type `int64`, got `int128`"),
+        (r#"[{"Type":"int64","Value":1.5}]"#, "add", "invalid `int64` value 1.5"),
+        (r#"[]"#, "sum_ints", "takes 1 argument, got 0"),
+        (r#"[{"Type":"[]int64","Value":[1]},{"Type":"int64","Value":1}]"#, "sum_ints", "takes 1 argument, got 2"),
+    ];
+    for (args, name, expected) in cases {
+        let uuid = format!("task_{}", uuid::Uuid::new_v4());
+        let body = format!(r#"{{"UUID":"{uuid}","Name":"{name}","Args":{args}}}"#);
+        publish(body.into_bytes()).await;
+        let state = final_state(&server, &uuid).await;
+        assert_eq!(state.state, State::Failure);
+        assert!(state.error.contains(expected), "{:?} should say {expected:?}", state.error);
+    }
+
+    // Unregistered, flagged: dropped. Unregistered, not flagged: handed back, still queued.
+    let dropped = format!("task_{}", uuid::Uuid::new_v4());
+    publish(format!(r#"{{"UUID":"{dropped}","Name":"multiply","IgnoreWhenTaskNotRegistered":true}}"#).into_bytes()).await;
+    let kept = server.send(multiply::signature(vec![6, 7])).await.unwrap();
+
+    // The worker still runs good tasks.
+    let r = server.send(add::signature(vec![1, 2])).await.unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), 3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(kept.state().await.unwrap().unwrap().state, State::Pending);
+    worker.shutdown().await.unwrap();
+
+    // A worker that has `multiply` picks up the handed-back task; the dropped one is gone.
+    let full = server.worker().spawn().await.unwrap();
+    assert_eq!(kept.get_timeout(WAIT).await.unwrap(), 42);
+    full.shutdown().await.unwrap();
+    assert_eq!(queue_depth(&channel, &config.default_queue).await, 0);
+    assert_eq!(queue_depth(&channel, &dlq).await, 3);
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_worker_loses_nothing() {
+    let server = server("kill9").await;
+    let mut worker = WorkerProcess::start(server.config(), &[("WORKER_CONCURRENCY", "8")]);
+    let handles = server
+        .send_all((0..24).map(|i| long_task::signature(i, 1500)))
+        .await
+        .unwrap();
+    // Let it take the first batch, then kill it in the middle of those tasks.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    worker.kill9();
+    let running = {
+        let mut n = 0;
+        for h in &handles {
+            if h.state().await.unwrap().map(|s| s.state) == Some(State::Started) {
+                n += 1;
+            }
+        }
+        n
+    };
+    assert!(running > 0, "the worker was killed with tasks in flight");
+    let _restarted = WorkerProcess::start(server.config(), &[("WORKER_CONCURRENCY", "8")]);
+    for (i, h) in handles.iter().enumerate() {
+        assert_eq!(h.get_timeout(Duration::from_secs(60)).await.unwrap(), i as i64);
+    }
+    cleanup(server.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_in_flight_tasks_and_exits_zero() {
+    let server = server("sigterm").await;
+    let mut worker = WorkerProcess::start(server.config(), &[("WORKER_CONCURRENCY", "4")]);
+    assert!(
+        worker.started_in < Duration::from_secs(5),
+        "worker took {:?} to start",
+        worker.started_in
+    );
+    let handles = server
+        .send_all((0..4).map(|i| long_task::signature(i, 1000)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    worker.sigterm();
+    let status = worker.child.wait().unwrap();
+    assert!(status.success(), "worker exited with {status}");
+    for h in &handles {
+        let state = h.state().await.unwrap().unwrap();
+        assert_eq!(state.state, State::Success, "{state:?}");
+    }
+    let (_c, channel) = raw_channel().await;
+    assert_eq!(queue_depth(&channel, &server.config().default_queue).await, 0);
+    cleanup(server.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_never_appear_in_errors() {
+    let mut config = unique_config("secret");
+    config.broker = "amqp://guest:hunter2-secret@127.0.0.1:1/".into();
+    config.reconnect_timeout = Duration::from_millis(300);
+    let err = Server::new(config).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Broker);
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("guest:***@127.0.0.1:1"), "{text}");
+}
