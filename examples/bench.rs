@@ -63,7 +63,12 @@ async fn end_to_end(tasks: usize, blocking: bool, name: &str) -> (f64, f64) {
     let server = Server::new(config).await.expect("server");
     DONE.store(0, Ordering::SeqCst);
     TARGET.store(tasks, Ordering::SeqCst);
-    let worker = server.worker().concurrency(256).spawn().await.expect("worker");
+    let worker = server
+        .worker()
+        .concurrency(256)
+        .spawn()
+        .await
+        .expect("worker");
     let started = Instant::now();
     let finished = FINISHED.notified();
     tokio::pin!(finished);
@@ -100,7 +105,10 @@ async fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(200_000);
     let per_sig = codec(200_000);
-    println!("encode+decode one signature: {:.2} us", per_sig.as_secs_f64() * 1e6);
+    println!(
+        "encode+decode one signature: {:.2} us",
+        per_sig.as_secs_f64() * 1e6
+    );
 
     // Warm up allocators and the runtime.
     end_to_end(tasks / 10, false, "bench-warmup").await;

@@ -43,6 +43,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod group;
 mod private;
 mod result;
 mod server;
@@ -58,10 +59,13 @@ pub mod worker;
 
 pub use crate::config::Config;
 pub use crate::error::{Error, ErrorKind, Result};
-pub use crate::result::AsyncResult;
+pub use crate::group::{Chord, ChordCallback, Group};
+pub use crate::result::{AsyncResult, GroupResult};
 pub use crate::server::Server;
 pub use crate::signature::{Accepts, ErrorHandler, Full, Needs, Sendable, Signature, Variadic};
-pub use crate::task::{registered_tasks, Runner, TaskDescriptor, TaskError, TaskFuture, TaskOutcome};
+pub use crate::task::{
+    registered_tasks, Runner, TaskDescriptor, TaskError, TaskFuture, TaskOutcome,
+};
 pub use crate::worker::{Worker, WorkerBuilder, WorkerHandle};
 
 /// Turns a function into a task.

@@ -18,6 +18,8 @@ use crate::wire::{State, TaskState};
 /// instead of waiting forever for links that will never run.
 pub struct AsyncResult<O> {
     backend: Option<Arc<dyn ResultBackend>>,
+    /// Tasks that must succeed first (a chord's members).
+    prerequisites: Vec<String>,
     links: Vec<String>,
     decode: Decoder<O>,
 }
@@ -30,9 +32,15 @@ impl<O> AsyncResult<O> {
     ) -> Self {
         AsyncResult {
             backend,
+            prerequisites: Vec::new(),
             links,
             decode,
         }
+    }
+
+    pub(crate) fn after(mut self, prerequisites: Vec<String>) -> Self {
+        self.prerequisites = prerequisites;
+        self
     }
 
     /// The UUID of the (first) task.
@@ -68,6 +76,12 @@ impl<O> AsyncResult<O> {
 
     async fn wait(&self, deadline: Option<Instant>) -> Result<O> {
         let backend = self.backend()?;
+        for uuid in &self.prerequisites {
+            let state = backend.wait_final(uuid, deadline).await?;
+            if state.state == State::Failure {
+                return Err(Error::task(state.error));
+            }
+        }
         let mut last = None;
         for uuid in &self.links {
             let state = backend.wait_final(uuid, deadline).await?;
@@ -95,5 +109,58 @@ impl<O> fmt::Debug for AsyncResult<O> {
         f.debug_struct("AsyncResult")
             .field("links", &self.links)
             .finish_non_exhaustive()
+    }
+}
+
+/// A handle on a sent group, returned by [`Server::send_group`](crate::Server::send_group).
+pub struct GroupResult<O> {
+    group_uuid: String,
+    members: Vec<AsyncResult<O>>,
+}
+
+impl<O> GroupResult<O> {
+    pub(crate) fn new(group_uuid: String, members: Vec<AsyncResult<O>>) -> Self {
+        GroupResult {
+            group_uuid,
+            members,
+        }
+    }
+
+    /// The group's UUID.
+    pub fn group_uuid(&self) -> &str {
+        &self.group_uuid
+    }
+
+    /// The members' handles, in the group's order.
+    pub fn members(&self) -> &[AsyncResult<O>] {
+        &self.members
+    }
+
+    /// Waits for every member; their results in the group's order, or the first failure.
+    pub async fn get(&self) -> Result<Vec<O>> {
+        let mut out = Vec::with_capacity(self.members.len());
+        for member in &self.members {
+            out.push(member.get().await?);
+        }
+        Ok(out)
+    }
+
+    /// Like [`get`](Self::get), waiting at most `timeout` in all.
+    pub async fn get_timeout(&self, timeout: Duration) -> Result<Vec<O>> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(self.members.len());
+        for member in &self.members {
+            out.push(member.wait(Some(deadline)).await?);
+        }
+        Ok(out)
+    }
+}
+
+impl<O> fmt::Debug for GroupResult<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupResult")
+            .field("group_uuid", &self.group_uuid)
+            .field("members", &self.members.len())
+            .finish()
     }
 }

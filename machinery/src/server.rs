@@ -13,7 +13,8 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::{Broker, Message};
 use crate::config::{mask_url, Config};
 use crate::error::{Error, ErrorKind, Result};
-use crate::result::AsyncResult;
+use crate::group::{Chord, Group};
+use crate::result::{AsyncResult, GroupResult};
 use crate::signature::{Sendable, Signature};
 use crate::wire::{self, GoTime, State, TaskState};
 use crate::worker::WorkerBuilder;
@@ -120,6 +121,73 @@ impl Server {
         }
         self.inner.broker.publish_many(messages).await?;
         Ok(handles)
+    }
+
+    /// Sends a group of tasks to run in parallel (Go's `SendGroup`): records the group in the
+    /// result backend, then publishes every member.
+    pub async fn send_group<O>(&self, group: Group<O>) -> Result<GroupResult<O>> {
+        if let Some(error) = group.error {
+            return Err(error);
+        }
+        let group_uuid = wire::new_uuid("group_");
+        let count = i64::try_from(group.members.len()).unwrap_or(i64::MAX);
+        let uuids: Vec<String> = group
+            .members
+            .iter()
+            .map(|(raw, _)| raw.uuid.clone())
+            .collect();
+        if let Some(backend) = &self.inner.backend {
+            backend.init_group(&group_uuid, &uuids).await?;
+        }
+        let mut messages = Vec::with_capacity(group.members.len());
+        let mut handles = Vec::with_capacity(group.members.len());
+        for (mut raw, decode) in group.members {
+            raw.group_uuid = group_uuid.clone();
+            raw.group_task_count = count;
+            handles.push(AsyncResult::new(
+                self.inner.backend.clone(),
+                vec![raw.uuid.clone()],
+                decode,
+            ));
+            messages.push(self.prepare(raw).await?);
+        }
+        self.inner.broker.publish_many(messages).await?;
+        Ok(GroupResult::new(group_uuid, handles))
+    }
+
+    /// Sends a chord (Go's `SendChord`): the group's members, each carrying the callback, which
+    /// the worker that finishes the last member sends, exactly once. The handle's
+    /// [`get`](AsyncResult::get) returns the callback's result, or the first member's failure.
+    pub async fn send_chord<O>(&self, chord: Chord<O>) -> Result<AsyncResult<O>> {
+        if let Some(error) = chord.error {
+            return Err(error);
+        }
+        let Some((mut callback, mut links, decode)) = chord.callback else {
+            return Err(Error::encode("a chord needs a callback"));
+        };
+        let backend = self.inner.backend.clone().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                "a chord needs a result backend to know when its group has finished",
+            )
+        })?;
+        callback.uuid = wire::new_uuid("chord_");
+        if let Some(first) = links.first_mut() {
+            first.clone_from(&callback.uuid);
+        }
+        let group_uuid = wire::new_uuid("group_");
+        let count = i64::try_from(chord.members.len()).unwrap_or(i64::MAX);
+        let uuids: Vec<String> = chord.members.iter().map(|raw| raw.uuid.clone()).collect();
+        backend.init_group(&group_uuid, &uuids).await?;
+        let mut messages = Vec::with_capacity(chord.members.len());
+        for mut raw in chord.members {
+            raw.group_uuid = group_uuid.clone();
+            raw.group_task_count = count;
+            raw.chord_callback = Some(Box::new(callback.clone()));
+            messages.push(self.prepare(raw).await?);
+        }
+        self.inner.broker.publish_many(messages).await?;
+        Ok(AsyncResult::new(Some(backend), links, decode).after(uuids))
     }
 
     /// Sends a signature in its wire form, as Go's `SendTask` does (for tools and for tasks
@@ -232,7 +300,9 @@ async fn open_backend(config: &Config) -> Result<Option<Arc<dyn ResultBackend>>>
     }
     #[cfg(feature = "redis")]
     {
-        let scheme = url.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+        let scheme = url
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
         if matches!(scheme.as_deref(), Some("redis" | "rediss")) {
             let backend = crate::backend::redis::RedisBackend::connect(url, ttl).await?;
             return Ok(Some(Arc::new(backend)));

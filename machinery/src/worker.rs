@@ -147,9 +147,9 @@ impl WorkerHandle {
     /// Stops taking messages, waits for the tasks in flight and returns the worker's result.
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.stop.send(());
-        self.join.await.map_err(|e| {
-            Error::new(ErrorKind::Shutdown, format!("the worker task failed: {e}"))
-        })?
+        self.join
+            .await
+            .map_err(|e| Error::new(ErrorKind::Shutdown, format!("the worker task failed: {e}")))?
     }
 
     /// Whether the worker has stopped (after an error, or a shutdown).
@@ -362,10 +362,7 @@ async fn handle(ctx: &Ctx, delivery: Delivery, signature: Signature) {
 
     if let Some(wait) = too_early(&signature, config.eta_tolerance) {
         debug!(?wait, "message arrived before its ETA; delaying it again");
-        let mut message = Message::new(
-            routing_key(ctx, &signature),
-            delivery.body().clone(),
-        );
+        let mut message = Message::new(routing_key(ctx, &signature), delivery.body().clone());
         message.priority = signature.priority;
         message.headers = signature.headers.clone();
         message.delay = Some(wait);
@@ -434,8 +431,20 @@ async fn succeeded(ctx: &Ctx, mut signature: Signature, results: Vec<TaskResult>
     debug!(results = results.len(), "task succeeded");
     let callbacks = std::mem::take(&mut signature.on_success);
     let pass_results = !signature.immutable && !callbacks.is_empty();
-    let for_callbacks = if pass_results { results.clone() } else { Vec::new() };
-    set_state(ctx, &signature, State::Success, Some(results), String::new()).await?;
+    let for_callbacks = if pass_results {
+        results.clone()
+    } else {
+        Vec::new()
+    };
+    set_state(
+        ctx,
+        &signature,
+        State::Success,
+        Some(results),
+        String::new(),
+    )
+    .await?;
+    finish_group_member(ctx, &signature).await?;
     for mut callback in callbacks {
         if pass_results {
             callback.args.extend(for_callbacks.iter().map(|r| Arg {
@@ -466,7 +475,14 @@ async fn failed(ctx: &Ctx, mut signature: Signature, err: TaskError) -> Result<(
             ?wait,
             "task failed; retrying"
         );
-        set_state(ctx, &signature, State::Retry, None, err.message().to_owned()).await?;
+        set_state(
+            ctx,
+            &signature,
+            State::Retry,
+            None,
+            err.message().to_owned(),
+        )
+        .await?;
         let eta = chrono::Duration::from_std(wait)
             .ok()
             .and_then(|d| Utc::now().checked_add_signed(d))
@@ -477,19 +493,85 @@ async fn failed(ctx: &Ctx, mut signature: Signature, err: TaskError) -> Result<(
     }
     error!(error = %err, "task failed");
     let callbacks = std::mem::take(&mut signature.on_error);
-    set_state(ctx, &signature, State::Failure, None, err.message().to_owned()).await?;
+    set_state(
+        ctx,
+        &signature,
+        State::Failure,
+        None,
+        err.message().to_owned(),
+    )
+    .await?;
+    finish_group_member(ctx, &signature).await?;
     for mut callback in callbacks {
-        callback.args.insert(
-            0,
-            Arg {
-                name: String::new(),
-                type_name: "string".to_owned(),
-                value: err.message().into(),
-            },
-        );
+        callback.args.insert(0, string_arg(err.message()));
         ctx.server.publish(callback).await?;
     }
     Ok(())
+}
+
+/// After a chord member has finished: if every member has, trigger the chord exactly once. The
+/// callback gets the results in the group's order, or, if a member failed, does not run: its
+/// state becomes FAILURE and its error callbacks are sent with the member's error.
+async fn finish_group_member(ctx: &Ctx, signature: &Signature) -> Result<()> {
+    let Some(callback) = &signature.chord_callback else {
+        return Ok(());
+    };
+    if signature.group_uuid.is_empty() {
+        return Ok(());
+    }
+    let Some(backend) = ctx.server.backend() else {
+        warn!("a chord member finished, but no result backend is configured to track its group");
+        return Ok(());
+    };
+    let Some(meta) = backend.group_meta(&signature.group_uuid).await? else {
+        warn!(group = %signature.group_uuid, "no record of this chord's group; its callback cannot be sent");
+        return Ok(());
+    };
+    if meta.chord_triggered {
+        return Ok(());
+    }
+    let mut states = Vec::with_capacity(meta.task_uuids.len());
+    for uuid in &meta.task_uuids {
+        match backend.get_state(uuid).await? {
+            Some(state) if state.state.is_final() => states.push(state),
+            _ => return Ok(()),
+        }
+    }
+    if !backend.trigger_chord(&signature.group_uuid).await? {
+        return Ok(());
+    }
+    let mut callback = (**callback).clone();
+    if let Some(failed) = states.iter().find(|s| s.state == State::Failure) {
+        warn!(group = %signature.group_uuid, member = %failed.task_uuid, "a chord member failed; the callback will not run");
+        let message = failed.error.clone();
+        set_state(ctx, &callback, State::Failure, None, message.clone()).await?;
+        for mut on_error in std::mem::take(&mut callback.on_error) {
+            on_error.args.insert(0, string_arg(&message));
+            ctx.server.publish(on_error).await?;
+        }
+        return Ok(());
+    }
+    debug!(group = %signature.group_uuid, "chord complete; sending its callback");
+    if !callback.immutable {
+        for state in states {
+            callback
+                .args
+                .extend(state.results.unwrap_or_default().into_iter().map(|r| Arg {
+                    name: String::new(),
+                    type_name: r.type_name,
+                    value: r.value,
+                }));
+        }
+    }
+    ctx.server.publish(callback).await
+}
+
+fn string_arg(message: &str) -> Arg {
+    Arg {
+        name: String::new(),
+        type_name: "string".to_owned(),
+        value: message.into(),
+    }
 }
 
 /// The next Fibonacci number above `n` (Go's `retry.FibonacciNext`): 0 -> 1 -> 2 -> 3 -> 5.

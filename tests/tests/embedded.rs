@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use machinery::broker::memory::MemoryBroker;
 use machinery::wire::{self, State};
-use machinery::{task, Config, ErrorKind, Server, TaskError, WorkerHandle};
+use machinery::{task, Config, ErrorKind, Group, Server, TaskError, WorkerHandle};
 
 // ---- tasks (Go Machinery's example tasks, and a few of our own) ----
 
@@ -39,7 +39,10 @@ fn concat(strs: Vec<String>) -> String {
 
 #[task]
 fn split(s: String) -> Vec<String> {
-    s.split("").filter(|p| !p.is_empty()).map(str::to_owned).collect()
+    s.split("")
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 #[task]
@@ -87,7 +90,10 @@ static CALLS: Mutex<Option<HashMap<u64, u32>>> = Mutex::new(None);
 #[task]
 async fn count_call(id: u64) -> u64 {
     let mut calls = CALLS.lock().unwrap();
-    *calls.get_or_insert_with(HashMap::new).entry(id).or_default() += 1;
+    *calls
+        .get_or_insert_with(HashMap::new)
+        .entry(id)
+        .or_default() += 1;
     id
 }
 
@@ -149,7 +155,13 @@ async fn final_state(server: &Server, uuid: &str) -> wire::TaskState {
 async fn design_card_chain_is_8() {
     let (server, worker) = setup("design-card").await;
     let chain = float_add::signature(1.0, 1.0).then(float_multiply::signature(4.0));
-    let result: f64 = server.send(chain).await.unwrap().get_timeout(WAIT).await.unwrap();
+    let result: f64 = server
+        .send(chain)
+        .await
+        .unwrap()
+        .get_timeout(WAIT)
+        .await
+        .unwrap();
     assert_eq!(result, 8.0);
     worker.shutdown().await.unwrap();
 }
@@ -176,7 +188,10 @@ async fn go_suite_send_task() {
     assert_eq!(r.get_timeout(WAIT).await.unwrap(), 2);
     let r = server.send(sum_ints::signature(vec![1, 2])).await.unwrap();
     assert_eq!(r.get_timeout(WAIT).await.unwrap(), 3);
-    let r = server.send(sum_floats::signature(vec![1.5, 2.25])).await.unwrap();
+    let r = server
+        .send(sum_floats::signature(vec![1.5, 2.25]))
+        .await
+        .unwrap();
     assert_eq!(r.get_timeout(WAIT).await.unwrap(), 3.75);
     let r = server
         .send(concat::signature(vec!["foo".into(), "bar".into()]))
@@ -207,7 +222,10 @@ async fn go_suite_return_just_error() {
     assert_eq!(err.kind(), ErrorKind::Task);
     assert_eq!(err.task_error(), Some("kaboom"));
     let state = r.state().await.unwrap().unwrap();
-    assert_eq!((state.state, state.error.as_str()), (State::Failure, "kaboom"));
+    assert_eq!(
+        (state.state, state.error.as_str()),
+        (State::Failure, "kaboom")
+    );
     assert_eq!(state.task_name, "return_just_error");
     worker.shutdown().await.unwrap();
 }
@@ -216,7 +234,10 @@ async fn go_suite_return_just_error() {
 async fn go_suite_multiple_results() {
     let (server, worker) = setup("go-suite-multiple").await;
     let r = server
-        .send(return_multiple_values::signature("foo".into(), "bar".into()))
+        .send(return_multiple_values::signature(
+            "foo".into(),
+            "bar".into(),
+        ))
         .await
         .unwrap();
     assert_eq!(
@@ -281,7 +302,10 @@ async fn error_callback_receives_the_message() {
         .send(return_just_error::signature().on_error(handler))
         .await
         .unwrap();
-    assert_eq!(r.get_timeout(WAIT).await.unwrap_err().task_error(), Some("kaboom"));
+    assert_eq!(
+        r.get_timeout(WAIT).await.unwrap_err().task_error(),
+        Some("kaboom")
+    );
     let state = final_state(&server, &handler_uuid).await;
     assert_eq!(state.state, State::Success, "{state:?}");
     let results = state.results.unwrap();
@@ -333,7 +357,12 @@ async fn thousand_concurrent_tasks_complete_exactly_once() {
     let calls = CALLS.lock().unwrap();
     let calls = calls.as_ref().unwrap();
     for id in 1_000_000..1_001_000u64 {
-        assert_eq!(calls.get(&id), Some(&1), "task {id} ran {:?} times", calls.get(&id));
+        assert_eq!(
+            calls.get(&id),
+            Some(&1),
+            "task {id} ran {:?} times",
+            calls.get(&id)
+        );
     }
 }
 
@@ -348,7 +377,11 @@ async fn retries_then_succeeds() {
         .unwrap();
     // First attempt fails; the retry waits FibonacciNext(0) = 1 s.
     assert_eq!(r.get_timeout(WAIT).await.unwrap(), 1);
-    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
     worker.shutdown().await.unwrap();
 }
 
@@ -362,7 +395,11 @@ async fn bad_args_are_not_retried() {
     server.send_wire(sig).await.unwrap();
     let state = final_state(&server, &uuid).await;
     assert_eq!(state.state, State::Failure);
-    assert!(state.error.contains("takes 2 arguments, got 1"), "{}", state.error);
+    assert!(
+        state.error.contains("takes 2 arguments, got 1"),
+        "{}",
+        state.error
+    );
     worker.shutdown().await.unwrap();
 }
 
@@ -376,7 +413,11 @@ async fn delayed_task_runs_no_earlier_than_its_eta() {
         .unwrap();
     assert_eq!(r.state().await.unwrap().unwrap().state, State::Pending);
     assert_eq!(r.get_timeout(WAIT).await.unwrap(), 5);
-    assert!(started.elapsed() >= Duration::from_millis(600), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
     worker.shutdown().await.unwrap();
 }
 
@@ -413,7 +454,10 @@ async fn shutdown_finishes_in_flight_tasks() {
     worker.shutdown().await.unwrap();
     // Both finished before shutdown returned.
     assert_eq!(slow.state().await.unwrap().unwrap().state, State::Success);
-    assert_eq!(slow_sync.state().await.unwrap().unwrap().state, State::Success);
+    assert_eq!(
+        slow_sync.state().await.unwrap().unwrap().state,
+        State::Success
+    );
     let broker = MemoryBroker::open("graceful", "machinery_tasks", "machinery_task");
     assert_eq!(broker.depth("machinery_tasks"), (0, 0), "everything acked");
 }
@@ -430,7 +474,11 @@ async fn blocking_tasks_do_not_stall_the_runtime() {
     let started = Instant::now();
     let r = server.send(add::signature(vec![1, 2])).await.unwrap();
     assert_eq!(r.get_timeout(WAIT).await.unwrap(), 3);
-    assert!(started.elapsed() < Duration::from_millis(400), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
     for h in slow {
         h.get_timeout(WAIT).await.unwrap();
     }
@@ -458,7 +506,10 @@ async fn undecodable_bodies_are_dead_lettered() {
     broker.push_raw("machinery_tasks", big);
     let deadline = Instant::now() + WAIT;
     while broker.dead_letters("machinery_tasks").len() < bodies.len() + 1 {
-        assert!(Instant::now() < deadline, "not all bad messages were dead-lettered");
+        assert!(
+            Instant::now() < deadline,
+            "not all bad messages were dead-lettered"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(broker.depth("machinery_tasks"), (0, 0));
@@ -509,7 +560,11 @@ async fn args_that_do_not_fit_are_failures_with_clear_errors() {
         server.send_wire(sig).await.unwrap();
         let state = final_state(&server, &uuid).await;
         assert_eq!(state.state, State::Failure);
-        assert!(state.error.contains(expected), "{:?} should contain {expected:?}", state.error);
+        assert!(
+            state.error.contains(expected),
+            "{:?} should contain {expected:?}",
+            state.error
+        );
     }
     worker.shutdown().await.unwrap();
 }
@@ -537,7 +592,11 @@ async fn unregistered_tasks_follow_ignore_when_task_not_registered() {
     full.shutdown().await.unwrap();
     let deadline = Instant::now() + WAIT;
     while broker.depth("machinery_tasks") != (0, 0) {
-        assert!(Instant::now() < deadline, "{:?}", broker.depth("machinery_tasks"));
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            broker.depth("machinery_tasks")
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(broker.dead_letters("machinery_tasks").is_empty());
@@ -561,4 +620,110 @@ async fn send_records_pending_and_get_times_out() {
     assert!(!state.created_at.is_zero());
     let err = r.get_timeout(Duration::from_millis(100)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Timeout);
+}
+
+// ---- groups and chords ----
+
+static CHORD_CALLS: AtomicU32 = AtomicU32::new(0);
+
+#[task]
+fn count_chord(#[variadic] parts: Vec<i64>) -> i64 {
+    CHORD_CALLS.fetch_add(1, Ordering::SeqCst);
+    parts.iter().sum()
+}
+
+#[task]
+fn maybe_fail(n: i64) -> Result<i64, String> {
+    if n < 0 {
+        Err(format!("negative: {n}"))
+    } else {
+        Ok(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_runs_in_parallel_and_keeps_order() {
+    let (server, worker) = setup("group").await;
+    let group = Group::new([
+        add::signature(vec![1, 1]),
+        add::signature(vec![2, 2]),
+        add::signature(vec![5, 6]),
+    ]);
+    let r = server.send_group(group).await.unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), [2, 4, 11]);
+    let meta = server
+        .backend()
+        .unwrap()
+        .group_meta(r.group_uuid())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(meta.task_uuids.len(), 3);
+    assert!(r.group_uuid().starts_with("group_"));
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chord_callback_gets_results_in_group_order() {
+    let (server, worker) = setup("chord").await;
+    // (1 + 1) * (2 + 2), as Go's example sender does.
+    let chord = Group::new([add::signature(vec![1, 1]), add::signature(vec![2, 2])])
+        .chord(multiply::signature(vec![]));
+    let r = server.send_chord(chord).await.unwrap();
+    assert!(r.task_uuid().starts_with("chord_"));
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), 8);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chord_triggers_exactly_once_under_concurrency() {
+    let server = Server::new(config("chord-once")).await.unwrap();
+    let workers = [
+        server.worker().concurrency(16).spawn().await.unwrap(),
+        server.worker().concurrency(16).spawn().await.unwrap(),
+    ];
+    CHORD_CALLS.store(0, Ordering::SeqCst);
+    let chord = Group::new((0..50).map(|i| sleepy::signature(i % 3)))
+        .chord(concat_numbers::signature(vec![]));
+    let r = server.send_chord(chord).await.unwrap();
+    let text = r.get_timeout(WAIT).await.unwrap();
+    // Results arrive in creation order, not finishing order.
+    let expected: Vec<String> = (0..50).map(|i| (i % 3).to_string()).collect();
+    assert_eq!(text, expected.join(","));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(CONCAT_CALLS.load(Ordering::SeqCst), 1);
+    for w in workers {
+        w.shutdown().await.unwrap();
+    }
+}
+
+static CONCAT_CALLS: AtomicU32 = AtomicU32::new(0);
+
+#[task]
+fn concat_numbers(#[variadic] parts: Vec<u64>) -> String {
+    CONCAT_CALLS.fetch_add(1, Ordering::SeqCst);
+    parts
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chord_with_a_failed_member_runs_the_error_path() {
+    let (server, worker) = setup("chord-failure").await;
+    CHORD_CALLS.store(0, Ordering::SeqCst);
+    let handler = record_error::signature("chord".into());
+    let handler_uuid = handler.task_uuids()[0].clone();
+    let chord = Group::new([maybe_fail::signature(1), maybe_fail::signature(-2)])
+        .chord(count_chord::signature(vec![]).on_error(handler));
+    let r = server.send_chord(chord).await.unwrap();
+    let err = r.get_timeout(WAIT).await.unwrap_err();
+    assert_eq!(err.task_error(), Some("negative: -2"));
+    let state = final_state(&server, &handler_uuid).await;
+    assert_eq!(state.results.unwrap()[0].value, "chord: negative: -2");
+    let callback = final_state(&server, r.task_uuid()).await;
+    assert_eq!(callback.state, State::Failure);
+    assert_eq!(CHORD_CALLS.load(Ordering::SeqCst), 0);
+    worker.shutdown().await.unwrap();
 }

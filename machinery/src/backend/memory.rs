@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{timeout, ResultBackend};
 use crate::error::Result;
-use crate::wire::TaskState;
+use crate::wire::{GoTime, GroupMeta, TaskState};
 
 /// An in-process result backend; see the [module docs](self).
 #[derive(Clone)]
@@ -27,6 +27,7 @@ struct Shared {
     name: String,
     ttl: Duration,
     inner: Mutex<Inner>,
+    groups: Mutex<HashMap<String, GroupMeta>>,
 }
 
 #[derive(Default)]
@@ -63,6 +64,7 @@ impl MemoryBackend {
                     name: name.to_owned(),
                     ttl,
                     inner: Mutex::new(Inner::default()),
+                    groups: Mutex::new(HashMap::new()),
                 })
             })
             .clone();
@@ -209,5 +211,33 @@ impl ResultBackend for MemoryBackend {
     async fn purge_state(&self, task_uuid: &str) -> Result<()> {
         lock(&self.shared.inner).states.remove(task_uuid);
         Ok(())
+    }
+
+    async fn init_group(&self, group_uuid: &str, task_uuids: &[String]) -> Result<()> {
+        lock(&self.shared.groups).insert(
+            group_uuid.to_owned(),
+            GroupMeta {
+                group_uuid: group_uuid.to_owned(),
+                task_uuids: task_uuids.to_vec(),
+                created_at: GoTime::now(),
+                ..GroupMeta::default()
+            },
+        );
+        Ok(())
+    }
+
+    async fn group_meta(&self, group_uuid: &str) -> Result<Option<GroupMeta>> {
+        Ok(lock(&self.shared.groups).get(group_uuid).cloned())
+    }
+
+    async fn trigger_chord(&self, group_uuid: &str) -> Result<bool> {
+        let mut groups = lock(&self.shared.groups);
+        match groups.get_mut(group_uuid) {
+            Some(meta) if !meta.chord_triggered => {
+                meta.chord_triggered = true;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 }

@@ -37,12 +37,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -103,7 +105,7 @@ impl AmqpBroker {
         };
         let broker = AmqpBroker {
             inner: Arc::new(Inner {
-                url: config.broker.clone(),
+                url: amqp_uri(&config.broker),
                 masked_url: mask_url(&config.broker),
                 exchange: config.amqp.exchange.clone(),
                 exchange_kind,
@@ -134,7 +136,11 @@ impl AmqpBroker {
 }
 
 impl Inner {
-    fn broker_error(&self, what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
+    fn broker_error(
+        &self,
+        what: &str,
+        err: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
         // lapin's errors carry no credentials; the URL we add is masked.
         Error::with_source(
             ErrorKind::Broker,
@@ -156,6 +162,7 @@ impl Inner {
         *current = None;
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
+        let mut refusals = 0;
         loop {
             match self.connect_once().await {
                 Ok(link) => {
@@ -165,7 +172,11 @@ impl Inner {
                     *current = Some(link.clone());
                     return Ok(link);
                 }
-                Err(e) if started.elapsed() + pause > self.reconnect_timeout => {
+                Err((e, refused)) if refused && refusals >= 2 => {
+                    // The broker answers but refuses us (credentials, vhost): waiting won't help.
+                    return Err(e);
+                }
+                Err((e, _)) if started.elapsed() + pause > self.reconnect_timeout => {
                     return Err(Error::new(
                         ErrorKind::Broker,
                         format!(
@@ -176,7 +187,8 @@ impl Inner {
                         ),
                     ));
                 }
-                Err(e) => {
+                Err((e, refused)) => {
+                    refusals = if refused { refusals + 1 } else { 0 };
                     warn!(broker = %self.masked_url, error = %e.message(), retry_in = ?pause, "cannot reach the broker");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
@@ -185,12 +197,27 @@ impl Inner {
         }
     }
 
-    async fn connect_once(&self) -> Result<Link> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(LongString::from(format!("machinery-{}", std::process::id())));
+    /// Connects once; the flag says whether the broker refused us (a protocol error such as
+    /// bad credentials or an unknown vhost) rather than being unreachable.
+    async fn connect_once(&self) -> std::result::Result<Link, (Error, bool)> {
+        let properties = ConnectionProperties::default().with_connection_name(LongString::from(
+            format!("machinery-{}", std::process::id()),
+        ));
         let connection = Connection::connect(&self.url, properties)
             .await
-            .map_err(|e| self.broker_error("cannot connect to the broker", e))?;
+            .map_err(|e| {
+                let refused = matches!(
+                    e.kind(),
+                    lapin::ErrorKind::ProtocolError(_)
+                        | lapin::ErrorKind::AuthProviderError(_)
+                        | lapin::ErrorKind::InvalidProtocolVersion(_)
+                );
+                (self.broker_error("cannot connect to the broker", e), refused)
+            })?;
+        self.open_publisher(connection).await.map_err(|e| (e, false))
+    }
+
+    async fn open_publisher(&self, connection: Connection) -> Result<Link> {
         let channel = connection
             .create_channel()
             .await
@@ -224,7 +251,9 @@ impl Inner {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| self.broker_error(&format!("cannot declare exchange `{}`", self.exchange), e))?;
+            .map_err(|e| {
+                self.broker_error(&format!("cannot declare exchange `{}`", self.exchange), e)
+            })?;
         channel
             .queue_declare(
                 queue.into(),
@@ -286,8 +315,14 @@ impl Inner {
         let queue = AmqpBroker::delay_queue(delay_ms, &self.exchange, &message.routing_key);
         let mut args = FieldTable::default();
         args.insert("x-dead-letter-exchange".into(), long_string(&self.exchange));
-        args.insert("x-dead-letter-routing-key".into(), long_string(&message.routing_key));
-        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(saturating_i64(delay_ms)));
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            long_string(&message.routing_key),
+        );
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(saturating_i64(delay_ms)),
+        );
         args.insert(
             "x-expires".into(),
             AMQPValue::LongLongInt(saturating_i64(delay_ms.saturating_mul(2))),
@@ -368,6 +403,24 @@ impl Inner {
     }
 }
 
+/// Go's AMQP client reads `amqp://host/` (or no path) as the default vhost `/`; lapin reads it
+/// as the vhost named "". Spell the default vhost out so Go's URLs mean the same here.
+fn amqp_uri(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let after = scheme_end + 3;
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    match base[after..].find('/') {
+        None => format!("{base}/%2f{query}"),
+        Some(slash) if base.len() == after + slash + 1 => format!("{base}%2f{query}"),
+        Some(_) => url.to_owned(),
+    }
+}
+
 fn link_alive(link: &Link) -> bool {
     link.channel.status().connected() && link.connection.status().connected()
 }
@@ -392,9 +445,9 @@ fn amqp_value(value: &Value) -> AMQPValue {
             _ => AMQPValue::Void,
         },
         Value::String(s) => long_string(s),
-        Value::Array(items) => {
-            AMQPValue::FieldArray(FieldArray::from(items.iter().map(amqp_value).collect::<Vec<_>>()))
-        }
+        Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
+            items.iter().map(amqp_value).collect::<Vec<_>>(),
+        )),
         Value::Object(map) => AMQPValue::FieldTable(field_table(map)),
     }
 }
@@ -452,7 +505,12 @@ impl Broker for AmqpBroker {
                     }
                 }
             }
-            retry.extend(failed_from.map(|from| from..window.len()).into_iter().flatten());
+            retry.extend(
+                failed_from
+                    .map(|from| from..window.len())
+                    .into_iter()
+                    .flatten(),
+            );
             // Unconfirmed messages go again, one by one, reconnecting as needed.
             for i in retry {
                 self.inner.publish_one(&window[i]).await?;
@@ -466,7 +524,11 @@ impl Broker for AmqpBroker {
             broker: self.inner.clone(),
             queue: queue.to_owned(),
             prefetch,
-            tag: format!("machinery-{}-{}", std::process::id(), crate::wire::new_uuid("")),
+            tag: format!(
+                "machinery-{}-{}",
+                std::process::id(),
+                crate::wire::new_uuid("")
+            ),
             state: None,
             cancelled: false,
         };
@@ -562,7 +624,11 @@ impl Consumer for AmqpConsumer {
                         queue: self.queue.clone(),
                         body: body.clone(),
                     };
-                    return Some(Ok(Delivery::new(body, delivery.redelivered, Box::new(acker))));
+                    return Some(Ok(Delivery::new(
+                        body,
+                        delivery.redelivered,
+                        Box::new(acker),
+                    )));
                 }
                 Some(Err(e)) => {
                     warn!(queue = %self.queue, error = %e, "consumer interrupted; reconnecting");
@@ -630,12 +696,18 @@ async fn settle_loop(channel: Channel, mut rx: mpsc::UnboundedReceiver<Settle>) 
             low += 1;
         }
         if let Some(top) = top {
-            if let Err(e) = channel.basic_ack(top, BasicAckOptions { multiple: true }).await {
+            if let Err(e) = channel
+                .basic_ack(top, BasicAckOptions { multiple: true })
+                .await
+            {
                 debug!(error = %e, tag = top, "ack failed (the broker redelivers the messages)");
             }
         }
         for tag in acks {
-            if let Err(e) = channel.basic_ack(tag, BasicAckOptions { multiple: false }).await {
+            if let Err(e) = channel
+                .basic_ack(tag, BasicAckOptions { multiple: false })
+                .await
+            {
                 debug!(error = %e, tag, "ack failed (the broker redelivers the message)");
             }
             settled.insert(tag);
@@ -676,7 +748,10 @@ impl AmqpAcker {
             .declare_side_queue(&link, &queue, FieldTable::default())
             .await?;
         let mut headers = Map::new();
-        headers.insert("x-machinery-source-queue".into(), Value::from(self.queue.as_str()));
+        headers.insert(
+            "x-machinery-source-queue".into(),
+            Value::from(self.queue.as_str()),
+        );
         let mut message = Message::new(queue.clone(), self.body.clone());
         message.headers = headers;
         // To the default exchange, which routes by queue name.
@@ -727,5 +802,29 @@ impl Drop for AmqpAcker {
     fn drop(&mut self) {
         // Dropped unsettled (a worker stopping mid-task): back to the queue.
         self.send(Settle::Reject(self.tag, true));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_vhost_is_spelled_out() {
+        assert_eq!(amqp_uri("amqp://guest:guest@localhost:5672/"), "amqp://guest:guest@localhost:5672/%2f");
+        assert_eq!(amqp_uri("amqp://localhost"), "amqp://localhost/%2f");
+        assert_eq!(amqp_uri("amqp://h/?heartbeat=10"), "amqp://h/%2f?heartbeat=10");
+        assert_eq!(amqp_uri("amqp://h/prod"), "amqp://h/prod");
+        assert_eq!(amqp_uri("amqps://h:5671/%2f"), "amqps://h:5671/%2f");
+    }
+
+    #[test]
+    fn json_to_amqp_values() {
+        let table = field_table(&serde_json::json!({"x-max-priority": 10, "x-queue-type": "quorum", "f": 1.5, "b": true}).as_object().cloned().unwrap_or_default());
+        let inner = table.inner();
+        assert_eq!(inner.get("x-max-priority"), Some(&AMQPValue::LongLongInt(10)));
+        assert_eq!(inner.get("b"), Some(&AMQPValue::Boolean(true)));
+        assert_eq!(inner.get("f"), Some(&AMQPValue::Double(1.5)));
+        assert!(matches!(inner.get("x-queue-type"), Some(AMQPValue::LongString(_))));
     }
 }
