@@ -17,8 +17,7 @@ use machinery::{Config, Group, Server};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
     let mut config = Config::from_env()?;
@@ -69,7 +68,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let r = server.send(panic_task::signature()).await?;
     match r.get().await {
         Ok(v) => return Err(format!("the panicking task returned {v:?}").into()),
-        Err(e) => println!("Task panicked and returned error = {}", e.task_error().unwrap_or("?")),
+        Err(e) => println!(
+            "Task panicked and returned error = {}",
+            e.task_error().unwrap_or("?")
+        ),
     }
 
     let r = server.send(long_running_task::signature()).await?;

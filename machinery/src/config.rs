@@ -320,7 +320,7 @@ pub struct ConfigBuilder {
 }
 
 macro_rules! setters {
-    ($($(#[$doc:meta])* $name:ident: $ty:ty => $($field:ident).+;)*) => {$(
+    ($($(#[$doc:meta])* $name:ident: into $ty:ty => $($field:ident).+;)*) => {$(
         $(#[$doc])*
         pub fn $name(mut self, value: impl Into<$ty>) -> Self {
             self.config.$($field).+ = value.into();
@@ -329,22 +329,35 @@ macro_rules! setters {
     )*};
 }
 
+macro_rules! value_setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty => $($field:ident).+;)*) => {$(
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.config.$($field).+ = value;
+            self
+        }
+    )*};
+}
+
 impl ConfigBuilder {
     setters! {
         /// Broker URL.
-        broker: String => broker;
+        broker: into String => broker;
         /// Default queue.
-        default_queue: String => default_queue;
+        default_queue: into String => default_queue;
         /// Result backend URL.
-        result_backend: String => result_backend;
+        result_backend: into String => result_backend;
+        /// AMQP exchange name.
+        exchange: into String => amqp.exchange;
+        /// AMQP exchange type.
+        exchange_type: into String => amqp.exchange_type;
+        /// AMQP binding key.
+        binding_key: into String => amqp.binding_key;
+    }
+
+    value_setters! {
         /// Seconds results are kept.
         results_expire_in: u64 => results_expire_in;
-        /// AMQP exchange name.
-        exchange: String => amqp.exchange;
-        /// AMQP exchange type.
-        exchange_type: String => amqp.exchange_type;
-        /// AMQP binding key.
-        binding_key: String => amqp.binding_key;
         /// AMQP prefetch count.
         prefetch_count: u16 => amqp.prefetch_count;
         /// Disable signal handling in `worker::launch`.

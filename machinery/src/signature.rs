@@ -103,7 +103,11 @@ impl<T> Accepts<T> for Variadic<T> {
 }
 
 impl<O, K> Signature<O, K> {
-    pub(crate) fn from_parts(raw: wire::Signature, decode: Decoder<O>, error: Option<Error>) -> Self {
+    pub(crate) fn from_parts(
+        raw: wire::Signature,
+        decode: Decoder<O>,
+        error: Option<Error>,
+    ) -> Self {
         Signature {
             links: vec![raw.uuid.clone()],
             raw,

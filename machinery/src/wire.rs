@@ -146,10 +146,7 @@ struct KeySeed(&'static [&'static str]);
 
 impl<'de> DeserializeSeed<'de> for KeySeed {
     type Value = Option<&'static str>;
-    fn deserialize<D: Deserializer<'de>>(
-        self,
-        d: D,
-    ) -> std::result::Result<Self::Value, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
         d.deserialize_str(self)
     }
 }
@@ -550,7 +547,10 @@ mod tests {
         let sig = round_trip(GO_PLAIN);
         assert_eq!(sig.name, "add");
         assert_eq!(sig.args.len(), 2);
-        assert_eq!(decode::<i64>(&sig.args[0].type_name, &sig.args[0].value).unwrap(), 1);
+        assert_eq!(
+            decode::<i64>(&sig.args[0].type_name, &sig.args[0].value).unwrap(),
+            1
+        );
     }
 
     #[test]
@@ -590,7 +590,10 @@ mod tests {
             r#"{"uuid":"u","NAME":"add","args":null,"headers":null,"Unknown":{"deep":[1,2]},"priority":3,"onsuccess":null,"eta":null}"#,
         )
         .unwrap();
-        assert_eq!((sig.uuid.as_str(), sig.name.as_str(), sig.priority), ("u", "add", 3));
+        assert_eq!(
+            (sig.uuid.as_str(), sig.name.as_str(), sig.priority),
+            ("u", "add", 3)
+        );
         assert!(sig.args.is_empty() && sig.headers.is_empty());
         // Missing keys are zero values; an empty object is a valid (if useless) signature.
         assert_eq!(Signature::from_json(b"{}").unwrap(), Signature::default());
@@ -613,7 +616,10 @@ mod tests {
             r#"{"Name":"x""#,
             "not json",
         ] {
-            assert!(Signature::from_json(bad.as_bytes()).is_err(), "{bad} must be rejected");
+            assert!(
+                Signature::from_json(bad.as_bytes()).is_err(),
+                "{bad} must be rejected"
+            );
         }
     }
 
@@ -623,7 +629,10 @@ mod tests {
         let state: TaskState = serde_json::from_str(go).unwrap();
         assert_eq!(state.state, State::Success);
         let results = state.results.clone().unwrap();
-        assert_eq!(decode::<f64>(&results[0].type_name, &results[0].value).unwrap(), 8.0);
+        assert_eq!(
+            decode::<f64>(&results[0].type_name, &results[0].value).unwrap(),
+            8.0
+        );
         assert_eq!(serde_json::to_string(&state).unwrap(), go);
 
         let pending = TaskState::new("task_2", State::Pending);
@@ -631,7 +640,8 @@ mod tests {
             serde_json::to_string(&pending).unwrap(),
             r#"{"TaskUUID":"task_2","TaskName":"","State":"PENDING","Results":null,"Error":"","CreatedAt":"0001-01-01T00:00:00Z","TTL":0}"#
         );
-        let back: TaskState = serde_json::from_str(&serde_json::to_string(&pending).unwrap()).unwrap();
+        let back: TaskState =
+            serde_json::from_str(&serde_json::to_string(&pending).unwrap()).unwrap();
         assert!(back.created_at.is_zero());
         assert!(serde_json::from_str::<TaskState>(r#"{"State":"DONE"}"#).is_err());
     }
@@ -647,7 +657,10 @@ mod tests {
     #[test]
     fn go_time_formatting() {
         for (input, output) in [
-            ("2026-11-29T20:17:52.337696883Z", "2026-11-29T20:17:52.337696883Z"),
+            (
+                "2026-11-29T20:17:52.337696883Z",
+                "2026-11-29T20:17:52.337696883Z",
+            ),
             ("2026-11-29T20:17:52.100Z", "2026-11-29T20:17:52.1Z"),
             ("2026-11-29T20:17:52Z", "2026-11-29T20:17:52Z"),
             ("2026-11-29T21:17:52+01:00", "2026-11-29T20:17:52Z"),
@@ -710,7 +723,11 @@ mod tests {
         assert!(decode::<i64>("int64", &json!(1.5)).is_err());
         assert!(decode::<i8>("int8", &json!(128)).is_err());
         assert!(decode::<u8>("uint8", &json!(-1)).is_err());
-        assert!(decode::<u64>("uint64", &serde_json::from_str::<Value>("18446744073709551616").unwrap()).is_err());
+        assert!(decode::<u64>(
+            "uint64",
+            &serde_json::from_str::<Value>("18446744073709551616").unwrap()
+        )
+        .is_err());
         assert!(decode::<u32>("uint32", &json!(4_294_967_296u64)).is_err());
         // The declared type must be the task's.
         assert!(decode::<i64>("int", &json!(1)).is_err());
@@ -720,14 +737,26 @@ mod tests {
         // Floats accept integers.
         assert_eq!(decode::<f64>("float64", &json!(2)).unwrap(), 2.0);
         // A null slice is empty; a null scalar is an error.
-        assert_eq!(decode::<Vec<i64>>("[]int64", &Value::Null).unwrap(), Vec::<i64>::new());
+        assert_eq!(
+            decode::<Vec<i64>>("[]int64", &Value::Null).unwrap(),
+            Vec::<i64>::new()
+        );
         assert!(decode::<i64>("int64", &Value::Null).is_err());
         // []byte: Go's alias, and Go's base64 encoding.
-        assert_eq!(decode::<Vec<u8>>("[]byte", &json!("aGk=")).unwrap(), b"hi".to_vec());
-        assert_eq!(decode::<Vec<u8>>("[]uint8", &json!([104, 105])).unwrap(), b"hi".to_vec());
+        assert_eq!(
+            decode::<Vec<u8>>("[]byte", &json!("aGk=")).unwrap(),
+            b"hi".to_vec()
+        );
+        assert_eq!(
+            decode::<Vec<u8>>("[]uint8", &json!([104, 105])).unwrap(),
+            b"hi".to_vec()
+        );
         assert!(decode::<Vec<u8>>("[]uint8", &json!("not base64!")).is_err());
         // Errors say what was expected and what came.
         let err = decode::<i64>("int64", &json!(1.5)).unwrap_err();
-        assert!(err.message().contains("int64") && err.message().contains("1.5"), "{err}");
+        assert!(
+            err.message().contains("int64") && err.message().contains("1.5"),
+            "{err}"
+        );
     }
 }

@@ -16,7 +16,9 @@ use machinery::{ErrorKind, Server};
 include!("../src/tasks.rs");
 
 async fn server(tag: &str) -> Server {
-    Server::new(unique_config(tag)).await.expect("connect to RabbitMQ and Redis")
+    Server::new(unique_config(tag))
+        .await
+        .expect("connect to RabbitMQ and Redis")
 }
 
 async fn final_state(server: &Server, uuid: &str) -> wire::TaskState {
@@ -42,10 +44,28 @@ async fn go_suite_on_rabbitmq() {
     let chain = add::signature(vec![2, 2])
         .then(add::signature(vec![5, 6]))
         .then(multiply::signature(vec![4]));
-    assert_eq!(server.send(chain).await.unwrap().get_timeout(WAIT).await.unwrap(), 60);
+    assert_eq!(
+        server
+            .send(chain)
+            .await
+            .unwrap()
+            .get_timeout(WAIT)
+            .await
+            .unwrap(),
+        60
+    );
 
     let chain = float_add::signature(1.0, 1.0).then(float_multiply::signature(4.0));
-    assert_eq!(server.send(chain).await.unwrap().get_timeout(WAIT).await.unwrap(), 8.0);
+    assert_eq!(
+        server
+            .send(chain)
+            .await
+            .unwrap()
+            .get_timeout(WAIT)
+            .await
+            .unwrap(),
+        8.0
+    );
 
     let err = server
         .send(return_just_error::signature())
@@ -57,10 +77,16 @@ async fn go_suite_on_rabbitmq() {
     assert_eq!(err.task_error(), Some("kaboom"));
 
     let r = server
-        .send(return_multiple_values::signature("foo".into(), "bar".into()))
+        .send(return_multiple_values::signature(
+            "foo".into(),
+            "bar".into(),
+        ))
         .await
         .unwrap();
-    assert_eq!(r.get_timeout(WAIT).await.unwrap(), ("foo".to_owned(), "bar".to_owned()));
+    assert_eq!(
+        r.get_timeout(WAIT).await.unwrap(),
+        ("foo".to_owned(), "bar".to_owned())
+    );
 
     let err = server
         .send(panic_task::signature())
@@ -95,8 +121,20 @@ async fn delayed_task_runs_no_earlier_than_its_eta() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_with_different_tasks_share_a_queue() {
     let server = server("shared").await;
-    let adders = server.worker().tasks(["add"]).concurrency(4).spawn().await.unwrap();
-    let multipliers = server.worker().tasks(["multiply"]).concurrency(4).spawn().await.unwrap();
+    let adders = server
+        .worker()
+        .tasks(["add"])
+        .concurrency(4)
+        .spawn()
+        .await
+        .unwrap();
+    let multipliers = server
+        .worker()
+        .tasks(["multiply"])
+        .concurrency(4)
+        .spawn()
+        .await
+        .unwrap();
     let mut adds = Vec::new();
     let mut products = Vec::new();
     for i in 0..50 {
@@ -111,7 +149,10 @@ async fn two_workers_with_different_tasks_share_a_queue() {
     adders.shutdown().await.unwrap();
     multipliers.shutdown().await.unwrap();
     let (_c, channel) = raw_channel().await;
-    assert_eq!(queue_depth(&channel, &server.config().default_queue).await, 0);
+    assert_eq!(
+        queue_depth(&channel, &server.config().default_queue).await,
+        0
+    );
     cleanup(server.config()).await;
 }
 
@@ -134,7 +175,9 @@ async fn custom_queue_worker() {
     assert_eq!(err.kind(), ErrorKind::Broker);
     assert!(err.to_string().contains("no queue is bound"), "{err}");
     let (_c, channel) = raw_channel().await;
-    let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+    let _ = channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
     cleanup(server.config()).await;
 }
 
@@ -142,7 +185,12 @@ async fn custom_queue_worker() {
 async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
     let server = server("bad").await;
     let config = server.config().clone();
-    let worker = server.worker().tasks(["add", "sum_ints"]).spawn().await.unwrap();
+    let worker = server
+        .worker()
+        .tasks(["add", "sum_ints"])
+        .spawn()
+        .await
+        .unwrap();
     let (_c, channel) = raw_channel().await;
     let publish = |body: Vec<u8>| {
         let channel = channel.clone();
@@ -171,16 +219,31 @@ async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
     let dlq = format!("{}.dead_letter", config.default_queue);
     let deadline = Instant::now() + WAIT;
     while queue_depth(&channel, &dlq).await < 3 {
-        assert!(Instant::now() < deadline, "bad bodies were not dead-lettered");
+        assert!(
+            Instant::now() < deadline,
+            "bad bodies were not dead-lettered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // Signatures whose args do not fit: FAILURE with a clear error.
     let cases = [
-        (r#"[{"Type":"int128","Value":1}]"#, "add", "expected type `int64`, got `int128`"),
-        (r#"[{"Type":"int64","Value":1.5}]"#, "add", "invalid `int64` value 1.5"),
+        (
+            r#"[{"Type":"int128","Value":1}]"#,
+            "add",
+            "expected type `int64`, got `int128`",
+        ),
+        (
+            r#"[{"Type":"int64","Value":1.5}]"#,
+            "add",
+            "invalid `int64` value 1.5",
+        ),
         (r#"[]"#, "sum_ints", "takes 1 argument, got 0"),
-        (r#"[{"Type":"[]int64","Value":[1]},{"Type":"int64","Value":1}]"#, "sum_ints", "takes 1 argument, got 2"),
+        (
+            r#"[{"Type":"[]int64","Value":[1]},{"Type":"int64","Value":1}]"#,
+            "sum_ints",
+            "takes 1 argument, got 2",
+        ),
     ];
     for (args, name, expected) in cases {
         let uuid = format!("task_{}", uuid::Uuid::new_v4());
@@ -188,12 +251,20 @@ async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
         publish(body.into_bytes()).await;
         let state = final_state(&server, &uuid).await;
         assert_eq!(state.state, State::Failure);
-        assert!(state.error.contains(expected), "{:?} should say {expected:?}", state.error);
+        assert!(
+            state.error.contains(expected),
+            "{:?} should say {expected:?}",
+            state.error
+        );
     }
 
     // Unregistered, flagged: dropped. Unregistered, not flagged: handed back, still queued.
     let dropped = format!("task_{}", uuid::Uuid::new_v4());
-    publish(format!(r#"{{"UUID":"{dropped}","Name":"multiply","IgnoreWhenTaskNotRegistered":true}}"#).into_bytes()).await;
+    publish(
+        format!(r#"{{"UUID":"{dropped}","Name":"multiply","IgnoreWhenTaskNotRegistered":true}}"#)
+            .into_bytes(),
+    )
+    .await;
     let kept = server.send(multiply::signature(vec![6, 7])).await.unwrap();
 
     // The worker still runs good tasks.
@@ -235,7 +306,10 @@ async fn killed_worker_loses_nothing() {
     assert!(running > 0, "the worker was killed with tasks in flight");
     let _restarted = WorkerProcess::start(server.config(), &[("WORKER_CONCURRENCY", "8")]);
     for (i, h) in handles.iter().enumerate() {
-        assert_eq!(h.get_timeout(Duration::from_secs(60)).await.unwrap(), i as i64);
+        assert_eq!(
+            h.get_timeout(Duration::from_secs(60)).await.unwrap(),
+            i as i64
+        );
     }
     cleanup(server.config()).await;
 }
@@ -262,7 +336,10 @@ async fn sigterm_finishes_in_flight_tasks_and_exits_zero() {
         assert_eq!(state.state, State::Success, "{state:?}");
     }
     let (_c, channel) = raw_channel().await;
-    assert_eq!(queue_depth(&channel, &server.config().default_queue).await, 0);
+    assert_eq!(
+        queue_depth(&channel, &server.config().default_queue).await,
+        0
+    );
     cleanup(server.config()).await;
 }
 

@@ -1,6 +1,8 @@
 //! Result backends: where task states and results are kept.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::fmt;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::wire::TaskState;
+use crate::wire::{GroupMeta, TaskState};
 
 /// Stores [`TaskState`]s by task UUID (Go's result backend interface).
 #[async_trait]
@@ -48,6 +50,32 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes the stored state of a task.
     async fn purge_state(&self, task_uuid: &str) -> Result<()>;
+
+    /// Records a group and its members, in creation order (Go's `InitGroup`).
+    async fn init_group(&self, group_uuid: &str, task_uuids: &[String]) -> Result<()> {
+        let _ = (group_uuid, task_uuids);
+        Err(unsupported_groups(self))
+    }
+
+    /// The group record, if any.
+    async fn group_meta(&self, group_uuid: &str) -> Result<Option<GroupMeta>> {
+        let _ = group_uuid;
+        Err(unsupported_groups(self))
+    }
+
+    /// Marks the group's chord as triggered; returns `true` to exactly one caller, however many
+    /// workers call it concurrently (Go's `TriggerChord`, made atomic).
+    async fn trigger_chord(&self, group_uuid: &str) -> Result<bool> {
+        let _ = group_uuid;
+        Err(unsupported_groups(self))
+    }
+}
+
+fn unsupported_groups(backend: &(impl fmt::Debug + ?Sized)) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!("the result backend {backend:?} does not support groups and chords"),
+    )
 }
 
 pub(crate) fn timeout(task_uuid: &str) -> Error {

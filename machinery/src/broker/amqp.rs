@@ -25,7 +25,7 @@
 //! consumers reconnect with a capped backoff, redeclare the topology and resume; unacknowledged
 //! deliveries are redelivered by the broker. If the broker stays unreachable longer than
 //! `reconnect_timeout`, the operation fails with an error of kind
-//! [`ErrorKind::Broker`](crate::ErrorKind::Broker). Passwords never appear in logs or errors.
+//! [`ErrorKind::Broker`](crate::ErrorKind). Passwords never appear in logs or errors.
 
 use std::collections::{BTreeSet, HashSet};
 use std::fmt;
@@ -212,9 +212,14 @@ impl Inner {
                         | lapin::ErrorKind::AuthProviderError(_)
                         | lapin::ErrorKind::InvalidProtocolVersion(_)
                 );
-                (self.broker_error("cannot connect to the broker", e), refused)
+                (
+                    self.broker_error("cannot connect to the broker", e),
+                    refused,
+                )
             })?;
-        self.open_publisher(connection).await.map_err(|e| (e, false))
+        self.open_publisher(connection)
+            .await
+            .map_err(|e| (e, false))
     }
 
     async fn open_publisher(&self, connection: Connection) -> Result<Link> {
@@ -811,9 +816,15 @@ mod tests {
 
     #[test]
     fn default_vhost_is_spelled_out() {
-        assert_eq!(amqp_uri("amqp://guest:guest@localhost:5672/"), "amqp://guest:guest@localhost:5672/%2f");
+        assert_eq!(
+            amqp_uri("amqp://guest:guest@localhost:5672/"),
+            "amqp://guest:guest@localhost:5672/%2f"
+        );
         assert_eq!(amqp_uri("amqp://localhost"), "amqp://localhost/%2f");
-        assert_eq!(amqp_uri("amqp://h/?heartbeat=10"), "amqp://h/%2f?heartbeat=10");
+        assert_eq!(
+            amqp_uri("amqp://h/?heartbeat=10"),
+            "amqp://h/%2f?heartbeat=10"
+        );
         assert_eq!(amqp_uri("amqp://h/prod"), "amqp://h/prod");
         assert_eq!(amqp_uri("amqps://h:5671/%2f"), "amqps://h:5671/%2f");
     }
@@ -822,9 +833,15 @@ mod tests {
     fn json_to_amqp_values() {
         let table = field_table(&serde_json::json!({"x-max-priority": 10, "x-queue-type": "quorum", "f": 1.5, "b": true}).as_object().cloned().unwrap_or_default());
         let inner = table.inner();
-        assert_eq!(inner.get("x-max-priority"), Some(&AMQPValue::LongLongInt(10)));
+        assert_eq!(
+            inner.get("x-max-priority"),
+            Some(&AMQPValue::LongLongInt(10))
+        );
         assert_eq!(inner.get("b"), Some(&AMQPValue::Boolean(true)));
         assert_eq!(inner.get("f"), Some(&AMQPValue::Double(1.5)));
-        assert!(matches!(inner.get("x-queue-type"), Some(AMQPValue::LongString(_))));
+        assert!(matches!(
+            inner.get("x-queue-type"),
+            Some(AMQPValue::LongString(_))
+        ));
     }
 }

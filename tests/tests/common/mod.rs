@@ -28,7 +28,7 @@ pub fn unique_config(tag: &str) -> Config {
         .exchange(format!("test_{tag}_{id}_exchange"))
         .default_queue(format!("test_{tag}_{id}_tasks"))
         .binding_key(format!("test_{tag}_{id}_key"))
-        .prefetch_count(64u16)
+        .prefetch_count(64)
         .requeue_delay(Duration::from_millis(100))
         .reconnect_timeout(Duration::from_secs(60))
         .build()
@@ -43,7 +43,10 @@ pub fn env_of(config: &Config) -> Vec<(&'static str, String)> {
         ("DEFAULT_QUEUE", config.default_queue.clone()),
         ("AMQP_EXCHANGE", config.amqp.exchange.clone()),
         ("AMQP_BINDING_KEY", config.amqp.binding_key.clone()),
-        ("AMQP_PREFETCH_COUNT", config.amqp.prefetch_count.to_string()),
+        (
+            "AMQP_PREFETCH_COUNT",
+            config.amqp.prefetch_count.to_string(),
+        ),
         ("REQUEUE_DELAY_MS", "100".into()),
     ]
 }

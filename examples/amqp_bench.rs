@@ -1,0 +1,289 @@
+//! Throughput on a real RabbitMQ, against the broker's own ceiling measured in the same run.
+//!
+//! ```sh
+//! tests/services.sh
+//! cargo run --release --example amqp_bench [tasks]      # default 50,000
+//! ```
+//!
+//! Prints: raw lapin publish (persistent, confirms windowed), raw lapin consume (acks batched
+//! with `multiple = true` every 32 deliveries), machinery's send rate and a worker's drain rate of
+//! no-op tasks without a result backend and with Redis results, the ratios machinery/raw, the
+//! time a worker takes to be ready, and a worker's RSS while 100,000 tasks wait in its queue.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use machinery::{task, Config, Server};
+use tokio::sync::Notify;
+
+static DONE: AtomicUsize = AtomicUsize::new(0);
+static TARGET: AtomicUsize = AtomicUsize::new(usize::MAX);
+static FINISHED: Notify = Notify::const_new();
+
+#[task]
+async fn noop(n: i64) {
+    let _ = n;
+    if DONE.fetch_add(1, Ordering::Relaxed) + 1 == TARGET.load(Ordering::Relaxed) {
+        FINISHED.notify_one();
+    }
+}
+
+/// Holds its worker busy, so that the queue stays full while RSS is measured.
+#[task]
+async fn hold(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+fn config(tag: &str, redis: bool) -> Config {
+    let id = std::process::id();
+    let mut b = Config::builder()
+        .broker(amqp_url())
+        .exchange(format!("bench_{tag}_{id}"))
+        .default_queue(format!("bench_{tag}_{id}_tasks"))
+        .binding_key(format!("bench_{tag}_{id}_key"))
+        .prefetch_count(256);
+    if redis {
+        b = b.result_backend(redis_url());
+    }
+    b.build().expect("config")
+}
+
+async fn raw(tasks: usize, payload: &[u8]) -> (f64, f64) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (tests/services.sh)");
+    let channel = conn.create_channel().await.expect("channel");
+    let queue = format!("bench_raw_{}", std::process::id());
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let started = Instant::now();
+    for chunk in (0..tasks).collect::<Vec<_>>().chunks(512) {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for _ in chunk {
+            pending.push(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        payload,
+                        BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_content_type("application/json".into()),
+                    )
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for p in pending {
+            p.await.expect("confirm");
+        }
+    }
+    let publish = tasks as f64 / started.elapsed().as_secs_f64();
+
+    let consumer_channel = conn.create_channel().await.expect("channel");
+    consumer_channel
+        .basic_qos(256, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            "raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let started = Instant::now();
+    let mut n = 0;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery.expect("delivery");
+        n += 1;
+        if n % 32 == 0 || n == tasks {
+            consumer_channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                .await
+                .expect("ack");
+        }
+        if n == tasks {
+            break;
+        }
+    }
+    let consume = tasks as f64 / started.elapsed().as_secs_f64();
+    let _ = channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    (publish, consume)
+}
+
+/// machinery: send `tasks` no-op tasks, then let a worker drain them.
+async fn machinery_rates(tasks: usize, redis: bool) -> (f64, f64, Duration) {
+    let config = config(if redis { "redis" } else { "plain" }, redis);
+    let server = Server::new(config.clone()).await.expect("server");
+    let started = Instant::now();
+    for start in (0..tasks).step_by(1000) {
+        let end = (start + 1000).min(tasks);
+        server
+            .send_all((start..end).map(|i| noop::signature(i as i64)))
+            .await
+            .expect("send");
+    }
+    let send = tasks as f64 / started.elapsed().as_secs_f64();
+
+    DONE.store(0, Ordering::SeqCst);
+    TARGET.store(tasks, Ordering::SeqCst);
+    let finished = FINISHED.notified();
+    tokio::pin!(finished);
+    finished.as_mut().enable();
+    let ready_started = Instant::now();
+    let worker = server
+        .worker()
+        .concurrency(256)
+        .spawn()
+        .await
+        .expect("worker");
+    let ready = ready_started.elapsed();
+    let started = Instant::now();
+    finished.await;
+    let drain = tasks as f64 / started.elapsed().as_secs_f64();
+    worker.shutdown().await.expect("shutdown");
+    cleanup(&config).await;
+    (send, drain, ready)
+}
+
+async fn cleanup(config: &Config) {
+    if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+        if let Ok(channel) = conn.create_channel().await {
+            let _ = channel
+                .queue_delete(
+                    config.default_queue.as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+            let _ = channel
+                .exchange_delete(config.amqp.exchange.as_str().into(), Default::default())
+                .await;
+        }
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Child mode: a worker alone in its process, on a queue that holds 100,000 tasks; prints its RSS.
+async fn rss_worker(queue_tag: &str) {
+    let mut config = config(queue_tag, false);
+    config.amqp.prefetch_count = 16;
+    let server = Server::new(config).await.expect("server");
+    let worker = server
+        .worker()
+        .concurrency(16)
+        .spawn()
+        .await
+        .expect("worker");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("rss_kib={}", rss_kib());
+    drop(worker);
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("rss-worker") {
+        rss_worker(&args[2]).await;
+        return;
+    }
+    let tasks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50_000);
+    let payload = noop::signature(1).as_wire().to_json().expect("encode");
+
+    let (raw_publish, raw_consume) = raw(tasks, &payload).await;
+    println!("raw lapin publish (persistent, confirms windowed): {raw_publish:>8.0} msg/s");
+    println!("raw lapin consume (acks batched every 32):         {raw_consume:>8.0} msg/s");
+
+    let (send, drain, ready) = machinery_rates(tasks, false).await;
+    println!(
+        "machinery send:                   {send:>8.0} tasks/s  = {:.2}x raw publish (target >= 0.9)",
+        send / raw_publish
+    );
+    println!(
+        "machinery drain, no results:      {drain:>8.0} tasks/s  = {:.2}x raw consume (target >= 0.5)",
+        drain / raw_consume
+    );
+    println!(
+        "worker ready (consuming) after:   {:>8.1} ms (target <= 200)",
+        ready.as_secs_f64() * 1e3
+    );
+
+    let (send_r, drain_r, _) = machinery_rates(tasks, true).await;
+    println!(
+        "machinery send, Redis PENDING:    {send_r:>8.0} tasks/s  = {:.2}x raw publish",
+        send_r / raw_publish
+    );
+    println!(
+        "machinery drain, Redis results:   {drain_r:>8.0} tasks/s  = {:.2}x raw consume (target >= 0.25)",
+        drain_r / raw_consume
+    );
+
+    // RSS of a worker process while 100,000 tasks wait in its queue.
+    let tag = "rss";
+    let config = config(tag, false);
+    let server = Server::new(config.clone()).await.expect("server");
+    for start in (0..100_000).step_by(1000) {
+        server
+            .send_all((start..start + 1000).map(|_| hold::signature(60_000)))
+            .await
+            .expect("send");
+    }
+    let out = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["rss-worker", tag])
+        .output()
+        .expect("rss worker");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rss = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rss_kib="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    println!(
+        "worker RSS with 100,000 tasks queued: {:.1} MB (target < 30)",
+        rss as f64 / 1024.0
+    );
+    cleanup(&config).await;
+}

@@ -1,0 +1,824 @@
+//! The Redis result backend (`redis://`, and `rediss://` with the `redis-tls` feature, on by
+//! default), laid out as Go Machinery's: a Go producer can read what a Rust worker wrote and
+//! the other way round.
+//!
+//! Each task state is one string key, the task UUID, holding the [`TaskState`] JSON and
+//! written with `SET uuid json EX ResultsExpireIn` on every transition; a group's
+//! [`GroupMeta`] JSON is kept the same way under the group UUID. Triggering a chord is atomic
+//! and honours the lock Go workers take for it (see
+//! [`trigger_chord`](ResultBackend::trigger_chord)).
+//!
+//! # URLs
+//!
+//! `redis://[[user]:password@]host[:port][/db]`, as Go Machinery reads them:
+//!
+//! - `redis://password@host:6379/1`: a lone user-info token is the password (Go's form);
+//! - `redis://:password@host` and `redis://user:password@host` (a Redis 6 ACL user);
+//! - the port defaults to 6379 and the database to 0 (`/` alone too); user info is
+//!   percent-decoded;
+//! - `rediss://` connects over TLS with rustls (ring) and the platform's root certificates
+//!   (the `redis-tls` feature);
+//! - the query and fragment are ignored, as Go ignores them.
+//!
+//! The password never appears in errors, logs or [`Debug`](fmt::Debug) output.
+//!
+//! # Carrying the task name and creation time forward
+//!
+//! Workers record RECEIVED, STARTED, SUCCESS, ... without the task's creation time, and the
+//! stored record keeps the name and time of the PENDING record (the
+//! [`ResultBackend::set_state`] contract). Go reads the old record and writes the new one in
+//! two round trips; this backend does it atomically in one, with a Lua script that never
+//! re-encodes JSON. Rust encodes the new state and sends it in five pieces: the JSON before
+//! the `TaskName` value, the `TaskName` value, the JSON between it and the `CreatedAt` value,
+//! the `CreatedAt` value, and the rest. The script reads the old record only when a value is to
+//! be carried, takes the two strings out of it with `cjson.decode` (matching keys
+//! case-insensitively, as Go does), quotes them as `serde_json` does, and writes the pieces
+//! joined. Every other byte is the one Rust encoded, so numbers (`8` stays `8`, large
+//! integers keep every digit) and key order are exactly those of the wire format. A state
+//! that has both values is written with a plain `SET`.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
+use tokio::time::Instant;
+
+use super::{timeout, ResultBackend};
+use crate::error::{Error, ErrorKind, Result};
+use crate::wire::{GoTime, GroupMeta, TaskState};
+
+/// Go Machinery's `DefaultResultsExpireIn`, used when the configured expiry is zero.
+const DEFAULT_EXPIRY_SECS: u64 = 3600;
+
+/// How long one connection attempt may take (Go Machinery's default `ConnectTimeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a command may wait for its reply (Go Machinery's default `ReadTimeout`).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The key of the lock Go workers hold (with redsync) while they trigger a chord.
+const GO_CHORD_LOCK: &str = "TriggerChordMutex";
+
+/// How long [`RedisBackend::trigger_chord`] waits for a Go worker's chord lock; redsync's locks
+/// expire after 8 s.
+const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// Writes a task state, carrying `TaskName` and `CreatedAt` forward from the stored one.
+///
+/// `KEYS[1]`: the task UUID. `ARGV[1]`: expiry in seconds. `ARGV[2]`, `ARGV[4]`, `ARGV[6]`:
+/// the new JSON around the `TaskName` value (`ARGV[3]`) and the `CreatedAt` value (`ARGV[5]`).
+/// `ARGV[7]`, `ARGV[8]`: `1` to carry `TaskName`, `CreatedAt` forward.
+const SET_STATE_LUA: &str = r#"
+local escapes = { ['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
+                  ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
+local function quote(s)
+  local body = string.gsub(s, '[%z\1-\31"\\]', function(c)
+    return escapes[c] or string.format('\\u%04x', string.byte(c))
+  end)
+  return '"' .. body .. '"'
+end
+local function stored(prev, key)
+  local v = prev[key]
+  if v == nil then
+    local lower = string.lower(key)
+    for k, candidate in pairs(prev) do
+      if type(k) == 'string' and string.lower(k) == lower then
+        v = candidate
+        break
+      end
+    end
+  end
+  if type(v) == 'string' and v ~= '' then
+    return quote(v)
+  end
+  return nil
+end
+local name, created = ARGV[3], ARGV[5]
+local old = redis.call('GET', KEYS[1])
+if old then
+  local ok, prev = pcall(cjson.decode, old)
+  if ok and type(prev) == 'table' then
+    if ARGV[7] == '1' then name = stored(prev, 'TaskName') or name end
+    if ARGV[8] == '1' then created = stored(prev, 'CreatedAt') or created end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2] .. name .. ARGV[4] .. created .. ARGV[6], 'EX', ARGV[1])
+return 1
+"#;
+
+/// Sets `ChordTriggered` in a group's record unless it is set, or a Go worker holds its lock.
+///
+/// `KEYS[1]`: the group UUID. `KEYS[2]`: Go's chord lock. `ARGV[1]`: expiry in seconds.
+/// Returns 1 when this call set the flag, 0 when it was set, -1 while the lock is held, -2
+/// when there is no record and -3 when the record is not in the wire format's layout.
+const TRIGGER_CHORD_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local meta = redis.call('GET', KEYS[1])
+if not meta then return -2 end
+if string.find(meta, '"ChordTriggered":true', 1, true) then return 0 end
+local s, e = string.find(meta, '"ChordTriggered":false', 1, true)
+if not s then return -3 end
+local updated = string.sub(meta, 1, s - 1) .. '"ChordTriggered":true' .. string.sub(meta, e + 1)
+redis.call('SET', KEYS[1], updated, 'EX', ARGV[1])
+return 1
+"#;
+
+/// A Redis result backend; see the [module docs](self).
+///
+/// Cheap to clone; clones share one multiplexed connection, which reconnects by itself.
+#[derive(Clone)]
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    expiry_secs: u64,
+    /// The URL without its password, for messages.
+    display: String,
+    set_state_script: Script,
+    trigger_chord_script: Script,
+}
+
+impl RedisBackend {
+    /// Connects to the Redis server at `url` (see the [module docs](self) for the forms),
+    /// keeping states for `ttl` (whole seconds, rounded up; zero means Go's default, one hour).
+    ///
+    /// Fails with [`ErrorKind::Config`] for a URL it cannot read and [`ErrorKind::Backend`]
+    /// when the server cannot be reached or refuses the credentials.
+    pub async fn connect(url: &str, ttl: Duration) -> Result<RedisBackend> {
+        let parsed = RedisUrl::parse(url)?;
+        let display = parsed.display();
+        let client = redis::Client::open(parsed.connection_info()?)
+            .map_err(|e| backend_error(format!("invalid Redis settings for {display}"), e))?;
+        let cannot_connect = |e| backend_error(format!("cannot connect to Redis at {display}"), e);
+        // One attempt first, so that a refused password or an unreachable server fails at
+        // once; the manager retries every failure, these too, for seconds.
+        let probe = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        drop(
+            client
+                .get_multiplexed_async_connection_with_config(&probe)
+                .await
+                .map_err(cannot_connect)?,
+        );
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(cannot_connect)?;
+        Ok(RedisBackend {
+            conn,
+            expiry_secs: expiry_secs(ttl),
+            display,
+            set_state_script: Script::new(SET_STATE_LUA),
+            trigger_chord_script: Script::new(TRIGGER_CHORD_LUA),
+        })
+    }
+
+    /// The states of a group's members, in the group's order (`None` where a member has no
+    /// stored state). Fails when the group has no record.
+    pub async fn group_task_states(&self, group_uuid: &str) -> Result<Vec<Option<TaskState>>> {
+        let meta = self.group_meta(group_uuid).await?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Backend,
+                format!("group {group_uuid} is not stored"),
+            )
+        })?;
+        if meta.task_uuids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<Vec<u8>>> = self
+            .query(
+                redis::cmd("MGET").arg(&meta.task_uuids),
+                "read group states",
+            )
+            .await?;
+        raw.iter()
+            .zip(&meta.task_uuids)
+            .map(|(raw, uuid)| {
+                raw.as_deref()
+                    .map(|raw| decode_state(uuid, raw))
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// Whether `group_task_count` members of the group have finished (Go's `GroupCompleted`).
+    pub async fn group_completed(&self, group_uuid: &str, group_task_count: usize) -> Result<bool> {
+        let states = self.group_task_states(group_uuid).await?;
+        let finished = states
+            .iter()
+            .flatten()
+            .filter(|s| s.state.is_final())
+            .count();
+        Ok(finished == group_task_count)
+    }
+
+    /// Deletes a group's record (Go's `PurgeGroupMeta`).
+    pub async fn purge_group_meta(&self, group_uuid: &str) -> Result<()> {
+        self.query::<()>(redis::cmd("DEL").arg(group_uuid), "delete group")
+            .await
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
+        let mut conn = self.conn.clone();
+        cmd.query_async(&mut conn)
+            .await
+            .map_err(|e| self.error(what, e))
+    }
+
+    fn error(&self, what: &str, e: redis::RedisError) -> Error {
+        backend_error(format!("Redis at {}: cannot {what}", self.display), e)
+    }
+}
+
+fn backend_error(message: String, e: redis::RedisError) -> Error {
+    Error::with_source(ErrorKind::Backend, format!("{message}: {e}"), e)
+}
+
+fn decode_state(uuid: &str, raw: &[u8]) -> Result<TaskState> {
+    serde_json::from_slice(raw).map_err(|e| Error::decode(format!("state of task {uuid}: {e}")))
+}
+
+/// Whole seconds, rounded up; zero becomes Go's default.
+fn expiry_secs(ttl: Duration) -> u64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    if secs == 0 {
+        DEFAULT_EXPIRY_SECS
+    } else {
+        secs
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("url", &self.display)
+            .field("expiry_secs", &self.expiry_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl ResultBackend for RedisBackend {
+    async fn set_state(&self, state: TaskState) -> Result<()> {
+        let carry_name = state.task_name.is_empty();
+        let carry_created = state.created_at.is_zero();
+        if !carry_name && !carry_created {
+            let json = serde_json::to_vec(&state)
+                .map_err(|e| Error::encode(format!("state of task {}: {e}", state.task_uuid)))?;
+            return self
+                .query(
+                    redis::cmd("SET")
+                        .arg(&state.task_uuid)
+                        .arg(json)
+                        .arg("EX")
+                        .arg(self.expiry_secs),
+                    "store task state",
+                )
+                .await;
+        }
+        let p = Pieces::new(&state)?;
+        let mut conn = self.conn.clone();
+        self.set_state_script
+            .key(&state.task_uuid)
+            .arg(self.expiry_secs)
+            .arg(p.head)
+            .arg(p.name)
+            .arg(p.mid)
+            .arg(p.created)
+            .arg(p.tail)
+            .arg(if carry_name { "1" } else { "0" })
+            .arg(if carry_created { "1" } else { "0" })
+            .invoke_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.error("store task state", e))
+    }
+
+    async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
+        let raw: Option<Vec<u8>> = self
+            .query(redis::cmd("GET").arg(task_uuid), "read task state")
+            .await?;
+        raw.map(|raw| decode_state(task_uuid, &raw)).transpose()
+    }
+
+    /// Polls with a backoff from 1 ms to 100 ms (Redis has no change notification that Go
+    /// writers trigger); a read that is still in flight at the deadline is abandoned.
+    async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let read = self.get_state(task_uuid);
+            let state = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, read)
+                    .await
+                    .map_err(|_| timeout(task_uuid))??,
+                None => read.await?,
+            };
+            if let Some(state) = state {
+                if state.state.is_final() {
+                    return Ok(state);
+                }
+            }
+            let wake = Instant::now() + pause;
+            match deadline {
+                Some(deadline) if deadline <= Instant::now() => return Err(timeout(task_uuid)),
+                Some(deadline) => tokio::time::sleep_until(wake.min(deadline)).await,
+                None => tokio::time::sleep_until(wake).await,
+            }
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    async fn purge_state(&self, task_uuid: &str) -> Result<()> {
+        self.query::<()>(redis::cmd("DEL").arg(task_uuid), "delete task state")
+            .await
+    }
+
+    /// `SET group_uuid GroupMeta-JSON EX ResultsExpireIn`, as Go's `InitGroup`.
+    async fn init_group(&self, group_uuid: &str, task_uuids: &[String]) -> Result<()> {
+        let meta = GroupMeta {
+            group_uuid: group_uuid.to_owned(),
+            task_uuids: task_uuids.to_vec(),
+            created_at: GoTime::now(),
+            ..GroupMeta::default()
+        };
+        let json = serde_json::to_vec(&meta)
+            .map_err(|e| Error::encode(format!("group {group_uuid}: {e}")))?;
+        self.query::<()>(
+            redis::cmd("SET")
+                .arg(group_uuid)
+                .arg(json)
+                .arg("EX")
+                .arg(self.expiry_secs),
+            "store group",
+        )
+        .await
+    }
+
+    async fn group_meta(&self, group_uuid: &str) -> Result<Option<GroupMeta>> {
+        let raw: Option<Vec<u8>> = self
+            .query(redis::cmd("GET").arg(group_uuid), "read group")
+            .await?;
+        raw.map(|raw| {
+            serde_json::from_slice(&raw)
+                .map_err(|e| Error::decode(format!("group {group_uuid}: {e}")))
+        })
+        .transpose()
+    }
+
+    /// Flips `"ChordTriggered":false` to `true` in the stored JSON with a Lua script, so exactly
+    /// one caller gets `true`. Go workers hold a redsync lock (`TriggerChordMutex`) around the
+    /// same read-modify-write; the script does nothing while that lock is held and is retried
+    /// for up to 10 s. A group that is no longer stored cannot be triggered (`false`).
+    async fn trigger_chord(&self, group_uuid: &str) -> Result<bool> {
+        let give_up = Instant::now() + CHORD_LOCK_WAIT;
+        loop {
+            let mut conn = self.conn.clone();
+            let outcome: i64 = self
+                .trigger_chord_script
+                .key(group_uuid)
+                .key(GO_CHORD_LOCK)
+                .arg(self.expiry_secs)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| self.error("trigger chord", e))?;
+            match outcome {
+                1 => return Ok(true),
+                0 => return Ok(false),
+                -1 if Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                -1 => {
+                    return Err(Error::new(
+                        ErrorKind::Backend,
+                        format!("the chord lock `{GO_CHORD_LOCK}` stayed held"),
+                    ))
+                }
+                -2 => return Ok(false),
+                _ => {
+                    return Err(Error::decode(format!(
+                        "group {group_uuid}: the stored record has no `\"ChordTriggered\":` flag"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// A [`TaskState`]'s JSON cut around its `TaskName` and `CreatedAt` values; joined, the
+/// pieces are exactly `serde_json::to_vec(&state)` (a unit test holds the two together).
+#[derive(Debug)]
+struct Pieces {
+    head: String,
+    name: String,
+    mid: String,
+    created: String,
+    tail: String,
+}
+
+impl Pieces {
+    fn new(state: &TaskState) -> Result<Pieces> {
+        fn json<T: serde::Serialize + ?Sized>(uuid: &str, value: &T) -> Result<String> {
+            serde_json::to_string(value)
+                .map_err(|e| Error::encode(format!("state of task {uuid}: {e}")))
+        }
+        let uuid = &state.task_uuid;
+        Ok(Pieces {
+            head: format!("{{\"TaskUUID\":{},\"TaskName\":", json(uuid, uuid)?),
+            name: json(uuid, &state.task_name)?,
+            mid: format!(
+                ",\"State\":{},\"Results\":{},\"Error\":{},\"CreatedAt\":",
+                json(uuid, state.state.as_str())?,
+                json(uuid, &state.results)?,
+                json(uuid, &state.error)?,
+            ),
+            created: json(uuid, &state.created_at)?,
+            tail: format!(",\"TTL\":{}}}", state.ttl),
+        })
+    }
+}
+
+/// A Redis URL read as Go Machinery reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RedisUrl {
+    tls: bool,
+    host: String,
+    port: u16,
+    db: i64,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl RedisUrl {
+    /// Parses a URL. Errors never quote the URL: a malformed one may hold a password anywhere.
+    fn parse(url: &str) -> Result<RedisUrl> {
+        let invalid = |what: &str| Error::config(format!("invalid Redis URL: {what}"));
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid("expected redis://[password@]host[:port][/db]"))?;
+        let tls = if scheme.eq_ignore_ascii_case("redis") {
+            false
+        } else if scheme.eq_ignore_ascii_case("rediss") {
+            true
+        } else {
+            return Err(invalid("the scheme must be redis:// or rediss://"));
+        };
+        // The query and fragment carry nothing Go reads.
+        let rest = rest.split(['?', '#']).next().unwrap_or_default();
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let (userinfo, hostport) = match authority.rfind('@') {
+            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
+            None => (None, authority),
+        };
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(info) => match info.split_once(':') {
+                // `user:password` (Redis 6 ACL), `:password`.
+                Some((user, pass)) => (
+                    Some(percent_decode(user).ok_or_else(|| invalid("bad %-escape in the user"))?)
+                        .filter(|u| !u.is_empty()),
+                    Some(
+                        percent_decode(pass)
+                            .ok_or_else(|| invalid("bad %-escape in the password"))?,
+                    ),
+                ),
+                // Go's `password@host`: a lone token is the password.
+                None => (
+                    None,
+                    Some(
+                        percent_decode(info)
+                            .ok_or_else(|| invalid("bad %-escape in the password"))?,
+                    ),
+                ),
+            },
+        };
+        let password = password.filter(|p| !p.is_empty());
+        let (host, port) = if let Some(bracketed) = hostport.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| invalid("unclosed `[` in the host"))?;
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => return Err(invalid("unexpected text after the IPv6 host")),
+                },
+            }
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (hostport, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(invalid("no host"));
+        }
+        let port = match port {
+            None | Some("") => 6379,
+            Some(port) => port
+                .parse()
+                .map_err(|_| invalid("the port is not a number from 0 to 65535"))?,
+        };
+        // Go reads the first path segment; an empty one is database 0.
+        let db = match path.split('/').next().unwrap_or_default() {
+            "" => 0,
+            db => db
+                .parse::<u32>()
+                .map_err(|_| invalid("the path must be /<database number>"))?
+                .into(),
+        };
+        Ok(RedisUrl {
+            tls,
+            host: host.to_owned(),
+            port,
+            db,
+            username,
+            password,
+        })
+    }
+
+    /// `redis://***@host:port/db`: the URL as messages show it.
+    fn display(&self) -> String {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let auth = if self.password.is_some() || self.username.is_some() {
+            "***@"
+        } else {
+            ""
+        };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{scheme}://{auth}{host}:{}/{}", self.port, self.db)
+    }
+
+    fn connection_info(&self) -> Result<redis::ConnectionInfo> {
+        let addr = if self.tls {
+            if !cfg!(feature = "redis-tls") {
+                return Err(Error::config(format!(
+                    "{} needs machinery's `redis-tls` feature",
+                    self.display()
+                )));
+            }
+            #[cfg(feature = "redis-tls")]
+            {
+                // rustls needs a process-wide crypto provider; keep one installed elsewhere.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+            }
+            ConnectionAddr::TcpTls {
+                host: self.host.clone(),
+                port: self.port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(self.host.clone(), self.port)
+        };
+        let mut settings = RedisConnectionInfo::default().set_db(self.db);
+        if let Some(user) = &self.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &self.password {
+            settings = settings.set_password(password);
+        }
+        let info = addr
+            .into_connection_info()
+            .map_err(|e| backend_error(format!("invalid Redis address {}", self.display()), e))?;
+        Ok(info.set_redis_settings(settings))
+    }
+}
+
+/// Decodes `%XX` escapes, as Go's `url.Parse` does in user info; `None` for a bad escape or
+/// bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{State, TaskResult};
+    use serde_json::json;
+
+    fn parse(url: &str) -> RedisUrl {
+        match RedisUrl::parse(url) {
+            Ok(u) => u,
+            Err(e) => panic!("{url}: {e}"),
+        }
+    }
+
+    fn url(host: &str, port: u16, db: i64, user: Option<&str>, pass: Option<&str>) -> RedisUrl {
+        RedisUrl {
+            tls: false,
+            host: host.to_owned(),
+            port,
+            db,
+            username: user.map(str::to_owned),
+            password: pass.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn parses_go_forms() {
+        assert_eq!(
+            parse("redis://127.0.0.1:6379"),
+            url("127.0.0.1", 6379, 0, None, None)
+        );
+        assert_eq!(
+            parse("redis://127.0.0.1:6379/"),
+            url("127.0.0.1", 6379, 0, None, None)
+        );
+        assert_eq!(
+            parse("redis://localhost"),
+            url("localhost", 6379, 0, None, None)
+        );
+        assert_eq!(
+            parse("redis://secret@redis.example:6380/3"),
+            url("redis.example", 6380, 3, None, Some("secret"))
+        );
+        assert_eq!(
+            parse("redis://:secret@host/1"),
+            url("host", 6379, 1, None, Some("secret"))
+        );
+        assert_eq!(
+            parse("redis://alice:secret@host:1/2"),
+            url("host", 1, 2, Some("alice"), Some("secret"))
+        );
+        assert_eq!(
+            parse("redis://p%40ss%3Aw%2Fd@host"),
+            url("host", 6379, 0, None, Some("p@ss:w/d"))
+        );
+        // The last `@` ends the user info, as in Go's url.Parse.
+        assert_eq!(
+            parse("redis://a@b@host"),
+            url("host", 6379, 0, None, Some("a@b"))
+        );
+        assert_eq!(
+            parse("redis://[::1]:7000/4"),
+            url("::1", 7000, 4, None, None)
+        );
+        assert_eq!(parse("redis://[::1]"), url("::1", 6379, 0, None, None));
+        assert_eq!(
+            parse("REDIS://host:1/5/extra?x=1#frag"),
+            url("host", 1, 5, None, None)
+        );
+        let tls = parse("rediss://pw@host:6380");
+        assert!(tls.tls);
+        assert_eq!(tls.password.as_deref(), Some("pw"));
+    }
+
+    #[test]
+    fn rejects_bad_urls_without_quoting_them() {
+        for bad in [
+            "amqp://secret@host",
+            "secret@host",
+            "redis://",
+            "redis://secret@",
+            "redis://user:secret/x@host",
+            "redis://host:secret",
+            "redis://host/secret",
+            "redis://host/-1",
+            "redis://%zzsecret@host",
+            "redis://[::1",
+        ] {
+            match RedisUrl::parse(bad) {
+                Ok(u) => panic!("{bad} parsed as {u:?}"),
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::Config, "{bad}");
+                    assert!(!format!("{e} {e:?}").contains("secret"), "{bad}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn display_hides_credentials() {
+        assert_eq!(
+            parse("redis://secret@host:1/2").display(),
+            "redis://***@host:1/2"
+        );
+        assert_eq!(
+            parse("rediss://u:secret@[::1]").display(),
+            "rediss://***@[::1]:6379/0"
+        );
+        assert_eq!(parse("redis://host").display(), "redis://host:6379/0");
+        assert_eq!(
+            crate::config::mask_url("redis://secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+    }
+
+    #[cfg(not(feature = "redis-tls"))]
+    #[test]
+    fn rediss_needs_the_tls_feature() {
+        match parse("rediss://secret@host").connection_info() {
+            Ok(_) => panic!("rediss:// accepted without the redis-tls feature"),
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Config);
+                assert!(e.to_string().contains("redis-tls"), "{e}");
+                assert!(!e.to_string().contains("secret"), "{e}");
+            }
+        }
+    }
+
+    #[cfg(feature = "redis-tls")]
+    #[test]
+    fn rediss_connects_with_tls() {
+        let info = parse("rediss://secret@host").connection_info().unwrap();
+        assert!(matches!(
+            info.addr(),
+            ConnectionAddr::TcpTls { host, port: 6379, insecure: false, .. } if host == "host"
+        ));
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+    }
+
+    #[test]
+    fn connection_info_carries_credentials_and_db() {
+        let info = match parse("redis://alice:secret@host:1/2").connection_info() {
+            Ok(info) => info,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(info.addr(), &ConnectionAddr::Tcp("host".to_owned(), 1));
+        let settings = info.redis_settings();
+        assert_eq!(settings.db(), 2);
+        assert_eq!(settings.username(), Some("alice"));
+        assert_eq!(settings.password(), Some("secret"));
+    }
+
+    #[test]
+    fn expiry_rounds_up_and_defaults_like_go() {
+        assert_eq!(expiry_secs(Duration::ZERO), 3600);
+        assert_eq!(expiry_secs(Duration::from_millis(1)), 1);
+        assert_eq!(expiry_secs(Duration::from_secs(60)), 60);
+        assert_eq!(expiry_secs(Duration::from_millis(60_001)), 61);
+    }
+
+    #[test]
+    fn pieces_join_to_the_wire_encoding() {
+        let created = match chrono::DateTime::parse_from_rfc3339("2026-11-29T20:17:52.337696883Z") {
+            Ok(t) => GoTime::from_datetime(t.with_timezone(&chrono::Utc)),
+            Err(e) => panic!("{e}"),
+        };
+        let states = [
+            TaskState::new("task_1", State::Pending),
+            TaskState {
+                task_uuid: "task_\"2\"\n\\/\u{1}é".to_owned(),
+                task_name: "add \"x\"".to_owned(),
+                state: State::Success,
+                results: Some(vec![TaskResult {
+                    type_name: "float64".to_owned(),
+                    value: json!(8),
+                }]),
+                error: "<&>".to_owned(),
+                created_at: created,
+                ttl: 42,
+            },
+            TaskState {
+                results: Some(Vec::new()),
+                state: State::Failure,
+                error: "boom".to_owned(),
+                ..TaskState::new("task_3", State::Failure)
+            },
+        ];
+        for state in states {
+            let p = match Pieces::new(&state) {
+                Ok(p) => p,
+                Err(e) => panic!("{e}"),
+            };
+            let joined = format!("{}{}{}{}{}", p.head, p.name, p.mid, p.created, p.tail);
+            let whole = match serde_json::to_string(&state) {
+                Ok(s) => s,
+                Err(e) => panic!("{e}"),
+            };
+            assert_eq!(joined, whole);
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b").as_deref(), Some("a b"));
+        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
+        assert_eq!(percent_decode("%"), None);
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%FF"), None);
+    }
+}

@@ -1,0 +1,865 @@
+//! The Redis result backend against a real Redis on 127.0.0.1:6379 (`tests/services.sh` starts
+//! one). These tests fail, not skip, when Redis is not there.
+//!
+//! Golden values are literal JSON as Go's `encoding/json` writes a `tasks.TaskState`; every
+//! test uses fresh UUIDs, so the tests run in parallel and leave nothing behind that matters
+//! (states expire).
+
+use std::time::Duration;
+
+use machinery::backend::redis::RedisBackend;
+use machinery::backend::ResultBackend;
+use machinery::wire::{GoTime, State, TaskResult, TaskState};
+use machinery::{Config, ErrorKind, Group, Server, TaskError};
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+use tokio::time::Instant;
+
+const REDIS: &str = "redis://127.0.0.1:6379/";
+const TTL: Duration = Duration::from_secs(120);
+const CREATED: &str = "2026-11-29T20:17:52.337696883Z";
+const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+async fn raw() -> MultiplexedConnection {
+    redis::Client::open(REDIS)
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis must be running on 127.0.0.1:6379 (run tests/services.sh)")
+}
+
+async fn backend() -> RedisBackend {
+    RedisBackend::connect(REDIS, TTL)
+        .await
+        .expect("Redis must be running on 127.0.0.1:6379 (run tests/services.sh)")
+}
+
+fn task_uuid() -> String {
+    format!("task_{}", uuid::Uuid::new_v4())
+}
+
+async fn raw_get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET")
+}
+
+async fn raw_set(conn: &mut MultiplexedConnection, key: &str, value: &str) {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("EX")
+        .arg(120)
+        .query_async::<()>(conn)
+        .await
+        .expect("SET");
+}
+
+async fn raw_ttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("TTL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("TTL")
+}
+
+fn created() -> GoTime {
+    let t = chrono::DateTime::parse_from_rfc3339(CREATED).expect("time");
+    GoTime::from_datetime(t.with_timezone(&chrono::Utc))
+}
+
+/// Go's JSON for a `TaskState`, field by field, as `json.Marshal` lays it out.
+fn go_json(uuid: &str, name: &str, state: &str, results: &str, error: &str, at: &str) -> String {
+    format!(
+        r#"{{"TaskUUID":"{uuid}","TaskName":"{name}","State":"{state}","Results":{results},"Error":"{error}","CreatedAt":"{at}","TTL":0}}"#
+    )
+}
+
+// ---- Go -> Rust ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn reads_go_success_state() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+    let golden = go_json(
+        &uuid,
+        "add",
+        "SUCCESS",
+        r#"[{"Type":"float64","Value":8}]"#,
+        "",
+        CREATED,
+    );
+    raw_set(&mut conn, &uuid, &golden).await;
+    let state = b.get_state(&uuid).await.unwrap().expect("stored");
+    assert_eq!(
+        state,
+        TaskState {
+            task_uuid: uuid.clone(),
+            task_name: "add".into(),
+            state: State::Success,
+            results: Some(vec![TaskResult {
+                type_name: "float64".into(),
+                value: json!(8),
+            }]),
+            error: String::new(),
+            created_at: created(),
+            ttl: 0,
+        }
+    );
+    assert_eq!(state.results.unwrap()[0].value.to_string(), "8");
+}
+
+#[tokio::test]
+async fn reads_go_pending_and_failure_states() {
+    let (b, mut conn) = (backend().await, raw().await);
+
+    let pending = task_uuid();
+    raw_set(
+        &mut conn,
+        &pending,
+        &go_json(&pending, "add", "PENDING", "null", "", CREATED),
+    )
+    .await;
+    let state = b.get_state(&pending).await.unwrap().expect("stored");
+    assert_eq!(state.state, State::Pending);
+    assert_eq!(state.results, None);
+    assert_eq!(state.created_at, created());
+
+    let failed = task_uuid();
+    raw_set(
+        &mut conn,
+        &failed,
+        &go_json(
+            &failed,
+            "div",
+            "FAILURE",
+            "null",
+            "division by zero",
+            CREATED,
+        ),
+    )
+    .await;
+    let state = b.get_state(&failed).await.unwrap().expect("stored");
+    assert_eq!(state.state, State::Failure);
+    assert_eq!(state.error, "division by zero");
+    assert_eq!(state.task_name, "div");
+
+    // Results: [] (a Go task that returned only an error value) is "finished, no results".
+    let empty = task_uuid();
+    raw_set(
+        &mut conn,
+        &empty,
+        &go_json(&empty, "noop", "SUCCESS", "[]", "", CREATED),
+    )
+    .await;
+    let state = b.get_state(&empty).await.unwrap().expect("stored");
+    assert_eq!(state.results, Some(Vec::new()));
+}
+
+#[tokio::test]
+async fn missing_state_is_none_and_purge_deletes() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+    assert_eq!(b.get_state(&uuid).await.unwrap(), None);
+    b.set_state(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+    assert!(raw_get(&mut conn, &uuid).await.is_some());
+    b.purge_state(&uuid).await.unwrap();
+    assert_eq!(raw_get(&mut conn, &uuid).await, None);
+    assert_eq!(b.get_state(&uuid).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn undecodable_state_is_a_decode_error() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+    raw_set(&mut conn, &uuid, "not json").await;
+    let err = b.get_state(&uuid).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Decode);
+}
+
+// ---- Rust -> Go ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn writes_the_bytes_go_writes() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+
+    // PENDING, as a producer records it: Results is null.
+    b.set_state(TaskState {
+        task_uuid: uuid.clone(),
+        task_name: "add".into(),
+        state: State::Pending,
+        created_at: created(),
+        ..TaskState::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "PENDING", "null", "", CREATED)
+    );
+
+    // SUCCESS with one result.
+    b.set_state(TaskState {
+        task_uuid: uuid.clone(),
+        task_name: "add".into(),
+        state: State::Success,
+        results: Some(vec![TaskResult {
+            type_name: "float64".into(),
+            value: json!(8),
+        }]),
+        created_at: created(),
+        ..TaskState::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(
+            &uuid,
+            "add",
+            "SUCCESS",
+            r#"[{"Type":"float64","Value":8}]"#,
+            "",
+            CREATED
+        )
+    );
+
+    // SUCCESS with no results: [], not null.
+    let none = task_uuid();
+    b.set_state(TaskState {
+        task_uuid: none.clone(),
+        task_name: "noop".into(),
+        state: State::Success,
+        results: Some(Vec::new()),
+        created_at: created(),
+        ..TaskState::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &none).await.unwrap(),
+        go_json(&none, "noop", "SUCCESS", "[]", "", CREATED)
+    );
+}
+
+#[tokio::test]
+async fn carries_name_and_creation_time_forward() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+    b.set_state(TaskState {
+        task_uuid: uuid.clone(),
+        task_name: "add".into(),
+        state: State::Pending,
+        created_at: created(),
+        ..TaskState::default()
+    })
+    .await
+    .unwrap();
+
+    // Neither value given (Go's NewReceivedTaskState).
+    b.set_state(TaskState::new(&uuid, State::Received))
+        .await
+        .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "RECEIVED", "null", "", CREATED)
+    );
+
+    // Only the creation time missing (what a Rust worker sends); the given name wins.
+    b.set_state(TaskState {
+        task_name: "renamed".into(),
+        ..TaskState::new(&uuid, State::Started)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "renamed", "STARTED", "null", "", CREATED)
+    );
+
+    // Only the name missing; the given time wins.
+    let later = GoTime::from_datetime(
+        chrono::DateTime::parse_from_rfc3339("2026-11-30T01:02:03Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc),
+    );
+    b.set_state(TaskState {
+        created_at: later,
+        error: "boom".into(),
+        ..TaskState::new(&uuid, State::Failure)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(
+            &uuid,
+            "renamed",
+            "FAILURE",
+            "null",
+            "boom",
+            "2026-11-30T01:02:03Z"
+        )
+    );
+}
+
+#[tokio::test]
+async fn carries_forward_from_a_go_record_keeping_every_other_byte() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+    // A name with characters JSON escapes, as Go escapes them (`<` is \u003c in Go).
+    let go_name = r#"a \"q\" \\ n/s é \u0001 \u003ctag\u003e"#;
+    let name = "a \"q\" \\ n/s é \u{1} <tag>";
+    raw_set(
+        &mut conn,
+        &uuid,
+        &go_json(&uuid, go_name, "PENDING", "null", "", CREATED),
+    )
+    .await;
+
+    let results = vec![
+        TaskResult {
+            type_name: "int64".into(),
+            value: serde_json::from_str("9007199254740993").unwrap(),
+        },
+        TaskResult {
+            type_name: "float64".into(),
+            value: serde_json::from_str("0.1").unwrap(),
+        },
+        TaskResult {
+            type_name: "float64".into(),
+            value: serde_json::from_str("8").unwrap(),
+        },
+    ];
+    b.set_state(TaskState {
+        results: Some(results.clone()),
+        ..TaskState::new(&uuid, State::Success)
+    })
+    .await
+    .unwrap();
+
+    let expected = TaskState {
+        task_uuid: uuid.clone(),
+        task_name: name.into(),
+        state: State::Success,
+        results: Some(results),
+        created_at: created(),
+        ..TaskState::default()
+    };
+    let stored = raw_get(&mut conn, &uuid).await.unwrap();
+    assert_eq!(stored, serde_json::to_string(&expected).unwrap());
+    assert!(
+        stored.contains(
+            r#""Results":[{"Type":"int64","Value":9007199254740993},{"Type":"float64","Value":0.1},{"Type":"float64","Value":8}]"#
+        ),
+        "{stored}"
+    );
+    assert_eq!(b.get_state(&uuid).await.unwrap(), Some(expected));
+}
+
+#[tokio::test]
+async fn carries_forward_keys_matched_case_insensitively() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+    raw_set(
+        &mut conn,
+        &uuid,
+        &format!(
+            r#"{{"taskuuid":"{uuid}","taskname":"add","state":"PENDING","createdat":"{CREATED}"}}"#
+        ),
+    )
+    .await;
+    b.set_state(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "STARTED", "null", "", CREATED)
+    );
+}
+
+#[tokio::test]
+async fn nothing_to_carry_forward_writes_go_zero_values() {
+    let (b, mut conn) = (backend().await, raw().await);
+
+    // No stored record.
+    let fresh = task_uuid();
+    b.set_state(TaskState::new(&fresh, State::Received))
+        .await
+        .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &fresh).await.unwrap(),
+        go_json(&fresh, "", "RECEIVED", "null", "", ZERO_TIME)
+    );
+
+    // A stored record that is not JSON is replaced, as Go replaces it.
+    let corrupt = task_uuid();
+    raw_set(&mut conn, &corrupt, "{not json").await;
+    b.set_state(TaskState::new(&corrupt, State::Started))
+        .await
+        .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &corrupt).await.unwrap(),
+        go_json(&corrupt, "", "STARTED", "null", "", ZERO_TIME)
+    );
+}
+
+#[tokio::test]
+async fn every_write_sets_the_expiry() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+    let limit = TTL.as_secs() as i64;
+
+    // A full state: plain SET.
+    b.set_state(TaskState {
+        task_name: "add".into(),
+        created_at: created(),
+        ..TaskState::new(&uuid, State::Pending)
+    })
+    .await
+    .unwrap();
+    let ttl = raw_ttl(&mut conn, &uuid).await;
+    assert!(ttl > 0 && ttl <= limit, "TTL {ttl}");
+
+    // Carried forward: the script.
+    redis::cmd("PERSIST")
+        .arg(&uuid)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(raw_ttl(&mut conn, &uuid).await, -1);
+    b.set_state(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+    let ttl = raw_ttl(&mut conn, &uuid).await;
+    assert!(ttl > 0 && ttl <= limit, "TTL {ttl}");
+
+    // Zero means Go's default, an hour.
+    let hourly = RedisBackend::connect(REDIS, Duration::ZERO).await.unwrap();
+    hourly
+        .set_state(TaskState::new(&uuid, State::Retry))
+        .await
+        .unwrap();
+    let ttl = raw_ttl(&mut conn, &uuid).await;
+    assert!(ttl > limit && ttl <= 3600, "TTL {ttl}");
+}
+
+#[tokio::test]
+async fn concurrent_writers_never_lose_the_carried_values() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+    b.set_state(TaskState {
+        task_name: "add".into(),
+        created_at: created(),
+        ..TaskState::new(&uuid, State::Pending)
+    })
+    .await
+    .unwrap();
+    let writers: Vec<_> = (0..20)
+        .map(|i| {
+            let (b, uuid) = (b.clone(), uuid.clone());
+            tokio::spawn(async move {
+                let state = if i % 2 == 0 {
+                    State::Started
+                } else {
+                    State::Retry
+                };
+                b.set_state(TaskState::new(uuid, state)).await
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    let stored = b.get_state(&uuid).await.unwrap().unwrap();
+    assert_eq!(stored.task_name, "add");
+    assert_eq!(stored.created_at, created());
+    assert!(raw_get(&mut conn, &uuid).await.unwrap().contains(CREATED));
+}
+
+#[tokio::test]
+async fn selects_the_database_in_the_url() {
+    let (mut conn, uuid) = (raw().await, task_uuid());
+    let db3 = RedisBackend::connect("redis://127.0.0.1:6379/3", TTL)
+        .await
+        .unwrap();
+    db3.set_state(TaskState::new(&uuid, State::Pending))
+        .await
+        .unwrap();
+    assert_eq!(raw_get(&mut conn, &uuid).await, None);
+    let mut conn3 = redis::Client::open("redis://127.0.0.1:6379/3")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    assert!(raw_get(&mut conn3, &uuid).await.is_some());
+    db3.purge_state(&uuid).await.unwrap();
+}
+
+// ---- Waiting ---------------------------------------------------------------------------------
+
+async fn finish_later(b: RedisBackend, uuid: String, state: TaskState, after: Duration) {
+    tokio::time::sleep(after).await;
+    b.set_state(TaskState {
+        task_uuid: uuid,
+        ..state
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn wait_final_returns_on_success() {
+    let (b, uuid) = (backend().await, task_uuid());
+    b.set_state(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+    let writer = tokio::spawn(finish_later(
+        b.clone(),
+        uuid.clone(),
+        TaskState {
+            results: Some(Vec::new()),
+            ..TaskState::new("", State::Success)
+        },
+        Duration::from_millis(50),
+    ));
+    let state = b
+        .wait_final(&uuid, Some(Instant::now() + Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(state.state, State::Success);
+    writer.await.unwrap();
+
+    // Without a deadline too.
+    let other = task_uuid();
+    let writer = tokio::spawn(finish_later(
+        b.clone(),
+        other.clone(),
+        TaskState::new("", State::Success),
+        Duration::from_millis(30),
+    ));
+    assert_eq!(
+        b.wait_final(&other, None).await.unwrap().state,
+        State::Success
+    );
+    writer.await.unwrap();
+}
+
+#[tokio::test]
+async fn wait_final_returns_on_failure() {
+    let (b, uuid) = (backend().await, task_uuid());
+    let writer = tokio::spawn(finish_later(
+        b.clone(),
+        uuid.clone(),
+        TaskState {
+            error: "boom".into(),
+            ..TaskState::new("", State::Failure)
+        },
+        Duration::from_millis(50),
+    ));
+    let state = b
+        .wait_final(&uuid, Some(Instant::now() + Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (state.state, state.error.as_str()),
+        (State::Failure, "boom")
+    );
+    writer.await.unwrap();
+}
+
+#[tokio::test]
+async fn wait_final_times_out_at_the_deadline() {
+    let (b, uuid) = (backend().await, task_uuid());
+    b.set_state(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+    for key in [uuid, task_uuid()] {
+        let start = Instant::now();
+        let err = b
+            .wait_final(&key, Some(start + Duration::from_millis(300)))
+            .await
+            .unwrap_err();
+        let waited = start.elapsed();
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+    // A deadline already past still answers at once.
+    let err = b
+        .wait_final(&task_uuid(), Some(Instant::now()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+}
+
+// ---- Connecting ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn refused_credentials_are_a_backend_error_without_the_password() {
+    // The test server has no password, so AUTH fails.
+    let err = RedisBackend::connect("redis://hunter2@127.0.0.1:6379/", TTL)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Backend);
+    let mut text = format!("{err} {err:?}");
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        text.push_str(&format!(" {s} {s:?}"));
+        source = s.source();
+    }
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("redis://***@127.0.0.1:6379/0"), "{text}");
+}
+
+#[tokio::test]
+async fn unreachable_server_is_a_backend_error_without_the_password() {
+    let err = RedisBackend::connect("redis://user:hunter2@127.0.0.1:1/", TTL)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Backend);
+    assert!(err.is_retryable());
+    let text = format!("{err} {err:?}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test]
+async fn server_opens_redis_backends_by_url() {
+    let broker = format!("memory://redis-open-{}", uuid::Uuid::new_v4());
+    let config = Config::builder()
+        .broker(broker.as_str())
+        .result_backend("redis://hunter2@127.0.0.1:6379/")
+        .build()
+        .unwrap();
+    let err = Server::new(config).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Backend);
+    assert!(!format!("{err} {err:?}").contains("hunter2"));
+
+    let config = Config::builder()
+        .broker(broker.as_str())
+        .result_backend("redis://127.0.0.1:6379/x")
+        .build()
+        .unwrap();
+    assert_eq!(
+        Server::new(config).await.unwrap_err().kind(),
+        ErrorKind::Config
+    );
+
+    let config = Config::builder()
+        .broker(broker.as_str())
+        .result_backend(REDIS)
+        .build()
+        .unwrap();
+    let server = Server::new(config).await.unwrap();
+    assert!(format!("{:?}", server.backend().unwrap()).contains("RedisBackend"));
+}
+
+// ---- Groups ----------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn group_records_as_go_lays_them_out() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let group = format!("group_{}", uuid::Uuid::new_v4());
+    let members = vec![task_uuid(), task_uuid()];
+    b.init_group(&group, &members).await.unwrap();
+
+    let stored = raw_get(&mut conn, &group).await.unwrap();
+    let prefix = format!(
+        r#"{{"GroupUUID":"{group}","TaskUUIDs":["{}","{}"],"ChordTriggered":false,"Lock":false,"CreatedAt":""#,
+        members[0], members[1]
+    );
+    assert!(stored.starts_with(&prefix), "{stored}");
+    assert!(stored.ends_with(r#"Z","TTL":0}"#), "{stored}");
+    let ttl = raw_ttl(&mut conn, &group).await;
+    assert!(ttl > 0 && ttl <= TTL.as_secs() as i64);
+
+    let meta = b.group_meta(&group).await.unwrap().unwrap();
+    assert_eq!(meta.task_uuids, members);
+    assert!(!meta.created_at.is_zero());
+
+    assert_eq!(b.group_task_states(&group).await.unwrap(), vec![None, None]);
+    assert!(!b.group_completed(&group, 2).await.unwrap());
+    b.set_state(TaskState::new(&members[0], State::Success))
+        .await
+        .unwrap();
+    b.set_state(TaskState::new(&members[1], State::Started))
+        .await
+        .unwrap();
+    assert!(!b.group_completed(&group, 2).await.unwrap());
+    b.set_state(TaskState::new(&members[1], State::Failure))
+        .await
+        .unwrap();
+    assert!(b.group_completed(&group, 2).await.unwrap());
+    let states = b.group_task_states(&group).await.unwrap();
+    assert_eq!(states[1].as_ref().unwrap().state, State::Failure);
+
+    // Exactly one caller triggers the chord.
+    let triggers: Vec<_> = (0..8)
+        .map(|_| {
+            let (b, group) = (b.clone(), group.clone());
+            tokio::spawn(async move { b.trigger_chord(&group).await })
+        })
+        .collect();
+    let mut won = 0;
+    for t in triggers {
+        won += usize::from(t.await.unwrap().unwrap());
+    }
+    assert_eq!(won, 1);
+    assert!(raw_get(&mut conn, &group)
+        .await
+        .unwrap()
+        .contains(r#""ChordTriggered":true,"#));
+    assert!(b.group_meta(&group).await.unwrap().unwrap().chord_triggered);
+
+    b.purge_group_meta(&group).await.unwrap();
+    assert_eq!(b.group_meta(&group).await.unwrap(), None);
+    // A group that is gone cannot be triggered.
+    assert!(!b.trigger_chord(&group).await.unwrap());
+}
+
+#[tokio::test]
+async fn trigger_chord_reads_a_go_group_record() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let group = format!("group_{}", uuid::Uuid::new_v4());
+    raw_set(
+        &mut conn,
+        &group,
+        &format!(
+            r#"{{"GroupUUID":"{group}","TaskUUIDs":["task_a"],"ChordTriggered":false,"Lock":false,"CreatedAt":"{CREATED}","TTL":0}}"#
+        ),
+    )
+    .await;
+    assert!(b.trigger_chord(&group).await.unwrap());
+    assert_eq!(
+        raw_get(&mut conn, &group).await.unwrap(),
+        format!(
+            r#"{{"GroupUUID":"{group}","TaskUUIDs":["task_a"],"ChordTriggered":true,"Lock":false,"CreatedAt":"{CREATED}","TTL":0}}"#
+        )
+    );
+    assert!(!b.trigger_chord(&group).await.unwrap());
+}
+
+#[tokio::test]
+async fn trigger_chord_waits_for_a_go_workers_lock() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let group = format!("group_{}", uuid::Uuid::new_v4());
+    b.init_group(&group, &[task_uuid()]).await.unwrap();
+    // What redsync's Lock() does in a Go worker; the lock expires after 300 ms.
+    let taken: Option<String> = redis::cmd("SET")
+        .arg("TriggerChordMutex")
+        .arg(uuid::Uuid::new_v4().to_string())
+        .arg("NX")
+        .arg("PX")
+        .arg(300)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    assert!(b.trigger_chord(&group).await.unwrap());
+    if taken.is_some() {
+        assert!(
+            start.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}
+
+// ---- End to end ------------------------------------------------------------------------------
+
+#[machinery::task]
+fn redis_backend_add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+#[machinery::task]
+fn redis_backend_fail(message: String) -> Result<i64, TaskError> {
+    Err(TaskError::from(message))
+}
+
+#[tokio::test]
+async fn server_and_worker_share_results_through_redis() {
+    let config = Config::builder()
+        .broker(format!("memory://redis-e2e-{}", uuid::Uuid::new_v4()))
+        .result_backend(REDIS)
+        .build()
+        .unwrap();
+    let server = Server::new(config).await.unwrap();
+    let worker = server.worker().spawn().await.unwrap();
+
+    let sum = server
+        .send(redis_backend_add::signature(2, 3))
+        .await
+        .unwrap();
+    assert_eq!(sum.get_timeout(Duration::from_secs(20)).await.unwrap(), 5);
+
+    // What a Go client would read: the worker's record keeps the producer's name and time.
+    let mut conn = raw().await;
+    let stored = raw_get(&mut conn, sum.task_uuid()).await.unwrap();
+    let value: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(value["TaskName"], "redis_backend_add");
+    assert_eq!(value["State"], "SUCCESS");
+    assert_eq!(
+        value["Results"],
+        json!([{"Type": "int64", "Value": 5}]),
+        "{stored}"
+    );
+    assert_ne!(value["CreatedAt"], ZERO_TIME);
+    let ttl = raw_ttl(&mut conn, sum.task_uuid()).await;
+    assert!(ttl > 0 && ttl <= 3600, "TTL {ttl}");
+
+    let failed = server
+        .send(redis_backend_fail::signature("nope".to_owned()))
+        .await
+        .unwrap();
+    let err = failed
+        .get_timeout(Duration::from_secs(20))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Task);
+    assert_eq!(err.task_error(), Some("nope"));
+
+    worker.shutdown().await.unwrap();
+}
+
+#[machinery::task]
+fn redis_backend_sum(#[variadic] args: Vec<i64>) -> i64 {
+    args.iter().sum()
+}
+
+#[machinery::task]
+fn redis_backend_product(#[variadic] args: Vec<i64>) -> i64 {
+    args.iter().product()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn groups_and_chords_run_through_redis() {
+    let config = Config::builder()
+        .broker(format!("memory://redis-chord-{}", uuid::Uuid::new_v4()))
+        .result_backend(REDIS)
+        .build()
+        .unwrap();
+    let server = Server::new(config).await.unwrap();
+    let worker = server.worker().concurrency(4).spawn().await.unwrap();
+
+    let group = Group::new([
+        redis_backend_sum::signature(vec![1, 1]),
+        redis_backend_sum::signature(vec![2, 2]),
+    ]);
+    let r = server.send_group(group).await.unwrap();
+    assert_eq!(
+        r.get_timeout(Duration::from_secs(20)).await.unwrap(),
+        [2, 4]
+    );
+    let mut conn = raw().await;
+    let meta = raw_get(&mut conn, r.group_uuid()).await.unwrap();
+    assert!(meta.contains(r#""ChordTriggered":false"#), "{meta}");
+
+    // (1 + 1) * (2 + 2) * (3 + 3), the callback sent exactly once through trigger_chord.
+    let chord = Group::new([
+        redis_backend_sum::signature(vec![1, 1]),
+        redis_backend_sum::signature(vec![2, 2]),
+        redis_backend_sum::signature(vec![3, 3]),
+    ])
+    .chord(redis_backend_product::signature(vec![]));
+    let r = server.send_chord(chord).await.unwrap();
+    assert_eq!(r.get_timeout(Duration::from_secs(20)).await.unwrap(), 48);
+
+    worker.shutdown().await.unwrap();
+}
