@@ -1,6 +1,7 @@
 //! Parses `#[task(name = "...", crate = "...")]`.
 
 use proc_macro2::Span;
+use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
 use syn::{LitStr, Token};
 
@@ -57,6 +58,14 @@ impl Parse for RawArgs {
                 RawKey::Name(input.parse::<kw::name>()?.span)
             } else if lookahead.peek(Token![crate]) {
                 RawKey::Crate(input.parse::<Token![crate]>()?.span)
+            } else if input.peek(syn::Ident::peek_any) {
+                let key = input.call(syn::Ident::parse_any)?;
+                return Err(syn::Error::new(
+                    key.span(),
+                    format!(
+                        "unknown `#[task]` option `{key}`: expected `name = \"..\"` or `crate = \"..\"`"
+                    ),
+                ));
             } else {
                 return Err(lookahead.error());
             };

@@ -3,22 +3,18 @@
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::ItemFn;
+use syn::{Item, ItemFn};
 
 use crate::attr::{self, TaskArgs};
 use crate::ctxt::Ctxt;
 use crate::model::{self, Output, Param, Role, Shape, TaskFn};
 
 pub(crate) fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
-    let mut func: ItemFn = match syn::parse2(item.clone()) {
+    let mut func = match parse_fn(&item) {
         Ok(func) => func,
-        Err(e) => {
-            let mut e2 = syn::Error::new(
-                Span::call_site(),
-                "`#[task]` applies to functions: `fn name(args..) -> T { .. }`",
-            );
-            e2.combine(e);
-            let error = e2.into_compile_error();
+        Err(error) => {
+            // Keep the item, so that the one error is the only one.
+            let error = error.into_compile_error();
             return quote! { #item #error };
         }
     };
@@ -53,8 +49,7 @@ fn expand(func: &ItemFn, args: &TaskArgs, task: &TaskFn) -> TokenStream {
     let kind = kind_type(&krate, &task.params);
     let builder = builder(&krate, task, &out_ty, &kind);
     let runner = runner(&krate, task);
-    let checks = checks(&private, task);
-    let runner_kind = if task.is_async {
+    let runner_kind = if task.asyncness.is_some() {
         quote!(Async)
     } else {
         quote!(Blocking)
@@ -78,7 +73,6 @@ fn expand(func: &ItemFn, args: &TaskArgs, task: &TaskFn) -> TokenStream {
         }
 
         const _: () = {
-            #checks
             #runner
 
             #private::inventory::submit! {
@@ -116,7 +110,12 @@ fn kind_type(krate: &TokenStream, params: &[Param]) -> TokenStream {
 
 /// `name::signature(..)`: the parameters a producer gives (all but the chained input and the
 /// error message), encoded in order.
-fn builder(krate: &TokenStream, task: &TaskFn, out_ty: &TokenStream, kind: &TokenStream) -> TokenStream {
+fn builder(
+    krate: &TokenStream,
+    task: &TaskFn,
+    out_ty: &TokenStream,
+    kind: &TokenStream,
+) -> TokenStream {
     let private = quote!(#krate::__private);
     let vis = &task.vis;
     let given: Vec<&Param> = task
@@ -128,13 +127,21 @@ fn builder(krate: &TokenStream, task: &TaskFn, out_ty: &TokenStream, kind: &Toke
         let (ident, ty) = (&p.ident, &p.ty);
         quote!(#ident: #ty)
     });
+    // The encoder is named with the parameter's type, at its span: a type that cannot be
+    // encoded is reported there, once.
     let pushes = given.iter().map(|p| {
         let ident = &p.ident;
         let label = ident.to_string();
-        match &p.role {
-            Role::Variadic(_) => quote!(__machinery_builder.args(#label, &#ident);),
-            _ => quote!(__machinery_builder.arg(#label, &#ident);),
-        }
+        let encode = match &p.role {
+            Role::Variadic(elem) => {
+                quote_spanned!(elem.span()=> #private::SignatureBuilder::args::<#elem>)
+            }
+            _ => {
+                let ty = &p.ty;
+                quote_spanned!(ty.span()=> #private::SignatureBuilder::arg::<#ty>)
+            }
+        };
+        quote!(#encode(&mut __machinery_builder, #label, &#ident);)
     });
     let capacity = task.params.len();
     let decode = decoder(&private, &task.output);
@@ -165,14 +172,20 @@ fn builder(krate: &TokenStream, task: &TaskFn, out_ty: &TokenStream, kind: &Toke
     }
 }
 
+/// `__machinery_decode`: the result types are named at their spans, so that a type that cannot
+/// be decoded is reported there.
 fn decoder(private: &TokenStream, output: &Output) -> TokenStream {
     let body = match &output.shape {
         Shape::Unit => quote!(#private::decode_unit(__machinery_results)),
-        Shape::Single(ty) => quote!(#private::decode_one::<#ty>(__machinery_results)),
+        Shape::Single(ty) => {
+            let decode = quote_spanned!(ty.span()=> #private::decode_one::<#ty>);
+            quote!(#decode(__machinery_results))
+        }
         Shape::Tuple(tys) => {
             let count = tys.len();
             let items = tys.iter().enumerate().map(|(i, ty)| {
-                quote!(#private::decode_nth::<#ty>(__machinery_results, #i, #count)?)
+                let decode = quote_spanned!(ty.span()=> #private::decode_nth::<#ty>);
+                quote!(#decode(__machinery_results, #i, #count)?)
             });
             quote!(::core::result::Result::Ok((#(#items,)*)))
         }
@@ -188,6 +201,11 @@ fn decoder(private: &TokenStream, output: &Output) -> TokenStream {
 }
 
 /// `__machinery_run`: decodes the args, calls the function, encodes its results.
+///
+/// Each trait bound on a user's type is required in exactly one place, named with the type at
+/// its span (`Serialize` on arguments by the builder, `DeserializeOwned` by the reader here;
+/// the reverse for results), so a type that cannot travel gets one error per missing trait,
+/// pointing at the type.
 fn runner(krate: &TokenStream, task: &TaskFn) -> TokenStream {
     let private = quote!(#krate::__private);
     let ident = &task.ident;
@@ -205,9 +223,12 @@ fn runner(krate: &TokenStream, task: &TaskFn) -> TokenStream {
         let ty = &p.ty;
         let label = p.ident.to_string();
         let read = match &p.role {
-            Role::Variadic(elem) => quote!(__machinery_reader.rest::<#elem>(#label)),
-            _ => quote!(__machinery_reader.next::<#ty>(#label)),
+            Role::Variadic(elem) => {
+                quote_spanned!(elem.span()=> #private::ArgReader::rest::<#elem>)
+            }
+            _ => quote_spanned!(ty.span()=> #private::ArgReader::next::<#ty>),
         };
+        let read = quote!(#read(&mut __machinery_reader, #label));
         quote! {
             let #local: #ty = match #read {
                 ::core::result::Result::Ok(value) => value,
@@ -215,11 +236,19 @@ fn runner(krate: &TokenStream, task: &TaskFn) -> TokenStream {
             };
         }
     });
-    let pack = pack(&private, &task.output);
-    let (ret, call, fail) = if task.is_async {
+    let pack = pack(&private, &task.output, task.return_type.as_ref());
+    let (ret, call, fail) = if let Some(asyncness) = &task.asyncness {
+        // The future and the call that requires it to be `Send` are spanned at the function's
+        // `async`: a body that is not `Send` is reported there, not at `#[task]`.
+        let boxed = quote_spanned!(asyncness.span=> __machinery_boxed(async move {
+            __machinery_pack(#ident(#(#names),*).await)
+        }));
         (
             quote!(#private::TaskFuture),
-            quote!(#private::boxed(async move { __machinery_pack(#ident(#(#names),*).await) })),
+            quote! {
+                use #private::boxed as __machinery_boxed;
+                #boxed
+            },
             quote!(#private::ready(::core::result::Result::Err(error))),
         )
     } else {
@@ -265,35 +294,44 @@ fn pack_input_type(task: &TaskFn) -> TokenStream {
     }
 }
 
-/// Turns the returned value into task results.
-fn pack(private: &TokenStream, output: &Output) -> TokenStream {
+/// Turns the returned value into task results. The error and result types are named at their
+/// spans, so that one that does not fit is reported there.
+fn pack(private: &TokenStream, output: &Output, return_type: Option<&syn::Type>) -> TokenStream {
     let unwrap = if output.fallible {
+        let task_error = match (&output.error, return_type) {
+            (Some(error), _) => quote_spanned!(error.span()=> #private::task_error::<#error>),
+            (None, Some(ret)) => quote_spanned!(ret.span()=> #private::task_error),
+            (None, None) => quote!(#private::task_error),
+        };
         quote! {
             let __machinery_value = match __machinery_ret {
                 ::core::result::Result::Ok(value) => value,
                 ::core::result::Result::Err(error) => {
-                    return ::core::result::Result::Err(#private::task_error(error));
+                    return ::core::result::Result::Err(#task_error(error));
                 }
             };
         }
     } else {
         quote!(let __machinery_value = __machinery_ret;)
     };
-    let encode = |value: TokenStream| quote!(#private::encode_result(&#value)?);
+    let encode = |value: TokenStream, ty: &syn::Type| {
+        let encode = quote_spanned!(ty.span()=> #private::encode_result::<#ty>);
+        quote!(#encode(&#value)?)
+    };
     let results = match &output.shape {
         Shape::Unit => quote! {
             let () = __machinery_value;
             ::core::result::Result::Ok(::std::vec::Vec::new())
         },
-        Shape::Single(_) => {
-            let item = encode(quote!(__machinery_value));
+        Shape::Single(ty) => {
+            let item = encode(quote!(__machinery_value), ty);
             quote!(::core::result::Result::Ok(::std::vec![#item]))
         }
         Shape::Tuple(tys) => {
             let locals: Vec<_> = (0..tys.len())
                 .map(|i| format_ident!("__machinery_result_{}", i))
                 .collect();
-            let items = locals.iter().map(|l| encode(quote!(#l)));
+            let items = locals.iter().zip(tys).map(|(l, ty)| encode(quote!(#l), ty));
             quote! {
                 let (#(#locals,)*) = __machinery_value;
                 ::core::result::Result::Ok(::std::vec![#(#items),*])
@@ -306,28 +344,71 @@ fn pack(private: &TokenStream, output: &Output) -> TokenStream {
     }
 }
 
-/// Bound checks spanned at the user's types, so a type that cannot travel is reported there.
-fn checks(private: &TokenStream, task: &TaskFn) -> TokenStream {
-    let args = task.params.iter().map(|p| {
-        let ty = match &p.role {
-            Role::Variadic(elem) => elem,
-            _ => &p.ty,
-        };
-        quote_spanned!(ty.span()=> #private::assert_arg::<#ty>();)
-    });
-    let results: Vec<TokenStream> = match &task.output.shape {
-        Shape::Unit => Vec::new(),
-        Shape::Single(ty) => vec![quote_spanned!(ty.span()=> #private::assert_result::<#ty>();)],
-        Shape::Tuple(tys) => tys
-            .iter()
-            .map(|ty| quote_spanned!(ty.span()=> #private::assert_result::<#ty>();))
-            .collect(),
-    };
-    quote! {
-        #[allow(dead_code)]
-        fn __machinery_checks() {
-            #(#args)*
-            #(#results)*
+/// The function under `#[task]`, or one error at the item that is not one.
+fn parse_fn(item: &TokenStream) -> syn::Result<ItemFn> {
+    const EXPECTED: &str = "`#[task]` applies to functions: `fn name(args..) -> T { .. }`";
+    let other = match syn::parse2::<Item>(item.clone()) {
+        Ok(Item::Fn(func)) => return Ok(func),
+        Ok(other) => other,
+        Err(e) => {
+            let mut error = syn::Error::new(Span::call_site(), EXPECTED);
+            error.combine(e);
+            return Err(error);
         }
+    };
+    // The keyword and name of the item, to point at.
+    let found = match &other {
+        Item::Struct(syn::ItemStruct {
+            struct_token,
+            ident,
+            ..
+        }) => Some(("a struct", quote!(#struct_token #ident))),
+        Item::Enum(syn::ItemEnum {
+            enum_token, ident, ..
+        }) => Some(("an enum", quote!(#enum_token #ident))),
+        Item::Union(syn::ItemUnion {
+            union_token, ident, ..
+        }) => Some(("a union", quote!(#union_token #ident))),
+        Item::Trait(syn::ItemTrait {
+            trait_token, ident, ..
+        }) => Some(("a trait", quote!(#trait_token #ident))),
+        Item::Impl(syn::ItemImpl { impl_token, .. }) => {
+            Some(("an `impl` block", quote!(#impl_token)))
+        }
+        Item::Mod(syn::ItemMod {
+            mod_token, ident, ..
+        }) => Some(("a module", quote!(#mod_token #ident))),
+        Item::Const(syn::ItemConst {
+            const_token, ident, ..
+        }) => Some(("a constant", quote!(#const_token #ident))),
+        Item::Static(syn::ItemStatic {
+            static_token,
+            ident,
+            ..
+        }) => Some(("a static", quote!(#static_token #ident))),
+        Item::Type(syn::ItemType {
+            type_token, ident, ..
+        }) => Some(("a type alias", quote!(#type_token #ident))),
+        Item::Use(syn::ItemUse { use_token, .. }) => {
+            Some(("a `use` declaration", quote!(#use_token)))
+        }
+        _ => None,
+    };
+    match found {
+        Some((kind, head)) => Err(syn::Error::new_spanned(
+            head,
+            format!(
+                "`#[task]` applies to functions (`fn name(args..) -> T {{ .. }}`), not to {kind}"
+            ),
+        )),
+        // A bodiless `fn f();`, a macro call, ..: the parser says what is wrong.
+        None => match syn::parse2::<ItemFn>(item.clone()) {
+            Ok(func) => Ok(func),
+            Err(e) => {
+                let mut error = syn::Error::new(Span::call_site(), EXPECTED);
+                error.combine(e);
+                Err(error)
+            }
+        },
     }
 }

@@ -8,7 +8,8 @@ use crate::ctxt::Ctxt;
 pub(crate) struct TaskFn {
     pub(crate) ident: syn::Ident,
     pub(crate) vis: syn::Visibility,
-    pub(crate) is_async: bool,
+    /// The `async` keyword of an async task.
+    pub(crate) asyncness: Option<syn::Token![async]>,
     pub(crate) params: Vec<Param>,
     pub(crate) output: Output,
     /// The declared return type (`None` for none).
@@ -27,7 +28,7 @@ pub(crate) enum Role {
     /// Receives the previous task's result.
     Chained,
     /// `Vec<T>` collecting the remaining arguments; holds `T`.
-    Variadic(Type),
+    Variadic(Box<Type>),
     /// Receives the error message of a failed task.
     ErrorMessage,
 }
@@ -35,6 +36,8 @@ pub(crate) enum Role {
 pub(crate) struct Output {
     /// `Result<T, E>`: `Err` is a task failure.
     pub(crate) fallible: bool,
+    /// `E` in `Result<T, E>`, when spelled (a `Result<T>` alias hides it).
+    pub(crate) error: Option<Type>,
     pub(crate) shape: Shape,
 }
 
@@ -103,23 +106,26 @@ pub(crate) fn analyze(cx: &mut Ctxt, func: &mut ItemFn) -> Option<TaskFn> {
                 Role::Chained | Role::Variadic(_) if !last => {
                     cx.error_spanned_by(
                         &attr,
-                        format!(
-                            "`{}` can only mark the last parameter",
-                            attr_name(&attr)
-                        ),
+                        format!("`{}` can only mark the last parameter", attr_name(&attr)),
                     );
                     Role::Plain
                 }
                 Role::ErrorMessage if index != 0 => {
-                    cx.error_spanned_by(&attr, "`#[error_message]` can only mark the first parameter");
+                    cx.error_spanned_by(
+                        &attr,
+                        "`#[error_message]` can only mark the first parameter",
+                    );
                     Role::Plain
                 }
                 Role::ErrorMessage if !is_string(&typed.ty) => {
-                    cx.error_spanned_by(&typed.ty, "an `#[error_message]` parameter must be a `String`");
+                    cx.error_spanned_by(
+                        &typed.ty,
+                        "an `#[error_message]` parameter must be a `String`",
+                    );
                     Role::Plain
                 }
                 Role::Variadic(_) => match vec_element(&typed.ty) {
-                    Some(elem) => Role::Variadic(elem),
+                    Some(elem) => Role::Variadic(Box::new(elem)),
                     None => {
                         cx.error_spanned_by(
                             &typed.ty,
@@ -153,6 +159,7 @@ pub(crate) fn analyze(cx: &mut Ctxt, func: &mut ItemFn) -> Option<TaskFn> {
     let output = match &sig.output {
         ReturnType::Default => Output {
             fallible: false,
+            error: None,
             shape: Shape::Unit,
         },
         ReturnType::Type(_, ty) => classify_output(cx, ty),
@@ -161,7 +168,7 @@ pub(crate) fn analyze(cx: &mut Ctxt, func: &mut ItemFn) -> Option<TaskFn> {
     Some(TaskFn {
         ident: sig.ident.clone(),
         vis: func.vis.clone(),
-        is_async: sig.asyncness.is_some(),
+        asyncness: sig.asyncness,
         params,
         output,
         return_type: match &sig.output {
@@ -188,7 +195,7 @@ fn take_role(cx: &mut Ctxt, attrs: &mut Vec<syn::Attribute>) -> Option<(Role, sy
         let this = if attr.path().is_ident("chained") {
             Role::Chained
         } else if attr.path().is_ident("variadic") {
-            Role::Variadic(Type::Verbatim(Default::default()))
+            Role::Variadic(Box::new(Type::Verbatim(Default::default())))
         } else if attr.path().is_ident("error_message") {
             Role::ErrorMessage
         } else {
@@ -199,10 +206,7 @@ fn take_role(cx: &mut Ctxt, attrs: &mut Vec<syn::Attribute>) -> Option<(Role, sy
             continue;
         };
         if !matches!(attr.meta, syn::Meta::Path(_)) {
-            cx.error_spanned_by(
-                &attr,
-                format!("`{}` takes no arguments", attr_name(&attr)),
-            );
+            cx.error_spanned_by(&attr, format!("`{}` takes no arguments", attr_name(&attr)));
             continue;
         }
         if role.is_some() {
@@ -235,14 +239,16 @@ fn check_type(cx: &mut Ctxt, ty: &Type) {
 }
 
 fn classify_output(cx: &mut Ctxt, ty: &Type) -> Output {
-    if let Some(ok) = result_ok_type(ty) {
+    if let Some((ok, error)) = result_types(ty) {
         return Output {
             fallible: true,
+            error: error.cloned(),
             shape: shape(cx, ok),
         };
     }
     Output {
         fallible: false,
+        error: None,
         shape: shape(cx, ty),
     }
 }
@@ -253,10 +259,7 @@ fn shape(cx: &mut Ctxt, ty: &Type) -> Shape {
         Type::Tuple(t) if t.elems.is_empty() => Shape::Unit,
         Type::Tuple(t) => Shape::Tuple(t.elems.iter().cloned().collect()),
         Type::ImplTrait(t) => {
-            cx.error_spanned_by(
-                t,
-                "a task must return a concrete type, not `impl Trait`",
-            );
+            cx.error_spanned_by(t, "a task must return a concrete type, not `impl Trait`");
             Shape::Unit
         }
         Type::Reference(r) => {
@@ -267,8 +270,8 @@ fn shape(cx: &mut Ctxt, ty: &Type) -> Shape {
     }
 }
 
-/// `T` in `Result<T, ..>` (any path ending in `Result`).
-fn result_ok_type(ty: &Type) -> Option<&Type> {
+/// `T` and, when spelled, `E` in `Result<T, E>` (any path ending in `Result`).
+fn result_types(ty: &Type) -> Option<(&Type, Option<&Type>)> {
     let Type::Path(path) = ty else { return None };
     if path.qself.is_some() {
         return None;
@@ -280,10 +283,12 @@ fn result_ok_type(ty: &Type) -> Option<&Type> {
     let PathArguments::AngleBracketed(args) = &last.arguments else {
         return None;
     };
-    args.args.iter().find_map(|arg| match arg {
+    let mut types = args.args.iter().filter_map(|arg| match arg {
         GenericArgument::Type(t) => Some(t),
         _ => None,
-    })
+    });
+    let ok = types.next()?;
+    Some((ok, types.next()))
 }
 
 /// `T` in `Vec<T>` (any path ending in `Vec`).

@@ -61,7 +61,7 @@ pub use crate::config::Config;
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::group::{Chord, ChordCallback, Group};
 pub use crate::result::{AsyncResult, GroupResult};
-pub use crate::server::Server;
+pub use crate::server::{SendFuture, Server};
 pub use crate::signature::{Accepts, ErrorHandler, Full, Needs, Sendable, Signature, Variadic};
 pub use crate::task::{
     registered_tasks, Runner, TaskDescriptor, TaskError, TaskFuture, TaskOutcome,

@@ -175,9 +175,3 @@ where
 pub fn ready(outcome: TaskOutcome) -> TaskFuture {
     Box::pin(std::future::ready(outcome))
 }
-
-/// Compile-time check that an argument type can travel on the wire.
-pub fn assert_arg<T: Serialize + DeserializeOwned + Send + 'static>() {}
-
-/// Compile-time check that a result type can travel on the wire.
-pub fn assert_result<T: Serialize + DeserializeOwned + 'static>() {}

@@ -1,6 +1,8 @@
 //! The producer side: connect, send signatures, get results.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +20,9 @@ use crate::result::{AsyncResult, GroupResult};
 use crate::signature::{Sendable, Signature};
 use crate::wire::{self, GoTime, State, TaskState};
 use crate::worker::WorkerBuilder;
+
+/// The future of [`Server::send`] and [`Server::send_all`].
+pub type SendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
 /// A connection to a broker and a result backend: sends tasks, builds workers.
 ///
@@ -101,26 +106,37 @@ impl Server {
 
     /// Sends a task or a chain. Records it as PENDING, publishes it, and returns a handle whose
     /// [`get`](AsyncResult::get) waits for the result typed as the (last) task's output.
-    pub async fn send<O, K: Sendable>(&self, signature: Signature<O, K>) -> Result<AsyncResult<O>> {
-        let (raw, links, decode) = signature.into_parts()?;
-        self.publish(raw).await?;
-        Ok(AsyncResult::new(self.inner.backend.clone(), links, decode))
+    // Not an `async fn`: the returned future must not capture `K`, or a signature that is not
+    // `Sendable` would be reported at every use of the future instead of once.
+    pub fn send<'a, O: 'a, K: Sendable>(
+        &'a self,
+        signature: Signature<O, K>,
+    ) -> SendFuture<'a, AsyncResult<O>> {
+        let parts = signature.into_parts();
+        Box::pin(async move {
+            let (raw, links, decode) = parts?;
+            self.publish(raw).await?;
+            Ok(AsyncResult::new(self.inner.backend.clone(), links, decode))
+        })
     }
 
     /// Sends many tasks at once; brokers pipeline the publishes.
-    pub async fn send_all<O, K: Sendable>(
-        &self,
+    pub fn send_all<'a, O: 'a, K: Sendable>(
+        &'a self,
         signatures: impl IntoIterator<Item = Signature<O, K>>,
-    ) -> Result<Vec<AsyncResult<O>>> {
-        let mut messages = Vec::new();
-        let mut handles = Vec::new();
-        for signature in signatures {
-            let (raw, links, decode) = signature.into_parts()?;
-            messages.push(self.prepare(raw).await?);
-            handles.push(AsyncResult::new(self.inner.backend.clone(), links, decode));
-        }
-        self.inner.broker.publish_many(messages).await?;
-        Ok(handles)
+    ) -> SendFuture<'a, Vec<AsyncResult<O>>> {
+        let parts: Result<Vec<_>> = signatures.into_iter().map(Signature::into_parts).collect();
+        Box::pin(async move {
+            let parts = parts?;
+            let mut messages = Vec::with_capacity(parts.len());
+            let mut handles = Vec::with_capacity(parts.len());
+            for (raw, links, decode) in parts {
+                messages.push(self.prepare(raw).await?);
+                handles.push(AsyncResult::new(self.inner.backend.clone(), links, decode));
+            }
+            self.inner.broker.publish_many(messages).await?;
+            Ok(handles)
+        })
     }
 
     /// Sends a group of tasks to run in parallel (Go's `SendGroup`): records the group in the

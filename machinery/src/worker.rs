@@ -366,7 +366,7 @@ async fn handle(ctx: &Ctx, delivery: Delivery, signature: Signature) {
         message.priority = signature.priority;
         message.headers = signature.headers.clone();
         message.delay = Some(wait);
-        match ctx.server.broker().publish(message).await {
+        match Box::pin(ctx.server.broker().publish(message)).await {
             Ok(()) => settle(delivery.ack().await),
             Err(e) => give_back(ctx, delivery, &e),
         }
@@ -393,7 +393,8 @@ async fn execute(ctx: &Ctx, task: &'static TaskDescriptor, mut signature: Signat
     let outcome = run(task, args).await;
     match outcome {
         Ok(results) => succeeded(ctx, signature, results).await,
-        Err(err) => failed(ctx, signature, err).await,
+        // Failures are the rare path: keep their state out of every task's future.
+        Err(err) => Box::pin(failed(ctx, signature, err)).await,
     }
 }
 
@@ -444,7 +445,9 @@ async fn succeeded(ctx: &Ctx, mut signature: Signature, results: Vec<TaskResult>
         String::new(),
     )
     .await?;
-    finish_group_member(ctx, &signature).await?;
+    if signature.chord_callback.is_some() {
+        Box::pin(finish_group_member(ctx, &signature)).await?;
+    }
     for mut callback in callbacks {
         if pass_results {
             callback.args.extend(for_callbacks.iter().map(|r| Arg {
@@ -453,7 +456,7 @@ async fn succeeded(ctx: &Ctx, mut signature: Signature, results: Vec<TaskResult>
                 value: r.value.clone(),
             }));
         }
-        ctx.server.publish(callback).await?;
+        Box::pin(ctx.server.publish(callback)).await?;
     }
     Ok(())
 }

@@ -1,0 +1,8 @@
+use machinery::task;
+
+#[task]
+fn identity<T>(value: T) -> T {
+    value
+}
+
+fn main() {}
