@@ -44,6 +44,36 @@ fn add(a: f64, b: f64) -> f64 {
 
 fn codec(iterations: usize) -> Duration {
     let sig = add::signature(1.0, 2.0).as_wire().clone();
+    if std::env::args().nth(2).as_deref() == Some("codec") {
+        let started = Instant::now();
+        let mut n = 0;
+        for _ in 0..iterations {
+            n += sig.to_json().expect("encode").len();
+        }
+        println!(
+            "  encode: {:.2} us",
+            started.elapsed().as_secs_f64() * 1e6 / iterations as f64
+        );
+        let body = sig.to_json().expect("encode");
+        let started = Instant::now();
+        for _ in 0..iterations {
+            n += Signature::from_json(&body).expect("decode").args.len();
+        }
+        println!(
+            "  decode: {:.2} us ({} bytes)",
+            started.elapsed().as_secs_f64() * 1e6 / iterations as f64,
+            body.len()
+        );
+        let started = Instant::now();
+        for i in 0..iterations {
+            n += add::signature(i as f64, 2.0).as_wire().args.len();
+        }
+        println!(
+            "  build a signature: {:.2} us",
+            started.elapsed().as_secs_f64() * 1e6 / iterations as f64
+        );
+        std::hint::black_box(n);
+    }
     let started = Instant::now();
     let mut bytes = 0;
     for _ in 0..iterations {

@@ -142,7 +142,11 @@ impl<'de, T: GoField> Deserialize<'de> for Dec<T> {
 
 /// Finds the canonical key a JSON key stands for: the exact key first, then a case-insensitive
 /// match, as Go's `encoding/json` does. Borrowed keys are compared without allocating.
-struct KeySeed(&'static [&'static str]);
+struct KeySeed {
+    /// The exact match, compiled to a `match` on the literal keys.
+    exact: fn(&str) -> Option<&'static str>,
+    keys: &'static [&'static str],
+}
 
 impl<'de> DeserializeSeed<'de> for KeySeed {
     type Value = Option<&'static str>;
@@ -157,12 +161,12 @@ impl Visitor<'_> for KeySeed {
         f.write_str("a field name")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
-        Ok(self
-            .0
-            .iter()
-            .find(|k| **k == v)
-            .or_else(|| self.0.iter().find(|k| k.eq_ignore_ascii_case(v)))
-            .copied())
+        Ok((self.exact)(v).or_else(|| {
+            self.keys
+                .iter()
+                .find(|k| k.eq_ignore_ascii_case(v))
+                .copied()
+        }))
     }
 }
 
@@ -181,6 +185,13 @@ macro_rules! go_struct {
 
         impl $name {
             const KEYS: &'static [&'static str] = &[$($key),*];
+
+            fn exact_key(key: &str) -> Option<&'static str> {
+                match key {
+                    $( $key => Some($key), )*
+                    _ => None,
+                }
+            }
         }
 
         impl Serialize for $name {
@@ -204,7 +215,10 @@ macro_rules! go_struct {
                         mut map: A,
                     ) -> std::result::Result<$name, A::Error> {
                         let mut out = $name::default();
-                        while let Some(key) = map.next_key_seed(KeySeed($name::KEYS))? {
+                        while let Some(key) = map.next_key_seed(KeySeed {
+                            exact: $name::exact_key,
+                            keys: $name::KEYS,
+                        })? {
                             match key {
                                 $( Some($key) => {
                                     out.$field = map.next_value::<Dec<$ty>>()?.0;
@@ -490,12 +504,20 @@ impl Signature {
 
     /// Encodes to compact JSON, as published.
     pub fn to_json(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self).map_err(|e| Error::encode(format!("signature: {e}")))
+        // Go's field names and zero values alone take ~330 bytes; start big enough for a
+        // typical task, so the buffer is not regrown on the hot path.
+        let mut out = Vec::with_capacity(512);
+        serde_json::to_writer(&mut out, self)
+            .map_err(|e| Error::encode(format!("signature: {e}")))?;
+        Ok(out)
     }
 
     /// Decodes a message body.
     pub fn from_json(body: &[u8]) -> Result<Signature> {
-        serde_json::from_slice(body).map_err(|e| Error::decode(format!("signature: {e}")))
+        // Validating the UTF-8 of the whole body at once is much cheaper than string by string.
+        let text = std::str::from_utf8(body)
+            .map_err(|e| Error::decode(format!("signature: not UTF-8: {e}")))?;
+        serde_json::from_str(text).map_err(|e| Error::decode(format!("signature: {e}")))
     }
 }
 

@@ -33,7 +33,8 @@ struct Shared {
 #[derive(Default)]
 struct Inner {
     states: HashMap<String, Entry>,
-    /// (expiry, uuid) in write order; the TTL is the same for all, so expiries are ordered.
+    /// (expiry, uuid), one per entry, in creation order; the TTL is the same for all, so the
+    /// queue is ordered (re-queued records go to the back with a later time).
     expiries: VecDeque<(Instant, String)>,
 }
 
@@ -90,13 +91,19 @@ impl Inner {
             if *at > now {
                 break;
             }
-            let Some((at, uuid)) = self.expiries.pop_front() else {
+            let Some((_, uuid)) = self.expiries.pop_front() else {
                 break;
             };
-            if let Some(entry) = self.states.get(&uuid) {
-                if entry.expires <= at && entry.waiters.is_none() {
+            match self.states.get(&uuid) {
+                Some(entry) if entry.expires <= now => {
                     self.states.remove(&uuid);
                 }
+                // Written again since: check again when it may have expired.
+                Some(entry) => {
+                    let at = entry.expires.max(now + Duration::from_millis(1));
+                    self.expiries.push_back((at, uuid));
+                }
+                None => {}
             }
         }
     }
@@ -115,10 +122,9 @@ impl ResultBackend for MemoryBackend {
     async fn set_state(&self, mut state: TaskState) -> Result<()> {
         let now = Instant::now();
         let expires = now + self.shared.ttl;
-        let uuid = state.task_uuid.clone();
         let mut inner = lock(&self.shared.inner);
         inner.expire(now);
-        let waiters = match inner.states.get_mut(&uuid) {
+        let waiters = match inner.states.get_mut(&state.task_uuid) {
             Some(entry) => {
                 if let Some(old) = entry.state.take() {
                     if state.task_name.is_empty() {
@@ -133,8 +139,12 @@ impl ResultBackend for MemoryBackend {
                 entry.waiters.clone()
             }
             None => {
+                // One expiry record per entry: a later write only moves `entry.expires`, and
+                // `expire` re-queues the record when it finds the entry still fresh.
+                let uuid = state.task_uuid.clone();
+                inner.expiries.push_back((expires, uuid.clone()));
                 inner.states.insert(
-                    uuid.clone(),
+                    uuid,
                     Entry {
                         state: Some(state),
                         expires,
@@ -144,7 +154,6 @@ impl ResultBackend for MemoryBackend {
                 None
             }
         };
-        inner.expiries.push_back((expires, uuid));
         drop(inner);
         if let Some(waiters) = waiters {
             waiters.notify_waiters();
@@ -164,15 +173,24 @@ impl ResultBackend for MemoryBackend {
     async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
         loop {
             let notify = {
-                let mut inner = lock(&self.shared.inner);
-                let entry = inner
-                    .states
-                    .entry(task_uuid.to_owned())
-                    .or_insert_with(|| Entry {
-                        state: None,
-                        expires: Instant::now() + self.shared.ttl,
-                        waiters: None,
-                    });
+                let mut guard = lock(&self.shared.inner);
+                let inner = &mut *guard;
+                if !inner.states.contains_key(task_uuid) {
+                    // Waiting before the first write: an empty entry to hang the waiters on.
+                    let expires = Instant::now() + self.shared.ttl;
+                    inner.expiries.push_back((expires, task_uuid.to_owned()));
+                    inner.states.insert(
+                        task_uuid.to_owned(),
+                        Entry {
+                            state: None,
+                            expires,
+                            waiters: None,
+                        },
+                    );
+                }
+                let Some(entry) = inner.states.get_mut(task_uuid) else {
+                    continue;
+                };
                 if let Some(state) = &entry.state {
                     if state.state.is_final() {
                         let state = state.clone();
@@ -239,5 +257,64 @@ impl ResultBackend for MemoryBackend {
             }
             _ => Ok(false),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::State;
+
+    #[tokio::test(start_paused = true)]
+    async fn states_expire_after_the_ttl_unless_written_again() {
+        let backend = MemoryBackend::open("expiry-test", Duration::from_secs(10));
+        backend
+            .set_state(TaskState::new("a", State::Pending))
+            .await
+            .unwrap();
+        backend
+            .set_state(TaskState::new("b", State::Pending))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        backend
+            .set_state(TaskState::new("b", State::Started))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Any write runs the expiry.
+        backend
+            .set_state(TaskState::new("c", State::Pending))
+            .await
+            .unwrap();
+        assert!(backend.get_state("a").await.unwrap().is_none());
+        assert_eq!(
+            backend.get_state("b").await.unwrap().unwrap().state,
+            State::Started
+        );
+        tokio::time::advance(Duration::from_secs(6)).await;
+        backend
+            .set_state(TaskState::new("d", State::Pending))
+            .await
+            .unwrap();
+        assert!(backend.get_state("b").await.unwrap().is_none());
+        assert_eq!(backend.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn carries_name_and_creation_time_forward() {
+        let backend = MemoryBackend::open("carry-test", Duration::from_secs(60));
+        let mut pending = TaskState::new("t", State::Pending);
+        pending.task_name = "add".into();
+        pending.created_at = GoTime::now();
+        backend.set_state(pending.clone()).await.unwrap();
+        backend
+            .set_state(TaskState::new("t", State::Success))
+            .await
+            .unwrap();
+        let state = backend.get_state("t").await.unwrap().unwrap();
+        assert_eq!(state.task_name, "add");
+        assert_eq!(state.created_at, pending.created_at);
+        assert_eq!(state.state, State::Success);
     }
 }
