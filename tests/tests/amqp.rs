@@ -354,3 +354,48 @@ async fn credentials_never_appear_in_errors() {
     assert!(!text.contains("hunter2"), "{text}");
     assert!(text.contains("guest:***@127.0.0.1:1"), "{text}");
 }
+
+static RUN_ORDER: std::sync::Mutex<Vec<i64>> = std::sync::Mutex::new(Vec::new());
+
+#[machinery::task]
+fn record_order(id: i64) -> i64 {
+    RUN_ORDER.lock().unwrap().push(id);
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_declare_args_pass_through_and_priorities_are_honoured() {
+    // x-max-priority through AMQP_QUEUE_DECLARE_ARGS: with the tasks queued before the worker
+    // starts, the high-priority ones run first.
+    let mut config = unique_config("priority");
+    config
+        .amqp
+        .queue_declare_args
+        .insert("x-max-priority".into(), 10.into());
+    let server = Server::new(config.clone()).await.unwrap();
+    let mut handles = Vec::new();
+    for (id, priority) in [(0i64, 1u8), (1, 1), (2, 9), (3, 1), (4, 9)] {
+        let h = server
+            .send(record_order::signature(id).with_priority(priority))
+            .await
+            .unwrap();
+        handles.push(h);
+    }
+    let worker = server
+        .worker()
+        .tasks(["record_order"])
+        .concurrency(1)
+        .spawn()
+        .await
+        .unwrap();
+    for h in &handles {
+        h.get_timeout(WAIT).await.unwrap();
+    }
+    worker.shutdown().await.unwrap();
+    let order = RUN_ORDER.lock().unwrap().clone();
+    assert_eq!(order.len(), 5);
+    let mut first_two = order[..2].to_vec();
+    first_two.sort_unstable();
+    assert_eq!(first_two, [2, 4], "run order {order:?}");
+    cleanup(&config).await;
+}
