@@ -128,13 +128,13 @@ impl Server {
         let parts: Result<Vec<_>> = signatures.into_iter().map(Signature::into_parts).collect();
         Box::pin(async move {
             let parts = parts?;
-            let mut messages = Vec::with_capacity(parts.len());
+            let mut raws = Vec::with_capacity(parts.len());
             let mut handles = Vec::with_capacity(parts.len());
             for (raw, links, decode) in parts {
-                messages.push(self.prepare(raw).await?);
+                raws.push(raw);
                 handles.push(AsyncResult::new(self.inner.backend.clone(), links, decode));
             }
-            self.inner.broker.publish_many(messages).await?;
+            self.publish_all(raws).await?;
             Ok(handles)
         })
     }
@@ -155,7 +155,7 @@ impl Server {
         if let Some(backend) = &self.inner.backend {
             backend.init_group(&group_uuid, &uuids).await?;
         }
-        let mut messages = Vec::with_capacity(group.members.len());
+        let mut raws = Vec::with_capacity(group.members.len());
         let mut handles = Vec::with_capacity(group.members.len());
         for (mut raw, decode) in group.members {
             raw.group_uuid = group_uuid.clone();
@@ -165,9 +165,9 @@ impl Server {
                 vec![raw.uuid.clone()],
                 decode,
             ));
-            messages.push(self.prepare(raw).await?);
+            raws.push(raw);
         }
-        self.inner.broker.publish_many(messages).await?;
+        self.publish_all(raws).await?;
         Ok(GroupResult::new(group_uuid, handles))
     }
 
@@ -195,14 +195,13 @@ impl Server {
         let count = i64::try_from(chord.members.len()).unwrap_or(i64::MAX);
         let uuids: Vec<String> = chord.members.iter().map(|raw| raw.uuid.clone()).collect();
         backend.init_group(&group_uuid, &uuids).await?;
-        let mut messages = Vec::with_capacity(chord.members.len());
-        for mut raw in chord.members {
+        let mut raws = chord.members;
+        for raw in &mut raws {
             raw.group_uuid = group_uuid.clone();
             raw.group_task_count = count;
             raw.chord_callback = Some(Box::new(callback.clone()));
-            messages.push(self.prepare(raw).await?);
         }
-        self.inner.broker.publish_many(messages).await?;
+        self.publish_all(raws).await?;
         Ok(AsyncResult::new(Some(backend), links, decode).after(uuids))
     }
 
@@ -212,14 +211,34 @@ impl Server {
         self.publish(signature).await
     }
 
+    /// Records PENDING for every signature in one batch (a network backend pipelines the
+    /// writes), then publishes them all in one window.
+    async fn publish_all(&self, signatures: Vec<wire::Signature>) -> Result<()> {
+        let mut messages = Vec::with_capacity(signatures.len());
+        let mut states = Vec::with_capacity(signatures.len());
+        for signature in signatures {
+            let (message, state) = self.prepare(signature)?;
+            messages.push(message);
+            states.push(state);
+        }
+        if let Some(backend) = &self.inner.backend {
+            backend.set_states(states).await?;
+        }
+        self.inner.broker.publish_many(messages).await
+    }
+
     /// Records PENDING and publishes.
     pub(crate) async fn publish(&self, signature: wire::Signature) -> Result<()> {
-        let message = self.prepare(signature).await?;
+        let (message, state) = self.prepare(signature)?;
+        if let Some(backend) = &self.inner.backend {
+            backend.set_state(state).await?;
+        }
         self.inner.broker.publish(message).await
     }
 
-    /// Adjusts the routing key, records PENDING and encodes.
-    async fn prepare(&self, mut signature: wire::Signature) -> Result<Message> {
+    /// Adjusts the routing key and encodes; returns the message and its PENDING state (which
+    /// must be recorded before the message is published).
+    fn prepare(&self, mut signature: wire::Signature) -> Result<(Message, TaskState)> {
         if signature.uuid.is_empty() {
             signature.uuid = wire::new_uuid("task_");
         }
@@ -236,17 +255,13 @@ impl Server {
                 self.inner.config.max_message_size
             )));
         }
-        if let Some(backend) = &self.inner.backend {
-            backend
-                .set_state(TaskState {
-                    task_uuid: signature.uuid.clone(),
-                    task_name: signature.name.clone(),
-                    state: State::Pending,
-                    created_at: GoTime::now(),
-                    ..TaskState::default()
-                })
-                .await?;
-        }
+        let state = TaskState {
+            task_uuid: signature.uuid,
+            task_name: signature.name,
+            state: State::Pending,
+            created_at: GoTime::now(),
+            ..TaskState::default()
+        };
         let delay = signature
             .eta
             .and_then(|eta| eta.datetime())
@@ -256,7 +271,7 @@ impl Server {
         message.priority = signature.priority;
         message.headers = signature.headers;
         message.delay = delay;
-        Ok(message)
+        Ok((message, state))
     }
 }
 

@@ -863,3 +863,42 @@ async fn groups_and_chords_run_through_redis() {
 
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn set_states_stores_a_batch_in_one_call() {
+    let backend = backend().await;
+    let ids: Vec<String> = (0..3)
+        .map(|_| format!("task_{}", uuid::Uuid::new_v4()))
+        .collect();
+    let mut first = TaskState::new(ids[0].clone(), State::Pending);
+    first.task_name = "add".into();
+    first.created_at = GoTime::now();
+    let mut second = first.clone();
+    second.task_uuid = ids[1].clone();
+    backend
+        .set_state(TaskState {
+            task_name: "mul".into(),
+            created_at: GoTime::now(),
+            ..TaskState::new(ids[2].clone(), State::Pending)
+        })
+        .await
+        .unwrap();
+    // Two pipelined PENDING writes and one that needs the carry-forward script.
+    backend
+        .set_states(vec![
+            first,
+            second,
+            TaskState::new(ids[2].clone(), State::Started),
+        ])
+        .await
+        .unwrap();
+    for (id, name, state) in [
+        (&ids[0], "add", State::Pending),
+        (&ids[1], "add", State::Pending),
+        (&ids[2], "mul", State::Started),
+    ] {
+        let stored = backend.get_state(id).await.unwrap().unwrap();
+        assert_eq!((stored.task_name.as_str(), stored.state), (name, state));
+        assert!(!stored.created_at.is_zero());
+    }
+}

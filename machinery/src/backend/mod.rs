@@ -21,6 +21,15 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     /// time it was sent.
     async fn set_state(&self, state: TaskState) -> Result<()>;
 
+    /// Records several transitions, as [`set_state`](Self::set_state) does for each; network
+    /// backends send them in one round trip.
+    async fn set_states(&self, states: Vec<TaskState>) -> Result<()> {
+        for state in states {
+            self.set_state(state).await?;
+        }
+        Ok(())
+    }
+
     /// The stored state of a task, if any.
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>>;
 

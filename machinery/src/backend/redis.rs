@@ -296,6 +296,39 @@ impl ResultBackend for RedisBackend {
             .map_err(|e| self.error("store task state", e))
     }
 
+    async fn set_states(&self, states: Vec<TaskState>) -> Result<()> {
+        // States that name their task and creation time (PENDING ones) are plain SETs: one
+        // pipeline, one round trip. The others need the carry-forward script.
+        let mut pipe = redis::pipe();
+        let mut piped = 0usize;
+        let mut scripted = Vec::new();
+        for state in states {
+            if state.task_name.is_empty() || state.created_at.is_zero() {
+                scripted.push(state);
+                continue;
+            }
+            let json = serde_json::to_vec(&state)
+                .map_err(|e| Error::encode(format!("state of task {}: {e}", state.task_uuid)))?;
+            pipe.cmd("SET")
+                .arg(&state.task_uuid)
+                .arg(json)
+                .arg("EX")
+                .arg(self.expiry_secs)
+                .ignore();
+            piped += 1;
+        }
+        if piped > 0 {
+            let mut conn = self.conn.clone();
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| self.error("store task states", e))?;
+        }
+        for state in scripted {
+            self.set_state(state).await?;
+        }
+        Ok(())
+    }
+
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
         let raw: Option<Vec<u8>> = self
             .query(redis::cmd("GET").arg(task_uuid), "read task state")
