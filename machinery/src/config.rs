@@ -261,18 +261,21 @@ fn parse_table(name: &str, v: &str) -> Result<Map<String, Value>> {
 /// A URL with its password replaced by `***`, for logs and errors.
 ///
 /// ```
-/// assert_eq!(
-///     machinery::config::mask_url("amqp://guest:secret@host:5672/vhost"),
-///     "amqp://guest:***@host:5672/vhost"
-/// );
+/// use machinery::config::mask_url;
+/// assert_eq!(mask_url("amqp://guest:secret@host:5672/vhost"), "amqp://guest:***@host:5672/vhost");
+/// assert_eq!(mask_url("amqp://u:ab/c@d@host/"), "amqp://u:***@host/");
+/// assert_eq!(mask_url("redis://secret@host:6379/0"), "redis://***@host:6379/0");
+/// assert_eq!(mask_url("memory://jobs"), "memory://jobs");
 /// ```
 pub fn mask_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
+    // The user info ends at the last `@` before any query or fragment: a password may itself
+    // contain `/` or `@`.
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..end].rfind('@') else {
         return url.to_owned();
     };
     let userinfo = &rest[..at];

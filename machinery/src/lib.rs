@@ -156,6 +156,14 @@ pub use crate::worker::{Worker, WorkerBuilder, WorkerHandle};
 #[cfg(feature = "macros")]
 pub use machinery_macros::task;
 
+/// Locks a mutex whose critical sections are single collection operations: a panic elsewhere
+/// cannot leave the data half-updated, so a poisoned lock is still consistent and usable.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[doc(hidden)]
 pub mod __private {
     pub use crate::private::*;

@@ -181,6 +181,12 @@ impl Server {
         let Some((mut callback, mut links, decode)) = chord.callback else {
             return Err(Error::encode("a chord needs a callback"));
         };
+        if chord.members.is_empty() {
+            // Nothing would ever finish to trigger the callback.
+            return Err(Error::encode(
+                "a chord needs at least one task in its group",
+            ));
+        }
         let backend = self.inner.backend.clone().ok_or_else(|| {
             Error::new(
                 ErrorKind::Unsupported,

@@ -194,9 +194,12 @@ impl<O, K> Signature<O, K> {
 
     /// Runs the task no earlier than `delay` from now.
     pub fn with_delay(self, delay: Duration) -> Self {
-        match chrono::Duration::from_std(delay) {
-            Ok(d) => self.with_eta(Utc::now() + d),
-            Err(_) => self.fail(Error::encode(format!("delay {delay:?} is out of range"))),
+        match chrono::Duration::from_std(delay)
+            .ok()
+            .and_then(|d| Utc::now().checked_add_signed(d))
+        {
+            Some(eta) => self.with_eta(eta),
+            None => self.fail(Error::encode(format!("delay {delay:?} is out of range"))),
         }
     }
 

@@ -285,6 +285,9 @@ impl Worker {
         debug!(worker = %self.ctx.name, "waiting for the tasks in flight");
         let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
         let _ = permits.acquire_many(all).await;
+        if let Err(e) = consumer.close().await {
+            warn!(worker = %self.ctx.name, error = %e, "closing the consumer failed");
+        }
         info!(worker = %self.ctx.name, "worker stopped");
         outcome
     }

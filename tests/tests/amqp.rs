@@ -399,3 +399,33 @@ async fn queue_declare_args_pass_through_and_priorities_are_honoured() {
     assert_eq!(first_two, [2, 4], "run order {order:?}");
     cleanup(&config).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delay_queue_survives_reuse_past_its_expiry() {
+    // A delay queue expires 2 * delay after its last declaration, and publishing to it does not
+    // count as use: a message published to it late in its life must still come out.
+    let server = server("delay_reuse").await;
+    let worker = server.worker().tasks(["add"]).spawn().await.unwrap();
+    let mut uuids = Vec::new();
+    for _ in 0..2 {
+        let mut sig = wire::Signature::new("add");
+        sig.args = vec![machinery::value::encode_arg(&1i64).unwrap()];
+        sig.routing_key = server.config().amqp.binding_key.clone();
+        uuids.push(sig.uuid.clone());
+        let mut message = machinery::broker::Message::new(
+            server.config().amqp.binding_key.clone(),
+            sig.to_json().unwrap(),
+        );
+        message.delay = Some(Duration::from_millis(600));
+        server.broker().publish(message).await.unwrap();
+        // The second publish comes when the queue (declared at t=0, expiring at 1.2 s) would
+        // still hold it past its expiry, had it not been declared again.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    for uuid in &uuids {
+        let state = final_state(&server, uuid).await;
+        assert_eq!(state.state, State::Success);
+    }
+    worker.shutdown().await.unwrap();
+    cleanup(server.config()).await;
+}

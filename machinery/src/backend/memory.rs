@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use super::{timeout, ResultBackend};
 use crate::error::Result;
+use crate::lock;
 use crate::wire::{GoTime, GroupMeta, TaskState};
 
 /// An in-process result backend; see the [module docs](self).
@@ -42,11 +43,6 @@ struct Entry {
     state: Option<TaskState>,
     expires: Instant,
     waiters: Option<Arc<Notify>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Each critical section is a single map operation, so a poisoned lock is still consistent.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn registry() -> &'static Mutex<HashMap<String, Arc<Shared>>> {
@@ -96,7 +92,12 @@ impl Inner {
             };
             match self.states.get(&uuid) {
                 Some(entry) if entry.expires <= now => {
-                    self.states.remove(&uuid);
+                    // Waiters wake up and wait again on a fresh entry.
+                    if let Some(entry) = self.states.remove(&uuid) {
+                        if let Some(waiters) = entry.waiters {
+                            waiters.notify_waiters();
+                        }
+                    }
                 }
                 // Written again since: check again when it may have expired.
                 Some(entry) => {

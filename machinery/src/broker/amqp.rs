@@ -11,8 +11,8 @@
 //!   with `x-message-ttl = ms` and dead-letter back to the exchange with their routing key and
 //!   priority, as Go Machinery does; the queue expires after `2 * ms` without use.
 //! - `<queue>.dead_letter`: messages that can never succeed (not a signature, larger than
-//!   `max_message_size`) are moved there, with the reason in the `x-machinery-reason` header,
-//!   never requeued in a loop and never silently dropped.
+//!   `max_message_size`) are moved there (the source queue in the `x-machinery-source-queue`
+//!   header; the reason is logged), never requeued in a loop and never silently dropped.
 //!
 //! Messages are published persistent (`delivery_mode` 2) as `application/json`, with the
 //! signature's priority and headers, `mandatory` (a message no queue is bound for is an error,
@@ -27,10 +27,10 @@
 //! `reconnect_timeout`, the operation fails with an error of kind
 //! [`ErrorKind::Broker`](crate::ErrorKind). Passwords never appear in logs or errors.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -53,6 +53,10 @@ use tracing::{debug, error, info, warn};
 use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
 use crate::config::{mask_url, Config};
 use crate::error::{Error, ErrorKind, Result};
+use crate::lock;
+
+/// How many deliveries settled after a still-running one the ack coalescer remembers.
+const MAX_SETTLED_AHEAD: usize = 65_536;
 
 /// How many publishes [`Broker::publish_many`] keeps unconfirmed at once.
 const CONFIRM_WINDOW: usize = 512;
@@ -76,8 +80,8 @@ struct Inner {
     reconnect_timeout: Duration,
     link: tokio::sync::Mutex<Option<Link>>,
     generation: AtomicU64,
-    /// Queues declared on the current connection (delay and dead-letter queues).
-    declared: Mutex<HashSet<String>>,
+    /// Side queues (delay and dead-letter) declared on the current connection, and when.
+    declared: Mutex<HashMap<String, Instant>>,
 }
 
 /// One connection and its publishing channel (publisher confirms on).
@@ -86,10 +90,6 @@ struct Link {
     connection: Arc<Connection>,
     channel: Channel,
     generation: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl AmqpBroker {
@@ -117,7 +117,7 @@ impl AmqpBroker {
                 reconnect_timeout: config.reconnect_timeout,
                 link: tokio::sync::Mutex::new(None),
                 generation: AtomicU64::new(0),
-                declared: Mutex::new(HashSet::new()),
+                declared: Mutex::new(HashMap::new()),
             }),
         };
         broker.inner.link().await?;
@@ -173,7 +173,7 @@ impl Inner {
                     return Ok(link);
                 }
                 Err((e, refused)) if refused && refusals >= 2 => {
-                    // The broker answers but refuses us (credentials, vhost): waiting won't help.
+                    // The broker answers but refuses our credentials: waiting won't help.
                     return Err(e);
                 }
                 Err((e, _)) if started.elapsed() + pause > self.reconnect_timeout => {
@@ -197,8 +197,8 @@ impl Inner {
         }
     }
 
-    /// Connects once; the flag says whether the broker refused us (a protocol error such as
-    /// bad credentials or an unknown vhost) rather than being unreachable.
+    /// Connects once; the flag says whether the broker refused us (bad credentials) rather
+    /// than being unreachable.
     async fn connect_once(&self) -> std::result::Result<Link, (Error, bool)> {
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("machinery-{}", std::process::id()),
@@ -206,12 +206,19 @@ impl Inner {
         let connection = Connection::connect(&self.url, properties)
             .await
             .map_err(|e| {
-                let refused = matches!(
-                    e.kind(),
-                    lapin::ErrorKind::ProtocolError(_)
-                        | lapin::ErrorKind::AuthProviderError(_)
-                        | lapin::ErrorKind::InvalidProtocolVersion(_)
-                );
+                // Only refusals that a restart cannot cure: bad credentials. (A vhost that is
+                // "not found" or "down" can be a broker still starting: keep retrying.)
+                let refused = match e.kind() {
+                    lapin::ErrorKind::ProtocolError(amqp) => matches!(
+                        amqp.kind(),
+                        lapin::protocol::AMQPErrorKind::Soft(
+                            lapin::protocol::AMQPSoftError::ACCESSREFUSED
+                        )
+                    ),
+                    lapin::ErrorKind::AuthProviderError(_)
+                    | lapin::ErrorKind::InvalidProtocolVersion(_) => true,
+                    _ => false,
+                };
                 (
                     self.broker_error("cannot connect to the broker", e),
                     refused,
@@ -288,9 +295,20 @@ impl Inner {
     }
 
     /// Declares a side queue (delay or dead-letter) once per connection.
-    async fn declare_side_queue(&self, link: &Link, queue: &str, args: FieldTable) -> Result<()> {
-        if lock(&self.declared).contains(queue) {
-            return Ok(());
+    /// Declares a side queue unless it was declared less than `fresh_for` ago on this
+    /// connection. A delay queue expires (`x-expires`) when unused, and publishing to it does
+    /// not count as use: it is declared again before half its lifetime has passed.
+    async fn declare_side_queue(
+        &self,
+        link: &Link,
+        queue: &str,
+        args: FieldTable,
+        fresh_for: Option<Duration>,
+    ) -> Result<()> {
+        if let Some(at) = lock(&self.declared).get(queue) {
+            if fresh_for.is_none_or(|fresh| at.elapsed() < fresh) {
+                return Ok(());
+            }
         }
         link.channel
             .queue_declare(
@@ -303,7 +321,7 @@ impl Inner {
             )
             .await
             .map_err(|e| self.broker_error(&format!("cannot declare queue `{queue}`"), e))?;
-        lock(&self.declared).insert(queue.to_owned());
+        lock(&self.declared).insert(queue.to_owned(), Instant::now());
         Ok(())
     }
 
@@ -332,7 +350,11 @@ impl Inner {
             "x-expires".into(),
             AMQPValue::LongLongInt(saturating_i64(delay_ms.saturating_mul(2))),
         );
-        self.declare_side_queue(link, &queue, args).await?;
+        // x-expires is 2 * delay: redeclare after delay / 2, so that any message published
+        // since the last declaration leaves the queue before the queue can expire.
+        let fresh_for = Duration::from_millis(delay_ms / 2);
+        self.declare_side_queue(link, &queue, args, Some(fresh_for))
+            .await?;
         Ok((String::new(), queue))
     }
 
@@ -556,6 +578,7 @@ struct ConsumerState {
     channel: Channel,
     stream: lapin::Consumer,
     acks: mpsc::UnboundedSender<Settle>,
+    settler: tokio::task::JoinHandle<()>,
     _link: Link,
 }
 
@@ -593,12 +616,13 @@ impl AmqpConsumer {
             .await
             .map_err(|e| b.broker_error(&format!("cannot consume queue `{}`", self.queue), e))?;
         let (acks, rx) = mpsc::unbounded_channel();
-        tokio::spawn(settle_loop(channel.clone(), rx));
+        let settler = tokio::spawn(settle_loop(channel.clone(), rx));
         info!(queue = %self.queue, prefetch = self.prefetch, "consuming");
         self.state = Some(ConsumerState {
             channel,
             stream,
             acks,
+            settler,
             _link: link,
         });
         Ok(())
@@ -647,6 +671,31 @@ impl Consumer for AmqpConsumer {
         }
     }
 
+    async fn close(&mut self) -> Result<()> {
+        self.cancelled = true;
+        let Some(state) = self.state.take() else {
+            return Ok(());
+        };
+        // The settle task ends once every delivery's acker is gone and it has sent their acks;
+        // a delivery still held (a task handed back after a delay) must not keep us forever.
+        drop(state.acks);
+        if tokio::time::timeout(Duration::from_secs(5), state.settler)
+            .await
+            .is_err()
+        {
+            warn!(queue = %self.queue, "acknowledgements still pending at close; the broker will redeliver those messages");
+        }
+        // close-ok from the broker means every frame before it, acks included, has arrived.
+        state
+            .channel
+            .close(200, "worker stopped".into())
+            .await
+            .map_err(|e| {
+                self.broker
+                    .broker_error("cannot close the consumer channel", e)
+            })
+    }
+
     async fn cancel(&mut self) -> Result<()> {
         self.cancelled = true;
         if let Some(state) = &self.state {
@@ -673,6 +722,9 @@ async fn settle_loop(channel: Channel, mut rx: mpsc::UnboundedReceiver<Settle>) 
     let mut low: u64 = 1;
     // Tags above `low` already settled (acked or rejected individually).
     let mut settled: BTreeSet<u64> = BTreeSet::new();
+    // A task that never finishes pins `low`; rather than remember every tag settled after it,
+    // stop coalescing on this channel once too many are waiting (every ack is then single).
+    let mut coalesce = true;
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
         let mut acks = BTreeSet::new();
@@ -686,19 +738,23 @@ async fn settle_loop(channel: Channel, mut rx: mpsc::UnboundedReceiver<Settle>) 
                     if let Err(e) = channel.basic_reject(tag, options).await {
                         debug!(error = %e, tag, "reject failed (the broker redelivers the message)");
                     }
-                    settled.insert(tag);
+                    if coalesce {
+                        settled.insert(tag);
+                    }
                 }
             }
         }
         // The run of tags from `low` that are now all settled.
         let mut top = None;
-        loop {
-            if acks.remove(&low) {
-                top = Some(low);
-            } else if !settled.remove(&low) {
-                break;
+        if coalesce {
+            loop {
+                if acks.remove(&low) {
+                    top = Some(low);
+                } else if !settled.remove(&low) {
+                    break;
+                }
+                low += 1;
             }
-            low += 1;
         }
         if let Some(top) = top {
             if let Err(e) = channel
@@ -715,7 +771,17 @@ async fn settle_loop(channel: Channel, mut rx: mpsc::UnboundedReceiver<Settle>) 
             {
                 debug!(error = %e, tag, "ack failed (the broker redelivers the message)");
             }
-            settled.insert(tag);
+            if coalesce {
+                settled.insert(tag);
+            }
+        }
+        if coalesce && settled.len() > MAX_SETTLED_AHEAD {
+            debug!(
+                low,
+                "a delivery is taking long; acknowledging one by one from now on"
+            );
+            coalesce = false;
+            settled = BTreeSet::new();
         }
     }
 }
@@ -750,7 +816,7 @@ impl AmqpAcker {
         let queue = AmqpBroker::dead_letter_queue(&self.queue);
         let link = self.broker.link().await?;
         self.broker
-            .declare_side_queue(&link, &queue, FieldTable::default())
+            .declare_side_queue(&link, &queue, FieldTable::default(), None)
             .await?;
         let mut headers = Map::new();
         headers.insert(
@@ -765,7 +831,10 @@ impl AmqpAcker {
             .basic_publish(
                 "".into(),
                 queue.as_str().into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &message.body,
                 BasicProperties::default()
                     .with_delivery_mode(2)
@@ -793,8 +862,11 @@ impl Acker for AmqpAcker {
             Rejection::DeadLetter => match self.move_to_dead_letter_queue().await {
                 Ok(()) => self.send(Settle::Ack(self.tag)),
                 Err(e) => {
-                    error!(error = %e, "cannot move a message to the dead-letter queue; rejecting it");
-                    self.send(Settle::Reject(self.tag, false));
+                    // Keep the message: declare the dead-letter queue again next time (it may
+                    // have been deleted) and let the broker deliver the message again.
+                    error!(error = %e, "cannot move a message to the dead-letter queue; requeueing it");
+                    lock(&self.broker.declared).remove(&AmqpBroker::dead_letter_queue(&self.queue));
+                    self.send(Settle::Reject(self.tag, true));
                     return Err(e);
                 }
             },

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 
 use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
 use crate::error::{Error, ErrorKind, Result};
+use crate::lock;
 
 /// An in-process broker; see the [module docs](self).
 #[derive(Clone)]
@@ -53,12 +54,6 @@ struct QueueInner {
 struct Stored {
     body: Bytes,
     redelivered: bool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks cannot leave the data inconsistent (every
-    // critical section is a single collection operation), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn registry() -> &'static Mutex<HashMap<String, Arc<Shared>>> {

@@ -85,6 +85,12 @@ pub trait Consumer: Send + fmt::Debug {
 
     /// Stops taking new deliveries. Deliveries already handed out can still be settled.
     async fn cancel(&mut self) -> Result<()>;
+
+    /// After [`cancel`](Self::cancel) and once the deliveries handed out are settled: makes sure
+    /// their acknowledgements reached the broker, and releases the consumer.
+    async fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// How a delivery that is not acknowledged leaves the worker.
