@@ -242,6 +242,16 @@ impl Server {
         self.inner.broker.publish(message).await
     }
 
+    /// The routing key a signature is published with: its own, or the broker's default (Go's
+    /// `AdjustRoutingKey`).
+    pub(crate) fn routing_key(&self, signature: &wire::Signature) -> String {
+        if signature.routing_key.is_empty() {
+            self.inner.broker.default_routing_key().to_owned()
+        } else {
+            signature.routing_key.clone()
+        }
+    }
+
     /// Adjusts the routing key and encodes; returns the message and its PENDING state (which
     /// must be recorded before the message is published).
     fn prepare(&self, mut signature: wire::Signature) -> Result<(Message, TaskState)> {
@@ -249,7 +259,7 @@ impl Server {
             signature.uuid = wire::new_uuid("task_");
         }
         if signature.routing_key.is_empty() {
-            signature.routing_key = self.inner.broker.default_routing_key().to_owned();
+            signature.routing_key = self.routing_key(&signature);
         }
         let body = signature.to_json()?;
         if body.len() > self.inner.config.max_message_size {

@@ -521,6 +521,17 @@ impl Signature {
     }
 }
 
+impl From<TaskResult> for Arg {
+    /// A result passed on as an argument (to a chain's next link or a chord's callback).
+    fn from(result: TaskResult) -> Arg {
+        Arg {
+            name: String::new(),
+            type_name: result.type_name,
+            value: result.value,
+        }
+    }
+}
+
 impl TaskState {
     /// A state record for `uuid`.
     pub fn new(uuid: impl Into<String>, state: State) -> TaskState {

@@ -365,7 +365,7 @@ async fn handle(ctx: &Ctx, delivery: Delivery, signature: Signature) {
 
     if let Some(wait) = too_early(&signature, config.eta_tolerance) {
         debug!(?wait, "message arrived before its ETA; delaying it again");
-        let mut message = Message::new(routing_key(ctx, &signature), delivery.body().clone());
+        let mut message = Message::new(ctx.server.routing_key(&signature), delivery.body().clone());
         message.priority = signature.priority;
         message.headers = signature.headers.clone();
         message.delay = Some(wait);
@@ -453,11 +453,9 @@ async fn succeeded(ctx: &Ctx, mut signature: Signature, results: Vec<TaskResult>
     }
     for mut callback in callbacks {
         if pass_results {
-            callback.args.extend(for_callbacks.iter().map(|r| Arg {
-                name: String::new(),
-                type_name: r.type_name.clone(),
-                value: r.value.clone(),
-            }));
+            callback
+                .args
+                .extend(for_callbacks.iter().cloned().map(Arg::from));
         }
         Box::pin(ctx.server.publish(callback)).await?;
     }
@@ -562,11 +560,7 @@ async fn finish_group_member(ctx: &Ctx, signature: &Signature) -> Result<()> {
         for state in states {
             callback
                 .args
-                .extend(state.results.unwrap_or_default().into_iter().map(|r| Arg {
-                    name: String::new(),
-                    type_name: r.type_name,
-                    value: r.value,
-                }));
+                .extend(state.results.unwrap_or_default().into_iter().map(Arg::from));
         }
     }
     ctx.server.publish(callback).await
@@ -614,14 +608,6 @@ async fn set_state(
             ..TaskState::default()
         })
         .await
-}
-
-fn routing_key(ctx: &Ctx, signature: &Signature) -> String {
-    if signature.routing_key.is_empty() {
-        ctx.server.broker().default_routing_key().to_owned()
-    } else {
-        signature.routing_key.clone()
-    }
 }
 
 /// How long a message must still wait for its ETA, if it arrived too early.

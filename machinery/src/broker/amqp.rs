@@ -818,13 +818,8 @@ impl AmqpAcker {
         self.broker
             .declare_side_queue(&link, &queue, FieldTable::default(), None)
             .await?;
-        let mut headers = Map::new();
-        headers.insert(
-            "x-machinery-source-queue".into(),
-            Value::from(self.queue.as_str()),
-        );
-        let mut message = Message::new(queue.clone(), self.body.clone());
-        message.headers = headers;
+        let mut headers = FieldTable::default();
+        headers.insert("x-machinery-source-queue".into(), long_string(&self.queue));
         // To the default exchange, which routes by queue name.
         let confirm = link
             .channel
@@ -835,10 +830,10 @@ impl AmqpAcker {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &message.body,
+                &self.body,
                 BasicProperties::default()
                     .with_delivery_mode(2)
-                    .with_headers(field_table(&message.headers)),
+                    .with_headers(headers),
             )
             .await
             .map_err(|e| self.broker.broker_error("dead-letter publish failed", e))?;
