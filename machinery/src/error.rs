@@ -30,6 +30,9 @@ pub enum ErrorKind {
     Unsupported,
     /// The worker or server was shut down while the operation was in progress.
     Shutdown,
+    /// The broker refused the message and will refuse it again (no queue is bound to its
+    /// routing key, a queue argument it cannot hold): sending it again does not help.
+    Rejected,
 }
 
 impl fmt::Display for ErrorKind {
@@ -45,6 +48,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Registry => "task registry error",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Shutdown => "shut down",
+            ErrorKind::Rejected => "refused by the broker",
         })
     }
 }
@@ -120,6 +124,17 @@ impl Error {
         matches!(
             self.kind,
             ErrorKind::Broker | ErrorKind::Backend | ErrorKind::Timeout
+        )
+    }
+
+    /// Whether the operation can never succeed as it is (a message too large or with a name
+    /// the broker cannot carry, an unroutable routing key, a time out of range): the opposite
+    /// of [`is_retryable`](Self::is_retryable). A worker fails the task at once for these
+    /// instead of trying again.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::Encode | ErrorKind::Decode | ErrorKind::Rejected
         )
     }
 

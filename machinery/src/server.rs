@@ -230,7 +230,12 @@ impl Server {
         if let Some(backend) = &self.inner.backend {
             backend.set_states(states).await?;
         }
-        self.inner.broker.publish_many(messages).await
+        self.inner
+            .broker
+            .publish_many(messages)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// Records PENDING and publishes.

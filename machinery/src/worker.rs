@@ -319,7 +319,8 @@ async fn process(ctx: &Ctx, delivery: Delivery) {
             limit = config.max_message_size,
             "message larger than max_message_size; dead-lettering it"
         );
-        settle(delivery.dead_letter().await);
+        let reason = format!("message of {size} bytes is larger than max_message_size");
+        settle(delivery.dead_letter(reason).await);
         return;
     }
     let signature = match Signature::from_json(delivery.body()) {
@@ -329,13 +330,17 @@ async fn process(ctx: &Ctx, delivery: Delivery) {
                 task.name = %sig.name,
                 "message has no task name or UUID; dead-lettering it"
             );
-            settle(delivery.dead_letter().await);
+            settle(
+                delivery
+                    .dead_letter("message has no task name or UUID")
+                    .await,
+            );
             return;
         }
         Ok(sig) => sig,
         Err(e) => {
             error!(error = %e, size, "message is not a task signature; dead-lettering it");
-            settle(delivery.dead_letter().await);
+            settle(delivery.dead_letter(e.to_string()).await);
             return;
         }
     };

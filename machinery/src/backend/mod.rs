@@ -11,12 +11,13 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::wire::{GroupMeta, TaskState};
+use crate::wire::{GroupMeta, State, TaskState};
 
 /// Stores [`TaskState`]s by task UUID (Go's result backend interface).
 #[async_trait]
 pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
-    /// Records a state transition. When `state.task_name` is empty or `state.created_at` is
+    /// Records a state transition, unless it would move the task backwards (see
+    /// [`transition`](Self::transition)). When `state.task_name` is empty or `state.created_at` is
     /// zero, the stored values are carried forward, so every record names its task and the
     /// time it was sent.
     async fn set_state(&self, state: TaskState) -> Result<()>;
@@ -32,6 +33,34 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
 
     /// The stored state of a task, if any.
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>>;
+
+    /// The stored states of several tasks, in the order asked; network backends read them in
+    /// one round trip (Redis: `MGET`).
+    async fn get_states(&self, task_uuids: &[String]) -> Result<Vec<Option<TaskState>>> {
+        let mut states = Vec::with_capacity(task_uuids.len());
+        for uuid in task_uuids {
+            states.push(self.get_state(uuid).await?);
+        }
+        Ok(states)
+    }
+
+    /// Records a state transition as [`set_state`](Self::set_state) does, and returns the
+    /// state stored before it, in one atomic step where the backend allows.
+    ///
+    /// The worker records RECEIVED with it: the previous state tells a first delivery from a
+    /// redelivery of a task that already finished (which must not run again) or a duplicate of
+    /// a message another worker is running.
+    ///
+    /// Like `set_state`, it never moves a task backwards: a final state (SUCCESS, FAILURE) is
+    /// only replaced by a final state, and PENDING only replaces nothing, PENDING or RETRY.
+    /// A refused write is not an error; the returned previous state shows what is stored.
+    async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
+        let previous = self.get_state(&state.task_uuid).await?;
+        if allowed(previous.as_ref().map(|s| s.state), state.state) {
+            self.set_state(state).await?;
+        }
+        Ok(previous)
+    }
 
     /// Waits until the task reaches SUCCESS or FAILURE, or `deadline` passes.
     ///
@@ -77,6 +106,17 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     async fn trigger_chord(&self, group_uuid: &str) -> Result<bool> {
         let _ = group_uuid;
         Err(unsupported_groups(self))
+    }
+}
+
+/// Whether a task whose stored state is `stored` may move to `next`: never backwards from a
+/// final state, and PENDING (a send) never over a task a worker has received.
+pub(crate) fn allowed(stored: Option<State>, next: State) -> bool {
+    match (stored, next) {
+        (None, _) => true,
+        (Some(stored), next) if stored.is_final() => next.is_final(),
+        (Some(stored), State::Pending) => matches!(stored, State::Pending | State::Retry),
+        _ => true,
     }
 }
 

@@ -507,14 +507,34 @@ impl Broker for AmqpBroker {
         self.inner.publish_one(&message).await
     }
 
-    async fn publish_many(&self, messages: Vec<Message>) -> Result<()> {
+    async fn publish_many(&self, messages: Vec<Message>) -> Vec<Result<()>> {
+        let mut outcomes: Vec<Result<()>> = Vec::with_capacity(messages.len());
         for window in messages.chunks(CONFIRM_WINDOW) {
-            let link = self.inner.link().await?;
+            let link = match self.inner.link().await {
+                Ok(link) => link,
+                Err(e) => {
+                    // The broker stayed unreachable: nothing more can be sent.
+                    let message = e.message().to_owned();
+                    outcomes.push(Err(e));
+                    let left = messages.len() - outcomes.len();
+                    outcomes.extend(
+                        std::iter::repeat_with(|| {
+                            Err(Error::new(ErrorKind::Broker, message.clone()))
+                        })
+                        .take(left),
+                    );
+                    return outcomes;
+                }
+            };
+            let base = outcomes.len();
+            let mut window_outcomes: Vec<Option<Result<()>>> =
+                (0..window.len()).map(|_| None).collect();
             let mut pending = Vec::with_capacity(window.len());
             let mut failed_from = None;
             for (i, message) in window.iter().enumerate() {
                 match self.inner.start_publish(&link, message).await {
                     Ok(confirm) => pending.push((i, confirm)),
+                    Err(e) if e.is_permanent() => window_outcomes[i] = Some(Err(e)),
                     Err(e) => {
                         debug!(error = %e.message(), "windowed publish interrupted");
                         failed_from = Some(i);
@@ -525,7 +545,10 @@ impl Broker for AmqpBroker {
             let mut retry = Vec::new();
             for (i, confirm) in pending {
                 match confirm.await {
-                    Ok(c) => self.inner.check_confirmation(c, &window[i].routing_key)?,
+                    Ok(c) => {
+                        window_outcomes[i] =
+                            Some(self.inner.check_confirmation(c, &window[i].routing_key));
+                    }
                     Err(e) => {
                         debug!(error = %e, "confirm lost with the connection; republishing");
                         retry.push(i);
@@ -540,10 +563,14 @@ impl Broker for AmqpBroker {
             );
             // Unconfirmed messages go again, one by one, reconnecting as needed.
             for i in retry {
-                self.inner.publish_one(&window[i]).await?;
+                window_outcomes[i] = Some(self.inner.publish_one(&window[i]).await);
             }
+            outcomes.extend(window_outcomes.into_iter().map(|o| {
+                o.unwrap_or_else(|| Err(Error::new(ErrorKind::Broker, "publish not attempted")))
+            }));
+            debug_assert_eq!(outcomes.len(), base + window.len());
         }
-        Ok(())
+        outcomes
     }
 
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>> {
@@ -812,7 +839,7 @@ impl AmqpAcker {
         }
     }
 
-    async fn move_to_dead_letter_queue(&self) -> Result<()> {
+    async fn move_to_dead_letter_queue(&self, reason: &str) -> Result<()> {
         let queue = AmqpBroker::dead_letter_queue(&self.queue);
         let link = self.broker.link().await?;
         self.broker
@@ -820,6 +847,7 @@ impl AmqpAcker {
             .await?;
         let mut headers = FieldTable::default();
         headers.insert("x-machinery-source-queue".into(), long_string(&self.queue));
+        headers.insert("x-machinery-reason".into(), long_string(reason));
         // To the default exchange, which routes by queue name.
         let confirm = link
             .channel
@@ -854,7 +882,8 @@ impl Acker for AmqpAcker {
     async fn reject(&self, how: Rejection) -> Result<()> {
         match how {
             Rejection::Requeue => self.send(Settle::Reject(self.tag, true)),
-            Rejection::DeadLetter => match self.move_to_dead_letter_queue().await {
+            Rejection::DeadLetter { reason } => match self.move_to_dead_letter_queue(&reason).await
+            {
                 Ok(()) => self.send(Settle::Ack(self.tag)),
                 Err(e) => {
                     // Keep the message: declare the dead-letter queue again next time (it may

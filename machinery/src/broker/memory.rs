@@ -7,7 +7,9 @@
 //! same broker, so producers and workers meet without any setup.
 //!
 //! Messages are delivered in publication order (priorities are carried but not reordered), and
-//! nothing survives the process.
+//! nothing survives the process. Each delivery says how many times the message was delivered
+//! before ([`Delivery::delivery_count`]), as a RabbitMQ quorum queue does. The dead letters of a
+//! queue are kept with their reason, the newest [`MAX_DEAD_LETTERS`] of them.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -21,6 +23,10 @@ use tokio::sync::Notify;
 use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock;
+
+/// How many dead letters a queue of the embedded broker keeps; older ones are dropped (and
+/// counted in [`MemoryBroker::dead_letters_dropped`]).
+pub const MAX_DEAD_LETTERS: usize = 10_000;
 
 /// An in-process broker; see the [module docs](self).
 #[derive(Clone)]
@@ -46,14 +52,25 @@ struct Queue {
 struct QueueInner {
     ready: VecDeque<Stored>,
     unacked: HashMap<u64, Stored>,
-    dead: Vec<Bytes>,
+    dead: VecDeque<(Bytes, String)>,
+    dead_dropped: u64,
     next_tag: u64,
 }
 
 #[derive(Clone)]
 struct Stored {
     body: Bytes,
-    redelivered: bool,
+    /// How many times it was delivered before.
+    deliveries: u32,
+}
+
+impl Stored {
+    fn new(body: Bytes) -> Stored {
+        Stored {
+            body,
+            deliveries: 0,
+        }
+    }
 }
 
 fn registry() -> &'static Mutex<HashMap<String, Arc<Shared>>> {
@@ -96,15 +113,28 @@ impl MemoryBroker {
 
     /// Puts raw bytes into `queue`, bypassing encoding: for tests of bad input.
     pub fn push_raw(&self, queue: &str, body: impl Into<Bytes>) {
-        self.shared.queue(queue).push(Stored {
-            body: body.into(),
-            redelivered: false,
-        });
+        self.shared.queue(queue).push(Stored::new(body.into()));
     }
 
     /// The messages dead-lettered from `queue`, oldest first.
     pub fn dead_letters(&self, queue: &str) -> Vec<Bytes> {
-        lock(&self.shared.queue(queue).inner).dead.clone()
+        let q = self.shared.queue(queue);
+        let inner = lock(&q.inner);
+        inner.dead.iter().map(|(body, _)| body.clone()).collect()
+    }
+
+    /// The messages dead-lettered from `queue` with the reason given for each, oldest first.
+    pub fn dead_letters_with_reasons(&self, queue: &str) -> Vec<(Bytes, String)> {
+        lock(&self.shared.queue(queue).inner)
+            .dead
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// How many dead letters of `queue` were dropped to keep at most [`MAX_DEAD_LETTERS`].
+    pub fn dead_letters_dropped(&self, queue: &str) -> u64 {
+        lock(&self.shared.queue(queue).inner).dead_dropped
     }
 
     /// How many messages wait in `queue` and how many are delivered but not yet settled.
@@ -140,10 +170,7 @@ impl Shared {
     }
 
     fn route(&self, message: &Message) {
-        let stored = || Stored {
-            body: message.body.clone(),
-            redelivered: false,
-        };
+        let stored = || Stored::new(message.body.clone());
         let routes = lock(&self.routes);
         match routes.get(&message.routing_key) {
             Some(bound) => bound.iter().for_each(|queue| queue.push(stored())),
@@ -170,9 +197,15 @@ impl Queue {
         };
         match how {
             None => {}
-            Some(Rejection::DeadLetter) => inner.dead.push(message.body),
+            Some(Rejection::DeadLetter { reason }) => {
+                if inner.dead.len() >= MAX_DEAD_LETTERS {
+                    inner.dead.pop_front();
+                    inner.dead_dropped += 1;
+                }
+                inner.dead.push_back((message.body, reason));
+            }
             Some(Rejection::Requeue) => {
-                message.redelivered = true;
+                message.deliveries = message.deliveries.saturating_add(1);
                 inner.ready.push_front(message);
                 drop(inner);
                 self.ready.notify_one();
@@ -251,13 +284,14 @@ impl Consumer for MemoryConsumer {
                     let tag = inner.next_tag;
                     let delivery = Delivery::new(
                         message.body.clone(),
-                        message.redelivered,
+                        message.deliveries > 0,
                         Box::new(MemoryAcker {
                             queue: self.queue.clone(),
                             tag,
                             settled: AtomicBool::new(false),
                         }),
-                    );
+                    )
+                    .with_delivery_count(message.deliveries);
                     inner.unacked.insert(tag, message);
                     let more = !inner.ready.is_empty();
                     drop(inner);

@@ -65,11 +65,23 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Publishes one message; returns once the broker has accepted it.
     async fn publish(&self, message: Message) -> Result<()>;
 
-    /// Publishes several messages; brokers pipeline them.
-    async fn publish_many(&self, messages: Vec<Message>) -> Result<()> {
+    /// Publishes several messages; brokers pipeline them. Returns one outcome per message, in
+    /// order, so that a caller knows exactly which messages the broker accepted.
+    async fn publish_many(&self, messages: Vec<Message>) -> Vec<Result<()>> {
+        let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
-            self.publish(message).await?;
+            outcomes.push(self.publish(message).await);
         }
+        outcomes
+    }
+
+    /// Checks that the broker can carry `message` at all (name lengths, header keys, delay
+    /// range), without sending anything. An error here is permanent
+    /// ([`Error::is_permanent`](crate::Error::is_permanent)); [`publish`](Self::publish) makes
+    /// the same check, so nothing the broker cannot carry reaches the wire (or panics in the
+    /// client library).
+    fn validate(&self, message: &Message) -> Result<()> {
+        let _ = message;
         Ok(())
     }
 
@@ -94,13 +106,16 @@ pub trait Consumer: Send + fmt::Debug {
 }
 
 /// How a delivery that is not acknowledged leaves the worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Rejection {
     /// Back into the queue, for this or another consumer.
     Requeue,
     /// To the dead-letter queue: it can never succeed.
-    DeadLetter,
+    DeadLetter {
+        /// Why, for the operator (the AMQP broker puts it in the `x-machinery-reason` header).
+        reason: String,
+    },
 }
 
 /// Settles one delivery with its broker.
@@ -117,6 +132,7 @@ pub trait Acker: Send + Sync + fmt::Debug {
 pub struct Delivery {
     body: Bytes,
     redelivered: bool,
+    delivery_count: Option<u32>,
     acker: Box<dyn Acker>,
 }
 
@@ -126,8 +142,23 @@ impl Delivery {
         Delivery {
             body,
             redelivered,
+            delivery_count: None,
             acker,
         }
+    }
+
+    /// Records how many times the broker delivered this message before, for brokers that count
+    /// (RabbitMQ quorum queues' `x-delivery-count`, the embedded broker).
+    #[must_use]
+    pub fn with_delivery_count(mut self, previous_deliveries: u32) -> Delivery {
+        self.delivery_count = Some(previous_deliveries);
+        self
+    }
+
+    /// How many times the broker delivered this message before, if it counts; `None` when it
+    /// only knows [`redelivered`](Self::redelivered).
+    pub fn delivery_count(&self) -> Option<u32> {
+        self.delivery_count
     }
 
     /// The message body.
@@ -150,8 +181,12 @@ impl Delivery {
         self.acker.reject(Rejection::Requeue).await
     }
 
-    /// Moves the message to the dead-letter queue.
-    pub async fn dead_letter(self) -> Result<()> {
-        self.acker.reject(Rejection::DeadLetter).await
+    /// Moves the message to the dead-letter queue, saying why.
+    pub async fn dead_letter(self, reason: impl Into<String>) -> Result<()> {
+        self.acker
+            .reject(Rejection::DeadLetter {
+                reason: reason.into(),
+            })
+            .await
     }
 }
