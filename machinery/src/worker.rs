@@ -539,9 +539,11 @@ async fn finish_group_member(ctx: &Ctx, signature: &Signature) -> Result<()> {
     if meta.chord_triggered {
         return Ok(());
     }
+    // One batched read of every member (Go's GroupCompleted reads them with one MGET too:
+    // v2/backends/redis/goredis.go, getStates).
     let mut states = Vec::with_capacity(meta.task_uuids.len());
-    for uuid in &meta.task_uuids {
-        match backend.get_state(uuid).await? {
+    for state in backend.get_states(&meta.task_uuids).await? {
+        match state {
             Some(state) if state.state.is_final() => states.push(state),
             _ => return Ok(()),
         }
