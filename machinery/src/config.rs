@@ -54,6 +54,19 @@ pub struct Config {
     /// How long producers and workers keep trying to reach a broker that went away before
     /// they report an error (`RECONNECT_TIMEOUT_MS`, default 60 s).
     pub reconnect_timeout: Duration,
+    /// How many times a worker tries one message before it dead-letters it (`MAX_DELIVERIES`,
+    /// default 5): deliveries that could not be settled (the result store or the broker kept
+    /// failing, the worker died while running it) and hand-backs of a task no worker has. Task
+    /// retries (`RetryCount`) are not deliveries and do not count.
+    pub max_deliveries: u32,
+    /// The bytes of message bodies a worker holds at once (`MAX_INFLIGHT_BYTES`, default
+    /// 16 MiB, four messages of the default `MAX_MESSAGE_SIZE`): a burst of large messages waits
+    /// for room instead of growing the worker. A message larger than the budget runs alone.
+    pub max_inflight_bytes: usize,
+    /// How long a worker keeps retrying a result-store write before it gives the message back
+    /// (`STORE_RETRY_TIMEOUT_MS`, default 60 s). Meanwhile it takes no new messages, so an
+    /// outage of the store pauses the worker instead of failing tasks.
+    pub store_retry_timeout: Duration,
 }
 
 /// RabbitMQ settings (Go's `AMQPConfig`).
@@ -88,6 +101,9 @@ impl Default for Config {
             eta_tolerance: Duration::from_millis(500),
             requeue_delay: Duration::from_secs(1),
             reconnect_timeout: Duration::from_secs(60),
+            max_deliveries: 5,
+            max_inflight_bytes: 16 * 1024 * 1024,
+            store_retry_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -118,7 +134,8 @@ impl Config {
     /// `AMQP_EXCHANGE_TYPE`, `AMQP_BINDING_KEY`, `AMQP_PREFETCH_COUNT`,
     /// `AMQP_QUEUE_DECLARE_ARGS`, `AMQP_QUEUE_BINDING_ARGS`, `NO_UNIX_SIGNALS`, and
     /// machinery's own `MAX_MESSAGE_SIZE`, `ETA_TOLERANCE_MS`, `REQUEUE_DELAY_MS`,
-    /// `RECONNECT_TIMEOUT_MS`.
+    /// `RECONNECT_TIMEOUT_MS`, `MAX_DELIVERIES`, `MAX_INFLIGHT_BYTES`,
+    /// `STORE_RETRY_TIMEOUT_MS`.
     pub fn from_env() -> Result<Config> {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
@@ -166,6 +183,15 @@ impl Config {
         if let Some(v) = parsed(&lookup, "RECONNECT_TIMEOUT_MS")? {
             c.reconnect_timeout = Duration::from_millis(v);
         }
+        if let Some(v) = parsed(&lookup, "MAX_DELIVERIES")? {
+            c.max_deliveries = v;
+        }
+        if let Some(v) = parsed(&lookup, "MAX_INFLIGHT_BYTES")? {
+            c.max_inflight_bytes = v;
+        }
+        if let Some(v) = parsed(&lookup, "STORE_RETRY_TIMEOUT_MS")? {
+            c.store_retry_timeout = Duration::from_millis(v);
+        }
         if let Some(v) = lookup("NO_UNIX_SIGNALS") {
             c.no_unix_signals = parse_bool("NO_UNIX_SIGNALS", &v)?;
         }
@@ -189,6 +215,12 @@ impl Config {
         }
         if self.max_message_size == 0 {
             return Err(Error::config("max_message_size must be positive"));
+        }
+        if self.max_deliveries == 0 {
+            return Err(Error::config("max_deliveries must be at least 1"));
+        }
+        if self.max_inflight_bytes == 0 {
+            return Err(Error::config("max_inflight_bytes must be positive"));
         }
         if !matches!(
             self.amqp.exchange_type.as_str(),
@@ -299,6 +331,9 @@ impl fmt::Debug for Config {
             .field("eta_tolerance", &self.eta_tolerance)
             .field("requeue_delay", &self.requeue_delay)
             .field("reconnect_timeout", &self.reconnect_timeout)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("max_inflight_bytes", &self.max_inflight_bytes)
+            .field("store_retry_timeout", &self.store_retry_timeout)
             .finish()
     }
 }
@@ -373,6 +408,12 @@ impl ConfigBuilder {
         requeue_delay: Duration => requeue_delay;
         /// How long to keep trying to reach a broker that went away.
         reconnect_timeout: Duration => reconnect_timeout;
+        /// How many times one message is tried before it is dead-lettered.
+        max_deliveries: u32 => max_deliveries;
+        /// The bytes of message bodies a worker holds at once.
+        max_inflight_bytes: usize => max_inflight_bytes;
+        /// How long a worker retries a result-store write before giving the message back.
+        store_retry_timeout: Duration => store_retry_timeout;
     }
 
     /// Adds a queue declaration argument (`x-max-priority`, `x-queue-type`, ...).

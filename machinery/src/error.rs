@@ -138,6 +138,13 @@ impl Error {
         )
     }
 
+    /// For an error from [`Server::send_all`](crate::Server::send_all),
+    /// [`send_group`](crate::Server::send_group) or [`send_chord`](crate::Server::send_chord)
+    /// when the broker took only part of the batch: which tasks were sent and which were not.
+    pub fn partial_send(&self) -> Option<&PartialSend> {
+        self.source.as_deref()?.downcast_ref::<PartialSend>()
+    }
+
     pub(crate) fn config(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Config, message)
     }
@@ -150,6 +157,37 @@ impl Error {
         Error::new(ErrorKind::Encode, message)
     }
 }
+
+/// The tasks of a batch the broker took, and those it did not, with why; see
+/// [`Error::partial_send`].
+///
+/// The tasks in `sent` are in the queue and will run; those in `failed` are not (their PENDING
+/// state may be recorded). Sending the failed ones again is safe.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct PartialSend {
+    /// The UUIDs of the tasks the broker confirmed.
+    pub sent: Vec<String>,
+    /// The UUIDs of the tasks it did not take, each with its error.
+    pub failed: Vec<(String, Error)>,
+}
+
+impl fmt::Display for PartialSend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} of {} tasks were not sent",
+            self.failed.len(),
+            self.sent.len() + self.failed.len()
+        )?;
+        if let Some((uuid, first)) = self.failed.first() {
+            write!(f, " (first: {uuid}: {first})")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for PartialSend {}
 
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

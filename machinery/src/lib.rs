@@ -53,12 +53,14 @@ mod task;
 pub mod backend;
 pub mod broker;
 pub mod config;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod value;
 pub mod wire;
 pub mod worker;
 
 pub use crate::config::Config;
-pub use crate::error::{Error, ErrorKind, Result};
+pub use crate::error::{Error, ErrorKind, PartialSend, Result};
 pub use crate::group::{Chord, ChordCallback, Group};
 pub use crate::result::{AsyncResult, GroupResult};
 pub use crate::server::{SendFuture, Server};

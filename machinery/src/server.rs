@@ -14,7 +14,7 @@ use crate::backend::ResultBackend;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{Broker, Message};
 use crate::config::{mask_url, Config};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, PartialSend, Result};
 use crate::group::{Chord, Group};
 use crate::result::{AsyncResult, GroupResult};
 use crate::signature::{Sendable, Signature};
@@ -121,6 +121,9 @@ impl Server {
     }
 
     /// Sends many tasks at once; brokers pipeline the publishes.
+    ///
+    /// If the broker takes only some of them, the error's
+    /// [`partial_send`](Error::partial_send) says which tasks were sent and which were not.
     pub fn send_all<'a, O: 'a, K: Sendable>(
         &'a self,
         signatures: impl IntoIterator<Item = Signature<O, K>>,
@@ -227,15 +230,30 @@ impl Server {
             messages.push(message);
             states.push(state);
         }
+        let uuids: Vec<String> = states.iter().map(|s| s.task_uuid.clone()).collect();
         if let Some(backend) = &self.inner.backend {
             backend.set_states(states).await?;
         }
-        self.inner
-            .broker
-            .publish_many(messages)
-            .await
-            .into_iter()
-            .collect()
+        let outcomes = self.inner.broker.publish_many(messages).await;
+        let mut sent = Vec::with_capacity(uuids.len());
+        let mut failed = Vec::new();
+        let mut outcomes = outcomes.into_iter();
+        for uuid in uuids {
+            match outcomes.next() {
+                Some(Ok(())) => sent.push(uuid),
+                Some(Err(e)) => failed.push((uuid, e)),
+                None => failed.push((
+                    uuid,
+                    Error::new(ErrorKind::Broker, "the broker reported no outcome for it"),
+                )),
+            }
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let kind = failed[0].1.kind();
+        let report = PartialSend { sent, failed };
+        Err(Error::with_source(kind, report.to_string(), report))
     }
 
     /// Records PENDING and publishes.
@@ -259,7 +277,7 @@ impl Server {
 
     /// Adjusts the routing key and encodes; returns the message and its PENDING state (which
     /// must be recorded before the message is published).
-    fn prepare(&self, mut signature: wire::Signature) -> Result<(Message, TaskState)> {
+    pub(crate) fn prepare(&self, mut signature: wire::Signature) -> Result<(Message, TaskState)> {
         if signature.uuid.is_empty() {
             signature.uuid = wire::new_uuid("task_");
         }
@@ -292,6 +310,8 @@ impl Server {
         message.priority = signature.priority;
         message.headers = signature.headers;
         message.delay = delay;
+        // Whatever the broker could never carry fails here, before PENDING is recorded.
+        self.inner.broker.validate(&message)?;
         Ok((message, state))
     }
 }

@@ -40,8 +40,9 @@ pub struct TaskError {
 pub(crate) enum TaskErrorKind {
     Failed,
     RetryIn(Duration),
-    /// The arguments did not fit the task: permanent, never retried.
-    BadArgs,
+    /// Can never succeed (the arguments did not fit the task, a follow-up cannot be sent):
+    /// permanent, never retried.
+    Permanent,
     Panicked,
 }
 
@@ -80,9 +81,14 @@ impl TaskError {
     }
 
     pub(crate) fn bad_args(message: impl Into<String>) -> Self {
+        TaskError::permanent(message)
+    }
+
+    /// A failure that retrying cannot cure: the signature's retries are not used.
+    pub(crate) fn permanent(message: impl Into<String>) -> Self {
         TaskError {
             message: message.into(),
-            kind: TaskErrorKind::BadArgs,
+            kind: TaskErrorKind::Permanent,
         }
     }
 

@@ -161,6 +161,13 @@ impl Delivery {
         self.delivery_count
     }
 
+    /// The same delivery, settled through `wrap(acker)`: for layers that observe or alter
+    /// settling (such as [`testing::FaultyBroker`](crate::testing)).
+    pub fn wrap_acker(mut self, wrap: impl FnOnce(Box<dyn Acker>) -> Box<dyn Acker>) -> Delivery {
+        self.acker = wrap(self.acker);
+        self
+    }
+
     /// The message body.
     pub fn body(&self) -> &Bytes {
         &self.body

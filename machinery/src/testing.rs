@@ -1,0 +1,470 @@
+//! Fault injection: a broker and a result backend that fail chosen calls on command.
+//!
+//! [`FaultyBroker`] and [`FaultyBackend`] wrap a real broker or backend (usually the embedded
+//! one) and pass every call through, except the calls a [`Fault`] is armed for: those fail with
+//! the fault's error, once, N times, forever, or only after a number of calls went through or a
+//! delay passed. Every call is counted, so a test can assert how often a state was written or a
+//! message published. Enabled with the `testing` feature.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use machinery::backend::memory::MemoryBackend;
+//! use machinery::testing::{BackendOp, Fault, FaultyBackend};
+//! use machinery::backend::ResultBackend;
+//! use machinery::wire::{State, TaskState};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let backend = FaultyBackend::new(Arc::new(MemoryBackend::open("faults-doc", std::time::Duration::from_secs(60))));
+//! backend.arm(BackendOp::SetState, Fault::times(2));
+//! let state = TaskState::new("task_1", State::Started);
+//! assert!(backend.set_state(state.clone()).await.is_err());
+//! assert!(backend.set_state(state.clone()).await.is_err());
+//! assert!(backend.set_state(state).await.is_ok());
+//! assert_eq!(backend.calls(BackendOp::SetState), 3);
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::backend::ResultBackend;
+use crate::broker::{Acker, Broker, Consumer, Delivery, Message, Rejection};
+use crate::error::{Error, ErrorKind, Result};
+use crate::lock;
+use crate::wire::{GroupMeta, State, TaskState};
+
+/// When and how an armed call fails.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// Calls that still go through before the fault starts.
+    skip: u64,
+    /// Failures left; `None` is forever.
+    left: Option<u64>,
+    /// The fault starts only once this much time has passed since it was armed.
+    after: Option<Duration>,
+    armed_at: Instant,
+    kind: Option<ErrorKind>,
+    /// Only calls about this state fail (set_state, set_states, transition).
+    state: Option<State>,
+    /// Only publishes to this routing key fail.
+    routing_key: Option<String>,
+}
+
+impl Fault {
+    fn new(left: Option<u64>) -> Fault {
+        Fault {
+            skip: 0,
+            left,
+            after: None,
+            armed_at: Instant::now(),
+            kind: None,
+            state: None,
+            routing_key: None,
+        }
+    }
+
+    /// Fails the next call only.
+    pub fn once() -> Fault {
+        Fault::new(Some(1))
+    }
+
+    /// Fails the next `n` calls.
+    pub fn times(n: u64) -> Fault {
+        Fault::new(Some(n))
+    }
+
+    /// Fails every call until [`heal`](FaultyBackend::heal)ed.
+    pub fn always() -> Fault {
+        Fault::new(None)
+    }
+
+    /// Lets `n` calls through first.
+    #[must_use]
+    pub fn after_calls(mut self, n: u64) -> Fault {
+        self.skip = n;
+        self
+    }
+
+    /// Starts failing only once `delay` has passed.
+    #[must_use]
+    pub fn after(mut self, delay: Duration) -> Fault {
+        self.after = Some(delay);
+        self
+    }
+
+    /// The kind of the injected error (default: [`ErrorKind::Backend`] for backend calls,
+    /// [`ErrorKind::Broker`] for broker calls).
+    #[must_use]
+    pub fn kind(mut self, kind: ErrorKind) -> Fault {
+        self.kind = Some(kind);
+        self
+    }
+
+    /// Fails only the writes of this state.
+    #[must_use]
+    pub fn on_state(mut self, state: State) -> Fault {
+        self.state = Some(state);
+        self
+    }
+
+    /// Fails only publishes with this routing key.
+    #[must_use]
+    pub fn on_routing_key(mut self, key: impl Into<String>) -> Fault {
+        self.routing_key = Some(key.into());
+        self
+    }
+
+    /// Whether this call fails; consumes one failure if so.
+    fn strike(&mut self, state: Option<State>, routing_key: Option<&str>) -> bool {
+        if self.state.is_some() && state != self.state {
+            return false;
+        }
+        if let Some(key) = &self.routing_key {
+            if routing_key != Some(key.as_str()) {
+                return false;
+            }
+        }
+        if self
+            .after
+            .is_some_and(|after| self.armed_at.elapsed() < after)
+        {
+            return false;
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        match &mut self.left {
+            Some(0) => false,
+            Some(n) => {
+                *n -= 1;
+                true
+            }
+            None => true,
+        }
+    }
+}
+
+/// The result backend calls a [`FaultyBackend`] can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackendOp {
+    /// `set_state` and `set_states`.
+    SetState,
+    /// `get_state` and `get_states`.
+    GetState,
+    /// `transition`.
+    Transition,
+    /// `init_group`.
+    InitGroup,
+    /// `group_meta`.
+    GroupMeta,
+    /// `trigger_chord`.
+    TriggerChord,
+}
+
+/// The broker calls a [`FaultyBroker`] can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BrokerOp {
+    /// A publish fails before anything is sent.
+    Publish,
+    /// A publish is sent, but its confirm is lost: the message is in the queue, the caller
+    /// gets an error (as when a connection drops after the broker took the message).
+    Confirm,
+    /// `consume` fails, and each armed `next()` of a consumer returns an error.
+    Consume,
+    /// An acknowledgement is lost: the caller sees success, the message stays unsettled and
+    /// goes back to the queue when its delivery is dropped.
+    Ack,
+}
+
+#[derive(Debug)]
+struct Faults<Op> {
+    armed: HashMap<Op, Fault>,
+    calls: HashMap<Op, u64>,
+    /// State writes per (task UUID, state).
+    writes: HashMap<(String, State), u64>,
+}
+
+impl<Op> Default for Faults<Op> {
+    fn default() -> Self {
+        Faults {
+            armed: HashMap::new(),
+            calls: HashMap::new(),
+            writes: HashMap::new(),
+        }
+    }
+}
+
+impl<Op: Copy + Eq + std::hash::Hash + fmt::Debug> Faults<Op> {
+    fn check(
+        &mut self,
+        op: Op,
+        default: ErrorKind,
+        state: Option<State>,
+        key: Option<&str>,
+    ) -> Result<()> {
+        *self.calls.entry(op).or_default() += 1;
+        let Some(fault) = self.armed.get_mut(&op) else {
+            return Ok(());
+        };
+        if !fault.strike(state, key) {
+            return Ok(());
+        }
+        let kind = fault.kind.unwrap_or(default);
+        Err(Error::new(kind, format!("injected fault: {op:?}")))
+    }
+}
+
+/// A [`ResultBackend`] that fails chosen calls; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct FaultyBackend {
+    inner: Arc<dyn ResultBackend>,
+    faults: Arc<Mutex<Faults<BackendOp>>>,
+}
+
+impl FaultyBackend {
+    /// Wraps `inner`; no call fails until a fault is armed.
+    pub fn new(inner: Arc<dyn ResultBackend>) -> FaultyBackend {
+        FaultyBackend {
+            inner,
+            faults: Arc::default(),
+        }
+    }
+
+    /// Arms `fault` for `op`, replacing the one armed before.
+    pub fn arm(&self, op: BackendOp, mut fault: Fault) {
+        fault.armed_at = Instant::now();
+        lock(&self.faults).armed.insert(op, fault);
+    }
+
+    /// Disarms `op`.
+    pub fn heal(&self, op: BackendOp) {
+        lock(&self.faults).armed.remove(&op);
+    }
+
+    /// How many times `op` was called (failed calls included).
+    pub fn calls(&self, op: BackendOp) -> u64 {
+        lock(&self.faults).calls.get(&op).copied().unwrap_or(0)
+    }
+
+    /// How many times `state` was written for `task_uuid` (attempts that failed included).
+    pub fn writes(&self, task_uuid: &str, state: State) -> u64 {
+        lock(&self.faults)
+            .writes
+            .get(&(task_uuid.to_owned(), state))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn check(&self, op: BackendOp, state: Option<&TaskState>) -> Result<()> {
+        let mut faults = lock(&self.faults);
+        if let Some(state) = state {
+            *faults
+                .writes
+                .entry((state.task_uuid.clone(), state.state))
+                .or_default() += 1;
+        }
+        faults.check(op, ErrorKind::Backend, state.map(|s| s.state), None)
+    }
+}
+
+#[async_trait]
+impl ResultBackend for FaultyBackend {
+    async fn set_state(&self, state: TaskState) -> Result<()> {
+        self.check(BackendOp::SetState, Some(&state))?;
+        self.inner.set_state(state).await
+    }
+
+    async fn set_states(&self, states: Vec<TaskState>) -> Result<()> {
+        for state in &states {
+            self.check(BackendOp::SetState, Some(state))?;
+        }
+        self.inner.set_states(states).await
+    }
+
+    async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
+        self.check(BackendOp::GetState, None)?;
+        self.inner.get_state(task_uuid).await
+    }
+
+    async fn get_states(&self, task_uuids: &[String]) -> Result<Vec<Option<TaskState>>> {
+        self.check(BackendOp::GetState, None)?;
+        self.inner.get_states(task_uuids).await
+    }
+
+    async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
+        self.check(BackendOp::Transition, Some(&state))?;
+        self.inner.transition(state).await
+    }
+
+    async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
+        self.inner.wait_final(task_uuid, deadline).await
+    }
+
+    async fn purge_state(&self, task_uuid: &str) -> Result<()> {
+        self.inner.purge_state(task_uuid).await
+    }
+
+    async fn init_group(&self, group_uuid: &str, task_uuids: &[String]) -> Result<()> {
+        self.check(BackendOp::InitGroup, None)?;
+        self.inner.init_group(group_uuid, task_uuids).await
+    }
+
+    async fn group_meta(&self, group_uuid: &str) -> Result<Option<GroupMeta>> {
+        self.check(BackendOp::GroupMeta, None)?;
+        self.inner.group_meta(group_uuid).await
+    }
+
+    async fn trigger_chord(&self, group_uuid: &str) -> Result<bool> {
+        self.check(BackendOp::TriggerChord, None)?;
+        self.inner.trigger_chord(group_uuid).await
+    }
+}
+
+/// A [`Broker`] that fails chosen calls; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct FaultyBroker {
+    inner: Arc<dyn Broker>,
+    faults: Arc<Mutex<Faults<BrokerOp>>>,
+}
+
+impl FaultyBroker {
+    /// Wraps `inner`; no call fails until a fault is armed.
+    pub fn new(inner: Arc<dyn Broker>) -> FaultyBroker {
+        FaultyBroker {
+            inner,
+            faults: Arc::default(),
+        }
+    }
+
+    /// Arms `fault` for `op`, replacing the one armed before.
+    pub fn arm(&self, op: BrokerOp, mut fault: Fault) {
+        fault.armed_at = Instant::now();
+        lock(&self.faults).armed.insert(op, fault);
+    }
+
+    /// Disarms `op`.
+    pub fn heal(&self, op: BrokerOp) {
+        lock(&self.faults).armed.remove(&op);
+    }
+
+    /// How many times `op` was called (failed calls included).
+    pub fn calls(&self, op: BrokerOp) -> u64 {
+        lock(&self.faults).calls.get(&op).copied().unwrap_or(0)
+    }
+
+    fn check(faults: &Mutex<Faults<BrokerOp>>, op: BrokerOp, key: Option<&str>) -> Result<()> {
+        lock(faults).check(op, ErrorKind::Broker, None, key)
+    }
+
+    async fn publish_checked(&self, message: Message) -> Result<()> {
+        Self::check(&self.faults, BrokerOp::Publish, Some(&message.routing_key))?;
+        let key = message.routing_key.clone();
+        self.inner.publish(message).await?;
+        Self::check(&self.faults, BrokerOp::Confirm, Some(&key))
+    }
+}
+
+#[async_trait]
+impl Broker for FaultyBroker {
+    fn default_routing_key(&self) -> &str {
+        self.inner.default_routing_key()
+    }
+
+    async fn publish(&self, message: Message) -> Result<()> {
+        self.publish_checked(message).await
+    }
+
+    async fn publish_many(&self, messages: Vec<Message>) -> Vec<Result<()>> {
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for message in messages {
+            outcomes.push(self.publish_checked(message).await);
+        }
+        outcomes
+    }
+
+    fn validate(&self, message: &Message) -> Result<()> {
+        self.inner.validate(message)
+    }
+
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>> {
+        Self::check(&self.faults, BrokerOp::Consume, None)?;
+        let inner = self.inner.consume(queue, prefetch).await?;
+        Ok(Box::new(FaultyConsumer {
+            inner,
+            faults: self.faults.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct FaultyConsumer {
+    inner: Box<dyn Consumer>,
+    faults: Arc<Mutex<Faults<BrokerOp>>>,
+}
+
+#[async_trait]
+impl Consumer for FaultyConsumer {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        let delivery = match self.inner.next().await? {
+            Ok(delivery) => delivery,
+            Err(e) => return Some(Err(e)),
+        };
+        if let Err(e) = FaultyBroker::check(&self.faults, BrokerOp::Consume, None) {
+            // The delivery is dropped unsettled: back to the queue.
+            return Some(Err(e));
+        }
+        Some(Ok(delivery.wrap_acker(|acker| {
+            Box::new(FaultyAcker {
+                inner: Some(acker),
+                faults: self.faults.clone(),
+            })
+        })))
+    }
+
+    async fn cancel(&mut self) -> Result<()> {
+        self.inner.cancel().await
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[derive(Debug)]
+struct FaultyAcker {
+    inner: Option<Box<dyn Acker>>,
+    faults: Arc<Mutex<Faults<BrokerOp>>>,
+}
+
+#[async_trait]
+impl Acker for FaultyAcker {
+    async fn ack(&self) -> Result<()> {
+        if FaultyBroker::check(&self.faults, BrokerOp::Ack, None).is_err() {
+            // Lost on the way: the delivery stays unsettled until it is dropped.
+            return Ok(());
+        }
+        match &self.inner {
+            Some(inner) => inner.ack().await,
+            None => Ok(()),
+        }
+    }
+
+    async fn reject(&self, how: Rejection) -> Result<()> {
+        if FaultyBroker::check(&self.faults, BrokerOp::Ack, None).is_err() {
+            return Ok(());
+        }
+        match &self.inner {
+            Some(inner) => inner.reject(how).await,
+            None => Ok(()),
+        }
+    }
+}

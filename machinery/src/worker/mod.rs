@@ -1,0 +1,395 @@
+//! The worker: consumes task messages, runs the tasks, records their outcome.
+//!
+//! Per delivery: decode the signature, find the task, record RECEIVED then STARTED, run the
+//! body (blocking bodies on Tokio's blocking pool, so they never stall the runtime), record
+//! SUCCESS with the results or FAILURE with the error (or RETRY and republish it later), send
+//! the follow-ups (`OnSuccess` with the results appended unless the task is `Immutable`;
+//! `OnError` with the error message prepended), and only then acknowledge the message.
+//!
+//! Bad input never crashes a worker: a body that is not a signature, or is larger than
+//! `max_message_size`, is dead-lettered with a logged reason; arguments that do not fit the task
+//! make it a FAILURE with a clear error, so the producer's `get()` returns that error. A
+//! panicking task is a FAILURE with the panic message.
+
+mod delivery;
+mod policy;
+mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::broker::Consumer;
+use crate::error::{Error, ErrorKind, Result};
+use crate::server::Server;
+use crate::task::Registry;
+use policy::SettlePolicy;
+use store::Store;
+
+/// Runs a worker configured from the environment ([`Config::from_env`](crate::Config::from_env))
+/// with every task compiled into the binary, until SIGINT or SIGTERM.
+///
+/// On the first signal the worker stops taking messages, finishes the tasks in flight,
+/// acknowledges them and returns `Ok(())`; a second signal returns at once with an error of kind
+/// [`ErrorKind::Shutdown`] (unacknowledged messages go back to the queue).
+///
+/// ```no_run
+/// #[machinery::task]
+/// fn add(a: i64, b: i64) -> i64 { a + b }
+///
+/// #[tokio::main]
+/// async fn main() -> machinery::Result<()> {
+///     machinery::worker::launch().await
+/// }
+/// ```
+pub async fn launch() -> Result<()> {
+    Server::from_env().await?.worker().build()?.run().await
+}
+
+/// Configures a [`Worker`]; made by [`Server::worker`].
+#[derive(Debug)]
+#[must_use]
+pub struct WorkerBuilder {
+    server: Server,
+    name: Option<String>,
+    queue: Option<String>,
+    concurrency: usize,
+    only: Option<Vec<String>>,
+}
+
+impl WorkerBuilder {
+    pub(crate) fn new(server: Server) -> Self {
+        WorkerBuilder {
+            server,
+            name: None,
+            queue: None,
+            concurrency: 16,
+            only: None,
+        }
+    }
+
+    /// The worker's name (its consumer tag); default `machinery-<pid>-<n>`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Consumes `queue` instead of the configured default queue.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Runs at most `n` tasks at once (default 16; at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Registers only the named tasks instead of every task in the binary.
+    pub fn tasks<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.only = Some(names.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Builds the task registry and the worker. Fails if two tasks share a name.
+    pub fn build(self) -> Result<Worker> {
+        let registry = Registry::build(self.only.as_deref())?;
+        let queue = self
+            .queue
+            .unwrap_or_else(|| self.server.config().default_queue.clone());
+        let name = self.name.unwrap_or_else(|| {
+            format!(
+                "machinery-{}-{}",
+                std::process::id(),
+                &crate::wire::new_uuid("")[..8]
+            )
+        });
+        let config = self.server.config();
+        let policy = SettlePolicy {
+            max_deliveries: config.max_deliveries,
+            backoff: config.requeue_delay,
+        };
+        let store = Store::new(self.server.backend().cloned(), config.store_retry_timeout);
+        Ok(Worker {
+            ctx: Arc::new(Ctx {
+                registry,
+                name,
+                policy,
+                store,
+                server: self.server,
+            }),
+            queue,
+            concurrency: self.concurrency,
+        })
+    }
+
+    /// Builds the worker, starts consuming, and runs it in the background until
+    /// [`WorkerHandle::shutdown`]. When this returns, the worker's queue is declared and
+    /// consumed: tasks sent from now on reach it.
+    pub async fn spawn(self) -> Result<WorkerHandle> {
+        let worker = self.build()?;
+        let consumer = worker.consume().await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(worker.serve(consumer, async move {
+            let _ = stopped.await;
+        }));
+        Ok(WorkerHandle { stop, join })
+    }
+}
+
+/// A worker in the background; see [`WorkerBuilder::spawn`].
+///
+/// Dropping the handle stops the worker as [`shutdown`](Self::shutdown) does, without waiting:
+/// keep it for as long as the worker should run.
+#[derive(Debug)]
+#[must_use = "dropping a WorkerHandle stops the worker at once; keep it, then call shutdown()"]
+pub struct WorkerHandle {
+    stop: oneshot::Sender<()>,
+    join: JoinHandle<Result<()>>,
+}
+
+impl WorkerHandle {
+    /// Stops taking messages, waits for the tasks in flight and returns the worker's result.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.join
+            .await
+            .map_err(|e| Error::new(ErrorKind::Shutdown, format!("the worker task failed: {e}")))?
+    }
+
+    /// Like [`shutdown`](Self::shutdown), but waits at most `timeout` for the tasks in flight;
+    /// then aborts the worker and returns an error of kind [`ErrorKind::Shutdown`]. Messages
+    /// not yet acknowledged go back to the queue (a sync task body already running on the
+    /// blocking pool runs to its end, unobserved).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// let server = machinery::Server::new(
+    ///     machinery::Config::builder().broker("memory://shutdown-docs").build()?,
+    /// ).await?;
+    /// let worker = server.worker().spawn().await?;
+    /// worker.shutdown_timeout(Duration::from_secs(5)).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn shutdown_timeout(mut self, timeout: Duration) -> Result<()> {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(timeout, &mut self.join).await {
+            Ok(joined) => joined.map_err(|e| {
+                Error::new(ErrorKind::Shutdown, format!("the worker task failed: {e}"))
+            })?,
+            Err(_) => {
+                self.join.abort();
+                Err(Error::new(
+                    ErrorKind::Shutdown,
+                    format!("the tasks in flight did not finish within {timeout:?}; aborted"),
+                ))
+            }
+        }
+    }
+
+    /// Stops the worker at once, without waiting for the tasks in flight (their messages go
+    /// back to the queue).
+    pub fn abort(self) {
+        self.join.abort();
+    }
+
+    /// Whether the worker has stopped (after an error, or a shutdown).
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+}
+
+/// A worker; see the [module docs](self).
+#[derive(Debug)]
+pub struct Worker {
+    ctx: Arc<Ctx>,
+    queue: String,
+    concurrency: usize,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    registry: Registry,
+    server: Server,
+    name: String,
+    policy: SettlePolicy,
+    store: Store,
+}
+
+impl Worker {
+    /// The names of the tasks this worker runs.
+    pub fn task_names(&self) -> Vec<&'static str> {
+        self.ctx.registry.names()
+    }
+
+    /// Runs until SIGINT or SIGTERM; see [`launch`].
+    pub async fn run(self) -> Result<()> {
+        if self.ctx.server.config().no_unix_signals {
+            return self.run_until(std::future::pending()).await;
+        }
+        let (first_tx, first_rx) = oneshot::channel::<()>();
+        let (second_tx, second_rx) = oneshot::channel::<()>();
+        let signals = tokio::spawn(async move {
+            if wait_for_signal().await.is_err() {
+                return;
+            }
+            info!("signal received: finishing the tasks in flight (signal again to quit now)");
+            let _ = first_tx.send(());
+            if wait_for_signal().await.is_ok() {
+                let _ = second_tx.send(());
+            }
+        });
+        let graceful = self.run_until(async move {
+            let _ = first_rx.await;
+        });
+        let result = tokio::select! {
+            result = graceful => result,
+            Ok(()) = second_rx => Err(Error::new(
+                ErrorKind::Shutdown,
+                "second signal received: quitting without waiting for the tasks in flight",
+            )),
+        };
+        signals.abort();
+        result
+    }
+
+    /// Runs until `shutdown` completes, then stops taking messages, finishes the tasks in
+    /// flight and returns.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let consumer = self.consume().await?;
+        self.serve(consumer, shutdown).await
+    }
+
+    async fn consume(&self) -> Result<Box<dyn Consumer>> {
+        let config = self.ctx.server.config();
+        let prefetch = config
+            .amqp
+            .prefetch_count
+            .max(u16::try_from(self.concurrency).unwrap_or(u16::MAX));
+        self.ctx
+            .server
+            .broker()
+            .consume(&self.queue, prefetch)
+            .await
+    }
+
+    async fn serve(
+        self,
+        mut consumer: Box<dyn Consumer>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<()> {
+        info!(
+            worker = %self.ctx.name,
+            queue = %self.queue,
+            concurrency = self.concurrency,
+            tasks = self.ctx.registry.len(),
+            "worker started"
+        );
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        // The bytes of message bodies in flight (MAX_INFLIGHT_BYTES).
+        let budget_bytes = self
+            .ctx
+            .server
+            .config()
+            .max_inflight_bytes
+            .min(Semaphore::MAX_PERMITS);
+        let budget = Arc::new(Semaphore::new(budget_bytes));
+        let mut outcome = Ok(());
+        let mut in_flight = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            // While the result store is unreachable, take nothing new (the tasks in hand keep
+            // retrying their writes).
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                () = self.ctx.store.wait_up() => {}
+            }
+            let next = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                next = consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    // A message larger than the whole budget runs alone.
+                    let size = delivery.body().len().clamp(1, budget_bytes);
+                    let bytes = tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        bytes = budget.clone().acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX)) => match bytes {
+                            Ok(bytes) => bytes,
+                            Err(_) => break,
+                        },
+                    };
+                    let ctx = self.ctx.clone();
+                    // Tasks live in the set: if the worker is aborted, so are they, and their
+                    // unsettled deliveries go back to the queue.
+                    while in_flight.try_join_next().is_some() {}
+                    in_flight.spawn(async move {
+                        delivery::process(&ctx, delivery).await;
+                        drop(bytes);
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    // The consumer already tried to reconnect for `reconnect_timeout`.
+                    error!(worker = %self.ctx.name, error = %e, "the broker is gone; stopping");
+                    outcome = Err(e);
+                    break;
+                }
+                None => {
+                    warn!(worker = %self.ctx.name, "the broker closed the consumer");
+                    break;
+                }
+            }
+        }
+        if let Err(e) = consumer.cancel().await {
+            warn!(worker = %self.ctx.name, error = %e, "cancelling the consumer failed");
+        }
+        debug!(worker = %self.ctx.name, "waiting for the tasks in flight");
+        while in_flight.join_next().await.is_some() {}
+        drop(permits);
+        if let Err(e) = consumer.close().await {
+            warn!(worker = %self.ctx.name, error = %e, "closing the consumer failed");
+        }
+        info!(worker = %self.ctx.name, "worker stopped");
+        outcome
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => Ok(()),
+        _ = int.recv() => Ok(()),
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> std::io::Result<()> {
+    tokio::signal::ctrl_c().await
+}

@@ -1,0 +1,290 @@
+//! The one place that decides how a delivery leaves the worker.
+//!
+//! Handling a delivery ends in an [`Outcome`]; [`SettlePolicy::decide`] turns the outcome and
+//! the delivery's [`Attempt`] into a [`Settlement`]: acknowledge it, republish it (later, with
+//! its attempt counted or not), or dead-letter it. Nothing else in the worker chooses between
+//! those.
+//!
+//! Attempts are counted durably. A message the worker gives back is republished with the
+//! attempts so far in the signature's `Headers` (`x-machinery-attempts`, which Go passes
+//! through untouched) and the last error (`x-machinery-last-error`); the broker's own count is
+//! added where it keeps one (a RabbitMQ quorum queue's `x-delivery-count`, the embedded
+//! broker). A classic queue only says "redelivered": such a message is first republished with
+//! its count (a checkpoint), so that a message whose worker dies every time it runs is still
+//! dead-lettered after `max_deliveries`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::broker::Delivery;
+use crate::error::Error;
+use crate::wire::Signature;
+
+/// The `Headers` key carrying how many deliveries of this message came before.
+pub(crate) const ATTEMPTS_HEADER: &str = "x-machinery-attempts";
+/// The `Headers` key carrying the error of the last delivery that could not be settled.
+pub(crate) const LAST_ERROR_HEADER: &str = "x-machinery-last-error";
+
+/// The longest pause before a message given back is delivered again.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Which delivery of a message this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Attempt {
+    /// 1 for the first delivery.
+    pub(crate) number: u32,
+    /// Whether the broker only said "redelivered" without counting: the count is unknown.
+    pub(crate) uncounted: bool,
+}
+
+impl Attempt {
+    /// Counts the deliveries before this one: those carried in the signature, plus the
+    /// broker's count (or 1 if it only says the message was redelivered).
+    pub(crate) fn of(delivery: &Delivery, signature: &Signature) -> Attempt {
+        let carried = carried_attempts(signature);
+        let by_broker = delivery
+            .delivery_count()
+            .unwrap_or(u32::from(delivery.redelivered()));
+        Attempt {
+            number: carried.saturating_add(by_broker).saturating_add(1),
+            uncounted: delivery.redelivered() && delivery.delivery_count().is_none(),
+        }
+    }
+
+    /// The attempt of a message that is not a signature (no carried count).
+    pub(crate) fn of_unknown(delivery: &Delivery) -> Attempt {
+        let by_broker = delivery
+            .delivery_count()
+            .unwrap_or(u32::from(delivery.redelivered()));
+        Attempt {
+            number: by_broker.saturating_add(1),
+            uncounted: false,
+        }
+    }
+
+    /// Whether no delivery of this message came before.
+    pub(crate) fn is_first(self) -> bool {
+        self.number == 1
+    }
+}
+
+/// The attempts a signature carries (a missing or malformed header counts as none).
+pub(crate) fn carried_attempts(signature: &Signature) -> u32 {
+    signature
+        .headers
+        .get(ATTEMPTS_HEADER)
+        .and_then(Value::as_u64)
+        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// How handling a delivery ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The task's final state is stored and its follow-ups are sent (or it was dropped as Go
+    /// drops a task with `IgnoreWhenTaskNotRegistered`).
+    Done,
+    /// Another copy of this message is running or ran: nothing to do.
+    Duplicate,
+    /// No task of that name is registered here.
+    Unregistered,
+    /// It arrived before its ETA: send it again to arrive then (not an attempt).
+    Early(Duration),
+    /// A redelivery the broker did not count: count it before running it.
+    Checkpoint,
+    /// The outcome could not be recorded or the follow-ups not sent; trying again may work.
+    Failed(Error),
+    /// It can never be handled (not a signature, too large); the reason.
+    Poison(String),
+}
+
+/// How a delivery leaves the worker.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Settlement {
+    /// Acknowledge it: done.
+    Ack,
+    /// Publish it again, after `delay`, and acknowledge this delivery. `attempted` counts this
+    /// delivery as an attempt; `last_error` is recorded with it.
+    Republish {
+        delay: Duration,
+        attempted: bool,
+        last_error: Option<String>,
+    },
+    /// Move it to the dead-letter queue. `record_failure`: also store FAILURE with the reason
+    /// (when it is a signature whose state can be recorded).
+    DeadLetter {
+        reason: String,
+        record_failure: bool,
+    },
+}
+
+/// The limits the policy applies.
+#[derive(Debug, Clone)]
+pub(crate) struct SettlePolicy {
+    /// Deliveries of one message before it is dead-lettered.
+    pub(crate) max_deliveries: u32,
+    /// The first pause before a message given back is delivered again; it doubles with each
+    /// attempt, up to [`MAX_BACKOFF`].
+    pub(crate) backoff: Duration,
+}
+
+impl SettlePolicy {
+    /// Whether this delivery is past the limit before anything is done with it (a message
+    /// whose worker died on every delivery).
+    pub(crate) fn exhausted(&self, attempt: Attempt) -> Option<Settlement> {
+        (attempt.number > self.max_deliveries).then(|| Settlement::DeadLetter {
+            reason: format!(
+                "delivered {} times without being settled (max_deliveries {})",
+                attempt.number - 1,
+                self.max_deliveries
+            ),
+            record_failure: true,
+        })
+    }
+
+    /// The settlement for `outcome` on `attempt`.
+    pub(crate) fn decide(&self, outcome: Outcome, attempt: Attempt) -> Settlement {
+        let last = attempt.number >= self.max_deliveries;
+        match outcome {
+            Outcome::Done | Outcome::Duplicate => Settlement::Ack,
+            Outcome::Early(delay) => Settlement::Republish {
+                delay,
+                attempted: false,
+                last_error: None,
+            },
+            Outcome::Checkpoint => Settlement::Republish {
+                delay: Duration::ZERO,
+                attempted: true,
+                last_error: Some("redelivered by the broker".to_owned()),
+            },
+            Outcome::Poison(reason) => Settlement::DeadLetter {
+                reason,
+                record_failure: false,
+            },
+            Outcome::Unregistered if last => Settlement::DeadLetter {
+                reason: format!(
+                    "task not registered on the workers that received it ({} deliveries)",
+                    attempt.number
+                ),
+                record_failure: false,
+            },
+            Outcome::Unregistered => Settlement::Republish {
+                delay: self.backoff_for(attempt),
+                attempted: true,
+                last_error: Some("task not registered".to_owned()),
+            },
+            Outcome::Failed(e) if last || e.is_permanent() => Settlement::DeadLetter {
+                reason: format!(
+                    "could not be settled after {} deliveries: {e}",
+                    attempt.number
+                ),
+                record_failure: true,
+            },
+            Outcome::Failed(e) => Settlement::Republish {
+                delay: self.backoff_for(attempt),
+                attempted: true,
+                last_error: Some(e.to_string()),
+            },
+        }
+    }
+
+    /// `backoff * 2^(attempt - 1)`, capped.
+    fn backoff_for(&self, attempt: Attempt) -> Duration {
+        let doublings = attempt.number.saturating_sub(1).min(16);
+        self.backoff
+            .saturating_mul(1 << doublings)
+            .min(MAX_BACKOFF.max(self.backoff))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn policy() -> SettlePolicy {
+        SettlePolicy {
+            max_deliveries: 5,
+            backoff: Duration::from_secs(1),
+        }
+    }
+
+    fn attempt(number: u32) -> Attempt {
+        Attempt {
+            number,
+            uncounted: false,
+        }
+    }
+
+    #[test]
+    fn transient_failures_are_given_back_with_a_capped_backoff_then_dead_lettered() {
+        let p = policy();
+        let delays: Vec<_> = (1..5)
+            .map(|n| {
+                match p.decide(
+                    Outcome::Failed(Error::new(ErrorKind::Backend, "down")),
+                    attempt(n),
+                ) {
+                    Settlement::Republish {
+                        delay, attempted, ..
+                    } => {
+                        assert!(attempted);
+                        delay.as_secs()
+                    }
+                    other => panic!("attempt {n}: {other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8]);
+        assert!(matches!(
+            p.decide(
+                Outcome::Failed(Error::new(ErrorKind::Backend, "down")),
+                attempt(5)
+            ),
+            Settlement::DeadLetter {
+                record_failure: true,
+                ..
+            }
+        ));
+        let far = SettlePolicy {
+            max_deliveries: 100,
+            ..policy()
+        };
+        assert_eq!(
+            far.decide(Outcome::Unregistered, attempt(40)),
+            Settlement::Republish {
+                delay: MAX_BACKOFF,
+                attempted: true,
+                last_error: Some("task not registered".to_owned())
+            }
+        );
+    }
+
+    #[test]
+    fn permanent_errors_never_go_round_again() {
+        let s = policy().decide(
+            Outcome::Failed(Error::new(ErrorKind::Rejected, "unroutable")),
+            attempt(1),
+        );
+        assert!(matches!(s, Settlement::DeadLetter { .. }), "{s:?}");
+    }
+
+    #[test]
+    fn early_messages_do_not_use_up_attempts() {
+        let s = policy().decide(Outcome::Early(Duration::from_secs(9)), attempt(5));
+        assert_eq!(
+            s,
+            Settlement::Republish {
+                delay: Duration::from_secs(9),
+                attempted: false,
+                last_error: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_message_past_the_limit_is_dead_lettered_before_it_runs() {
+        assert!(policy().exhausted(attempt(5)).is_none());
+        assert!(policy().exhausted(attempt(6)).is_some());
+    }
+}

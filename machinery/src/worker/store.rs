@@ -1,0 +1,134 @@
+//! The worker's access to the result store: retried through an outage, and a gate that stops
+//! the worker taking new messages while the store is unreachable.
+//!
+//! A write that fails with a retryable error ([`Error::is_retryable`]) is tried again with a
+//! capped backoff for up to `store_retry_timeout`. Meanwhile the store is marked down and the
+//! consume loop waits ([`Store::wait_up`]) instead of taking more messages: the deliveries in
+//! hand stay unacknowledged, nothing runs twice, and the worker resumes by itself once a write
+//! succeeds again. Only when the outage outlasts the timeout does the write fail, and the
+//! settle policy gives the message back (counting the attempt).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::backend::ResultBackend;
+use crate::error::Result;
+use crate::wire::{Signature, State, TaskResult, TaskState};
+
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+pub(crate) struct Store {
+    backend: Option<Arc<dyn ResultBackend>>,
+    up: watch::Sender<bool>,
+    retry_timeout: Duration,
+}
+
+impl Store {
+    pub(crate) fn new(backend: Option<Arc<dyn ResultBackend>>, retry_timeout: Duration) -> Store {
+        Store {
+            backend,
+            up: watch::Sender::new(true),
+            retry_timeout,
+        }
+    }
+
+    pub(crate) fn backend(&self) -> Option<&Arc<dyn ResultBackend>> {
+        self.backend.as_ref()
+    }
+
+    /// Returns at once while the store is up; during an outage, once it is back.
+    pub(crate) async fn wait_up(&self) {
+        let mut rx = self.up.subscribe();
+        let _ = rx.wait_for(|up| *up).await;
+    }
+
+    /// Runs `op` against the backend (if there is one), retrying through an outage.
+    pub(crate) async fn call<'a, T, F, Fut>(&'a self, what: &str, op: F) -> Result<Option<T>>
+    where
+        F: Fn(&'a Arc<dyn ResultBackend>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + 'a,
+    {
+        let Some(backend) = &self.backend else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let mut pause = FIRST_PAUSE;
+        loop {
+            match op(backend).await {
+                Ok(value) => {
+                    self.up.send_if_modified(|up| {
+                        let was_down = !*up;
+                        if was_down {
+                            info!("the result store is reachable again; resuming");
+                        }
+                        *up = true;
+                        was_down
+                    });
+                    return Ok(Some(value));
+                }
+                Err(e) if e.is_retryable() && started.elapsed() + pause < self.retry_timeout => {
+                    self.up.send_if_modified(|up| {
+                        let was_up = *up;
+                        if was_up {
+                            warn!(error = %e, what, "the result store is unreachable; taking no new messages until it is back");
+                        }
+                        *up = false;
+                        was_up
+                    });
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Records `state` for `signature` (retried through an outage).
+    pub(crate) async fn set(
+        &self,
+        signature: &Signature,
+        state: State,
+        results: Option<Vec<TaskResult>>,
+        error: String,
+    ) -> Result<()> {
+        let record = task_state(signature, state, results, error);
+        self.call("store task state", |b| b.set_state(record.clone()))
+            .await
+            .map(|_| ())
+    }
+
+    /// Records `state` and returns the state stored before (`None` without a backend).
+    pub(crate) async fn transition(
+        &self,
+        signature: &Signature,
+        state: State,
+    ) -> Result<Option<TaskState>> {
+        let record = task_state(signature, state, None, String::new());
+        Ok(self
+            .call("store task state", |b| b.transition(record.clone()))
+            .await?
+            .flatten())
+    }
+}
+
+pub(crate) fn task_state(
+    signature: &Signature,
+    state: State,
+    results: Option<Vec<TaskResult>>,
+    error: String,
+) -> TaskState {
+    TaskState {
+        task_uuid: signature.uuid.clone(),
+        task_name: signature.name.clone(),
+        state,
+        results,
+        error,
+        ..TaskState::default()
+    }
+}

@@ -1,0 +1,553 @@
+//! Failure paths on the embedded broker and backend, with faults injected on command
+//! (`machinery::testing`): a finished task never runs again, no follow-up is lost, deliveries
+//! are bounded, and no message loops, starves or stalls the worker. Executions are counted,
+//! never inferred.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use machinery::backend::memory::MemoryBackend;
+use machinery::backend::ResultBackend;
+use machinery::broker::memory::MemoryBroker;
+use machinery::broker::Broker;
+use machinery::testing::{BackendOp, BrokerOp, Fault, FaultyBackend, FaultyBroker};
+use machinery::wire::{self, State};
+use machinery::{task, Config, ErrorKind, Group, Server, TaskError};
+
+const QUEUE: &str = "machinery_tasks";
+const WAIT: Duration = Duration::from_secs(10);
+
+static FIRST_RUNS: AtomicUsize = AtomicUsize::new(0);
+static SECOND_RUNS: AtomicUsize = AtomicUsize::new(0);
+static MEMBER_RUNS: AtomicUsize = AtomicUsize::new(0);
+static CALLBACK_RUNS: AtomicUsize = AtomicUsize::new(0);
+static GOOD_RUNS: AtomicUsize = AtomicUsize::new(0);
+static STORE_RUNS: AtomicUsize = AtomicUsize::new(0);
+static HANG_RUNS: AtomicUsize = AtomicUsize::new(0);
+static FAILING_RUNS: AtomicUsize = AtomicUsize::new(0);
+static ERRBACK_RUNS: AtomicUsize = AtomicUsize::new(0);
+static OUTAGE_RUNS: AtomicUsize = AtomicUsize::new(0);
+static BIG_RUNS: AtomicUsize = AtomicUsize::new(0);
+static BIG_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static BIG_MAX_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+fn fp_first(a: i64) -> i64 {
+    FIRST_RUNS.fetch_add(1, Ordering::SeqCst);
+    a + 1
+}
+
+#[task]
+fn fp_second(k: i64, #[chained] x: i64) -> i64 {
+    SECOND_RUNS.fetch_add(1, Ordering::SeqCst);
+    k * x
+}
+
+#[task]
+fn fp_member(a: i64) -> i64 {
+    MEMBER_RUNS.fetch_add(1, Ordering::SeqCst);
+    a
+}
+
+#[task]
+fn fp_callback(#[variadic] xs: Vec<i64>) -> i64 {
+    CALLBACK_RUNS.fetch_add(1, Ordering::SeqCst);
+    xs.iter().sum()
+}
+
+#[task]
+fn fp_good(a: i64) -> i64 {
+    GOOD_RUNS.fetch_add(1, Ordering::SeqCst);
+    a
+}
+
+#[task]
+fn fp_store(a: i64) -> i64 {
+    STORE_RUNS.fetch_add(1, Ordering::SeqCst);
+    a
+}
+
+#[task]
+async fn fp_hang() -> i64 {
+    HANG_RUNS.fetch_add(1, Ordering::SeqCst);
+    std::future::pending::<()>().await;
+    0
+}
+
+#[task]
+fn fp_failing() -> Result<i64, TaskError> {
+    FAILING_RUNS.fetch_add(1, Ordering::SeqCst);
+    Err(TaskError::new("always fails"))
+}
+
+#[task]
+fn fp_errback(#[error_message] message: String) -> String {
+    ERRBACK_RUNS.fetch_add(1, Ordering::SeqCst);
+    message
+}
+
+#[task]
+fn fp_outage(a: i64) -> i64 {
+    OUTAGE_RUNS.fetch_add(1, Ordering::SeqCst);
+    a
+}
+
+#[task]
+fn fp_big(s: String) -> String {
+    BIG_RUNS.fetch_add(1, Ordering::SeqCst);
+    let now = BIG_IN_FLIGHT.fetch_add(1, Ordering::SeqCst) + 1;
+    BIG_MAX_IN_FLIGHT.fetch_max(now, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(50));
+    BIG_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    s.chars().take(3).collect()
+}
+
+#[task]
+fn fp_long_result(n: i64) -> String {
+    "x".repeat(usize::try_from(n).unwrap())
+}
+
+struct Rig {
+    server: Server,
+    memory: MemoryBroker,
+    broker: FaultyBroker,
+    backend: FaultyBackend,
+}
+
+/// A server over the embedded broker and backend named `name`, both wrapped in fault doubles.
+fn rig(
+    name: &str,
+    tune: impl FnOnce(machinery::config::ConfigBuilder) -> machinery::config::ConfigBuilder,
+) -> Rig {
+    let config = tune(
+        Config::builder()
+            .broker(format!("memory://fp-{name}"))
+            .requeue_delay(Duration::from_millis(20))
+            .store_retry_timeout(Duration::from_millis(200)),
+    )
+    .build()
+    .unwrap();
+    let memory = MemoryBroker::open(&format!("fp-{name}"), QUEUE, "machinery_task");
+    let broker = FaultyBroker::new(Arc::new(memory.clone()));
+    let backend = FaultyBackend::new(Arc::new(MemoryBackend::open(
+        &format!("fp-{name}"),
+        Duration::from_secs(3600),
+    )));
+    let server = Server::from_parts(
+        config,
+        Arc::new(broker.clone()) as Arc<dyn Broker>,
+        Some(Arc::new(backend.clone()) as Arc<dyn ResultBackend>),
+    );
+    Rig {
+        server,
+        memory,
+        broker,
+        backend,
+    }
+}
+
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn state(server: &Server, uuid: &str) -> Option<wire::TaskState> {
+    server.backend().unwrap().get_state(uuid).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_follow_up_publish_is_sent_again_without_running_the_task_again() {
+    let rig = rig("lost-publish", |c| c);
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_first::NAME, fp_second::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    let before = (
+        FIRST_RUNS.load(Ordering::SeqCst),
+        SECOND_RUNS.load(Ordering::SeqCst),
+    );
+    let chain = fp_first::signature(1).then(fp_second::signature(10));
+    // The producer's publish is done; the next one (the chain's next link) fails once.
+    rig.broker.arm(BrokerOp::Publish, Fault::once());
+    let result = rig.server.send(chain).await;
+    // The producer's own publish was the one that failed: send again, now unarmed.
+    assert!(result.is_err());
+    rig.broker
+        .arm(BrokerOp::Publish, Fault::once().after_calls(1));
+    let chain = fp_first::signature(1).then(fp_second::signature(10));
+    let handle = rig.server.send(chain).await.unwrap();
+    assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 20);
+    // Give a duplicate time to show itself.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        FIRST_RUNS.load(Ordering::SeqCst) - before.0,
+        1,
+        "first link ran again"
+    );
+    assert_eq!(SECOND_RUNS.load(Ordering::SeqCst) - before.1, 1);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_ack_neither_reruns_the_task_nor_its_follow_up() {
+    let rig = rig("lost-ack", |c| c);
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_first::NAME, fp_second::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    // Both links' first acks are lost: each message is delivered again.
+    rig.broker.arm(BrokerOp::Ack, Fault::times(2));
+    let handle = rig
+        .server
+        .send(fp_first::signature(5).then(fp_second::signature(2)))
+        .await
+        .unwrap();
+    let uuids = handle.task_uuids().to_vec();
+    assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 12);
+    eventually("every message settled", || {
+        rig.memory.depth(QUEUE) == (0, 0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for uuid in &uuids {
+        assert_eq!(
+            rig.backend.writes(uuid, State::Started),
+            1,
+            "{uuid} started twice"
+        );
+    }
+    assert!(rig.memory.dead_letters(QUEUE).is_empty());
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_keeps_failing_is_tried_a_bounded_number_of_times() {
+    let rig = rig("store-fails", |c| c.max_deliveries(3));
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_store::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    rig.backend.arm(
+        BackendOp::SetState,
+        Fault::always().on_state(State::Success),
+    );
+    let before = STORE_RUNS.load(Ordering::SeqCst);
+    let handle = rig.server.send(fp_store::signature(7)).await.unwrap();
+    let uuid = handle.task_uuid().to_owned();
+    let err = handle.get_timeout(WAIT).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Task);
+    assert!(
+        err.task_error()
+            .unwrap()
+            .contains("could not be settled after 3 deliveries"),
+        "{err}"
+    );
+    let runs = STORE_RUNS.load(Ordering::SeqCst) - before;
+    assert_eq!(runs, 3, "the body ran {runs} times");
+    assert_eq!(rig.backend.writes(&uuid, State::Failure), 1);
+    eventually("dead-lettered", || {
+        rig.memory.dead_letters(QUEUE).len() == 1
+    })
+    .await;
+    let dead = rig.memory.dead_letters_with_reasons(QUEUE);
+    assert!(dead[0].1.contains("injected fault"), "{}", dead[0].1);
+    // Nothing more happens to it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(STORE_RUNS.load(Ordering::SeqCst) - before, 3);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_task_names_never_starve_registered_ones() {
+    let rig = rig("unknown", |c| c.max_deliveries(3).prefetch_count(4));
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_good::NAME])
+        .concurrency(4)
+        .spawn()
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        let sig = wire::Signature::new("fp_nobody_has_this");
+        rig.memory.push_raw(QUEUE, sig.to_json().unwrap());
+    }
+    let before = GOOD_RUNS.load(Ordering::SeqCst);
+    let started = Instant::now();
+    let handles = rig
+        .server
+        .send_all((0..10).map(fp_good::signature))
+        .await
+        .unwrap();
+    for handle in handles {
+        handle.get_timeout(WAIT).await.unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(GOOD_RUNS.load(Ordering::SeqCst) - before, 10);
+    // The unknown ones end in the dead-letter queue after max_deliveries.
+    eventually("unknown tasks dead-lettered", || {
+        rig.memory.dead_letters(QUEUE).len() == 20
+    })
+    .await;
+    let dead = rig.memory.dead_letters_with_reasons(QUEUE);
+    assert!(dead[0].1.contains("not registered"), "{}", dead[0].1);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_chord_callback_publish_is_not_lost_and_fires_once() {
+    let rig = rig("chord", |c| c);
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_member::NAME, fp_callback::NAME])
+        .concurrency(3)
+        .spawn()
+        .await
+        .unwrap();
+    let before = CALLBACK_RUNS.load(Ordering::SeqCst);
+    let chord = Group::new([
+        fp_member::signature(1),
+        fp_member::signature(2),
+        fp_member::signature(3),
+    ])
+    .chord(fp_callback::signature(vec![]));
+    // The members are published by the producer; the next publish is the callback's.
+    rig.broker
+        .arm(BrokerOp::Publish, Fault::once().after_calls(3));
+    let handle = rig.server.send_chord(chord).await.unwrap();
+    assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 6);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(CALLBACK_RUNS.load(Ordering::SeqCst) - before, 1);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_whose_worker_dies_every_time_is_dead_lettered() {
+    let rig = rig("dies", |c| c.max_deliveries(2));
+    let before = HANG_RUNS.load(Ordering::SeqCst);
+    let handle = rig.server.send(fp_hang::signature()).await.unwrap();
+    let uuid = handle.task_uuid().to_owned();
+    for n in 1..=2 {
+        let worker = rig
+            .server
+            .worker()
+            .tasks([fp_hang::NAME])
+            .spawn()
+            .await
+            .unwrap();
+        eventually("the task started", || {
+            HANG_RUNS.load(Ordering::SeqCst) - before == n
+        })
+        .await;
+        // The worker dies mid-task: its delivery goes back to the queue.
+        worker.abort();
+        eventually("the delivery is back", || rig.memory.depth(QUEUE) == (1, 0)).await;
+    }
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_hang::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    eventually("dead-lettered", || {
+        rig.memory.dead_letters(QUEUE).len() == 1
+    })
+    .await;
+    assert_eq!(HANG_RUNS.load(Ordering::SeqCst) - before, 2);
+    let stored = state(&rig.server, &uuid).await.unwrap();
+    assert_eq!(stored.state, State::Failure);
+    assert!(
+        stored.error.contains("delivered 2 times"),
+        "{}",
+        stored.error
+    );
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follow_up_that_can_never_be_sent_fails_the_task_with_its_error_callbacks() {
+    let rig = rig("too-big", |c| c.max_message_size(4096));
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_long_result::NAME, fp_errback::NAME, fp_good::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    let errbacks = ERRBACK_RUNS.load(Ordering::SeqCst);
+    let mut head = fp_long_result::signature(10_000)
+        .on_error(fp_errback::signature())
+        .as_wire()
+        .clone();
+    head.on_success = vec![fp_good::signature(1).as_wire().clone()];
+    let uuid = head.uuid.clone();
+    rig.server.send_wire(head).await.unwrap();
+    let stored = eventually_final(&rig.server, &uuid).await;
+    assert_eq!(stored.state, State::Failure);
+    assert!(stored.error.contains("cannot be sent"), "{}", stored.error);
+    eventually("the error callback ran", || {
+        ERRBACK_RUNS.load(Ordering::SeqCst) - errbacks == 1
+    })
+    .await;
+    assert!(rig.memory.dead_letters(QUEUE).is_empty());
+    worker.shutdown().await.unwrap();
+}
+
+async fn eventually_final(server: &Server, uuid: &str) -> wire::TaskState {
+    server
+        .backend()
+        .unwrap()
+        .wait_final(uuid, Some(tokio::time::Instant::now() + WAIT))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_huge_retry_timeout_is_clamped_and_said_so() {
+    let rig = rig("retry-timeout", |c| c);
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_failing::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    let before = FAILING_RUNS.load(Ordering::SeqCst);
+    let mut sig = fp_failing::signature().as_wire().clone();
+    sig.retry_count = 1;
+    sig.retry_timeout = i64::MAX;
+    let uuid = sig.uuid.clone();
+    rig.server.send_wire(sig).await.unwrap();
+    eventually("the task ran", || {
+        FAILING_RUNS.load(Ordering::SeqCst) - before == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Not retried at once (an overflowing ETA used to mean "now").
+    assert_eq!(FAILING_RUNS.load(Ordering::SeqCst) - before, 1);
+    let stored = state(&rig.server, &uuid).await.unwrap();
+    assert!(
+        matches!(stored.state, State::Retry | State::Pending),
+        "{:?}",
+        stored.state
+    );
+    worker.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_store_pauses_the_worker_and_loses_nothing() {
+    let rig = rig("outage", |c| c.store_retry_timeout(Duration::from_secs(30)));
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_outage::NAME])
+        .concurrency(2)
+        .spawn()
+        .await
+        .unwrap();
+    let before = OUTAGE_RUNS.load(Ordering::SeqCst);
+    let handles = rig
+        .server
+        .send_all((0..10).map(fp_outage::signature))
+        .await
+        .unwrap();
+    rig.backend.arm(BackendOp::Transition, Fault::always());
+    rig.backend.arm(BackendOp::SetState, Fault::always());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, unacked) = rig.memory.depth(QUEUE);
+    assert!(
+        unacked <= 2,
+        "the worker kept taking messages: {unacked} in hand"
+    );
+    rig.backend.heal(BackendOp::Transition);
+    rig.backend.heal(BackendOp::SetState);
+    for handle in handles {
+        handle.get_timeout(WAIT).await.unwrap();
+    }
+    assert_eq!(OUTAGE_RUNS.load(Ordering::SeqCst) - before, 10);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_messages_wait_for_the_in_flight_byte_budget() {
+    let rig = rig("budget", |c| c.max_inflight_bytes(3000));
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_big::NAME])
+        .concurrency(8)
+        .spawn()
+        .await
+        .unwrap();
+    let handles = rig
+        .server
+        .send_all((0..6).map(|_| fp_big::signature("y".repeat(2000))))
+        .await
+        .unwrap();
+    for handle in handles {
+        handle.get_timeout(WAIT).await.unwrap();
+    }
+    assert_eq!(BIG_MAX_IN_FLIGHT.load(Ordering::SeqCst), 1);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_timeout_is_bounded() {
+    let rig = rig("shutdown", |c| c);
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_hang::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    let before = HANG_RUNS.load(Ordering::SeqCst);
+    rig.server.send(fp_hang::signature()).await.unwrap();
+    eventually("the task started", || {
+        HANG_RUNS.load(Ordering::SeqCst) > before
+    })
+    .await;
+    let started = Instant::now();
+    let err = worker
+        .shutdown_timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Shutdown);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The aborted task's message is back in the queue.
+    eventually("requeued", || rig.memory.depth(QUEUE) == (1, 0)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partly_refused_batch_says_which_tasks_were_sent() {
+    let rig = rig("partial", |c| c);
+    rig.broker
+        .arm(BrokerOp::Publish, Fault::once().after_calls(2));
+    let sigs: Vec<_> = (0..5).map(fp_good::signature).collect();
+    let uuids: Vec<String> = sigs.iter().map(|s| s.as_wire().uuid.clone()).collect();
+    let err = rig.server.send_all(sigs).await.unwrap_err();
+    let report = err.partial_send().expect("a partial-send report");
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].0, uuids[2]);
+    assert_eq!(report.sent, [&uuids[..2], &uuids[3..]].concat());
+    assert_eq!(rig.memory.depth(QUEUE), (4, 0));
+}
