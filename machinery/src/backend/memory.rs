@@ -1,8 +1,9 @@
 //! The embedded in-process result backend (`memory://`).
 //!
-//! Shared by name within a process like the [memory broker](crate::broker::memory). States
-//! expire after `ResultsExpireIn` seconds, as they do in Redis; waiting for a result is woken
-//! by the write that finishes the task, without polling.
+//! Shared by name within a process like the [memory broker](crate::broker::memory). States and
+//! group records expire after `ResultsExpireIn` seconds, as they do in Redis; waiting for a
+//! result is woken by the write that finishes the task, without polling. Writes never move a
+//! task backwards (see [`ResultBackend::transition`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -13,7 +14,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{timeout, ResultBackend};
+use super::{allowed, timeout, ResultBackend};
 use crate::error::Result;
 use crate::lock;
 use crate::wire::{GoTime, GroupMeta, TaskState};
@@ -28,7 +29,15 @@ struct Shared {
     name: String,
     ttl: Duration,
     inner: Mutex<Inner>,
-    groups: Mutex<HashMap<String, GroupMeta>>,
+    groups: Mutex<Groups>,
+}
+
+/// Group records, expiring like states (Redis keeps them with `SET ... EX` too).
+#[derive(Default)]
+struct Groups {
+    records: HashMap<String, (GroupMeta, Instant)>,
+    /// (expiry, group UUID), one per record, in order (see [`Inner::expiries`]).
+    expiries: VecDeque<(Instant, String)>,
 }
 
 #[derive(Default)]
@@ -61,7 +70,7 @@ impl MemoryBackend {
                     name: name.to_owned(),
                     ttl,
                     inner: Mutex::new(Inner::default()),
-                    groups: Mutex::new(HashMap::new()),
+                    groups: Mutex::new(Groups::default()),
                 })
             })
             .clone();
@@ -82,6 +91,51 @@ impl MemoryBackend {
 }
 
 impl Inner {
+    /// Writes `state` unless [`allowed`] refuses it, carrying the name and creation time
+    /// forward; returns the state stored before (when `previous` is asked for) and the waiters
+    /// to wake.
+    fn apply(
+        &mut self,
+        mut state: TaskState,
+        expires: Instant,
+        previous: bool,
+    ) -> (Option<TaskState>, Option<Arc<Notify>>) {
+        match self.states.get_mut(&state.task_uuid) {
+            Some(entry) => {
+                let before = previous.then(|| entry.state.clone()).flatten();
+                if !allowed(entry.state.as_ref().map(|s| s.state), state.state) {
+                    return (before, None);
+                }
+                if let Some(old) = entry.state.take() {
+                    if state.task_name.is_empty() {
+                        state.task_name = old.task_name;
+                    }
+                    if state.created_at.is_zero() {
+                        state.created_at = old.created_at;
+                    }
+                }
+                entry.state = Some(state);
+                entry.expires = expires;
+                (before, entry.waiters.clone())
+            }
+            None => {
+                // One expiry record per entry: a later write only moves `entry.expires`, and
+                // `expire` re-queues the record when it finds the entry still fresh.
+                let uuid = state.task_uuid.clone();
+                self.expiries.push_back((expires, uuid.clone()));
+                self.states.insert(
+                    uuid,
+                    Entry {
+                        state: Some(state),
+                        expires,
+                        waiters: None,
+                    },
+                );
+                (None, None)
+            }
+        }
+    }
+
     fn expire(&mut self, now: Instant) {
         while let Some((at, _)) = self.expiries.front() {
             if *at > now {
@@ -110,6 +164,46 @@ impl Inner {
     }
 }
 
+impl Groups {
+    fn insert(&mut self, meta: GroupMeta, expires: Instant) {
+        let uuid = meta.group_uuid.clone();
+        if let Some(record) = self.records.get_mut(&uuid) {
+            *record = (meta, expires);
+        } else {
+            self.expiries.push_back((expires, uuid.clone()));
+            self.records.insert(uuid, (meta, expires));
+        }
+    }
+
+    fn get_mut(&mut self, group_uuid: &str, now: Instant) -> Option<&mut (GroupMeta, Instant)> {
+        self.records
+            .get_mut(group_uuid)
+            .filter(|(_, expires)| *expires > now)
+    }
+
+    /// Drops the records whose time has passed (as [`Inner::expire`] does for states).
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, _)) = self.expiries.front() {
+            if *at > now {
+                break;
+            }
+            let Some((_, uuid)) = self.expiries.pop_front() else {
+                break;
+            };
+            match self.records.get(&uuid) {
+                Some((_, expires)) if *expires <= now => {
+                    self.records.remove(&uuid);
+                }
+                Some((_, expires)) => {
+                    let at = (*expires).max(now + Duration::from_millis(1));
+                    self.expiries.push_back((at, uuid));
+                }
+                None => {}
+            }
+        }
+    }
+}
+
 impl fmt::Debug for MemoryBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryBackend")
@@ -120,46 +214,41 @@ impl fmt::Debug for MemoryBackend {
 
 #[async_trait]
 impl ResultBackend for MemoryBackend {
-    async fn set_state(&self, mut state: TaskState) -> Result<()> {
+    async fn set_state(&self, state: TaskState) -> Result<()> {
+        self.set_states(vec![state]).await
+    }
+
+    /// Applies the batch under one lock.
+    async fn set_states(&self, states: Vec<TaskState>) -> Result<()> {
         let now = Instant::now();
         let expires = now + self.shared.ttl;
-        let mut inner = lock(&self.shared.inner);
-        inner.expire(now);
-        let waiters = match inner.states.get_mut(&state.task_uuid) {
-            Some(entry) => {
-                if let Some(old) = entry.state.take() {
-                    if state.task_name.is_empty() {
-                        state.task_name = old.task_name;
-                    }
-                    if state.created_at.is_zero() {
-                        state.created_at = old.created_at;
-                    }
+        let mut wake = Vec::new();
+        {
+            let mut inner = lock(&self.shared.inner);
+            inner.expire(now);
+            for state in states {
+                if let (_, Some(waiters)) = inner.apply(state, expires, false) {
+                    wake.push(waiters);
                 }
-                entry.state = Some(state);
-                entry.expires = expires;
-                entry.waiters.clone()
             }
-            None => {
-                // One expiry record per entry: a later write only moves `entry.expires`, and
-                // `expire` re-queues the record when it finds the entry still fresh.
-                let uuid = state.task_uuid.clone();
-                inner.expiries.push_back((expires, uuid.clone()));
-                inner.states.insert(
-                    uuid,
-                    Entry {
-                        state: Some(state),
-                        expires,
-                        waiters: None,
-                    },
-                );
-                None
-            }
-        };
-        drop(inner);
-        if let Some(waiters) = waiters {
+        }
+        for waiters in wake {
             waiters.notify_waiters();
         }
         Ok(())
+    }
+
+    async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
+        let now = Instant::now();
+        let (previous, waiters) = {
+            let mut inner = lock(&self.shared.inner);
+            inner.expire(now);
+            inner.apply(state, now + self.shared.ttl, true)
+        };
+        if let Some(waiters) = waiters {
+            waiters.notify_waiters();
+        }
+        Ok(previous)
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
@@ -169,6 +258,22 @@ impl ResultBackend for MemoryBackend {
             .get(task_uuid)
             .filter(|e| e.expires > Instant::now())
             .and_then(|e| e.state.clone()))
+    }
+
+    /// Reads every state under one lock.
+    async fn get_states(&self, task_uuids: &[String]) -> Result<Vec<Option<TaskState>>> {
+        let inner = lock(&self.shared.inner);
+        let now = Instant::now();
+        Ok(task_uuids
+            .iter()
+            .map(|uuid| {
+                inner
+                    .states
+                    .get(uuid)
+                    .filter(|e| e.expires > now)
+                    .and_then(|e| e.state.clone())
+            })
+            .collect())
     }
 
     async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
@@ -233,27 +338,39 @@ impl ResultBackend for MemoryBackend {
     }
 
     async fn init_group(&self, group_uuid: &str, task_uuids: &[String]) -> Result<()> {
-        lock(&self.shared.groups).insert(
-            group_uuid.to_owned(),
+        let now = Instant::now();
+        let mut groups = lock(&self.shared.groups);
+        groups.expire(now);
+        groups.insert(
             GroupMeta {
                 group_uuid: group_uuid.to_owned(),
                 task_uuids: task_uuids.to_vec(),
                 created_at: GoTime::now(),
                 ..GroupMeta::default()
             },
+            now + self.shared.ttl,
         );
         Ok(())
     }
 
     async fn group_meta(&self, group_uuid: &str) -> Result<Option<GroupMeta>> {
-        Ok(lock(&self.shared.groups).get(group_uuid).cloned())
+        let now = Instant::now();
+        let mut groups = lock(&self.shared.groups);
+        groups.expire(now);
+        Ok(groups
+            .get_mut(group_uuid, now)
+            .map(|(meta, _)| meta.clone()))
     }
 
+    /// Like Redis's, it rewrites the record, which starts its time to live again.
     async fn trigger_chord(&self, group_uuid: &str) -> Result<bool> {
+        let now = Instant::now();
         let mut groups = lock(&self.shared.groups);
-        match groups.get_mut(group_uuid) {
-            Some(meta) if !meta.chord_triggered => {
+        groups.expire(now);
+        match groups.get_mut(group_uuid, now) {
+            Some((meta, expires)) if !meta.chord_triggered => {
                 meta.chord_triggered = true;
+                *expires = now + self.shared.ttl;
                 Ok(true)
             }
             _ => Ok(false),
@@ -317,5 +434,117 @@ mod tests {
         assert_eq!(state.task_name, "add");
         assert_eq!(state.created_at, pending.created_at);
         assert_eq!(state.state, State::Success);
+    }
+
+    fn full(uuid: &str, state: State) -> TaskState {
+        TaskState {
+            task_name: "add".into(),
+            created_at: GoTime::now(),
+            ..TaskState::new(uuid, state)
+        }
+    }
+
+    async fn stored(backend: &MemoryBackend, uuid: &str) -> State {
+        backend.get_state(uuid).await.unwrap().unwrap().state
+    }
+
+    #[tokio::test]
+    async fn writes_never_move_a_task_backwards() {
+        let backend = MemoryBackend::open("guard-test", Duration::from_secs(60));
+        let cases = [
+            (State::Success, State::Received, State::Success),
+            (State::Success, State::Pending, State::Success),
+            (State::Failure, State::Retry, State::Failure),
+            (State::Failure, State::Started, State::Failure),
+            (State::Received, State::Pending, State::Received),
+            (State::Started, State::Pending, State::Started),
+            (State::Retry, State::Pending, State::Pending),
+            (State::Pending, State::Pending, State::Pending),
+            (State::Success, State::Failure, State::Failure),
+            (State::Failure, State::Success, State::Success),
+            (State::Started, State::Received, State::Received),
+        ];
+        for (i, (first, next, expected)) in cases.into_iter().enumerate() {
+            for way in 0..3 {
+                let uuid = format!("guard-{i}-{way}");
+                backend.set_state(full(&uuid, first)).await.unwrap();
+                let next = TaskState::new(&uuid, next);
+                match way {
+                    0 => backend.set_state(next).await.unwrap(),
+                    1 => backend.set_states(vec![next]).await.unwrap(),
+                    _ => {
+                        let previous = backend.transition(next).await.unwrap().unwrap();
+                        assert_eq!(previous.state, first);
+                    }
+                }
+                assert_eq!(
+                    stored(&backend, &uuid).await,
+                    expected,
+                    "{first} -> {expected}"
+                );
+                let record = backend.get_state(&uuid).await.unwrap().unwrap();
+                assert_eq!(record.task_name, "add");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn transition_returns_the_previous_state() {
+        let backend = MemoryBackend::open("transition-test", Duration::from_secs(60));
+        let pending = full("t", State::Pending);
+        assert_eq!(backend.transition(pending.clone()).await.unwrap(), None);
+        assert_eq!(
+            backend
+                .transition(TaskState::new("t", State::Received))
+                .await
+                .unwrap(),
+            Some(pending.clone())
+        );
+        let received = backend.get_state("t").await.unwrap().unwrap();
+        assert_eq!(received.created_at, pending.created_at);
+        assert_eq!(received.state, State::Received);
+    }
+
+    #[tokio::test]
+    async fn get_states_reads_in_order() {
+        let backend = MemoryBackend::open("get-states-test", Duration::from_secs(60));
+        backend
+            .set_states(vec![
+                TaskState::new("a", State::Started),
+                TaskState::new("c", State::Success),
+            ])
+            .await
+            .unwrap();
+        let ids = ["c", "b", "a"].map(String::from);
+        let states: Vec<Option<State>> = backend
+            .get_states(&ids)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.map(|s| s.state))
+            .collect();
+        assert_eq!(states, [Some(State::Success), None, Some(State::Started)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn groups_expire_after_the_ttl() {
+        let backend = MemoryBackend::open("group-expiry-test", Duration::from_secs(10));
+        backend.init_group("g1", &["a".into()]).await.unwrap();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        backend.init_group("g2", &["b".into()]).await.unwrap();
+        // Triggering rewrites the record, as Redis's SET EX does: a fresh TTL.
+        assert!(backend.trigger_chord("g2").await.unwrap());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(backend.group_meta("g1").await.unwrap(), None);
+        assert!(!backend.trigger_chord("g1").await.unwrap());
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let g2 = backend.group_meta("g2").await.unwrap().unwrap();
+        assert!(g2.chord_triggered);
+        // Expired records are dropped, not only hidden: the map stays bounded.
+        for i in 0..100 {
+            backend.init_group(&format!("n{i}"), &[]).await.unwrap();
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert!(lock(&backend.shared.groups).records.len() <= 11);
     }
 }
