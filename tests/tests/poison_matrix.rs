@@ -217,7 +217,10 @@ async fn poison_messages_end_bounded_and_good_tasks_run_once() {
         if done == total_good {
             break;
         }
-        assert!(Instant::now() < deadline, "{done} of {total_good} good tasks ran");
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {total_good} good tasks ran"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -245,7 +248,12 @@ async fn poison_messages_end_bounded_and_good_tasks_run_once() {
             }
         };
         eprintln!("{what}: {outcome}");
-        for state in [State::Received, State::Started, State::Success, State::Failure] {
+        for state in [
+            State::Received,
+            State::Started,
+            State::Success,
+            State::Failure,
+        ] {
             let writes = counted.writes(uuid, state);
             assert!(writes <= 2, "{what}: {state} written {writes} times");
         }
@@ -258,7 +266,10 @@ async fn poison_messages_end_bounded_and_good_tasks_run_once() {
         }
         let uuid = last["UUID"].as_str().unwrap();
         let state = backend
-            .wait_final(uuid, Some(tokio::time::Instant::now() + Duration::from_secs(60)))
+            .wait_final(
+                uuid,
+                Some(tokio::time::Instant::now() + Duration::from_secs(60)),
+            )
             .await
             .unwrap();
         assert_eq!(state.state, State::Success);
@@ -266,12 +277,26 @@ async fn poison_messages_end_bounded_and_good_tasks_run_once() {
     // The unregistered ones end in the dead-letter queue, the time-rejected ones too.
     let deadline = Instant::now() + Duration::from_secs(60);
     while queue_depth(&channel, &dlq).await < 80 + 3 {
-        assert!(Instant::now() < deadline, "dead letters: {}", queue_depth(&channel, &dlq).await);
+        assert!(
+            Instant::now() < deadline,
+            "dead letters: {}",
+            queue_depth(&channel, &dlq).await
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(HEAD_RUNS.load(Ordering::SeqCst), 4, "a poison task body ran again");
+    assert_eq!(
+        HEAD_RUNS.load(Ordering::SeqCst),
+        4,
+        "a poison task body ran again"
+    );
     assert_eq!(FAIL_RUNS.load(Ordering::SeqCst), 1);
-    assert!(GOOD.lock().unwrap().as_ref().unwrap().values().all(|n| *n == 1));
+    assert!(GOOD
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .values()
+        .all(|n| *n == 1));
     assert_eq!(broker.reconnects(), reconnects, "the worker reconnected");
     assert!(!worker.is_finished());
     worker.shutdown().await.unwrap();

@@ -84,7 +84,16 @@ impl Store {
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(MAX_PAUSE);
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Giving up hands the message to the settle policy; the next delivery
+                    // probes the store again (a gate left closed would never reopen).
+                    self.up.send_if_modified(|up| {
+                        let was_down = !*up;
+                        *up = true;
+                        was_down
+                    });
+                    return Err(e);
+                }
             }
         }
     }
