@@ -5,6 +5,8 @@
 //! test uses fresh UUIDs, so the tests run in parallel and leave nothing behind that matters
 //! (states expire).
 
+mod common;
+
 use std::time::Duration;
 
 use machinery::backend::redis::RedisBackend;
@@ -901,4 +903,113 @@ async fn set_states_stores_a_batch_in_one_call() {
         assert_eq!((stored.task_name.as_str(), stored.state), (name, state));
         assert!(!stored.created_at.is_zero());
     }
+}
+
+// ---- Outages ---------------------------------------------------------------------------------
+
+/// The backend's bound on one command (Go Machinery's default `ReadTimeout`).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs `op` and checks that it fails as an outage should: a retryable backend error, in time.
+async fn fails_in_time<T: std::fmt::Debug>(
+    what: &str,
+    op: impl std::future::Future<Output = machinery::Result<T>>,
+) {
+    let start = Instant::now();
+    let outcome = tokio::time::timeout(RESPONSE_TIMEOUT + Duration::from_secs(5), op)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung through the outage"));
+    let took = start.elapsed();
+    let err = outcome.expect_err(what);
+    assert_eq!(err.kind(), ErrorKind::Backend, "{what}: {err}");
+    assert!(err.is_retryable(), "{what}: {err}");
+    eprintln!("{what} failed in {took:?}: {err}");
+    assert!(
+        took <= RESPONSE_TIMEOUT + Duration::from_secs(1),
+        "{what} took {took:?}"
+    );
+}
+
+/// Retries `op` until it succeeds, for up to 30 s.
+async fn recovers<T>(
+    what: &str,
+    mut op: impl FnMut() -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = machinery::Result<T>> + Send>,
+    >,
+) -> T {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        match op().await {
+            Ok(value) => return value,
+            Err(e) if Instant::now() < give_up => {
+                assert_eq!(e.kind(), ErrorKind::Backend, "{what}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what} did not recover after the restart: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_is_a_backend_error_and_the_backend_recovers() {
+    let mut redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let uuid = task_uuid();
+    b.set_state(TaskState {
+        task_name: "add".into(),
+        created_at: created(),
+        ..TaskState::new(&uuid, State::Pending)
+    })
+    .await
+    .unwrap();
+
+    redis.kill9();
+    fails_in_time(
+        "set_state",
+        b.set_state(TaskState::new(&uuid, State::Started)),
+    )
+    .await;
+    fails_in_time("get_state", b.get_state(&uuid)).await;
+    fails_in_time(
+        "transition",
+        b.transition(TaskState::new(&uuid, State::Received)),
+    )
+    .await;
+    fails_in_time("get_states", b.get_states(&[uuid.clone(), task_uuid()])).await;
+    fails_in_time(
+        "set_states",
+        b.set_states(vec![TaskState::new(&uuid, State::Started)]),
+    )
+    .await;
+    fails_in_time(
+        "wait_final",
+        b.wait_final(&uuid, Some(Instant::now() + Duration::from_secs(60))),
+    )
+    .await;
+
+    // The same backend, not rebuilt, works once the server is back (empty: no persistence).
+    redis.restart();
+    let (b2, id) = (b.clone(), uuid.clone());
+    recovers("get_state", move || {
+        let (b, id) = (b2.clone(), id.clone());
+        Box::pin(async move { b.get_state(&id).await })
+    })
+    .await;
+    assert_eq!(b.get_state(&uuid).await.unwrap(), None);
+    assert_eq!(
+        b.transition(TaskState::new(&uuid, State::Received))
+            .await
+            .unwrap(),
+        None
+    );
+    b.set_state(TaskState::new(&uuid, State::Success))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.wait_final(&uuid, Some(Instant::now() + Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .state,
+        State::Success
+    );
 }

@@ -55,8 +55,13 @@ const DEFAULT_EXPIRY_SECS: u64 = 3600;
 /// How long one connection attempt may take (Go Machinery's default `ConnectTimeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// How long a command may wait for its reply (Go Machinery's default `ReadTimeout`).
+/// How long a command may wait for its reply (Go Machinery's default `ReadTimeout`); also the
+/// bound on a whole operation, reconnecting included.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How many times the connection is re-dialled, 100 ms, 200 ms, 400 ms apart at most, before a
+/// command fails (go-redis's `MaxRetries`, 3, with which Go Machinery's backend fails fast).
+const RECONNECT_RETRIES: usize = 3;
 
 /// The key of the lock Go workers hold (with redsync) while they trigger a chord.
 const GO_CHORD_LOCK: &str = "TriggerChordMutex";
@@ -163,7 +168,9 @@ impl RedisBackend {
         );
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(RECONNECT_RETRIES)
+            .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(cannot_connect)?;
@@ -223,9 +230,27 @@ impl RedisBackend {
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
         let mut conn = self.conn.clone();
-        cmd.query_async(&mut conn)
-            .await
-            .map_err(|e| self.error(what, e))
+        self.bounded(what, cmd.query_async(&mut conn)).await
+    }
+
+    /// Runs one Redis operation, failing with [`ErrorKind::Backend`] when it fails or takes
+    /// longer than the response timeout (a server that is down or unreachable: the connection
+    /// manager re-dials it meanwhile, and the next operation uses the new connection).
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(RESPONSE_TIMEOUT, op).await {
+            Ok(outcome) => outcome.map_err(|e| self.error(what, e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Backend,
+                format!(
+                    "Redis at {}: cannot {what}: no reply within {RESPONSE_TIMEOUT:?}",
+                    self.display
+                ),
+            )),
+        }
     }
 
     fn error(&self, what: &str, e: redis::RedisError) -> Error {
@@ -281,8 +306,8 @@ impl ResultBackend for RedisBackend {
         }
         let p = Pieces::new(&state)?;
         let mut conn = self.conn.clone();
-        self.set_state_script
-            .key(&state.task_uuid)
+        let mut invocation = self.set_state_script.key(&state.task_uuid);
+        invocation
             .arg(self.expiry_secs)
             .arg(p.head)
             .arg(p.name)
@@ -290,10 +315,9 @@ impl ResultBackend for RedisBackend {
             .arg(p.created)
             .arg(p.tail)
             .arg(if carry_name { "1" } else { "0" })
-            .arg(if carry_created { "1" } else { "0" })
-            .invoke_async::<()>(&mut conn)
+            .arg(if carry_created { "1" } else { "0" });
+        self.bounded("store task state", invocation.invoke_async::<()>(&mut conn))
             .await
-            .map_err(|e| self.error("store task state", e))
     }
 
     async fn set_states(&self, states: Vec<TaskState>) -> Result<()> {
@@ -319,9 +343,8 @@ impl ResultBackend for RedisBackend {
         }
         if piped > 0 {
             let mut conn = self.conn.clone();
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| self.error("store task states", e))?;
+            self.bounded("store task states", pipe.query_async::<()>(&mut conn))
+                .await?;
         }
         for state in scripted {
             self.set_state(state).await?;
@@ -408,14 +431,11 @@ impl ResultBackend for RedisBackend {
         let give_up = Instant::now() + CHORD_LOCK_WAIT;
         loop {
             let mut conn = self.conn.clone();
+            let mut invocation = self.trigger_chord_script.key(group_uuid);
+            invocation.key(GO_CHORD_LOCK).arg(self.expiry_secs);
             let outcome: i64 = self
-                .trigger_chord_script
-                .key(group_uuid)
-                .key(GO_CHORD_LOCK)
-                .arg(self.expiry_secs)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| self.error("trigger chord", e))?;
+                .bounded("trigger chord", invocation.invoke_async(&mut conn))
+                .await?;
             match outcome {
                 1 => return Ok(true),
                 0 => return Ok(false),
