@@ -1013,3 +1013,70 @@ async fn a_killed_server_is_a_backend_error_and_the_backend_recovers() {
         State::Success
     );
 }
+
+// ---- Batched reads ---------------------------------------------------------------------------
+
+/// Commands a private server processed while `op` ran, not counting the two `INFO` reads.
+async fn commands_during<T>(
+    redis: &common::PrivateRedis,
+    op: impl std::future::Future<Output = T>,
+) -> (T, u64) {
+    let before = redis.stat("total_commands_processed");
+    let out = op.await;
+    let after = redis.stat("total_commands_processed");
+    (out, after - before - 1)
+}
+
+#[tokio::test]
+async fn get_states_reads_in_order_in_one_round_trip() {
+    let redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..2_500).map(|_| task_uuid()).collect();
+    // Every third one stored: a Go record with lower-case keys, a Rust record, nothing.
+    for (i, id) in ids.iter().enumerate() {
+        match i % 3 {
+            0 => {
+                raw_set(
+                    &mut conn,
+                    id,
+                    &format!(r#"{{"taskuuid":"{id}","state":"SUCCESS","results":[]}}"#),
+                )
+                .await
+            }
+            1 => b
+                .set_state(TaskState::new(id, State::Started))
+                .await
+                .unwrap(),
+            _ => {}
+        }
+    }
+    assert_eq!(b.get_states(&[]).await.unwrap(), Vec::new());
+    let (states, commands) = commands_during(&redis, b.get_states(&ids)).await;
+    let states = states.unwrap();
+    assert_eq!(states.len(), ids.len());
+    for (i, (id, state)) in ids.iter().zip(&states).enumerate() {
+        match (i % 3, state) {
+            (0, Some(s)) => {
+                assert_eq!((&s.task_uuid, s.state), (id, State::Success));
+                assert_eq!(s.results, Some(Vec::new()));
+            }
+            (1, Some(s)) => assert_eq!((&s.task_uuid, s.state), (id, State::Started)),
+            (2, None) => {}
+            (_, other) => panic!("{i}: {other:?}"),
+        }
+    }
+    // One pipelined round trip: MGETs of at most a few thousand keys each.
+    assert!(commands <= 3, "{commands} commands for {} keys", ids.len());
+
+    // A record that is not a state is a decode error, as get_state reports it.
+    raw_set(&mut conn, &ids[2], "not json").await;
+    assert_eq!(
+        b.get_states(&ids).await.unwrap_err().kind(),
+        ErrorKind::Decode
+    );
+}

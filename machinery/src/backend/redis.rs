@@ -63,6 +63,10 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// command fails (go-redis's `MaxRetries`, 3, with which Go Machinery's backend fails fast).
 const RECONNECT_RETRIES: usize = 3;
 
+/// The most keys one `MGET` asks for; longer lists are read with several, pipelined in one
+/// round trip, so that no single command holds the server for long.
+const MGET_CHUNK: usize = 1_000;
+
 /// The key of the lock Go workers hold (with redsync) while they trigger a chord.
 const GO_CHORD_LOCK: &str = "TriggerChordMutex";
 
@@ -192,23 +196,7 @@ impl RedisBackend {
                 format!("group {group_uuid} is not stored"),
             )
         })?;
-        if meta.task_uuids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let raw: Vec<Option<Vec<u8>>> = self
-            .query(
-                redis::cmd("MGET").arg(&meta.task_uuids),
-                "read group states",
-            )
-            .await?;
-        raw.iter()
-            .zip(&meta.task_uuids)
-            .map(|(raw, uuid)| {
-                raw.as_deref()
-                    .map(|raw| decode_state(uuid, raw))
-                    .transpose()
-            })
-            .collect()
+        self.get_states(&meta.task_uuids).await
     }
 
     /// Whether `group_task_count` members of the group have finished (Go's `GroupCompleted`).
@@ -231,6 +219,25 @@ impl RedisBackend {
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
         let mut conn = self.conn.clone();
         self.bounded(what, cmd.query_async(&mut conn)).await
+    }
+
+    /// The raw values at `keys`, in order: `MGET`, in chunks of [`MGET_CHUNK`] keys pipelined
+    /// in one round trip.
+    async fn mget(&self, keys: &[String], what: &str) -> Result<Vec<Option<Vec<u8>>>> {
+        match keys.len() {
+            0 => Ok(Vec::new()),
+            n if n <= MGET_CHUNK => self.query(redis::cmd("MGET").arg(keys), what).await,
+            _ => {
+                let mut pipe = redis::pipe();
+                for chunk in keys.chunks(MGET_CHUNK) {
+                    pipe.cmd("MGET").arg(chunk);
+                }
+                let mut conn = self.conn.clone();
+                let chunks: Vec<Vec<Option<Vec<u8>>>> =
+                    self.bounded(what, pipe.query_async(&mut conn)).await?;
+                Ok(chunks.into_iter().flatten().collect())
+            }
+        }
     }
 
     /// Runs one Redis operation, failing with [`ErrorKind::Backend`] when it fails or takes
@@ -357,6 +364,32 @@ impl ResultBackend for RedisBackend {
             .query(redis::cmd("GET").arg(task_uuid), "read task state")
             .await?;
         raw.map(|raw| decode_state(task_uuid, &raw)).transpose()
+    }
+
+    /// `MGET` (Go's `getStates` in `v2/backends/redis/redis.go` reads a group the same way),
+    /// in chunks of 1,000 keys pipelined in one round trip. A key with no value is `None`;
+    /// a value that is not a state fails the whole read with [`ErrorKind::Decode`].
+    async fn get_states(&self, task_uuids: &[String]) -> Result<Vec<Option<TaskState>>> {
+        let raw = self.mget(task_uuids, "read task states").await?;
+        if raw.len() != task_uuids.len() {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                format!(
+                    "Redis at {}: MGET of {} keys returned {} values",
+                    self.display,
+                    task_uuids.len(),
+                    raw.len()
+                ),
+            ));
+        }
+        raw.iter()
+            .zip(task_uuids)
+            .map(|(raw, uuid)| {
+                raw.as_deref()
+                    .map(|raw| decode_state(uuid, raw))
+                    .transpose()
+            })
+            .collect()
     }
 
     /// Polls with a backoff from 1 ms to 100 ms (Redis has no change notification that Go
