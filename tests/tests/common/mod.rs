@@ -290,15 +290,44 @@ impl PrivateRedis {
 
     /// A counter from `INFO stats` (`total_commands_processed`, `total_reads_processed`, ...),
     /// read over a plain socket: the `INFO` itself is the only command it adds (counted by the
-    /// next read).
+    /// next read). Commands that scripts run count too.
     pub fn stat(&self, name: &str) -> u64 {
+        self.info("stats")
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}:")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in INFO stats"))
+    }
+
+    /// How many times each command has run (`INFO commandstats`), by lower-case name; the
+    /// `GET`s and `SET`s a script runs count under `get` and `set`.
+    pub fn command_calls(&self) -> std::collections::HashMap<String, u64> {
+        self.info("commandstats")
+            .lines()
+            .filter_map(|line| {
+                let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest
+                    .strip_prefix("calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some((name.to_owned(), calls))
+            })
+            .collect()
+    }
+
+    /// An `INFO` section, read over a plain socket.
+    pub fn info(&self, section: &str) -> String {
         use std::io::{Read, Write};
         let mut stream =
             std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("read timeout");
-        stream.write_all(b"INFO stats\r\n").expect("send INFO");
+        stream
+            .write_all(format!("INFO {section}\r\n").as_bytes())
+            .expect("send INFO");
         let mut reply = Vec::new();
         let mut chunk = [0u8; 4096];
         // `$<len>\r\n<body>\r\n`
@@ -306,19 +335,16 @@ impl PrivateRedis {
             let n = stream.read(&mut chunk).expect("read INFO");
             assert!(n > 0, "redis closed the connection");
             reply.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&reply);
-            if let Some((head, body)) = text.split_once("\r\n") {
-                let len: usize = head.trim_start_matches('$').parse().expect("bulk length");
-                if body.len() >= len + 2 {
-                    break;
-                }
+            let Some(end) = reply.windows(2).position(|w| w == b"\r\n") else {
+                continue;
+            };
+            let len: usize = String::from_utf8_lossy(&reply[1..end])
+                .parse()
+                .expect("bulk length");
+            if reply.len() >= end + 2 + len + 2 {
+                return String::from_utf8_lossy(&reply[end + 2..end + 2 + len]).into_owned();
             }
         }
-        let text = String::from_utf8_lossy(&reply);
-        text.lines()
-            .find_map(|line| line.strip_prefix(&format!("{name}:")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in INFO stats"))
     }
 }
 
