@@ -5,6 +5,8 @@
 //! test uses fresh UUIDs, so the tests run in parallel and leave nothing behind that matters
 //! (states expire).
 
+mod common;
+
 use std::time::Duration;
 
 use machinery::backend::redis::RedisBackend;
@@ -900,5 +902,558 @@ async fn set_states_stores_a_batch_in_one_call() {
         let stored = backend.get_state(id).await.unwrap().unwrap();
         assert_eq!((stored.task_name.as_str(), stored.state), (name, state));
         assert!(!stored.created_at.is_zero());
+    }
+}
+
+// ---- Outages ---------------------------------------------------------------------------------
+
+/// The backend's bound on one command (Go Machinery's default `ReadTimeout`).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs `op` and checks that it fails as an outage should: a retryable backend error, in time.
+async fn fails_in_time<T: std::fmt::Debug>(
+    what: &str,
+    op: impl std::future::Future<Output = machinery::Result<T>>,
+) {
+    let start = Instant::now();
+    let outcome = tokio::time::timeout(RESPONSE_TIMEOUT + Duration::from_secs(5), op)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung through the outage"));
+    let took = start.elapsed();
+    let err = outcome.expect_err(what);
+    assert_eq!(err.kind(), ErrorKind::Backend, "{what}: {err}");
+    assert!(err.is_retryable(), "{what}: {err}");
+    eprintln!("{what} failed in {took:?}: {err}");
+    assert!(
+        took <= RESPONSE_TIMEOUT + Duration::from_secs(1),
+        "{what} took {took:?}"
+    );
+}
+
+/// Retries `op` until it succeeds, for up to 30 s.
+async fn recovers<T>(
+    what: &str,
+    mut op: impl FnMut() -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = machinery::Result<T>> + Send>,
+    >,
+) -> T {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        match op().await {
+            Ok(value) => return value,
+            Err(e) if Instant::now() < give_up => {
+                assert_eq!(e.kind(), ErrorKind::Backend, "{what}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what} did not recover after the restart: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_is_a_backend_error_and_the_backend_recovers() {
+    let mut redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let uuid = task_uuid();
+    b.set_state(TaskState {
+        task_name: "add".into(),
+        created_at: created(),
+        ..TaskState::new(&uuid, State::Pending)
+    })
+    .await
+    .unwrap();
+
+    redis.kill9();
+    fails_in_time(
+        "set_state",
+        b.set_state(TaskState::new(&uuid, State::Started)),
+    )
+    .await;
+    fails_in_time("get_state", b.get_state(&uuid)).await;
+    fails_in_time(
+        "transition",
+        b.transition(TaskState::new(&uuid, State::Received)),
+    )
+    .await;
+    fails_in_time("get_states", b.get_states(&[uuid.clone(), task_uuid()])).await;
+    fails_in_time(
+        "set_states",
+        b.set_states(vec![TaskState::new(&uuid, State::Started)]),
+    )
+    .await;
+    fails_in_time(
+        "wait_final",
+        b.wait_final(&uuid, Some(Instant::now() + Duration::from_secs(60))),
+    )
+    .await;
+
+    // The same backend, not rebuilt, works once the server is back (empty: no persistence).
+    redis.restart();
+    let (b2, id) = (b.clone(), uuid.clone());
+    recovers("get_state", move || {
+        let (b, id) = (b2.clone(), id.clone());
+        Box::pin(async move { b.get_state(&id).await })
+    })
+    .await;
+    assert_eq!(b.get_state(&uuid).await.unwrap(), None);
+    assert_eq!(
+        b.transition(TaskState::new(&uuid, State::Received))
+            .await
+            .unwrap(),
+        None
+    );
+    b.set_state(TaskState::new(&uuid, State::Success))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.wait_final(&uuid, Some(Instant::now() + Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .state,
+        State::Success
+    );
+}
+
+// ---- Batched reads ---------------------------------------------------------------------------
+
+/// The commands a private server ran while `op` ran, by name (`INFO` left out); those a script
+/// runs count too (under `get`, `set`).
+async fn commands_during<T>(
+    redis: &common::PrivateRedis,
+    op: impl std::future::Future<Output = T>,
+) -> (T, std::collections::BTreeMap<String, u64>) {
+    let before = redis.command_calls();
+    let out = op.await;
+    let after = redis.command_calls();
+    let ran = after
+        .into_iter()
+        .filter(|(name, _)| name != "info")
+        .filter_map(|(name, calls)| {
+            let delta = calls - before.get(&name).copied().unwrap_or(0);
+            (delta > 0).then_some((name, delta))
+        })
+        .collect();
+    (out, ran)
+}
+
+fn calls(ran: &[(&str, u64)]) -> std::collections::BTreeMap<String, u64> {
+    ran.iter().map(|(name, n)| (name.to_string(), *n)).collect()
+}
+
+#[tokio::test]
+async fn get_states_reads_in_order_in_one_round_trip() {
+    let redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..2_500).map(|_| task_uuid()).collect();
+    // Every third one stored: a Go record with lower-case keys, a Rust record, nothing.
+    for (i, id) in ids.iter().enumerate() {
+        match i % 3 {
+            0 => {
+                raw_set(
+                    &mut conn,
+                    id,
+                    &format!(r#"{{"taskuuid":"{id}","state":"SUCCESS","results":[]}}"#),
+                )
+                .await
+            }
+            1 => b
+                .set_state(TaskState::new(id, State::Started))
+                .await
+                .unwrap(),
+            _ => {}
+        }
+    }
+    assert_eq!(b.get_states(&[]).await.unwrap(), Vec::new());
+    let (states, commands) = commands_during(&redis, b.get_states(&ids)).await;
+    let states = states.unwrap();
+    assert_eq!(states.len(), ids.len());
+    for (i, (id, state)) in ids.iter().zip(&states).enumerate() {
+        match (i % 3, state) {
+            (0, Some(s)) => {
+                assert_eq!((&s.task_uuid, s.state), (id, State::Success));
+                assert_eq!(s.results, Some(Vec::new()));
+            }
+            (1, Some(s)) => assert_eq!((&s.task_uuid, s.state), (id, State::Started)),
+            (2, None) => {}
+            (_, other) => panic!("{i}: {other:?}"),
+        }
+    }
+    // One pipelined round trip: MGETs of at most a few thousand keys each.
+    let mgets = commands.get("mget").copied().unwrap_or(0);
+    assert!(mgets <= 3, "{commands:?} for {} keys", ids.len());
+    assert_eq!(commands.len(), 1, "{commands:?}");
+
+    // A record that is not a state is a decode error, as get_state reports it.
+    raw_set(&mut conn, &ids[2], "not json").await;
+    assert_eq!(
+        b.get_states(&ids).await.unwrap_err().kind(),
+        ErrorKind::Decode
+    );
+}
+
+// ---- Guarded transitions ---------------------------------------------------------------------
+
+fn pending(uuid: &str) -> TaskState {
+    TaskState {
+        task_name: "add".into(),
+        created_at: created(),
+        ..TaskState::new(uuid, State::Pending)
+    }
+}
+
+fn success(uuid: &str) -> TaskState {
+    TaskState {
+        results: Some(vec![TaskResult {
+            type_name: "int64".into(),
+            value: json!(5),
+        }]),
+        ..TaskState::new(uuid, State::Success)
+    }
+}
+
+/// Writes `next` over whatever is stored through each of the three writers; `None` when the
+/// write must be refused (the stored bytes are then checked to be unchanged).
+async fn write_all_ways(
+    b: &RedisBackend,
+    conn: &mut MultiplexedConnection,
+    stored: &str,
+    next: &TaskState,
+    expect_written: bool,
+) {
+    for way in ["set_state", "set_states", "transition"] {
+        let uuid = task_uuid();
+        raw_set(conn, &uuid, &stored.replace("@ID@", &uuid)).await;
+        let next = TaskState {
+            task_uuid: uuid.clone(),
+            ..next.clone()
+        };
+        match way {
+            "set_state" => b.set_state(next.clone()).await.unwrap(),
+            "set_states" => b.set_states(vec![next.clone()]).await.unwrap(),
+            _ => {
+                b.transition(next.clone()).await.unwrap();
+            }
+        }
+        let now = raw_get(conn, &uuid).await.unwrap();
+        let stored_state = b.get_state(&uuid).await.unwrap().unwrap().state;
+        if expect_written {
+            assert_eq!(stored_state, next.state, "{way}: {stored} -> {now}");
+        } else {
+            assert_eq!(
+                now,
+                stored.replace("@ID@", &uuid),
+                "{way} wrote {}",
+                next.state
+            );
+        }
+    }
+}
+
+/// A Go record for the placeholder UUID `@ID@` (write_all_ways fills it in).
+fn go_record(state: &str) -> String {
+    go_json("@ID@", "add", state, "null", "", CREATED)
+}
+
+#[tokio::test]
+async fn a_final_state_is_never_replaced_by_a_non_final_one() {
+    let (b, mut conn) = (backend().await, raw().await);
+    for stored in ["SUCCESS", "FAILURE"] {
+        for next in [
+            State::Pending,
+            State::Received,
+            State::Started,
+            State::Retry,
+        ] {
+            let record = go_record(stored);
+            let full = TaskState {
+                task_name: "x".into(),
+                created_at: GoTime::now(),
+                ..TaskState::new("", next)
+            };
+            write_all_ways(&b, &mut conn, &record, &full, false).await;
+            write_all_ways(&b, &mut conn, &record, &TaskState::new("", next), false).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn pending_does_not_replace_a_received_or_started_task() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let next = pending("");
+    for stored in ["RECEIVED", "STARTED"] {
+        write_all_ways(&b, &mut conn, &go_record(stored), &next, false).await;
+    }
+    // A retried task is sent again: PENDING replaces RETRY, and PENDING itself.
+    for stored in ["RETRY", "PENDING"] {
+        write_all_ways(&b, &mut conn, &go_record(stored), &next, true).await;
+    }
+    // Every other move forward is allowed, also out of order (STARTED before RECEIVED).
+    for (stored, next) in [
+        ("PENDING", State::Received),
+        ("PENDING", State::Started),
+        ("STARTED", State::Received),
+        ("RECEIVED", State::Retry),
+        ("RETRY", State::Started),
+        ("STARTED", State::Success),
+        ("PENDING", State::Failure),
+    ] {
+        write_all_ways(
+            &b,
+            &mut conn,
+            &go_record(stored),
+            &TaskState::new("", next),
+            true,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn failure_may_replace_success_and_the_other_way_round() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let failure = TaskState {
+        error: "late failure".into(),
+        ..TaskState::new("", State::Failure)
+    };
+    write_all_ways(&b, &mut conn, &go_record("SUCCESS"), &failure, true).await;
+    write_all_ways(&b, &mut conn, &go_record("FAILURE"), &success(""), true).await;
+    write_all_ways(&b, &mut conn, &go_record("SUCCESS"), &success(""), true).await;
+}
+
+#[tokio::test]
+async fn guards_go_records_with_keys_in_any_case() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let lower = format!(
+        r#"{{"taskuuid":"@ID@","taskname":"add","state":"SUCCESS","results":[],"createdat":"{CREATED}"}}"#
+    );
+    let mixed = format!(r#"{{"TASKUUID":"@ID@","sTaTe":"STARTED","CreatedAt":"{CREATED}"}}"#);
+    write_all_ways(
+        &b,
+        &mut conn,
+        &lower,
+        &TaskState::new("", State::Received),
+        false,
+    )
+    .await;
+    write_all_ways(&b, &mut conn, &mixed, &pending(""), false).await;
+    // A record without a State is PENDING, as Go's zero value: any write goes.
+    let stateless = r#"{"TaskUUID":"@ID@","TaskName":"add"}"#;
+    write_all_ways(
+        &b,
+        &mut conn,
+        stateless,
+        &TaskState::new("", State::Received),
+        true,
+    )
+    .await;
+
+    // The previous record, decoded, whatever the case of its keys.
+    let uuid = task_uuid();
+    raw_set(&mut conn, &uuid, &lower.replace("@ID@", &uuid)).await;
+    let previous = b
+        .transition(TaskState::new(&uuid, State::Received))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            previous.task_uuid.as_str(),
+            previous.task_name.as_str(),
+            previous.state
+        ),
+        (uuid.as_str(), "add", State::Success)
+    );
+    assert_eq!(previous.created_at, created());
+    assert_eq!(previous.results, Some(Vec::new()));
+}
+
+#[tokio::test]
+async fn transition_returns_the_previous_state_written_or_not() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+    assert_eq!(b.transition(pending(&uuid)).await.unwrap(), None);
+    let previous = b
+        .transition(TaskState::new(&uuid, State::Received))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(previous, pending(&uuid));
+    // Carried forward, as set_state does.
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "RECEIVED", "null", "", CREATED)
+    );
+    let previous = b.transition(success(&uuid)).await.unwrap().unwrap();
+    assert_eq!(previous.state, State::Received);
+    let done = raw_get(&mut conn, &uuid).await.unwrap();
+
+    // A redelivery: RECEIVED is refused, and the caller sees the result.
+    let previous = b
+        .transition(TaskState::new(&uuid, State::Received))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        previous,
+        TaskState {
+            task_name: "add".into(),
+            created_at: created(),
+            ..success(&uuid)
+        }
+    );
+    assert_eq!(raw_get(&mut conn, &uuid).await.unwrap(), done);
+
+    // A stored record that is not a state is replaced, and reported as nothing stored.
+    let corrupt = task_uuid();
+    raw_set(&mut conn, &corrupt, "{not json").await;
+    assert_eq!(
+        b.transition(TaskState::new(&corrupt, State::Received))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        raw_get(&mut conn, &corrupt).await.unwrap(),
+        go_json(&corrupt, "", "RECEIVED", "null", "", ZERO_TIME)
+    );
+}
+
+#[tokio::test]
+async fn set_states_guards_and_carries_forward_in_a_batch() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let ids: Vec<String> = (0..4).map(|_| task_uuid()).collect();
+    b.set_state(pending(&ids[0])).await.unwrap();
+    b.set_state(success(&ids[1])).await.unwrap();
+    b.set_state(TaskState::new(&ids[2], State::Started))
+        .await
+        .unwrap();
+    b.set_states(vec![
+        TaskState::new(&ids[0], State::Started),
+        pending(&ids[1]),
+        pending(&ids[2]),
+        pending(&ids[3]),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &ids[0]).await.unwrap(),
+        go_json(&ids[0], "add", "STARTED", "null", "", CREATED)
+    );
+    let states = b.get_states(&ids).await.unwrap();
+    let states: Vec<State> = states.into_iter().map(|s| s.unwrap().state).collect();
+    assert_eq!(
+        states,
+        [
+            State::Started,
+            State::Success,
+            State::Started,
+            State::Pending
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_never_undo_a_final_state() {
+    let b = backend().await;
+    for _ in 0..20 {
+        let uuid = task_uuid();
+        b.set_state(pending(&uuid)).await.unwrap();
+        let mut writers = Vec::new();
+        for i in 0..12 {
+            let (b, uuid) = (b.clone(), uuid.clone());
+            writers.push(tokio::spawn(async move {
+                match i {
+                    5 => b.set_state(success(&uuid)).await,
+                    _ if i % 3 == 0 => b
+                        .transition(TaskState::new(&uuid, State::Received))
+                        .await
+                        .map(drop),
+                    _ if i % 3 == 1 => b.set_state(TaskState::new(&uuid, State::Started)).await,
+                    _ => b.set_states(vec![pending(&uuid)]).await,
+                }
+            }));
+        }
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        let stored = b.get_state(&uuid).await.unwrap().unwrap();
+        assert_eq!(stored.state, State::Success);
+        assert_eq!(
+            (stored.task_name.as_str(), stored.created_at),
+            ("add", created())
+        );
+    }
+}
+
+#[tokio::test]
+async fn writes_are_one_round_trip() {
+    let redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let ids: Vec<String> = (0..1_500).map(|_| task_uuid()).collect();
+    // The first write may load the script.
+    b.set_state(pending(&ids[0])).await.unwrap();
+
+    // One command each; the script's own GET and SET show up too.
+    let (previous, commands) = commands_during(
+        &redis,
+        b.transition(TaskState::new(&ids[0], State::Received)),
+    )
+    .await;
+    assert_eq!(previous.unwrap().unwrap().state, State::Pending);
+    let one_write = calls(&[("evalsha", 1), ("get", 1), ("set", 1)]);
+    assert_eq!(commands, one_write, "transition");
+
+    let (_, commands) =
+        commands_during(&redis, b.set_state(TaskState::new(&ids[0], State::Started))).await;
+    assert_eq!(commands, one_write, "set_state");
+
+    // A refused write: the script reads and stops.
+    b.set_state(success(&ids[0])).await.unwrap();
+    let (previous, commands) = commands_during(
+        &redis,
+        b.transition(TaskState::new(&ids[0], State::Received)),
+    )
+    .await;
+    assert_eq!(previous.unwrap().unwrap().state, State::Success);
+    assert_eq!(commands, calls(&[("evalsha", 1), ("get", 1)]), "refused");
+
+    // A send's batch of PENDING records and a batch of carried-forward ones: a few runs of
+    // the script, pipelined.
+    let rest = &ids[1..];
+    let n = rest.len() as u64;
+    let (outcome, commands) = commands_during(
+        &redis,
+        b.set_states(rest.iter().map(|id| pending(id)).collect()),
+    )
+    .await;
+    outcome.unwrap();
+    let runs = commands.get("evalsha").copied().unwrap_or(0);
+    assert!(runs <= 3, "set_states: {commands:?}");
+    assert_eq!(
+        commands,
+        calls(&[("evalsha", runs), ("get", n), ("set", n)])
+    );
+    let batch = rest
+        .iter()
+        .map(|id| TaskState::new(id, State::Received))
+        .collect();
+    let (outcome, commands) = commands_during(&redis, b.set_states(batch)).await;
+    outcome.unwrap();
+    let runs = commands.get("evalsha").copied().unwrap_or(0);
+    assert!(runs <= 3, "set_states: {commands:?}");
+    assert_eq!(
+        commands,
+        calls(&[("evalsha", runs), ("get", n), ("set", n)])
+    );
+    for state in b.get_states(rest).await.unwrap() {
+        let state = state.unwrap();
+        assert_eq!(
+            (state.state, state.task_name.as_str()),
+            (State::Received, "add")
+        );
     }
 }

@@ -22,20 +22,38 @@
 //!
 //! The password never appears in errors, logs or [`Debug`](fmt::Debug) output.
 //!
-//! # Carrying the task name and creation time forward
+//! # Guarded writes, carrying the task name and creation time forward
+//!
+//! Every write ([`set_state`](ResultBackend::set_state), [`set_states`](ResultBackend::set_states),
+//! [`transition`](ResultBackend::transition)) is one Lua script run per batch, atomic per task:
+//! it reads the stored record, refuses the write when it would move the task backwards (a
+//! final state replaced by a non-final one, or PENDING over a task a worker has received:
+//! [`ResultBackend::transition`] has the rule), and otherwise writes the new record with
+//! `SET uuid json EX ResultsExpireIn`. Go workers write with a plain `SET`; their records are
+//! read and guarded the same way, their keys matched case-insensitively as Go's
+//! `encoding/json` matches them.
 //!
 //! Workers record RECEIVED, STARTED, SUCCESS, ... without the task's creation time, and the
 //! stored record keeps the name and time of the PENDING record (the
 //! [`ResultBackend::set_state`] contract). Go reads the old record and writes the new one in
-//! two round trips; this backend does it atomically in one, with a Lua script that never
-//! re-encodes JSON. Rust encodes the new state and sends it in five pieces: the JSON before
-//! the `TaskName` value, the `TaskName` value, the JSON between it and the `CreatedAt` value,
-//! the `CreatedAt` value, and the rest. The script reads the old record only when a value is to
-//! be carried, takes the two strings out of it with `cjson.decode` (matching keys
-//! case-insensitively, as Go does), quotes them as `serde_json` does, and writes the pieces
-//! joined. Every other byte is the one Rust encoded, so numbers (`8` stays `8`, large
-//! integers keep every digit) and key order are exactly those of the wire format. A state
-//! that has both values is written with a plain `SET`.
+//! two round trips (`mergeNewTaskState` in `v2/backends/redis/goredis.go`); the script does it
+//! atomically in one, without re-encoding JSON. Rust encodes the new state and sends it in
+//! five pieces: the JSON before the `TaskName` value, the `TaskName` value, the JSON between
+//! it and the `CreatedAt` value, the `CreatedAt` value, and the rest. The script decodes the
+//! old record with `cjson.decode`, takes the state and the two strings out of it, quotes the
+//! strings as `serde_json` does, and writes the pieces joined. Every other byte is the one
+//! Rust encoded, so numbers (`8` stays `8`, large integers keep every digit) and key order are
+//! exactly those of the wire format. A stored value that is not a JSON object, or whose
+//! `State` is none of the six, counts as no record: it is replaced, as Go replaces it.
+//!
+//! # Waiting
+//!
+//! Redis has no change notification that Go writers trigger, so
+//! [`wait_final`](ResultBackend::wait_final) polls; all waiters of a backend (and its clones)
+//! share one poller task that reads every waited key with batched `MGET`s, each key on the
+//! backoff a waiter of its own would use (at once, then 1 ms, 2 ms, ... up to 100 ms apart),
+//! keys on the same step read together. The poller starts with the first waiter and ends
+//! with the last; dropping a waiting future withdraws its interest.
 
 use std::fmt;
 use std::time::Duration;
@@ -44,10 +62,11 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
 use tokio::time::Instant;
+use tracing::{debug, warn};
 
 use super::{timeout, ResultBackend};
 use crate::error::{Error, ErrorKind, Result};
-use crate::wire::{GoTime, GroupMeta, TaskState};
+use crate::wire::{GoTime, GroupMeta, State, TaskState};
 
 /// Go Machinery's `DefaultResultsExpireIn`, used when the configured expiry is zero.
 const DEFAULT_EXPIRY_SECS: u64 = 3600;
@@ -55,8 +74,17 @@ const DEFAULT_EXPIRY_SECS: u64 = 3600;
 /// How long one connection attempt may take (Go Machinery's default `ConnectTimeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// How long a command may wait for its reply (Go Machinery's default `ReadTimeout`).
+/// How long a command may wait for its reply (Go Machinery's default `ReadTimeout`); also the
+/// bound on a whole operation, reconnecting included.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How many times the connection is re-dialled, 100 ms, 200 ms, 400 ms apart at most, before a
+/// command fails (go-redis's `MaxRetries`, 3, with which Go Machinery's backend fails fast).
+const RECONNECT_RETRIES: usize = 3;
+
+/// The most keys one `MGET` asks for; longer lists are read with several, pipelined in one
+/// round trip, so that no single command holds the server for long.
+const MGET_CHUNK: usize = 1_000;
 
 /// The key of the lock Go workers hold (with redsync) while they trigger a chord.
 const GO_CHORD_LOCK: &str = "TriggerChordMutex";
@@ -65,12 +93,18 @@ const GO_CHORD_LOCK: &str = "TriggerChordMutex";
 /// expire after 8 s.
 const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 
-/// Writes a task state, carrying `TaskName` and `CreatedAt` forward from the stored one.
+/// Writes task states, each unless it would move its task backwards, carrying `TaskName` and
+/// `CreatedAt` forward from the stored record.
 ///
-/// `KEYS[1]`: the task UUID. `ARGV[1]`: expiry in seconds. `ARGV[2]`, `ARGV[4]`, `ARGV[6]`:
-/// the new JSON around the `TaskName` value (`ARGV[3]`) and the `CreatedAt` value (`ARGV[5]`).
-/// `ARGV[7]`, `ARGV[8]`: `1` to carry `TaskName`, `CreatedAt` forward.
-const SET_STATE_LUA: &str = r#"
+/// `KEYS`: the task UUIDs. `ARGV[1]`: expiry in seconds. `ARGV[2]`: `1` to return the stored
+/// records. Then seven arguments per key: the new JSON around the `TaskName` value and the
+/// `CreatedAt` value (head, name, mid, created, tail), the new state's name, and two flags,
+/// `1` or `0`, to carry `TaskName` and `CreatedAt` forward (`10`: the name only).
+///
+/// Returns, per key, `1` when it wrote and `0` when it refused; with `ARGV[2]` = `1`, also the
+/// stored record (nil when none) and the state name the guard read from it (nil when there is
+/// no record, or it is not JSON or has a state that is none of the six).
+const WRITE_STATES_LUA: &str = r#"
 local escapes = { ['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
                   ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
 local function quote(s)
@@ -79,34 +113,71 @@ local function quote(s)
   end)
   return '"' .. body .. '"'
 end
-local function stored(prev, key)
-  local v = prev[key]
+local function field(record, key)
+  local v = record[key]
   if v == nil then
     local lower = string.lower(key)
-    for k, candidate in pairs(prev) do
+    for k, candidate in pairs(record) do
       if type(k) == 'string' and string.lower(k) == lower then
-        v = candidate
-        break
+        return candidate
       end
     end
   end
+  return v
+end
+local function carried(record, key)
+  local v = field(record, key)
   if type(v) == 'string' and v ~= '' then
     return quote(v)
   end
   return nil
 end
-local name, created = ARGV[3], ARGV[5]
-local old = redis.call('GET', KEYS[1])
-if old then
-  local ok, prev = pcall(cjson.decode, old)
-  if ok and type(prev) == 'table' then
-    if ARGV[7] == '1' then name = stored(prev, 'TaskName') or name end
-    if ARGV[8] == '1' then created = stored(prev, 'CreatedAt') or created end
+local kinds = { [''] = 'pending', PENDING = 'pending', RETRY = 'retry', RECEIVED = 'running',
+                STARTED = 'running', SUCCESS = 'final', FAILURE = 'final' }
+local expiry, keep = ARGV[1], ARGV[2] == '1'
+local out = {}
+for i, key in ipairs(KEYS) do
+  local a = 2 + (i - 1) * 7
+  local name, created, nxt, carry = ARGV[a + 2], ARGV[a + 4], ARGV[a + 6], ARGV[a + 7]
+  local old = redis.call('GET', key)
+  local record, stored = nil, nil
+  if old then
+    local ok, decoded = pcall(cjson.decode, old)
+    if ok and type(decoded) == 'table' then
+      local state = field(decoded, 'State')
+      if state == nil or state == cjson.null then state = '' end
+      if type(state) == 'string' and kinds[state] then
+        record, stored = decoded, state
+      end
+    end
+  end
+  local kind = stored and kinds[stored]
+  local allowed = true
+  if kind == 'final' then
+    allowed = nxt == 'SUCCESS' or nxt == 'FAILURE'
+  elseif kind and nxt == 'PENDING' then
+    allowed = kind == 'pending' or kind == 'retry'
+  end
+  if allowed then
+    if record then
+      if string.sub(carry, 1, 1) == '1' then name = carried(record, 'TaskName') or name end
+      if string.sub(carry, 2, 2) == '1' then created = carried(record, 'CreatedAt') or created end
+    end
+    redis.call('SET', key, ARGV[a + 1] .. name .. ARGV[a + 3] .. created .. ARGV[a + 5],
+               'EX', expiry)
+  end
+  out[#out + 1] = allowed and 1 or 0
+  if keep then
+    out[#out + 1] = old or false
+    out[#out + 1] = stored or false
   end
 end
-redis.call('SET', KEYS[1], ARGV[2] .. name .. ARGV[4] .. created .. ARGV[6], 'EX', ARGV[1])
-return 1
+return out
 "#;
+
+/// How many states one run of [`WRITE_STATES_LUA`] writes; larger batches run it several times,
+/// pipelined in one round trip, so that no single run holds the server for long.
+const WRITE_CHUNK: usize = 500;
 
 /// Sets `ChordTriggered` in a group's record unless it is set, or a Go worker holds its lock.
 ///
@@ -134,7 +205,7 @@ pub struct RedisBackend {
     expiry_secs: u64,
     /// The URL without its password, for messages.
     display: String,
-    set_state_script: Script,
+    write_states_script: Script,
     trigger_chord_script: Script,
 }
 
@@ -163,7 +234,9 @@ impl RedisBackend {
         );
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(RECONNECT_RETRIES)
+            .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(cannot_connect)?;
@@ -171,7 +244,7 @@ impl RedisBackend {
             conn,
             expiry_secs: expiry_secs(ttl),
             display,
-            set_state_script: Script::new(SET_STATE_LUA),
+            write_states_script: Script::new(WRITE_STATES_LUA),
             trigger_chord_script: Script::new(TRIGGER_CHORD_LUA),
         })
     }
@@ -185,23 +258,7 @@ impl RedisBackend {
                 format!("group {group_uuid} is not stored"),
             )
         })?;
-        if meta.task_uuids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let raw: Vec<Option<Vec<u8>>> = self
-            .query(
-                redis::cmd("MGET").arg(&meta.task_uuids),
-                "read group states",
-            )
-            .await?;
-        raw.iter()
-            .zip(&meta.task_uuids)
-            .map(|(raw, uuid)| {
-                raw.as_deref()
-                    .map(|raw| decode_state(uuid, raw))
-                    .transpose()
-            })
-            .collect()
+        self.get_states(&meta.task_uuids).await
     }
 
     /// Whether `group_task_count` members of the group have finished (Go's `GroupCompleted`).
@@ -223,9 +280,121 @@ impl RedisBackend {
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
         let mut conn = self.conn.clone();
-        cmd.query_async(&mut conn)
-            .await
-            .map_err(|e| self.error(what, e))
+        self.bounded(what, cmd.query_async(&mut conn)).await
+    }
+
+    /// Runs [`WRITE_STATES_LUA`] over `states`, [`WRITE_CHUNK`] per run, the runs pipelined
+    /// in one round trip; the script's replies, concatenated in order.
+    async fn write_states(
+        &self,
+        states: &[TaskState],
+        keep: bool,
+        what: &str,
+    ) -> Result<Vec<redis::Value>> {
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for chunk in states.chunks(WRITE_CHUNK) {
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(self.write_states_script.get_hash())
+                .arg(chunk.len());
+            for state in chunk {
+                cmd.arg(&state.task_uuid);
+            }
+            cmd.arg(self.expiry_secs).arg(if keep { "1" } else { "0" });
+            for state in chunk {
+                let p = Pieces::new(state)?;
+                let carry = match (state.task_name.is_empty(), state.created_at.is_zero()) {
+                    (true, true) => "11",
+                    (true, false) => "10",
+                    (false, true) => "01",
+                    (false, false) => "00",
+                };
+                cmd.arg(p.head)
+                    .arg(p.name)
+                    .arg(p.mid)
+                    .arg(p.created)
+                    .arg(p.tail)
+                    .arg(state.state.as_str())
+                    .arg(carry);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let run = async {
+            match pipe.query_async::<Vec<Vec<redis::Value>>>(&mut conn).await {
+                // A server that restarted (or ran SCRIPT FLUSH) has forgotten the script:
+                // load it and run the batch again (the writes are idempotent).
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.write_states_script
+                        .prepare_invoke()
+                        .load_async(&mut conn)
+                        .await?;
+                    pipe.query_async::<Vec<Vec<redis::Value>>>(&mut conn).await
+                }
+                other => other,
+            }
+        };
+        let replies: Vec<redis::Value> = self
+            .bounded(what, run)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        let expected = states.len() * if keep { 3 } else { 1 };
+        if replies.len() != expected {
+            return Err(self.unexpected_reply(what));
+        }
+        Ok(replies)
+    }
+
+    fn unexpected_reply(&self, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Backend,
+            format!("Redis at {}: cannot {what}: unexpected reply", self.display),
+        )
+    }
+
+    /// The raw values at `keys`, in order: `MGET`, in chunks of [`MGET_CHUNK`] keys pipelined
+    /// in one round trip.
+    async fn mget(&self, keys: &[String], what: &str) -> Result<Vec<Option<Vec<u8>>>> {
+        match keys.len() {
+            0 => Ok(Vec::new()),
+            n if n <= MGET_CHUNK => self.query(redis::cmd("MGET").arg(keys), what).await,
+            _ => {
+                let mut pipe = redis::pipe();
+                for chunk in keys.chunks(MGET_CHUNK) {
+                    pipe.cmd("MGET").arg(chunk);
+                }
+                let mut conn = self.conn.clone();
+                let chunks: Vec<Vec<Option<Vec<u8>>>> =
+                    self.bounded(what, pipe.query_async(&mut conn)).await?;
+                Ok(chunks.into_iter().flatten().collect())
+            }
+        }
+    }
+
+    /// Runs one Redis operation, failing with [`ErrorKind::Backend`] when it fails or takes
+    /// longer than the response timeout (a server that is down or unreachable: the connection
+    /// manager re-dials it meanwhile, and the next operation uses the new connection).
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(RESPONSE_TIMEOUT, op).await {
+            Ok(outcome) => outcome.map_err(|e| self.error(what, e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Backend,
+                format!(
+                    "Redis at {}: cannot {what}: no reply within {RESPONSE_TIMEOUT:?}",
+                    self.display
+                ),
+            )),
+        }
     }
 
     fn error(&self, what: &str, e: redis::RedisError) -> Error {
@@ -262,71 +431,57 @@ impl fmt::Debug for RedisBackend {
 
 #[async_trait]
 impl ResultBackend for RedisBackend {
+    /// One run of the guarded write script (see the [module docs](self)): one round trip.
     async fn set_state(&self, state: TaskState) -> Result<()> {
-        let carry_name = state.task_name.is_empty();
-        let carry_created = state.created_at.is_zero();
-        if !carry_name && !carry_created {
-            let json = serde_json::to_vec(&state)
-                .map_err(|e| Error::encode(format!("state of task {}: {e}", state.task_uuid)))?;
-            return self
-                .query(
-                    redis::cmd("SET")
-                        .arg(&state.task_uuid)
-                        .arg(json)
-                        .arg("EX")
-                        .arg(self.expiry_secs),
-                    "store task state",
-                )
-                .await;
-        }
-        let p = Pieces::new(&state)?;
-        let mut conn = self.conn.clone();
-        self.set_state_script
-            .key(&state.task_uuid)
-            .arg(self.expiry_secs)
-            .arg(p.head)
-            .arg(p.name)
-            .arg(p.mid)
-            .arg(p.created)
-            .arg(p.tail)
-            .arg(if carry_name { "1" } else { "0" })
-            .arg(if carry_created { "1" } else { "0" })
-            .invoke_async::<()>(&mut conn)
+        self.write_states(std::slice::from_ref(&state), false, "store task state")
             .await
-            .map_err(|e| self.error("store task state", e))
+            .map(drop)
     }
 
+    /// Every state through the guarded write script, 500 per run, the runs pipelined: one
+    /// round trip. States of the same task are written in order.
     async fn set_states(&self, states: Vec<TaskState>) -> Result<()> {
-        // States that name their task and creation time (PENDING ones) are plain SETs: one
-        // pipeline, one round trip. The others need the carry-forward script.
-        let mut pipe = redis::pipe();
-        let mut piped = 0usize;
-        let mut scripted = Vec::new();
-        for state in states {
-            if state.task_name.is_empty() || state.created_at.is_zero() {
-                scripted.push(state);
-                continue;
-            }
-            let json = serde_json::to_vec(&state)
-                .map_err(|e| Error::encode(format!("state of task {}: {e}", state.task_uuid)))?;
-            pipe.cmd("SET")
-                .arg(&state.task_uuid)
-                .arg(json)
-                .arg("EX")
-                .arg(self.expiry_secs)
-                .ignore();
-            piped += 1;
+        self.write_states(&states, false, "store task states")
+            .await
+            .map(drop)
+    }
+
+    /// The guarded write script, which also returns the stored record: one round trip. A
+    /// stored record that the script counted as no record (not JSON, an unknown state) is
+    /// returned as `None`; one whose state it read but which does not decode as a state is
+    /// returned with only its UUID and state.
+    async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
+        let mut replies = self
+            .write_states(std::slice::from_ref(&state), true, "record task state")
+            .await?
+            .into_iter();
+        let (Some(written), Some(old), Some(stored)) =
+            (replies.next(), replies.next(), replies.next())
+        else {
+            return Err(self.unexpected_reply("record task state"));
+        };
+        let uuid = &state.task_uuid;
+        let previous = match (old, stored) {
+            (redis::Value::Nil, _) => None,
+            (redis::Value::BulkString(raw), stored) => match decode_state(uuid, &raw) {
+                Ok(previous) => Some(previous),
+                Err(e) => {
+                    let stored = match stored {
+                        redis::Value::BulkString(name) => {
+                            std::str::from_utf8(&name).ok().and_then(State::parse)
+                        }
+                        _ => None,
+                    };
+                    warn!(task = %uuid, error = %e, state = ?stored, "the stored record is not a task state");
+                    stored.map(|stored| TaskState::new(uuid.clone(), stored))
+                }
+            },
+            _ => return Err(self.unexpected_reply("record task state")),
+        };
+        if written == redis::Value::Int(0) {
+            debug!(task = %uuid, state = %state.state, previous = ?previous.as_ref().map(|p| p.state), "refused a backward transition");
         }
-        if piped > 0 {
-            let mut conn = self.conn.clone();
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(|e| self.error("store task states", e))?;
-        }
-        for state in scripted {
-            self.set_state(state).await?;
-        }
-        Ok(())
+        Ok(previous)
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
@@ -334,6 +489,32 @@ impl ResultBackend for RedisBackend {
             .query(redis::cmd("GET").arg(task_uuid), "read task state")
             .await?;
         raw.map(|raw| decode_state(task_uuid, &raw)).transpose()
+    }
+
+    /// `MGET` (Go's `getStates` in `v2/backends/redis/redis.go` reads a group the same way),
+    /// in chunks of 1,000 keys pipelined in one round trip. A key with no value is `None`;
+    /// a value that is not a state fails the whole read with [`ErrorKind::Decode`].
+    async fn get_states(&self, task_uuids: &[String]) -> Result<Vec<Option<TaskState>>> {
+        let raw = self.mget(task_uuids, "read task states").await?;
+        if raw.len() != task_uuids.len() {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                format!(
+                    "Redis at {}: MGET of {} keys returned {} values",
+                    self.display,
+                    task_uuids.len(),
+                    raw.len()
+                ),
+            ));
+        }
+        raw.iter()
+            .zip(task_uuids)
+            .map(|(raw, uuid)| {
+                raw.as_deref()
+                    .map(|raw| decode_state(uuid, raw))
+                    .transpose()
+            })
+            .collect()
     }
 
     /// Polls with a backoff from 1 ms to 100 ms (Redis has no change notification that Go
@@ -408,14 +589,11 @@ impl ResultBackend for RedisBackend {
         let give_up = Instant::now() + CHORD_LOCK_WAIT;
         loop {
             let mut conn = self.conn.clone();
+            let mut invocation = self.trigger_chord_script.key(group_uuid);
+            invocation.key(GO_CHORD_LOCK).arg(self.expiry_secs);
             let outcome: i64 = self
-                .trigger_chord_script
-                .key(group_uuid)
-                .key(GO_CHORD_LOCK)
-                .arg(self.expiry_secs)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|e| self.error("trigger chord", e))?;
+                .bounded("trigger chord", invocation.invoke_async(&mut conn))
+                .await?;
             match outcome {
                 1 => return Ok(true),
                 0 => return Ok(false),

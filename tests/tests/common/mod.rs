@@ -174,3 +174,183 @@ pub async fn cleanup(config: &Config) {
         .exchange_delete(config.amqp.exchange.as_str().into(), Default::default())
         .await;
 }
+
+/// A private `redis-server` on a free 127.0.0.1 port, without persistence (`--save ''`,
+/// no AOF), for tests that kill and restart Redis or count the commands it processes. It is
+/// killed when dropped.
+///
+/// ```ignore
+/// let mut redis = PrivateRedis::start();
+/// let url = redis.url();          // redis://127.0.0.1:<port>/
+/// redis.kill9();                  // SIGKILL, waits for the process to end
+/// redis.restart();                // the same port, an empty data set
+/// ```
+pub struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    /// Starts a server on a free port and waits until it answers PING.
+    pub fn start() -> PrivateRedis {
+        let port = {
+            let listener =
+                std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free local port");
+            listener.local_addr().expect("local address").port()
+        };
+        let dir =
+            std::env::temp_dir().join(format!("machinery-redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("redis working directory");
+        let mut redis = PrivateRedis {
+            child: None,
+            port,
+            dir,
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server with SIGKILL (no shutdown, no goodbye to clients) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9 redis-server");
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (after [`kill9`](Self::kill9)), empty.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut child = Command::new("redis-server")
+                .args(["--port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--save", ""])
+                .args(["--appendonly", "no"])
+                .args(["--daemonize", "no"])
+                .args(["--loglevel", "warning"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (tests/services.sh installs it)");
+            // Up when it answers PING; a server that exits (port still in TIME_WAIT, ...) is
+            // started again.
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if self.ping() {
+                    self.child = Some(child);
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not start on port {} within {WAIT:?}",
+                    self.port
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server kept exiting on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    /// A counter from `INFO stats` (`total_commands_processed`, `total_reads_processed`, ...),
+    /// read over a plain socket: the `INFO` itself is the only command it adds (counted by the
+    /// next read). Commands that scripts run count too.
+    pub fn stat(&self, name: &str) -> u64 {
+        self.info("stats")
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}:")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in INFO stats"))
+    }
+
+    /// How many times each command has run (`INFO commandstats`), by lower-case name; the
+    /// `GET`s and `SET`s a script runs count under `get` and `set`.
+    pub fn command_calls(&self) -> std::collections::HashMap<String, u64> {
+        self.info("commandstats")
+            .lines()
+            .filter_map(|line| {
+                let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest
+                    .strip_prefix("calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some((name.to_owned(), calls))
+            })
+            .collect()
+    }
+
+    /// An `INFO` section, read over a plain socket.
+    pub fn info(&self, section: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        stream
+            .write_all(format!("INFO {section}\r\n").as_bytes())
+            .expect("send INFO");
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // `$<len>\r\n<body>\r\n`
+        loop {
+            let n = stream.read(&mut chunk).expect("read INFO");
+            assert!(n > 0, "redis closed the connection");
+            reply.extend_from_slice(&chunk[..n]);
+            let Some(end) = reply.windows(2).position(|w| w == b"\r\n") else {
+                continue;
+            };
+            let len: usize = String::from_utf8_lossy(&reply[1..end])
+                .parse()
+                .expect("bulk length");
+            if reply.len() >= end + 2 + len + 2 {
+                return String::from_utf8_lossy(&reply[end + 2..end + 2 + len]).into_owned();
+            }
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
