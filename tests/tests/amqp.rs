@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::{cleanup, queue_depth, raw_channel, unique_config, WorkerProcess, WAIT};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
+use machinery::broker::Message;
 use machinery::wire::{self, State};
 use machinery::{ErrorKind, Server};
 
@@ -428,4 +429,83 @@ async fn delay_queue_survives_reuse_past_its_expiry() {
     }
     worker.shutdown().await.unwrap();
     cleanup(server.config()).await;
+}
+
+/// A delayed message for `routing_key` with an empty body, straight to the broker.
+fn delayed(routing_key: &str, delay: Duration) -> Message {
+    let mut message = Message::new(routing_key.to_owned(), b"{}".to_vec());
+    message.delay = Some(delay);
+    message
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overlong_names_are_refused_before_they_reach_the_client_library() {
+    // amq-protocol panics on a short string over 255 bytes; the broker must refuse such a
+    // message with an Encode error instead, before anything is sent.
+    let server = server("long").await;
+    let err = server
+        .send(add::signature(vec![1]).with_routing_key("r".repeat(300)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Encode, "{err}");
+    assert!(err.is_permanent());
+    assert!(err.to_string().contains("routing key"), "{err}");
+
+    // A routing key that fits, but not inside `delay.<ms>.<exchange>.<routing key>`.
+    let message = delayed(&"k".repeat(250), Duration::from_secs(1));
+    let err = server.broker().validate(&message).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Encode, "{err}");
+    assert!(err.to_string().contains("delay queue"), "{err}");
+    let err = server.broker().publish(message.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Encode, "{err}");
+    let outcomes = server.broker().publish_many(vec![message]).await;
+    assert_eq!(outcomes[0].as_ref().unwrap_err().kind(), ErrorKind::Encode);
+
+    // Header keys, at any depth.
+    for headers in [
+        serde_json::json!({ "h".repeat(256): 1 }),
+        serde_json::json!({ "outer": { "list": [1, { "h".repeat(256): true }] } }),
+    ] {
+        let mut sig = add::signature(vec![1]);
+        for (key, value) in headers.as_object().unwrap() {
+            sig = sig.with_header(key.clone(), value.clone());
+        }
+        let err = server.send(sig).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Encode, "{err}");
+        assert!(err.to_string().contains("header"), "{err}");
+    }
+
+    // A worker for a queue whose name (or whose dead-letter queue's name) cannot be carried.
+    for queue in ["q".repeat(256), "q".repeat(250)] {
+        let err = server.worker().queue(queue).spawn().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    }
+
+    // The broker still works.
+    let worker = server.worker().spawn().await.unwrap();
+    let r = server.send(add::signature(vec![2, 3])).await.unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), 5);
+    worker.shutdown().await.unwrap();
+    cleanup(server.config()).await;
+
+    // Configured names are checked at startup.
+    let configs: [fn(&mut machinery::Config); 5] = [
+        |c| c.amqp.exchange = "e".repeat(256),
+        |c| c.amqp.binding_key = "b".repeat(256),
+        |c| c.default_queue = "q".repeat(250),
+        |c| {
+            c.amqp.queue_declare_args.insert("a".repeat(256), 1.into());
+        },
+        |c| {
+            c.amqp
+                .queue_binding_args
+                .insert("x".into(), serde_json::json!({ "a".repeat(256): 1 }));
+        },
+    ];
+    for change in configs {
+        let mut config = unique_config("long_config");
+        change(&mut config);
+        let err = Server::new(config).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    }
 }

@@ -51,7 +51,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
-use crate::config::{mask_url, Config};
+use crate::config::{mask_url, overlong, overlong_key, Config, AMQP_MAX_NAME, DEAD_LETTER_SUFFIX};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock;
 
@@ -96,6 +96,8 @@ impl AmqpBroker {
     /// Connects to the broker in `config.broker` and declares the topology, retrying for up to
     /// `config.reconnect_timeout` if it cannot be reached.
     pub async fn connect(config: &Config) -> Result<AmqpBroker> {
+        // Names longer than AMQP can carry are refused here, before the client library sees them.
+        config.validate()?;
         let exchange_kind = match config.amqp.exchange_type.as_str() {
             "direct" => ExchangeKind::Direct,
             "fanout" => ExchangeKind::Fanout,
@@ -112,8 +114,8 @@ impl AmqpBroker {
                 binding_key: config.amqp.binding_key.clone(),
                 default_queue: config.default_queue.clone(),
                 default_routing_key: config.default_routing_key().to_owned(),
-                queue_args: field_table(&config.amqp.queue_declare_args),
-                binding_args: field_table(&config.amqp.queue_binding_args),
+                queue_args: field_table(&config.amqp.queue_declare_args)?,
+                binding_args: field_table(&config.amqp.queue_binding_args)?,
                 reconnect_timeout: config.reconnect_timeout,
                 link: tokio::sync::Mutex::new(None),
                 generation: AtomicU64::new(0),
@@ -126,7 +128,7 @@ impl AmqpBroker {
 
     /// The name of the queue messages from `queue` are dead-lettered to.
     pub fn dead_letter_queue(queue: &str) -> String {
-        format!("{queue}.dead_letter")
+        format!("{queue}{DEAD_LETTER_SUFFIX}")
     }
 
     /// The name of the queue Go Machinery and machinery hold a delayed message in.
@@ -254,7 +256,7 @@ impl Inner {
     async fn declare_queue(&self, channel: &Channel, queue: &str) -> Result<()> {
         channel
             .exchange_declare(
-                self.exchange.as_str().into(),
+                short("exchange name", &self.exchange)?,
                 self.exchange_kind.clone(),
                 ExchangeDeclareOptions {
                     durable: true,
@@ -268,7 +270,7 @@ impl Inner {
             })?;
         channel
             .queue_declare(
-                queue.into(),
+                short("queue name", queue)?,
                 QueueDeclareOptions {
                     durable: true,
                     ..QueueDeclareOptions::default()
@@ -284,9 +286,9 @@ impl Inner {
         };
         channel
             .queue_bind(
-                queue.into(),
-                self.exchange.as_str().into(),
-                key.into(),
+                short("queue name", queue)?,
+                short("exchange name", &self.exchange)?,
+                short("binding key", key)?,
                 QueueBindOptions::default(),
                 self.binding_args.clone(),
             )
@@ -312,7 +314,7 @@ impl Inner {
         }
         link.channel
             .queue_declare(
-                queue.into(),
+                short("queue name", queue)?,
                 QueueDeclareOptions {
                     durable: true,
                     ..QueueDeclareOptions::default()
@@ -328,13 +330,9 @@ impl Inner {
     /// Where a message goes: the exchange with its routing key, or (delayed) the default
     /// exchange with the delay queue's name.
     async fn route(&self, link: &Link, message: &Message) -> Result<(String, String)> {
-        let delay_ms = message
-            .delay
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        if delay_ms == 0 {
+        let Some(delay_ms) = hop_ms(message.delay) else {
             return Ok((self.exchange.clone(), message.routing_key.clone()));
-        }
+        };
         let queue = AmqpBroker::delay_queue(delay_ms, &self.exchange, &message.routing_key);
         let mut args = FieldTable::default();
         args.insert("x-dead-letter-exchange".into(), long_string(&self.exchange));
@@ -358,11 +356,29 @@ impl Inner {
         Ok((String::new(), queue))
     }
 
+    /// Checks that every short string of `message` fits AMQP; see [`Broker::validate`].
+    fn validate(&self, message: &Message) -> Result<()> {
+        if message.routing_key.len() > AMQP_MAX_NAME {
+            return Err(Error::encode(overlong("routing key", &message.routing_key)));
+        }
+        if let Some(delay_ms) = hop_ms(message.delay) {
+            let queue = AmqpBroker::delay_queue(delay_ms, &self.exchange, &message.routing_key);
+            if queue.len() > AMQP_MAX_NAME {
+                return Err(Error::encode(overlong("delay queue name", &queue)));
+            }
+        }
+        if let Some(key) = overlong_key(&message.headers) {
+            return Err(Error::encode(overlong("header key", key)));
+        }
+        Ok(())
+    }
+
     async fn start_publish(
         &self,
         link: &Link,
         message: &Message,
     ) -> Result<lapin::PublisherConfirm> {
+        self.validate(message)?;
         let (exchange, routing_key) = self.route(link, message).await?;
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
@@ -371,12 +387,14 @@ impl Inner {
             properties = properties.with_priority(message.priority);
         }
         if !message.headers.is_empty() {
-            properties = properties.with_headers(field_table(&message.headers));
+            properties = properties.with_headers(field_table(&message.headers)?);
         }
+        let exchange = short("exchange name", &exchange)?;
+        let routing_key = short("routing key", &routing_key)?;
         link.channel
             .basic_publish(
-                exchange.as_str().into(),
-                routing_key.as_str().into(),
+                exchange,
+                routing_key,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -452,6 +470,19 @@ fn link_alive(link: &Link) -> bool {
     link.channel.status().connected() && link.connection.status().connected()
 }
 
+/// `s` as an AMQP short string; an error of kind [`ErrorKind::Encode`] naming `what` if it is
+/// longer than 255 bytes (amq-protocol would panic on it).
+fn short(what: &str, s: &str) -> Result<ShortString> {
+    ShortString::try_new(s).map_err(|_| Error::encode(overlong(what, s)))
+}
+
+/// The delay of a message's next hop through a delay queue, in milliseconds; `None` for no
+/// delay.
+fn hop_ms(delay: Option<Duration>) -> Option<u64> {
+    let ms = u64::try_from(delay?.as_millis()).unwrap_or(u64::MAX);
+    (ms > 0).then_some(ms)
+}
+
 fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -461,8 +492,8 @@ fn long_string(s: &str) -> AMQPValue {
 }
 
 /// JSON values as AMQP field values (headers, queue arguments).
-fn amqp_value(value: &Value) -> AMQPValue {
-    match value {
+fn amqp_value(value: &Value) -> Result<AMQPValue> {
+    Ok(match value {
         Value::Null => AMQPValue::Void,
         Value::Bool(b) => AMQPValue::Boolean(*b),
         Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
@@ -473,18 +504,20 @@ fn amqp_value(value: &Value) -> AMQPValue {
         },
         Value::String(s) => long_string(s),
         Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
-            items.iter().map(amqp_value).collect::<Vec<_>>(),
+            items.iter().map(amqp_value).collect::<Result<Vec<_>>>()?,
         )),
-        Value::Object(map) => AMQPValue::FieldTable(field_table(map)),
-    }
+        Value::Object(map) => AMQPValue::FieldTable(field_table(map)?),
+    })
 }
 
-fn field_table(map: &Map<String, Value>) -> FieldTable {
+/// A JSON object as an AMQP table; an error of kind [`ErrorKind::Encode`] if a key, at any
+/// depth, is longer than 255 bytes.
+fn field_table(map: &Map<String, Value>) -> Result<FieldTable> {
     let mut table = FieldTable::default();
     for (key, value) in map {
-        table.insert(ShortString::from(key.as_str()), amqp_value(value));
+        table.insert(short("table key", key)?, amqp_value(value)?);
     }
-    table
+    Ok(table)
 }
 
 impl fmt::Debug for AmqpBroker {
@@ -505,6 +538,10 @@ impl Broker for AmqpBroker {
 
     async fn publish(&self, message: Message) -> Result<()> {
         self.inner.publish_one(&message).await
+    }
+
+    fn validate(&self, message: &Message) -> Result<()> {
+        self.inner.validate(message)
     }
 
     async fn publish_many(&self, messages: Vec<Message>) -> Vec<Result<()>> {
@@ -574,6 +611,15 @@ impl Broker for AmqpBroker {
     }
 
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>> {
+        let dead_letter = AmqpBroker::dead_letter_queue(queue);
+        for (what, name) in [
+            ("queue name", queue),
+            ("dead-letter queue name", &dead_letter),
+        ] {
+            if name.len() > AMQP_MAX_NAME {
+                return Err(Error::config(overlong(what, name)));
+            }
+        }
         let mut consumer = AmqpConsumer {
             broker: self.inner.clone(),
             queue: queue.to_owned(),
@@ -635,8 +681,8 @@ impl AmqpConsumer {
         b.declare_queue(&channel, &self.queue).await?;
         let stream = channel
             .basic_consume(
-                self.queue.as_str().into(),
-                self.tag.as_str().into(),
+                short("queue name", &self.queue)?,
+                short("consumer tag", &self.tag)?,
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -728,7 +774,10 @@ impl Consumer for AmqpConsumer {
         if let Some(state) = &self.state {
             state
                 .channel
-                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                .basic_cancel(
+                    short("consumer tag", &self.tag)?,
+                    BasicCancelOptions::default(),
+                )
                 .await
                 .map_err(|e| self.broker.broker_error("cannot cancel the consumer", e))?;
         }
@@ -852,8 +901,8 @@ impl AmqpAcker {
         let confirm = link
             .channel
             .basic_publish(
-                "".into(),
-                queue.as_str().into(),
+                ShortString::default(),
+                short("queue name", &queue)?,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -926,8 +975,26 @@ mod tests {
     }
 
     #[test]
+    fn overlong_table_keys_are_errors_at_any_depth() {
+        let long = "k".repeat(256);
+        for value in [
+            serde_json::json!({ long.clone(): 1 }),
+            serde_json::json!({ "a": { "b": [1, { long.clone(): 1 }] } }),
+        ] {
+            let map = value.as_object().cloned().unwrap_or_default();
+            let err = field_table(&map).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Encode);
+            assert_eq!(overlong_key(&map), Some(long.as_str()));
+        }
+        let fits = serde_json::json!({ "k".repeat(255): [{ "k".repeat(255): 1 }] });
+        let map = fits.as_object().cloned().unwrap_or_default();
+        assert!(field_table(&map).is_ok());
+        assert_eq!(overlong_key(&map), None);
+    }
+
+    #[test]
     fn json_to_amqp_values() {
-        let table = field_table(&serde_json::json!({"x-max-priority": 10, "x-queue-type": "quorum", "f": 1.5, "b": true}).as_object().cloned().unwrap_or_default());
+        let table = field_table(&serde_json::json!({"x-max-priority": 10, "x-queue-type": "quorum", "f": 1.5, "b": true}).as_object().cloned().unwrap_or_default()).unwrap();
         let inner = table.inner();
         assert_eq!(
             inner.get("x-max-priority"),
