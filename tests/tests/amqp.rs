@@ -173,7 +173,8 @@ async fn custom_queue_worker() {
         .send(add::signature(vec![1]).with_routing_key("nobody_listens_here"))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Broker);
+    assert_eq!(err.kind(), ErrorKind::Rejected);
+    assert!(err.is_permanent());
     assert!(err.to_string().contains("no queue is bound"), "{err}");
     let (_c, channel) = raw_channel().await;
     let _ = channel
@@ -508,4 +509,69 @@ async fn overlong_names_are_refused_before_they_reach_the_client_library() {
         let err = Server::new(config).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_are_permanent_and_nacks_retryable() {
+    // A queue the broker refuses to declare with our arguments (PRECONDITION_FAILED): an
+    // existing queue declared differently, an argument out of range. Permanent, so it fails at
+    // once instead of retrying for reconnect_timeout.
+    let (_c, channel) = raw_channel().await;
+    let mut existing = unique_config("refused");
+    existing.reconnect_timeout = Duration::from_secs(20);
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-max-priority".into(),
+        lapin::types::AMQPValue::LongLongInt(5),
+    );
+    channel
+        .queue_declare(
+            existing.default_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    existing
+        .amqp
+        .queue_declare_args
+        .insert("x-max-priority".into(), 10.into());
+    let mut out_of_range = unique_config("refused");
+    out_of_range.reconnect_timeout = Duration::from_secs(20);
+    out_of_range
+        .amqp
+        .queue_declare_args
+        .insert("x-expires".into(), 0.into());
+    for config in [existing, out_of_range] {
+        let started = Instant::now();
+        let err = Server::new(config.clone()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+        assert!(err.is_permanent());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        cleanup(&config).await;
+    }
+
+    // A queue that refuses new messages (reject-publish overflow) nacks them: retryable.
+    let mut config = unique_config("nack");
+    config
+        .amqp
+        .queue_declare_args
+        .insert("x-max-length".into(), 0.into());
+    config
+        .amqp
+        .queue_declare_args
+        .insert("x-overflow".into(), "reject-publish".into());
+    let server = Server::new(config.clone()).await.unwrap();
+    let err = server.send(add::signature(vec![1])).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Broker, "{err}");
+    assert!(err.is_retryable());
+    assert!(err.to_string().contains("nack"), "{err}");
+    cleanup(&config).await;
 }

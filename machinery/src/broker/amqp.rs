@@ -151,6 +151,32 @@ impl Inner {
         )
     }
 
+    /// An error from a declaration: [`ErrorKind::Rejected`] when the broker refuses it for
+    /// good (PRECONDITION_FAILED: an existing queue or exchange declared with other arguments, an
+    /// argument out of range; ACCESS_REFUSED: a reserved name or no permission), else
+    /// [`ErrorKind::Broker`].
+    fn declare_error(&self, what: &str, err: lapin::Error) -> Error {
+        let refused = match err.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) => matches!(
+                amqp.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(
+                    lapin::protocol::AMQPSoftError::PRECONDITIONFAILED
+                        | lapin::protocol::AMQPSoftError::ACCESSREFUSED
+                )
+            ),
+            _ => false,
+        };
+        if refused {
+            Error::with_source(
+                ErrorKind::Rejected,
+                format!("the broker refuses to {what}: {err}"),
+                err,
+            )
+        } else {
+            self.broker_error(&format!("cannot {what}"), err)
+        }
+    }
+
     /// The current connection, reconnecting (with a capped backoff, up to
     /// `reconnect_timeout`) when there is none or it is closed.
     async fn link(&self) -> Result<Link> {
@@ -176,6 +202,11 @@ impl Inner {
                 }
                 Err((e, refused)) if refused && refusals >= 2 => {
                     // The broker answers but refuses our credentials: waiting won't help.
+                    return Err(e);
+                }
+                Err((e, _)) if e.is_permanent() => {
+                    // The broker refuses our topology (a queue declared with other arguments):
+                    // the same declaration will be refused again.
                     return Err(e);
                 }
                 Err((e, _)) if started.elapsed() + pause > self.reconnect_timeout => {
@@ -265,9 +296,7 @@ impl Inner {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| {
-                self.broker_error(&format!("cannot declare exchange `{}`", self.exchange), e)
-            })?;
+            .map_err(|e| self.declare_error(&format!("declare exchange `{}`", self.exchange), e))?;
         channel
             .queue_declare(
                 short("queue name", queue)?,
@@ -278,7 +307,7 @@ impl Inner {
                 self.queue_args.clone(),
             )
             .await
-            .map_err(|e| self.broker_error(&format!("cannot declare queue `{queue}`"), e))?;
+            .map_err(|e| self.declare_error(&format!("declare queue `{queue}`"), e))?;
         let key = if queue == self.default_queue {
             self.binding_key.as_str()
         } else {
@@ -293,7 +322,7 @@ impl Inner {
                 self.binding_args.clone(),
             )
             .await
-            .map_err(|e| self.broker_error(&format!("cannot bind queue `{queue}`"), e))
+            .map_err(|e| self.declare_error(&format!("bind queue `{queue}`"), e))
     }
 
     /// Declares a side queue (delay or dead-letter) once per connection.
@@ -322,7 +351,7 @@ impl Inner {
                 args,
             )
             .await
-            .map_err(|e| self.broker_error(&format!("cannot declare queue `{queue}`"), e))?;
+            .map_err(|e| self.declare_error(&format!("declare queue `{queue}`"), e))?;
         lock(&self.declared).insert(queue.to_owned(), Instant::now());
         Ok(())
     }
@@ -410,7 +439,7 @@ impl Inner {
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(Error::new(
-                ErrorKind::Broker,
+                ErrorKind::Rejected,
                 format!(
                     "no queue is bound to routing key `{routing_key}` on exchange `{}` ({}); \
                      start a worker for that queue first, or fix the routing key",
