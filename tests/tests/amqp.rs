@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use common::{cleanup, queue_depth, raw_channel, unique_config, WorkerProcess, WAIT};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
-use machinery::broker::Message;
+use machinery::broker::amqp::AmqpBroker;
+use machinery::broker::{Broker, Message};
 use machinery::wire::{self, State};
 use machinery::{ErrorKind, Server};
 
@@ -573,5 +574,102 @@ async fn refusals_are_permanent_and_nacks_retryable() {
     assert_eq!(err.kind(), ErrorKind::Broker, "{err}");
     assert!(err.is_retryable());
     assert!(err.to_string().contains("nack"), "{err}");
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_delay_queue_stays_on_its_own_channel() {
+    // RabbitMQ refuses to declare a delay queue that exists with other arguments. That refusal
+    // closes the channel it came on: it must not be the publishing channel (failing the other
+    // publishes in flight) nor make the broker reconnect.
+    let config = unique_config("isolation");
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    let key = config.amqp.binding_key.clone();
+    let delay = Duration::from_millis(5_000);
+    let delay_queue = AmqpBroker::delay_queue(5_000, &config.amqp.exchange, &key);
+    let (_c, channel) = raw_channel().await;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongLongInt(1234),
+    );
+    channel
+        .queue_declare(
+            delay_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+
+    for round in 0..3 {
+        let normal: Vec<_> = (0..100)
+            .map(|i| {
+                let broker = broker.clone();
+                let message = Message::new(key.clone(), format!("{{\"n\":{i}}}").into_bytes());
+                tokio::spawn(async move { broker.publish(message).await })
+            })
+            .collect();
+        let refused = {
+            let broker = broker.clone();
+            let message = delayed(&key, delay);
+            tokio::spawn(async move { broker.publish(message).await })
+        };
+        let err = refused.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+        assert!(err.to_string().contains(&delay_queue), "{err}");
+        for publish in normal {
+            publish.await.unwrap().unwrap();
+        }
+        assert_eq!(broker.reconnects(), 0, "round {round}");
+    }
+    // Other delays still work, on a fresh declaration channel.
+    broker
+        .publish(delayed(&key, Duration::from_millis(5_001)))
+        .await
+        .unwrap();
+    assert_eq!(queue_depth(&channel, &config.default_queue).await, 300);
+    assert_eq!(broker.reconnects(), 0);
+    for queue in [
+        delay_queue,
+        AmqpBroker::delay_queue(5_001, &config.amqp.exchange, &key),
+    ] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+    }
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn far_etas_travel_in_hops_rabbitmq_accepts() {
+    // RabbitMQ refuses x-message-ttl / x-expires over ten years; a delay is clamped to
+    // MAX_DELAY_HOP per hop (the worker delays a message that arrives early again).
+    let server = server("century").await;
+    let config = server.config().clone();
+    let key = config.amqp.binding_key.clone();
+    let century = Duration::from_secs(100 * 365 * 24 * 3600);
+    server
+        .broker()
+        .publish(delayed(&key, century))
+        .await
+        .unwrap();
+    let eta = chrono::DateTime::parse_from_rfc3339("9999-12-31T23:59:59Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    server
+        .send(add::signature(vec![1]).with_eta(eta))
+        .await
+        .unwrap();
+    let hop = u64::try_from(AmqpBroker::MAX_DELAY_HOP.as_millis()).unwrap();
+    let queue = AmqpBroker::delay_queue(hop, &config.amqp.exchange, &key);
+    let (_c, channel) = raw_channel().await;
+    assert_eq!(queue_depth(&channel, &queue).await, 2);
+    let _ = channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
     cleanup(&config).await;
 }

@@ -58,6 +58,11 @@ use crate::lock;
 /// How many deliveries settled after a still-running one the ack coalescer remembers.
 const MAX_SETTLED_AHEAD: usize = 65_536;
 
+/// [`AmqpBroker::MAX_DELAY_HOP`] in milliseconds. With `x-expires` = 2 × hop, both arguments
+/// stay below 2^32 ms: far within RabbitMQ 3.10's ten-year limit, and within the 32-bit timer
+/// range older brokers have.
+const MAX_HOP_MS: u64 = 2_147_483_647;
+
 /// How many publishes [`Broker::publish_many`] keeps unconfirmed at once.
 const CONFIRM_WINDOW: usize = 512;
 
@@ -80,8 +85,18 @@ struct Inner {
     reconnect_timeout: Duration,
     link: tokio::sync::Mutex<Option<Link>>,
     generation: AtomicU64,
+    /// The channel side queues are declared on, apart from the publishing channel: the broker
+    /// closes the channel of a declaration it refuses. Locked for the whole declaration, so that
+    /// a refusal never fails someone else's declaration.
+    side: tokio::sync::Mutex<Option<SideChannel>>,
     /// Side queues (delay and dead-letter) declared on the current connection, and when.
     declared: Mutex<HashMap<String, Instant>>,
+}
+
+/// The channel for side-queue declarations, and the connection it belongs to.
+struct SideChannel {
+    connection: Arc<Connection>,
+    channel: Channel,
 }
 
 /// One connection and its publishing channel (publisher confirms on).
@@ -119,12 +134,30 @@ impl AmqpBroker {
                 reconnect_timeout: config.reconnect_timeout,
                 link: tokio::sync::Mutex::new(None),
                 generation: AtomicU64::new(0),
+                side: tokio::sync::Mutex::new(None),
                 declared: Mutex::new(HashMap::new()),
             }),
         };
         broker.inner.link().await?;
         Ok(broker)
     }
+
+    /// How many times the publishing connection or its channel had to be opened again since
+    /// [`connect`](Self::connect): 0 while the first ones last.
+    pub fn reconnects(&self) -> u64 {
+        self.inner
+            .generation
+            .load(Ordering::SeqCst)
+            .saturating_sub(1)
+    }
+
+    /// The longest hop a delayed message makes through a delay queue: 2^31 - 1 ms (24.8 days).
+    ///
+    /// RabbitMQ refuses a queue whose `x-message-ttl` or `x-expires` exceeds ten years
+    /// (315,360,000,000 ms, measured on 3.10), and a delay queue expires after twice its delay.
+    /// A longer delay travels in several hops: the message comes out of the delay queue before
+    /// its ETA and the worker delays it again for the rest.
+    pub const MAX_DELAY_HOP: Duration = Duration::from_millis(MAX_HOP_MS);
 
     /// The name of the queue messages from `queue` are dead-lettered to.
     pub fn dead_letter_queue(queue: &str) -> String {
@@ -182,10 +215,26 @@ impl Inner {
     async fn link(&self) -> Result<Link> {
         let mut current = self.link.lock().await;
         if let Some(link) = current.as_ref() {
-            if link.channel.status().connected() && link.connection.status().connected() {
+            if link_alive(link) {
                 return Ok(link.clone());
             }
-            warn!(broker = %self.masked_url, "connection to the broker lost; reconnecting");
+            if link.connection.status().connected() {
+                // The broker closed the publishing channel only (a channel error): open another
+                // one on the same connection.
+                warn!(broker = %self.masked_url, "publishing channel closed by the broker; reopening it");
+                match self.open_publisher(link.connection.clone()).await {
+                    Ok(link) => {
+                        *current = Some(link.clone());
+                        return Ok(link);
+                    }
+                    Err(e) if e.is_permanent() => return Err(e),
+                    Err(e) => {
+                        warn!(broker = %self.masked_url, error = %e.message(), "cannot reopen the publishing channel; reconnecting");
+                    }
+                }
+            } else {
+                warn!(broker = %self.masked_url, "connection to the broker lost; reconnecting");
+            }
         }
         *current = None;
         let started = Instant::now();
@@ -257,12 +306,15 @@ impl Inner {
                     refused,
                 )
             })?;
-        self.open_publisher(connection)
+        // Side queues are declared anew on a new connection (the broker may have restarted).
+        lock(&self.declared).clear();
+        self.open_publisher(Arc::new(connection))
             .await
             .map_err(|e| (e, false))
     }
 
-    async fn open_publisher(&self, connection: Connection) -> Result<Link> {
+    /// Opens the publishing channel on `connection` and declares the topology on it.
+    async fn open_publisher(&self, connection: Arc<Connection>) -> Result<Link> {
         let channel = connection
             .create_channel()
             .await
@@ -272,11 +324,10 @@ impl Inner {
             .await
             .map_err(|e| self.broker_error("cannot enable publisher confirms", e))?;
         self.declare_queue(&channel, &self.default_queue).await?;
-        lock(&self.declared).clear();
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         debug!(broker = %self.masked_url, generation, "connected");
         Ok(Link {
-            connection: Arc::new(connection),
+            connection,
             channel,
             generation,
         })
@@ -325,10 +376,22 @@ impl Inner {
             .map_err(|e| self.declare_error(&format!("bind queue `{queue}`"), e))
     }
 
-    /// Declares a side queue (delay or dead-letter) once per connection.
-    /// Declares a side queue unless it was declared less than `fresh_for` ago on this
-    /// connection. A delay queue expires (`x-expires`) when unused, and publishing to it does
-    /// not count as use: it is declared again before half its lifetime has passed.
+    /// Whether `queue` was declared less than `fresh_for` ago on this connection.
+    fn is_fresh(&self, queue: &str, fresh_for: Option<Duration>) -> bool {
+        lock(&self.declared)
+            .get(queue)
+            .is_some_and(|at| fresh_for.is_none_or(|fresh| at.elapsed() < fresh))
+    }
+
+    /// Declares a side queue (delay or dead-letter) unless it was declared less than
+    /// `fresh_for` ago on this connection. A delay queue expires (`x-expires`) when unused, and
+    /// publishing to it does not count as use: it is declared again before half its lifetime
+    /// has passed.
+    ///
+    /// The declaration goes on a channel of its own, one at a time: a declaration the broker
+    /// refuses (an existing queue with other arguments) closes that channel only, never the
+    /// publishing channel or a consumer's, and never the connection. The channel is opened
+    /// again for the next declaration.
     async fn declare_side_queue(
         &self,
         link: &Link,
@@ -336,14 +399,37 @@ impl Inner {
         args: FieldTable,
         fresh_for: Option<Duration>,
     ) -> Result<()> {
-        if let Some(at) = lock(&self.declared).get(queue) {
-            if fresh_for.is_none_or(|fresh| at.elapsed() < fresh) {
-                return Ok(());
-            }
+        if self.is_fresh(queue, fresh_for) {
+            return Ok(());
         }
-        link.channel
+        let name = short("queue name", queue)?;
+        let mut side = self.side.lock().await;
+        if self.is_fresh(queue, fresh_for) {
+            // Declared while we waited for the channel.
+            return Ok(());
+        }
+        let channel = match side.as_ref() {
+            Some(open)
+                if Arc::ptr_eq(&open.connection, &link.connection)
+                    && open.channel.status().connected() =>
+            {
+                open.channel.clone()
+            }
+            _ => {
+                let channel =
+                    link.connection.create_channel().await.map_err(|e| {
+                        self.broker_error("cannot open a channel for declarations", e)
+                    })?;
+                *side = Some(SideChannel {
+                    connection: link.connection.clone(),
+                    channel: channel.clone(),
+                });
+                channel
+            }
+        };
+        channel
             .queue_declare(
-                short("queue name", queue)?,
+                name,
                 QueueDeclareOptions {
                     durable: true,
                     ..QueueDeclareOptions::default()
@@ -506,9 +592,11 @@ fn short(what: &str, s: &str) -> Result<ShortString> {
 }
 
 /// The delay of a message's next hop through a delay queue, in milliseconds; `None` for no
-/// delay.
+/// delay, at most [`AmqpBroker::MAX_DELAY_HOP`].
 fn hop_ms(delay: Option<Duration>) -> Option<u64> {
-    let ms = u64::try_from(delay?.as_millis()).unwrap_or(u64::MAX);
+    let ms = u64::try_from(delay?.as_millis())
+        .unwrap_or(u64::MAX)
+        .min(MAX_HOP_MS);
     (ms > 0).then_some(ms)
 }
 
