@@ -89,8 +89,71 @@ struct Inner {
     /// closes the channel of a declaration it refuses. Locked for the whole declaration, so that
     /// a refusal never fails someone else's declaration.
     side: tokio::sync::Mutex<Option<SideChannel>>,
-    /// Side queues (delay and dead-letter) declared on the current connection, and when.
-    declared: Mutex<HashMap<String, Instant>>,
+    /// Side queues (delay and dead-letter) declared on the current connection.
+    declared: Mutex<Declared>,
+}
+
+/// How many side-queue declarations [`Declared`] remembers. Every distinct delay has its own
+/// delay queue; beyond this many, the stale ones are forgotten, then the oldest.
+const MAX_DECLARED: usize = 4096;
+
+/// The side queues declared on the current connection: when, and for how long that declaration
+/// holds (`None`: until the connection is lost). Bounded by [`MAX_DECLARED`]; a queue that was
+/// forgotten is only declared again.
+#[derive(Default)]
+struct Declared {
+    entries: HashMap<String, Declaration>,
+}
+
+struct Declaration {
+    at: Instant,
+    fresh_for: Option<Duration>,
+}
+
+impl Declaration {
+    fn is_fresh(&self, now: Instant) -> bool {
+        self.fresh_for
+            .is_none_or(|fresh| now.saturating_duration_since(self.at) < fresh)
+    }
+}
+
+impl Declared {
+    /// Whether `queue` was declared and its declaration still holds at `now`.
+    fn is_fresh(&self, queue: &str, now: Instant) -> bool {
+        self.entries.get(queue).is_some_and(|d| d.is_fresh(now))
+    }
+
+    /// Records that `queue` was declared at `now`, making room if the cache is full.
+    fn insert(&mut self, queue: String, fresh_for: Option<Duration>, now: Instant) {
+        if self.entries.len() >= MAX_DECLARED && !self.entries.contains_key(&queue) {
+            self.entries.retain(|_, d| d.is_fresh(now));
+            if self.entries.len() >= MAX_DECLARED {
+                let oldest = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, d)| d.at)
+                    .map(|(queue, _)| queue.clone());
+                if let Some(oldest) = oldest {
+                    self.entries.remove(&oldest);
+                }
+            }
+        }
+        self.entries
+            .insert(queue, Declaration { at: now, fresh_for });
+    }
+
+    fn remove(&mut self, queue: &str) {
+        self.entries.remove(queue);
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
 }
 
 /// The channel for side-queue declarations, and the connection it belongs to.
@@ -135,7 +198,7 @@ impl AmqpBroker {
                 link: tokio::sync::Mutex::new(None),
                 generation: AtomicU64::new(0),
                 side: tokio::sync::Mutex::new(None),
-                declared: Mutex::new(HashMap::new()),
+                declared: Mutex::new(Declared::default()),
             }),
         };
         broker.inner.link().await?;
@@ -376,11 +439,9 @@ impl Inner {
             .map_err(|e| self.declare_error(&format!("bind queue `{queue}`"), e))
     }
 
-    /// Whether `queue` was declared less than `fresh_for` ago on this connection.
-    fn is_fresh(&self, queue: &str, fresh_for: Option<Duration>) -> bool {
-        lock(&self.declared)
-            .get(queue)
-            .is_some_and(|at| fresh_for.is_none_or(|fresh| at.elapsed() < fresh))
+    /// Whether `queue` was declared on this connection and its declaration still holds.
+    fn is_fresh(&self, queue: &str) -> bool {
+        lock(&self.declared).is_fresh(queue, Instant::now())
     }
 
     /// Declares a side queue (delay or dead-letter) unless it was declared less than
@@ -399,12 +460,12 @@ impl Inner {
         args: FieldTable,
         fresh_for: Option<Duration>,
     ) -> Result<()> {
-        if self.is_fresh(queue, fresh_for) {
+        if self.is_fresh(queue) {
             return Ok(());
         }
         let name = short("queue name", queue)?;
         let mut side = self.side.lock().await;
-        if self.is_fresh(queue, fresh_for) {
+        if self.is_fresh(queue) {
             // Declared while we waited for the channel.
             return Ok(());
         }
@@ -438,7 +499,7 @@ impl Inner {
             )
             .await
             .map_err(|e| self.declare_error(&format!("declare queue `{queue}`"), e))?;
-        lock(&self.declared).insert(queue.to_owned(), Instant::now());
+        lock(&self.declared).insert(queue.to_owned(), fresh_for, Instant::now());
         Ok(())
     }
 
@@ -1089,6 +1150,44 @@ mod tests {
         );
         assert_eq!(amqp_uri("amqp://h/prod"), "amqp://h/prod");
         assert_eq!(amqp_uri("amqps://h:5671/%2f"), "amqps://h:5671/%2f");
+    }
+
+    #[test]
+    fn the_declared_cache_is_bounded() {
+        let t0 = Instant::now();
+        let ten_s = Some(Duration::from_secs(10));
+        let mut declared = Declared::default();
+        // One delay queue per distinct delay: the cache stops at its cap, forgetting the oldest.
+        for i in 0..MAX_DECLARED + 100 {
+            let at = t0 + Duration::from_millis(u64::try_from(i).unwrap_or(0));
+            declared.insert(format!("delay.{i}"), ten_s, at);
+        }
+        assert_eq!(declared.len(), MAX_DECLARED);
+        let now = t0 + Duration::from_secs(1);
+        assert!(!declared.is_fresh("delay.0", now), "the oldest was evicted");
+        assert!(declared.is_fresh(&format!("delay.{}", MAX_DECLARED + 99), now));
+        // Once they are stale, the next insert sweeps them all out.
+        let later = t0 + Duration::from_secs(60);
+        assert!(!declared.is_fresh("delay.200", later));
+        declared.insert("dl.dead_letter".to_owned(), None, later);
+        declared.insert("delay.x".to_owned(), ten_s, later);
+        assert!(declared.len() <= MAX_DECLARED);
+        for i in 0..MAX_DECLARED {
+            let at = later + Duration::from_millis(u64::try_from(i + 1).unwrap_or(0));
+            declared.insert(format!("again.{i}"), ten_s, at);
+        }
+        assert_eq!(declared.len(), MAX_DECLARED);
+        assert!(declared.is_fresh("again.0", later + Duration::from_secs(5)));
+        assert!(
+            !declared.is_fresh("dl.dead_letter", later),
+            "evicted, oldest"
+        );
+        // A declaration without expiry (a dead-letter queue) stays fresh until evicted.
+        let mut declared = Declared::default();
+        declared.insert("q.dead_letter".to_owned(), None, t0);
+        assert!(declared.is_fresh("q.dead_letter", t0 + Duration::from_secs(1_000_000)));
+        declared.remove("q.dead_letter");
+        assert!(!declared.is_fresh("q.dead_letter", t0));
     }
 
     #[test]
