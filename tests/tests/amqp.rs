@@ -11,7 +11,7 @@ use common::{cleanup, queue_depth, raw_channel, unique_config, WorkerProcess, WA
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use machinery::broker::amqp::AmqpBroker;
-use machinery::broker::{Broker, Message};
+use machinery::broker::{Broker, Delivery, Message};
 use machinery::wire::{self, State};
 use machinery::{ErrorKind, Server};
 
@@ -671,5 +671,41 @@ async fn far_etas_travel_in_hops_rabbitmq_accepts() {
     let _ = channel
         .queue_delete(queue.as_str().into(), Default::default())
         .await;
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quorum_queue_redeliveries_carry_their_count() {
+    let mut config = unique_config("quorum");
+    config
+        .amqp
+        .queue_declare_args
+        .insert("x-queue-type".into(), "quorum".into());
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    broker
+        .publish(Message::new(
+            config.amqp.binding_key.clone(),
+            b"{}".to_vec(),
+        ))
+        .await
+        .unwrap();
+    let mut consumer = broker.consume(&config.default_queue, 1).await.unwrap();
+    async fn next(consumer: &mut Box<dyn machinery::broker::Consumer>) -> Delivery {
+        tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("a delivery")
+            .expect("the consumer is open")
+            .expect("a delivery, not an error")
+    }
+    let first = next(&mut consumer).await;
+    assert!(!first.redelivered());
+    assert_eq!(first.delivery_count(), Some(0));
+    first.requeue().await.unwrap();
+    let second = next(&mut consumer).await;
+    assert!(second.redelivered());
+    assert_eq!(second.delivery_count(), Some(1));
+    second.ack().await.unwrap();
+    consumer.cancel().await.unwrap();
+    consumer.close().await.unwrap();
     cleanup(&config).await;
 }

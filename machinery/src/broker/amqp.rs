@@ -82,6 +82,8 @@ struct Inner {
     default_routing_key: String,
     queue_args: FieldTable,
     binding_args: FieldTable,
+    /// Queues are declared quorum queues (`x-queue-type: quorum`), which count deliveries.
+    quorum: bool,
     reconnect_timeout: Duration,
     link: tokio::sync::Mutex<Option<Link>>,
     generation: AtomicU64,
@@ -194,6 +196,8 @@ impl AmqpBroker {
                 default_routing_key: config.default_routing_key().to_owned(),
                 queue_args: field_table(&config.amqp.queue_declare_args)?,
                 binding_args: field_table(&config.amqp.queue_binding_args)?,
+                quorum: config.amqp.queue_declare_args.get("x-queue-type")
+                    == Some(&Value::from("quorum")),
                 reconnect_timeout: config.reconnect_timeout,
                 link: tokio::sync::Mutex::new(None),
                 generation: AtomicU64::new(0),
@@ -661,6 +665,21 @@ fn hop_ms(delay: Option<Duration>) -> Option<u64> {
     (ms > 0).then_some(ms)
 }
 
+/// The `x-delivery-count` header RabbitMQ's quorum queues put on a redelivered message.
+fn delivery_count(headers: Option<&FieldTable>) -> Option<u32> {
+    let count = match headers?.inner().get("x-delivery-count")? {
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::LongLongInt(n) => *n,
+        _ => return None,
+    };
+    u32::try_from(count).ok()
+}
+
 fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -904,11 +923,15 @@ impl Consumer for AmqpConsumer {
                         queue: self.queue.clone(),
                         body: body.clone(),
                     };
-                    return Some(Ok(Delivery::new(
-                        body,
-                        delivery.redelivered,
-                        Box::new(acker),
-                    )));
+                    let mut handed = Delivery::new(body, delivery.redelivered, Box::new(acker));
+                    // A quorum queue counts the deliveries before this one in the header
+                    // `x-delivery-count`, from the first redelivery on.
+                    let count = delivery_count(delivery.properties.headers().as_ref())
+                        .or(self.broker.quorum.then_some(0));
+                    if let Some(count) = count {
+                        handed = handed.with_delivery_count(count);
+                    }
+                    return Some(Ok(handed));
                 }
                 Some(Err(e)) => {
                     warn!(queue = %self.queue, error = %e, "consumer interrupted; reconnecting");
@@ -1206,6 +1229,19 @@ mod tests {
         let map = fits.as_object().cloned().unwrap_or_default();
         assert!(field_table(&map).is_ok());
         assert_eq!(overlong_key(&map), None);
+    }
+
+    #[test]
+    fn delivery_counts_from_headers() {
+        let mut headers = FieldTable::default();
+        assert_eq!(delivery_count(None), None);
+        assert_eq!(delivery_count(Some(&headers)), None);
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        assert_eq!(delivery_count(Some(&headers)), Some(2));
+        headers.insert("x-delivery-count".into(), AMQPValue::LongInt(-1));
+        assert_eq!(delivery_count(Some(&headers)), None);
+        headers.insert("x-delivery-count".into(), long_string("3"));
+        assert_eq!(delivery_count(Some(&headers)), None);
     }
 
     #[test]
