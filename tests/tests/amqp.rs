@@ -709,3 +709,77 @@ async fn quorum_queue_redeliveries_carry_their_count() {
     consumer.close().await.unwrap();
     cleanup(&config).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_many_reports_each_message() {
+    // One outcome per message, in order: the ones the broker cannot take fail alone, in any
+    // confirm window, and the others are published.
+    let config = unique_config("many");
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    let key = config.amqp.binding_key.clone();
+    let refused_delay = AmqpBroker::delay_queue(7_000, &config.amqp.exchange, &key);
+    let (_c, channel) = raw_channel().await;
+    channel
+        .queue_declare(
+            refused_delay.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let unroutable = 600;
+    let overlong = 5;
+    let refused = 900;
+    let messages: Vec<Message> = (0..1100)
+        .map(|i| match i {
+            _ if i == unroutable => Message::new("nobody_listens_here", b"{}".to_vec()),
+            _ if i == overlong => Message::new("r".repeat(300), b"{}".to_vec()),
+            _ if i == refused => delayed(&key, Duration::from_millis(7_000)),
+            _ => Message::new(key.clone(), format!("{{\"n\":{i}}}").into_bytes()),
+        })
+        .collect();
+    let outcomes = broker.publish_many(messages).await;
+    assert_eq!(outcomes.len(), 1100);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match i {
+            _ if i == unroutable || i == refused => {
+                let err = outcome.as_ref().unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Rejected, "{i}: {err}");
+            }
+            _ if i == overlong => {
+                let err = outcome.as_ref().unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Encode, "{i}: {err}");
+            }
+            _ => assert!(outcome.is_ok(), "{i}: {outcome:?}"),
+        }
+    }
+    assert_eq!(queue_depth(&channel, &config.default_queue).await, 1097);
+    assert_eq!(broker.reconnects(), 0);
+
+    // A delay queue that went away after it was declared is declared again, not reported
+    // as unroutable.
+    let delay_queue = AmqpBroker::delay_queue(60_000, &config.amqp.exchange, &key);
+    let once = vec![delayed(&key, Duration::from_secs(60))];
+    assert!(broker.publish_many(once.clone()).await[0].is_ok());
+    channel
+        .queue_delete(delay_queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    assert!(broker.publish_many(once.clone()).await[0].is_ok());
+    channel
+        .queue_delete(delay_queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    broker.publish(once[0].clone()).await.unwrap();
+    assert_eq!(queue_depth(&channel, &delay_queue).await, 1);
+
+    for queue in [refused_delay, delay_queue] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+    }
+    cleanup(&config).await;
+}

@@ -63,6 +63,10 @@ const MAX_SETTLED_AHEAD: usize = 65_536;
 /// range older brokers have.
 const MAX_HOP_MS: u64 = 2_147_483_647;
 
+/// How many times a message is published before its publish is reported failed, when the
+/// connection is lost before its confirm comes (or its delay queue was deleted).
+const PUBLISH_ATTEMPTS: u32 = 5;
+
 /// How many publishes [`Broker::publish_many`] keeps unconfirmed at once.
 const CONFIRM_WINDOW: usize = 512;
 
@@ -156,6 +160,29 @@ impl Declared {
     fn len(&self) -> usize {
         self.entries.len()
     }
+}
+
+/// Where a message is published.
+struct Route {
+    exchange: ShortString,
+    routing_key: ShortString,
+    /// The delay queue it waits in, if it is delayed.
+    delay_queue: Option<String>,
+}
+
+/// A publish sent, its confirm still to come.
+struct Started {
+    confirm: lapin::PublisherConfirm,
+    delay_queue: Option<String>,
+}
+
+/// The outcome of one attempt to publish a message.
+enum Attempt {
+    /// Final: published, or refused for good.
+    Done(Result<()>),
+    /// Publish it again: the connection was lost before its confirm came, or its delay queue
+    /// was deleted since it was declared.
+    Again(Error),
 }
 
 /// The channel for side-queue declarations, and the connection it belongs to.
@@ -508,10 +535,14 @@ impl Inner {
     }
 
     /// Where a message goes: the exchange with its routing key, or (delayed) the default
-    /// exchange with the delay queue's name.
-    async fn route(&self, link: &Link, message: &Message) -> Result<(String, String)> {
+    /// exchange with the delay queue's name, declaring the delay queue.
+    async fn route(&self, link: &Link, message: &Message) -> Result<Route> {
         let Some(delay_ms) = hop_ms(message.delay) else {
-            return Ok((self.exchange.clone(), message.routing_key.clone()));
+            return Ok(Route {
+                exchange: short("exchange name", &self.exchange)?,
+                routing_key: short("routing key", &message.routing_key)?,
+                delay_queue: None,
+            });
         };
         let queue = AmqpBroker::delay_queue(delay_ms, &self.exchange, &message.routing_key);
         let mut args = FieldTable::default();
@@ -533,7 +564,11 @@ impl Inner {
         let fresh_for = Duration::from_millis(delay_ms / 2);
         self.declare_side_queue(link, &queue, args, Some(fresh_for))
             .await?;
-        Ok((String::new(), queue))
+        Ok(Route {
+            exchange: ShortString::default(),
+            routing_key: short("delay queue name", &queue)?,
+            delay_queue: Some(queue),
+        })
     }
 
     /// Checks that every short string of `message` fits AMQP; see [`Broker::validate`].
@@ -553,13 +588,10 @@ impl Inner {
         Ok(())
     }
 
-    async fn start_publish(
-        &self,
-        link: &Link,
-        message: &Message,
-    ) -> Result<lapin::PublisherConfirm> {
+    /// Validates `message` and sends it on `link`, without waiting for its confirm.
+    async fn start_publish(&self, link: &Link, message: &Message) -> Result<Started> {
         self.validate(message)?;
-        let (exchange, routing_key) = self.route(link, message).await?;
+        let route = self.route(link, message).await?;
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
@@ -569,12 +601,11 @@ impl Inner {
         if !message.headers.is_empty() {
             properties = properties.with_headers(field_table(&message.headers)?);
         }
-        let exchange = short("exchange name", &exchange)?;
-        let routing_key = short("routing key", &routing_key)?;
-        link.channel
+        let confirm = link
+            .channel
             .basic_publish(
-                exchange,
-                routing_key,
+                route.exchange,
+                route.routing_key,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -583,7 +614,36 @@ impl Inner {
                 properties,
             )
             .await
-            .map_err(|e| self.broker_error("publish failed", e))
+            .map_err(|e| self.broker_error("publish failed", e))?;
+        Ok(Started {
+            confirm,
+            delay_queue: route.delay_queue,
+        })
+    }
+
+    /// Waits for the confirm of a started publish.
+    async fn confirmed(&self, link: &Link, started: Started, message: &Message) -> Attempt {
+        let confirmation = match started.confirm.await {
+            Ok(confirmation) => confirmation,
+            Err(e) => {
+                let err = self.broker_error("publisher confirm failed", e);
+                return if link_alive(link) {
+                    Attempt::Done(Err(err))
+                } else {
+                    // Lost with the connection or the channel: the broker may not have it.
+                    Attempt::Again(err)
+                };
+            }
+        };
+        let outcome = self.check_confirmation(confirmation, &message.routing_key);
+        match (outcome, started.delay_queue) {
+            (Err(e), Some(queue)) if e.kind() == ErrorKind::Rejected => {
+                // The delay queue was deleted since we declared it: declare it again.
+                lock(&self.declared).remove(&queue);
+                Attempt::Again(e)
+            }
+            (outcome, _) => Attempt::Done(outcome),
+        }
     }
 
     fn check_confirmation(&self, confirmation: Confirmation, routing_key: &str) -> Result<()> {
@@ -604,27 +664,68 @@ impl Inner {
         }
     }
 
-    /// Publishes one message and waits for its confirm, reconnecting if the connection was
-    /// lost (the message may then be published twice: delivery is at least once).
+    /// Publishes one message and waits for its confirm, publishing it again (up to
+    /// [`PUBLISH_ATTEMPTS`] times) if the connection was lost before the confirm came, or its
+    /// delay queue had been deleted. The message may then be published twice: delivery is at
+    /// least once.
     async fn publish_one(&self, message: &Message) -> Result<()> {
         let mut attempts = 0;
         loop {
             attempts += 1;
             let link = self.link().await?;
-            let outcome = match self.start_publish(&link, message).await {
-                Ok(confirm) => confirm
-                    .await
-                    .map_err(|e| self.broker_error("publisher confirm failed", e))
-                    .and_then(|c| self.check_confirmation(c, &message.routing_key)),
-                Err(e) => Err(e),
+            let attempt = match self.start_publish(&link, message).await {
+                Ok(started) => self.confirmed(&link, started, message).await,
+                Err(e) if interrupted(&e, &link) => Attempt::Again(e),
+                Err(e) => Attempt::Done(Err(e)),
             };
-            match outcome {
-                Err(e) if attempts < 5 && !link_alive(&link) => {
-                    warn!(error = %e.message(), "publish interrupted by a lost connection; retrying");
+            match attempt {
+                Attempt::Done(outcome) => return outcome,
+                Attempt::Again(e) if attempts < PUBLISH_ATTEMPTS => {
+                    warn!(error = %e.message(), attempts, "publish interrupted; publishing again");
                 }
-                other => return other,
+                Attempt::Again(e) => return Err(e),
             }
         }
+    }
+
+    /// Publishes a window of messages on `link` with all their confirms in flight at once, and
+    /// returns one outcome per message. A message the broker cannot take fails alone; the ones
+    /// interrupted by a lost connection go again one by one ([`publish_one`](Self::publish_one)).
+    async fn publish_window(&self, link: &Link, window: &[Message]) -> Vec<Result<()>> {
+        // `None`: not sent, the connection was lost before its turn.
+        let mut started = Vec::with_capacity(window.len());
+        let mut lost = false;
+        for message in window {
+            if lost {
+                started.push(None);
+                continue;
+            }
+            match self.start_publish(link, message).await {
+                Ok(start) => started.push(Some(Ok(start))),
+                Err(e) if interrupted(&e, link) => {
+                    debug!(error = %e.message(), "windowed publish interrupted");
+                    lost = true;
+                    started.push(None);
+                }
+                Err(e) => started.push(Some(Err(e))),
+            }
+        }
+        let mut outcomes = Vec::with_capacity(window.len());
+        for (message, start) in window.iter().zip(started) {
+            let outcome = match start {
+                Some(Ok(started)) => match self.confirmed(link, started, message).await {
+                    Attempt::Done(outcome) => outcome,
+                    Attempt::Again(e) => {
+                        debug!(error = %e.message(), "publishing again");
+                        self.publish_one(message).await
+                    }
+                },
+                Some(Err(e)) => Err(e),
+                None => self.publish_one(message).await,
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
     }
 }
 
@@ -648,6 +749,11 @@ fn amqp_uri(url: &str) -> String {
 
 fn link_alive(link: &Link) -> bool {
     link.channel.status().connected() && link.connection.status().connected()
+}
+
+/// Whether `err` came from losing `link` (so that publishing again on a new one may work).
+fn interrupted(err: &Error, link: &Link) -> bool {
+    !err.is_permanent() && !link_alive(link)
 }
 
 /// `s` as an AMQP short string; an error of kind [`ErrorKind::Encode`] naming `what` if it is
@@ -744,65 +850,18 @@ impl Broker for AmqpBroker {
     async fn publish_many(&self, messages: Vec<Message>) -> Vec<Result<()>> {
         let mut outcomes: Vec<Result<()>> = Vec::with_capacity(messages.len());
         for window in messages.chunks(CONFIRM_WINDOW) {
-            let link = match self.inner.link().await {
-                Ok(link) => link,
+            match self.inner.link().await {
+                Ok(link) => outcomes.extend(self.inner.publish_window(&link, window).await),
                 Err(e) => {
-                    // The broker stayed unreachable: nothing more can be sent.
-                    let message = e.message().to_owned();
-                    outcomes.push(Err(e));
+                    // The broker stayed unreachable (or refuses our topology): nothing more can
+                    // be sent.
                     let left = messages.len() - outcomes.len();
-                    outcomes.extend(
-                        std::iter::repeat_with(|| {
-                            Err(Error::new(ErrorKind::Broker, message.clone()))
-                        })
-                        .take(left),
-                    );
-                    return outcomes;
-                }
-            };
-            let base = outcomes.len();
-            let mut window_outcomes: Vec<Option<Result<()>>> =
-                (0..window.len()).map(|_| None).collect();
-            let mut pending = Vec::with_capacity(window.len());
-            let mut failed_from = None;
-            for (i, message) in window.iter().enumerate() {
-                match self.inner.start_publish(&link, message).await {
-                    Ok(confirm) => pending.push((i, confirm)),
-                    Err(e) if e.is_permanent() => window_outcomes[i] = Some(Err(e)),
-                    Err(e) => {
-                        debug!(error = %e.message(), "windowed publish interrupted");
-                        failed_from = Some(i);
-                        break;
-                    }
+                    let (kind, message) = (e.kind(), e.message().to_owned());
+                    outcomes.push(Err(e));
+                    outcomes.extend((1..left).map(|_| Err(Error::new(kind, message.clone()))));
+                    break;
                 }
             }
-            let mut retry = Vec::new();
-            for (i, confirm) in pending {
-                match confirm.await {
-                    Ok(c) => {
-                        window_outcomes[i] =
-                            Some(self.inner.check_confirmation(c, &window[i].routing_key));
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "confirm lost with the connection; republishing");
-                        retry.push(i);
-                    }
-                }
-            }
-            retry.extend(
-                failed_from
-                    .map(|from| from..window.len())
-                    .into_iter()
-                    .flatten(),
-            );
-            // Unconfirmed messages go again, one by one, reconnecting as needed.
-            for i in retry {
-                window_outcomes[i] = Some(self.inner.publish_one(&window[i]).await);
-            }
-            outcomes.extend(window_outcomes.into_iter().map(|o| {
-                o.unwrap_or_else(|| Err(Error::new(ErrorKind::Broker, "publish not attempted")))
-            }));
-            debug_assert_eq!(outcomes.len(), base + window.len());
         }
         outcomes
     }
