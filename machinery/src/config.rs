@@ -231,6 +231,34 @@ impl Config {
                 self.amqp.exchange_type
             )));
         }
+        if self.broker.starts_with("amqp://") || self.broker.starts_with("amqps://") {
+            self.validate_amqp_names()?;
+        }
+        Ok(())
+    }
+
+    /// AMQP carries names (exchange, queue, binding key, argument keys) as short strings of at
+    /// most [`AMQP_MAX_NAME`] bytes; the dead-letter queue `<default queue>.dead_letter` too.
+    fn validate_amqp_names(&self) -> Result<()> {
+        let dead_letter = format!("{}{DEAD_LETTER_SUFFIX}", self.default_queue);
+        for (what, name) in [
+            ("AMQP exchange name", self.amqp.exchange.as_str()),
+            ("AMQP binding key", self.amqp.binding_key.as_str()),
+            ("default queue name", self.default_queue.as_str()),
+            ("dead-letter queue name", dead_letter.as_str()),
+        ] {
+            if name.len() > AMQP_MAX_NAME {
+                return Err(Error::config(overlong(what, name)));
+            }
+        }
+        for (what, args) in [
+            ("AMQP queue declare argument", &self.amqp.queue_declare_args),
+            ("AMQP queue binding argument", &self.amqp.queue_binding_args),
+        ] {
+            if let Some(key) = overlong_key(args) {
+                return Err(Error::config(overlong(&format!("{what} key"), key)));
+            }
+        }
         Ok(())
     }
 
@@ -243,6 +271,40 @@ impl Config {
             &self.default_queue
         }
     }
+}
+
+/// The longest name (or table key) AMQP 0-9-1 can carry: a short string is at most 255 bytes.
+pub(crate) const AMQP_MAX_NAME: usize = 255;
+
+/// The suffix of a queue's dead-letter queue (`<queue>.dead_letter`).
+pub(crate) const DEAD_LETTER_SUFFIX: &str = ".dead_letter";
+
+/// The first key of `map`, or of a table nested in it at any depth (in objects and arrays),
+/// longer than [`AMQP_MAX_NAME`] bytes.
+pub(crate) fn overlong_key(map: &Map<String, Value>) -> Option<&str> {
+    fn in_value(value: &Value) -> Option<&str> {
+        match value {
+            Value::Object(map) => overlong_key(map),
+            Value::Array(items) => items.iter().find_map(in_value),
+            _ => None,
+        }
+    }
+    map.iter().find_map(|(key, value)| {
+        if key.len() > AMQP_MAX_NAME {
+            Some(key.as_str())
+        } else {
+            in_value(value)
+        }
+    })
+}
+
+/// The message for a name longer than AMQP can carry (with the start of the name only).
+pub(crate) fn overlong(what: &str, name: &str) -> String {
+    let start: String = name.chars().take(32).collect();
+    format!(
+        "{what} `{start}...` is {} bytes long; AMQP carries at most {AMQP_MAX_NAME}",
+        name.len()
+    )
 }
 
 fn parsed<T: std::str::FromStr>(

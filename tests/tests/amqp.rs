@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use common::{cleanup, queue_depth, raw_channel, unique_config, WorkerProcess, WAIT};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
+use machinery::broker::amqp::AmqpBroker;
+use machinery::broker::{Broker, Delivery, Message};
 use machinery::wire::{self, State};
 use machinery::{ErrorKind, Server};
 
@@ -172,7 +174,8 @@ async fn custom_queue_worker() {
         .send(add::signature(vec![1]).with_routing_key("nobody_listens_here"))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Broker);
+    assert_eq!(err.kind(), ErrorKind::Rejected);
+    assert!(err.is_permanent());
     assert!(err.to_string().contains("no queue is bound"), "{err}");
     let (_c, channel) = raw_channel().await;
     let _ = channel
@@ -428,4 +431,355 @@ async fn delay_queue_survives_reuse_past_its_expiry() {
     }
     worker.shutdown().await.unwrap();
     cleanup(server.config()).await;
+}
+
+/// A delayed message for `routing_key` with an empty body, straight to the broker.
+fn delayed(routing_key: &str, delay: Duration) -> Message {
+    let mut message = Message::new(routing_key.to_owned(), b"{}".to_vec());
+    message.delay = Some(delay);
+    message
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overlong_names_are_refused_before_they_reach_the_client_library() {
+    // amq-protocol panics on a short string over 255 bytes; the broker must refuse such a
+    // message with an Encode error instead, before anything is sent.
+    let server = server("long").await;
+    let err = server
+        .send(add::signature(vec![1]).with_routing_key("r".repeat(300)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Encode, "{err}");
+    assert!(err.is_permanent());
+    assert!(err.to_string().contains("routing key"), "{err}");
+
+    // A routing key that fits, but not inside `delay.<ms>.<exchange>.<routing key>`.
+    let message = delayed(&"k".repeat(250), Duration::from_secs(1));
+    let err = server.broker().validate(&message).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Encode, "{err}");
+    assert!(err.to_string().contains("delay queue"), "{err}");
+    let err = server.broker().publish(message.clone()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Encode, "{err}");
+    let outcomes = server.broker().publish_many(vec![message]).await;
+    assert_eq!(outcomes[0].as_ref().unwrap_err().kind(), ErrorKind::Encode);
+
+    // Header keys, at any depth.
+    for headers in [
+        serde_json::json!({ "h".repeat(256): 1 }),
+        serde_json::json!({ "outer": { "list": [1, { "h".repeat(256): true }] } }),
+    ] {
+        let mut sig = add::signature(vec![1]);
+        for (key, value) in headers.as_object().unwrap() {
+            sig = sig.with_header(key.clone(), value.clone());
+        }
+        let err = server.send(sig).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Encode, "{err}");
+        assert!(err.to_string().contains("header"), "{err}");
+    }
+
+    // A worker for a queue whose name (or whose dead-letter queue's name) cannot be carried.
+    for queue in ["q".repeat(256), "q".repeat(250)] {
+        let err = server.worker().queue(queue).spawn().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    }
+
+    // The broker still works.
+    let worker = server.worker().spawn().await.unwrap();
+    let r = server.send(add::signature(vec![2, 3])).await.unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), 5);
+    worker.shutdown().await.unwrap();
+    cleanup(server.config()).await;
+
+    // Configured names are checked at startup.
+    let configs: [fn(&mut machinery::Config); 5] = [
+        |c| c.amqp.exchange = "e".repeat(256),
+        |c| c.amqp.binding_key = "b".repeat(256),
+        |c| c.default_queue = "q".repeat(250),
+        |c| {
+            c.amqp.queue_declare_args.insert("a".repeat(256), 1.into());
+        },
+        |c| {
+            c.amqp
+                .queue_binding_args
+                .insert("x".into(), serde_json::json!({ "a".repeat(256): 1 }));
+        },
+    ];
+    for change in configs {
+        let mut config = unique_config("long_config");
+        change(&mut config);
+        let err = Server::new(config).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_are_permanent_and_nacks_retryable() {
+    // A queue the broker refuses to declare with our arguments (PRECONDITION_FAILED): an
+    // existing queue declared differently, an argument out of range. Permanent, so it fails at
+    // once instead of retrying for reconnect_timeout.
+    let (_c, channel) = raw_channel().await;
+    let mut existing = unique_config("refused");
+    existing.reconnect_timeout = Duration::from_secs(20);
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-max-priority".into(),
+        lapin::types::AMQPValue::LongLongInt(5),
+    );
+    channel
+        .queue_declare(
+            existing.default_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    existing
+        .amqp
+        .queue_declare_args
+        .insert("x-max-priority".into(), 10.into());
+    let mut out_of_range = unique_config("refused");
+    out_of_range.reconnect_timeout = Duration::from_secs(20);
+    out_of_range
+        .amqp
+        .queue_declare_args
+        .insert("x-expires".into(), 0.into());
+    for config in [existing, out_of_range] {
+        let started = Instant::now();
+        let err = Server::new(config.clone()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+        assert!(err.is_permanent());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        cleanup(&config).await;
+    }
+
+    // A queue that refuses new messages (reject-publish overflow) nacks them: retryable.
+    let mut config = unique_config("nack");
+    config
+        .amqp
+        .queue_declare_args
+        .insert("x-max-length".into(), 0.into());
+    config
+        .amqp
+        .queue_declare_args
+        .insert("x-overflow".into(), "reject-publish".into());
+    let server = Server::new(config.clone()).await.unwrap();
+    let err = server.send(add::signature(vec![1])).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Broker, "{err}");
+    assert!(err.is_retryable());
+    assert!(err.to_string().contains("nack"), "{err}");
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_delay_queue_stays_on_its_own_channel() {
+    // RabbitMQ refuses to declare a delay queue that exists with other arguments. That refusal
+    // closes the channel it came on: it must not be the publishing channel (failing the other
+    // publishes in flight) nor make the broker reconnect.
+    let config = unique_config("isolation");
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    let key = config.amqp.binding_key.clone();
+    let delay = Duration::from_millis(5_000);
+    let delay_queue = AmqpBroker::delay_queue(5_000, &config.amqp.exchange, &key);
+    let (_c, channel) = raw_channel().await;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-message-ttl".into(),
+        lapin::types::AMQPValue::LongLongInt(1234),
+    );
+    channel
+        .queue_declare(
+            delay_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+
+    for round in 0..3 {
+        let normal: Vec<_> = (0..100)
+            .map(|i| {
+                let broker = broker.clone();
+                let message = Message::new(key.clone(), format!("{{\"n\":{i}}}").into_bytes());
+                tokio::spawn(async move { broker.publish(message).await })
+            })
+            .collect();
+        let refused = {
+            let broker = broker.clone();
+            let message = delayed(&key, delay);
+            tokio::spawn(async move { broker.publish(message).await })
+        };
+        let err = refused.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+        assert!(err.to_string().contains(&delay_queue), "{err}");
+        for publish in normal {
+            publish.await.unwrap().unwrap();
+        }
+        assert_eq!(broker.reconnects(), 0, "round {round}");
+    }
+    // Other delays still work, on a fresh declaration channel.
+    broker
+        .publish(delayed(&key, Duration::from_millis(5_001)))
+        .await
+        .unwrap();
+    assert_eq!(queue_depth(&channel, &config.default_queue).await, 300);
+    assert_eq!(broker.reconnects(), 0);
+    for queue in [
+        delay_queue,
+        AmqpBroker::delay_queue(5_001, &config.amqp.exchange, &key),
+    ] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+    }
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn far_etas_travel_in_hops_rabbitmq_accepts() {
+    // RabbitMQ refuses x-message-ttl / x-expires over ten years; a delay is clamped to
+    // MAX_DELAY_HOP per hop (the worker delays a message that arrives early again).
+    let server = server("century").await;
+    let config = server.config().clone();
+    let key = config.amqp.binding_key.clone();
+    let century = Duration::from_secs(100 * 365 * 24 * 3600);
+    server
+        .broker()
+        .publish(delayed(&key, century))
+        .await
+        .unwrap();
+    let eta = chrono::DateTime::parse_from_rfc3339("9999-12-31T23:59:59Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    server
+        .send(add::signature(vec![1]).with_eta(eta))
+        .await
+        .unwrap();
+    let hop = u64::try_from(AmqpBroker::MAX_DELAY_HOP.as_millis()).unwrap();
+    let queue = AmqpBroker::delay_queue(hop, &config.amqp.exchange, &key);
+    let (_c, channel) = raw_channel().await;
+    assert_eq!(queue_depth(&channel, &queue).await, 2);
+    let _ = channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quorum_queue_redeliveries_carry_their_count() {
+    let mut config = unique_config("quorum");
+    config
+        .amqp
+        .queue_declare_args
+        .insert("x-queue-type".into(), "quorum".into());
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    broker
+        .publish(Message::new(
+            config.amqp.binding_key.clone(),
+            b"{}".to_vec(),
+        ))
+        .await
+        .unwrap();
+    let mut consumer = broker.consume(&config.default_queue, 1).await.unwrap();
+    async fn next(consumer: &mut Box<dyn machinery::broker::Consumer>) -> Delivery {
+        tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("a delivery")
+            .expect("the consumer is open")
+            .expect("a delivery, not an error")
+    }
+    let first = next(&mut consumer).await;
+    assert!(!first.redelivered());
+    assert_eq!(first.delivery_count(), Some(0));
+    first.requeue().await.unwrap();
+    let second = next(&mut consumer).await;
+    assert!(second.redelivered());
+    assert_eq!(second.delivery_count(), Some(1));
+    second.ack().await.unwrap();
+    consumer.cancel().await.unwrap();
+    consumer.close().await.unwrap();
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_many_reports_each_message() {
+    // One outcome per message, in order: the ones the broker cannot take fail alone, in any
+    // confirm window, and the others are published.
+    let config = unique_config("many");
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    let key = config.amqp.binding_key.clone();
+    let refused_delay = AmqpBroker::delay_queue(7_000, &config.amqp.exchange, &key);
+    let (_c, channel) = raw_channel().await;
+    channel
+        .queue_declare(
+            refused_delay.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let unroutable = 600;
+    let overlong = 5;
+    let refused = 900;
+    let messages: Vec<Message> = (0..1100)
+        .map(|i| match i {
+            _ if i == unroutable => Message::new("nobody_listens_here", b"{}".to_vec()),
+            _ if i == overlong => Message::new("r".repeat(300), b"{}".to_vec()),
+            _ if i == refused => delayed(&key, Duration::from_millis(7_000)),
+            _ => Message::new(key.clone(), format!("{{\"n\":{i}}}").into_bytes()),
+        })
+        .collect();
+    let outcomes = broker.publish_many(messages).await;
+    assert_eq!(outcomes.len(), 1100);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match i {
+            _ if i == unroutable || i == refused => {
+                let err = outcome.as_ref().unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Rejected, "{i}: {err}");
+            }
+            _ if i == overlong => {
+                let err = outcome.as_ref().unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Encode, "{i}: {err}");
+            }
+            _ => assert!(outcome.is_ok(), "{i}: {outcome:?}"),
+        }
+    }
+    assert_eq!(queue_depth(&channel, &config.default_queue).await, 1097);
+    assert_eq!(broker.reconnects(), 0);
+
+    // A delay queue that went away after it was declared is declared again, not reported
+    // as unroutable.
+    let delay_queue = AmqpBroker::delay_queue(60_000, &config.amqp.exchange, &key);
+    let once = vec![delayed(&key, Duration::from_secs(60))];
+    assert!(broker.publish_many(once.clone()).await[0].is_ok());
+    channel
+        .queue_delete(delay_queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    assert!(broker.publish_many(once.clone()).await[0].is_ok());
+    channel
+        .queue_delete(delay_queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    broker.publish(once[0].clone()).await.unwrap();
+    assert_eq!(queue_depth(&channel, &delay_queue).await, 1);
+
+    for queue in [refused_delay, delay_queue] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+    }
+    cleanup(&config).await;
 }

@@ -51,12 +51,21 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
-use crate::config::{mask_url, Config};
+use crate::config::{mask_url, overlong, overlong_key, Config, AMQP_MAX_NAME, DEAD_LETTER_SUFFIX};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock;
 
 /// How many deliveries settled after a still-running one the ack coalescer remembers.
 const MAX_SETTLED_AHEAD: usize = 65_536;
+
+/// [`AmqpBroker::MAX_DELAY_HOP`] in milliseconds. With `x-expires` = 2 × hop, both arguments
+/// stay below 2^32 ms: far within RabbitMQ 3.10's ten-year limit, and within the 32-bit timer
+/// range older brokers have.
+const MAX_HOP_MS: u64 = 2_147_483_647;
+
+/// How many times a message is published before its publish is reported failed, when the
+/// connection is lost before its confirm comes (or its delay queue was deleted).
+const PUBLISH_ATTEMPTS: u32 = 5;
 
 /// How many publishes [`Broker::publish_many`] keeps unconfirmed at once.
 const CONFIRM_WINDOW: usize = 512;
@@ -77,11 +86,109 @@ struct Inner {
     default_routing_key: String,
     queue_args: FieldTable,
     binding_args: FieldTable,
+    /// Queues are declared quorum queues (`x-queue-type: quorum`), which count deliveries.
+    quorum: bool,
     reconnect_timeout: Duration,
     link: tokio::sync::Mutex<Option<Link>>,
     generation: AtomicU64,
-    /// Side queues (delay and dead-letter) declared on the current connection, and when.
-    declared: Mutex<HashMap<String, Instant>>,
+    /// The channel side queues are declared on, apart from the publishing channel: the broker
+    /// closes the channel of a declaration it refuses. Locked for the whole declaration, so that
+    /// a refusal never fails someone else's declaration.
+    side: tokio::sync::Mutex<Option<SideChannel>>,
+    /// Side queues (delay and dead-letter) declared on the current connection.
+    declared: Mutex<Declared>,
+}
+
+/// How many side-queue declarations [`Declared`] remembers. Every distinct delay has its own
+/// delay queue; beyond this many, the stale ones are forgotten, then the oldest.
+const MAX_DECLARED: usize = 4096;
+
+/// The side queues declared on the current connection: when, and for how long that declaration
+/// holds (`None`: until the connection is lost). Bounded by [`MAX_DECLARED`]; a queue that was
+/// forgotten is only declared again.
+#[derive(Default)]
+struct Declared {
+    entries: HashMap<String, Declaration>,
+}
+
+struct Declaration {
+    at: Instant,
+    fresh_for: Option<Duration>,
+}
+
+impl Declaration {
+    fn is_fresh(&self, now: Instant) -> bool {
+        self.fresh_for
+            .is_none_or(|fresh| now.saturating_duration_since(self.at) < fresh)
+    }
+}
+
+impl Declared {
+    /// Whether `queue` was declared and its declaration still holds at `now`.
+    fn is_fresh(&self, queue: &str, now: Instant) -> bool {
+        self.entries.get(queue).is_some_and(|d| d.is_fresh(now))
+    }
+
+    /// Records that `queue` was declared at `now`, making room if the cache is full.
+    fn insert(&mut self, queue: String, fresh_for: Option<Duration>, now: Instant) {
+        if self.entries.len() >= MAX_DECLARED && !self.entries.contains_key(&queue) {
+            self.entries.retain(|_, d| d.is_fresh(now));
+            if self.entries.len() >= MAX_DECLARED {
+                let oldest = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, d)| d.at)
+                    .map(|(queue, _)| queue.clone());
+                if let Some(oldest) = oldest {
+                    self.entries.remove(&oldest);
+                }
+            }
+        }
+        self.entries
+            .insert(queue, Declaration { at: now, fresh_for });
+    }
+
+    fn remove(&mut self, queue: &str) {
+        self.entries.remove(queue);
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// Where a message is published.
+struct Route {
+    exchange: ShortString,
+    routing_key: ShortString,
+    /// The delay queue it waits in, if it is delayed.
+    delay_queue: Option<String>,
+}
+
+/// A publish sent, its confirm still to come.
+struct Started {
+    confirm: lapin::PublisherConfirm,
+    delay_queue: Option<String>,
+}
+
+/// The outcome of one attempt to publish a message.
+enum Attempt {
+    /// Final: published, or refused for good.
+    Done(Result<()>),
+    /// Publish it again: the connection was lost before its confirm came, or its delay queue
+    /// was deleted since it was declared.
+    Again(Error),
+}
+
+/// The channel for side-queue declarations, and the connection it belongs to.
+struct SideChannel {
+    connection: Arc<Connection>,
+    channel: Channel,
 }
 
 /// One connection and its publishing channel (publisher confirms on).
@@ -96,6 +203,8 @@ impl AmqpBroker {
     /// Connects to the broker in `config.broker` and declares the topology, retrying for up to
     /// `config.reconnect_timeout` if it cannot be reached.
     pub async fn connect(config: &Config) -> Result<AmqpBroker> {
+        // Names longer than AMQP can carry are refused here, before the client library sees them.
+        config.validate()?;
         let exchange_kind = match config.amqp.exchange_type.as_str() {
             "direct" => ExchangeKind::Direct,
             "fanout" => ExchangeKind::Fanout,
@@ -112,21 +221,41 @@ impl AmqpBroker {
                 binding_key: config.amqp.binding_key.clone(),
                 default_queue: config.default_queue.clone(),
                 default_routing_key: config.default_routing_key().to_owned(),
-                queue_args: field_table(&config.amqp.queue_declare_args),
-                binding_args: field_table(&config.amqp.queue_binding_args),
+                queue_args: field_table(&config.amqp.queue_declare_args)?,
+                binding_args: field_table(&config.amqp.queue_binding_args)?,
+                quorum: config.amqp.queue_declare_args.get("x-queue-type")
+                    == Some(&Value::from("quorum")),
                 reconnect_timeout: config.reconnect_timeout,
                 link: tokio::sync::Mutex::new(None),
                 generation: AtomicU64::new(0),
-                declared: Mutex::new(HashMap::new()),
+                side: tokio::sync::Mutex::new(None),
+                declared: Mutex::new(Declared::default()),
             }),
         };
         broker.inner.link().await?;
         Ok(broker)
     }
 
+    /// How many times the publishing connection or its channel had to be opened again since
+    /// [`connect`](Self::connect): 0 while the first ones last.
+    pub fn reconnects(&self) -> u64 {
+        self.inner
+            .generation
+            .load(Ordering::SeqCst)
+            .saturating_sub(1)
+    }
+
+    /// The longest hop a delayed message makes through a delay queue: 2^31 - 1 ms (24.8 days).
+    ///
+    /// RabbitMQ refuses a queue whose `x-message-ttl` or `x-expires` exceeds ten years
+    /// (315,360,000,000 ms, measured on 3.10), and a delay queue expires after twice its delay.
+    /// A longer delay travels in several hops: the message comes out of the delay queue before
+    /// its ETA and the worker delays it again for the rest.
+    pub const MAX_DELAY_HOP: Duration = Duration::from_millis(MAX_HOP_MS);
+
     /// The name of the queue messages from `queue` are dead-lettered to.
     pub fn dead_letter_queue(queue: &str) -> String {
-        format!("{queue}.dead_letter")
+        format!("{queue}{DEAD_LETTER_SUFFIX}")
     }
 
     /// The name of the queue Go Machinery and machinery hold a delayed message in.
@@ -149,15 +278,57 @@ impl Inner {
         )
     }
 
+    /// An error from a declaration: [`ErrorKind::Rejected`] when the broker refuses it for
+    /// good (PRECONDITION_FAILED: an existing queue or exchange declared with other arguments, an
+    /// argument out of range; ACCESS_REFUSED: a reserved name or no permission), else
+    /// [`ErrorKind::Broker`].
+    fn declare_error(&self, what: &str, err: lapin::Error) -> Error {
+        let refused = match err.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) => matches!(
+                amqp.kind(),
+                lapin::protocol::AMQPErrorKind::Soft(
+                    lapin::protocol::AMQPSoftError::PRECONDITIONFAILED
+                        | lapin::protocol::AMQPSoftError::ACCESSREFUSED
+                )
+            ),
+            _ => false,
+        };
+        if refused {
+            Error::with_source(
+                ErrorKind::Rejected,
+                format!("the broker refuses to {what}: {err}"),
+                err,
+            )
+        } else {
+            self.broker_error(&format!("cannot {what}"), err)
+        }
+    }
+
     /// The current connection, reconnecting (with a capped backoff, up to
     /// `reconnect_timeout`) when there is none or it is closed.
     async fn link(&self) -> Result<Link> {
         let mut current = self.link.lock().await;
         if let Some(link) = current.as_ref() {
-            if link.channel.status().connected() && link.connection.status().connected() {
+            if link_alive(link) {
                 return Ok(link.clone());
             }
-            warn!(broker = %self.masked_url, "connection to the broker lost; reconnecting");
+            if link.connection.status().connected() {
+                // The broker closed the publishing channel only (a channel error): open another
+                // one on the same connection.
+                warn!(broker = %self.masked_url, "publishing channel closed by the broker; reopening it");
+                match self.open_publisher(link.connection.clone()).await {
+                    Ok(link) => {
+                        *current = Some(link.clone());
+                        return Ok(link);
+                    }
+                    Err(e) if e.is_permanent() => return Err(e),
+                    Err(e) => {
+                        warn!(broker = %self.masked_url, error = %e.message(), "cannot reopen the publishing channel; reconnecting");
+                    }
+                }
+            } else {
+                warn!(broker = %self.masked_url, "connection to the broker lost; reconnecting");
+            }
         }
         *current = None;
         let started = Instant::now();
@@ -174,6 +345,11 @@ impl Inner {
                 }
                 Err((e, refused)) if refused && refusals >= 2 => {
                     // The broker answers but refuses our credentials: waiting won't help.
+                    return Err(e);
+                }
+                Err((e, _)) if e.is_permanent() => {
+                    // The broker refuses our topology (a queue declared with other arguments):
+                    // the same declaration will be refused again.
                     return Err(e);
                 }
                 Err((e, _)) if started.elapsed() + pause > self.reconnect_timeout => {
@@ -224,12 +400,15 @@ impl Inner {
                     refused,
                 )
             })?;
-        self.open_publisher(connection)
+        // Side queues are declared anew on a new connection (the broker may have restarted).
+        lock(&self.declared).clear();
+        self.open_publisher(Arc::new(connection))
             .await
             .map_err(|e| (e, false))
     }
 
-    async fn open_publisher(&self, connection: Connection) -> Result<Link> {
+    /// Opens the publishing channel on `connection` and declares the topology on it.
+    async fn open_publisher(&self, connection: Arc<Connection>) -> Result<Link> {
         let channel = connection
             .create_channel()
             .await
@@ -239,11 +418,10 @@ impl Inner {
             .await
             .map_err(|e| self.broker_error("cannot enable publisher confirms", e))?;
         self.declare_queue(&channel, &self.default_queue).await?;
-        lock(&self.declared).clear();
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         debug!(broker = %self.masked_url, generation, "connected");
         Ok(Link {
-            connection: Arc::new(connection),
+            connection,
             channel,
             generation,
         })
@@ -254,7 +432,7 @@ impl Inner {
     async fn declare_queue(&self, channel: &Channel, queue: &str) -> Result<()> {
         channel
             .exchange_declare(
-                self.exchange.as_str().into(),
+                short("exchange name", &self.exchange)?,
                 self.exchange_kind.clone(),
                 ExchangeDeclareOptions {
                     durable: true,
@@ -263,12 +441,10 @@ impl Inner {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| {
-                self.broker_error(&format!("cannot declare exchange `{}`", self.exchange), e)
-            })?;
+            .map_err(|e| self.declare_error(&format!("declare exchange `{}`", self.exchange), e))?;
         channel
             .queue_declare(
-                queue.into(),
+                short("queue name", queue)?,
                 QueueDeclareOptions {
                     durable: true,
                     ..QueueDeclareOptions::default()
@@ -276,7 +452,7 @@ impl Inner {
                 self.queue_args.clone(),
             )
             .await
-            .map_err(|e| self.broker_error(&format!("cannot declare queue `{queue}`"), e))?;
+            .map_err(|e| self.declare_error(&format!("declare queue `{queue}`"), e))?;
         let key = if queue == self.default_queue {
             self.binding_key.as_str()
         } else {
@@ -284,20 +460,30 @@ impl Inner {
         };
         channel
             .queue_bind(
-                queue.into(),
-                self.exchange.as_str().into(),
-                key.into(),
+                short("queue name", queue)?,
+                short("exchange name", &self.exchange)?,
+                short("binding key", key)?,
                 QueueBindOptions::default(),
                 self.binding_args.clone(),
             )
             .await
-            .map_err(|e| self.broker_error(&format!("cannot bind queue `{queue}`"), e))
+            .map_err(|e| self.declare_error(&format!("bind queue `{queue}`"), e))
     }
 
-    /// Declares a side queue (delay or dead-letter) once per connection.
-    /// Declares a side queue unless it was declared less than `fresh_for` ago on this
-    /// connection. A delay queue expires (`x-expires`) when unused, and publishing to it does
-    /// not count as use: it is declared again before half its lifetime has passed.
+    /// Whether `queue` was declared on this connection and its declaration still holds.
+    fn is_fresh(&self, queue: &str) -> bool {
+        lock(&self.declared).is_fresh(queue, Instant::now())
+    }
+
+    /// Declares a side queue (delay or dead-letter) unless it was declared less than
+    /// `fresh_for` ago on this connection. A delay queue expires (`x-expires`) when unused, and
+    /// publishing to it does not count as use: it is declared again before half its lifetime
+    /// has passed.
+    ///
+    /// The declaration goes on a channel of its own, one at a time: a declaration the broker
+    /// refuses (an existing queue with other arguments) closes that channel only, never the
+    /// publishing channel or a consumer's, and never the connection. The channel is opened
+    /// again for the next declaration.
     async fn declare_side_queue(
         &self,
         link: &Link,
@@ -305,14 +491,37 @@ impl Inner {
         args: FieldTable,
         fresh_for: Option<Duration>,
     ) -> Result<()> {
-        if let Some(at) = lock(&self.declared).get(queue) {
-            if fresh_for.is_none_or(|fresh| at.elapsed() < fresh) {
-                return Ok(());
-            }
+        if self.is_fresh(queue) {
+            return Ok(());
         }
-        link.channel
+        let name = short("queue name", queue)?;
+        let mut side = self.side.lock().await;
+        if self.is_fresh(queue) {
+            // Declared while we waited for the channel.
+            return Ok(());
+        }
+        let channel = match side.as_ref() {
+            Some(open)
+                if Arc::ptr_eq(&open.connection, &link.connection)
+                    && open.channel.status().connected() =>
+            {
+                open.channel.clone()
+            }
+            _ => {
+                let channel =
+                    link.connection.create_channel().await.map_err(|e| {
+                        self.broker_error("cannot open a channel for declarations", e)
+                    })?;
+                *side = Some(SideChannel {
+                    connection: link.connection.clone(),
+                    channel: channel.clone(),
+                });
+                channel
+            }
+        };
+        channel
             .queue_declare(
-                queue.into(),
+                name,
                 QueueDeclareOptions {
                     durable: true,
                     ..QueueDeclareOptions::default()
@@ -320,21 +529,21 @@ impl Inner {
                 args,
             )
             .await
-            .map_err(|e| self.broker_error(&format!("cannot declare queue `{queue}`"), e))?;
-        lock(&self.declared).insert(queue.to_owned(), Instant::now());
+            .map_err(|e| self.declare_error(&format!("declare queue `{queue}`"), e))?;
+        lock(&self.declared).insert(queue.to_owned(), fresh_for, Instant::now());
         Ok(())
     }
 
     /// Where a message goes: the exchange with its routing key, or (delayed) the default
-    /// exchange with the delay queue's name.
-    async fn route(&self, link: &Link, message: &Message) -> Result<(String, String)> {
-        let delay_ms = message
-            .delay
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
-        if delay_ms == 0 {
-            return Ok((self.exchange.clone(), message.routing_key.clone()));
-        }
+    /// exchange with the delay queue's name, declaring the delay queue.
+    async fn route(&self, link: &Link, message: &Message) -> Result<Route> {
+        let Some(delay_ms) = hop_ms(message.delay) else {
+            return Ok(Route {
+                exchange: short("exchange name", &self.exchange)?,
+                routing_key: short("routing key", &message.routing_key)?,
+                delay_queue: None,
+            });
+        };
         let queue = AmqpBroker::delay_queue(delay_ms, &self.exchange, &message.routing_key);
         let mut args = FieldTable::default();
         args.insert("x-dead-letter-exchange".into(), long_string(&self.exchange));
@@ -355,15 +564,34 @@ impl Inner {
         let fresh_for = Duration::from_millis(delay_ms / 2);
         self.declare_side_queue(link, &queue, args, Some(fresh_for))
             .await?;
-        Ok((String::new(), queue))
+        Ok(Route {
+            exchange: ShortString::default(),
+            routing_key: short("delay queue name", &queue)?,
+            delay_queue: Some(queue),
+        })
     }
 
-    async fn start_publish(
-        &self,
-        link: &Link,
-        message: &Message,
-    ) -> Result<lapin::PublisherConfirm> {
-        let (exchange, routing_key) = self.route(link, message).await?;
+    /// Checks that every short string of `message` fits AMQP; see [`Broker::validate`].
+    fn validate(&self, message: &Message) -> Result<()> {
+        if message.routing_key.len() > AMQP_MAX_NAME {
+            return Err(Error::encode(overlong("routing key", &message.routing_key)));
+        }
+        if let Some(delay_ms) = hop_ms(message.delay) {
+            let queue = AmqpBroker::delay_queue(delay_ms, &self.exchange, &message.routing_key);
+            if queue.len() > AMQP_MAX_NAME {
+                return Err(Error::encode(overlong("delay queue name", &queue)));
+            }
+        }
+        if let Some(key) = overlong_key(&message.headers) {
+            return Err(Error::encode(overlong("header key", key)));
+        }
+        Ok(())
+    }
+
+    /// Validates `message` and sends it on `link`, without waiting for its confirm.
+    async fn start_publish(&self, link: &Link, message: &Message) -> Result<Started> {
+        self.validate(message)?;
+        let route = self.route(link, message).await?;
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
@@ -371,12 +599,13 @@ impl Inner {
             properties = properties.with_priority(message.priority);
         }
         if !message.headers.is_empty() {
-            properties = properties.with_headers(field_table(&message.headers));
+            properties = properties.with_headers(field_table(&message.headers)?);
         }
-        link.channel
+        let confirm = link
+            .channel
             .basic_publish(
-                exchange.as_str().into(),
-                routing_key.as_str().into(),
+                route.exchange,
+                route.routing_key,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -385,14 +614,43 @@ impl Inner {
                 properties,
             )
             .await
-            .map_err(|e| self.broker_error("publish failed", e))
+            .map_err(|e| self.broker_error("publish failed", e))?;
+        Ok(Started {
+            confirm,
+            delay_queue: route.delay_queue,
+        })
+    }
+
+    /// Waits for the confirm of a started publish.
+    async fn confirmed(&self, link: &Link, started: Started, message: &Message) -> Attempt {
+        let confirmation = match started.confirm.await {
+            Ok(confirmation) => confirmation,
+            Err(e) => {
+                let err = self.broker_error("publisher confirm failed", e);
+                return if link_alive(link) {
+                    Attempt::Done(Err(err))
+                } else {
+                    // Lost with the connection or the channel: the broker may not have it.
+                    Attempt::Again(err)
+                };
+            }
+        };
+        let outcome = self.check_confirmation(confirmation, &message.routing_key);
+        match (outcome, started.delay_queue) {
+            (Err(e), Some(queue)) if e.kind() == ErrorKind::Rejected => {
+                // The delay queue was deleted since we declared it: declare it again.
+                lock(&self.declared).remove(&queue);
+                Attempt::Again(e)
+            }
+            (outcome, _) => Attempt::Done(outcome),
+        }
     }
 
     fn check_confirmation(&self, confirmation: Confirmation, routing_key: &str) -> Result<()> {
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(Error::new(
-                ErrorKind::Broker,
+                ErrorKind::Rejected,
                 format!(
                     "no queue is bound to routing key `{routing_key}` on exchange `{}` ({}); \
                      start a worker for that queue first, or fix the routing key",
@@ -406,27 +664,68 @@ impl Inner {
         }
     }
 
-    /// Publishes one message and waits for its confirm, reconnecting if the connection was
-    /// lost (the message may then be published twice: delivery is at least once).
+    /// Publishes one message and waits for its confirm, publishing it again (up to
+    /// [`PUBLISH_ATTEMPTS`] times) if the connection was lost before the confirm came, or its
+    /// delay queue had been deleted. The message may then be published twice: delivery is at
+    /// least once.
     async fn publish_one(&self, message: &Message) -> Result<()> {
         let mut attempts = 0;
         loop {
             attempts += 1;
             let link = self.link().await?;
-            let outcome = match self.start_publish(&link, message).await {
-                Ok(confirm) => confirm
-                    .await
-                    .map_err(|e| self.broker_error("publisher confirm failed", e))
-                    .and_then(|c| self.check_confirmation(c, &message.routing_key)),
-                Err(e) => Err(e),
+            let attempt = match self.start_publish(&link, message).await {
+                Ok(started) => self.confirmed(&link, started, message).await,
+                Err(e) if interrupted(&e, &link) => Attempt::Again(e),
+                Err(e) => Attempt::Done(Err(e)),
             };
-            match outcome {
-                Err(e) if attempts < 5 && !link_alive(&link) => {
-                    warn!(error = %e.message(), "publish interrupted by a lost connection; retrying");
+            match attempt {
+                Attempt::Done(outcome) => return outcome,
+                Attempt::Again(e) if attempts < PUBLISH_ATTEMPTS => {
+                    warn!(error = %e.message(), attempts, "publish interrupted; publishing again");
                 }
-                other => return other,
+                Attempt::Again(e) => return Err(e),
             }
         }
+    }
+
+    /// Publishes a window of messages on `link` with all their confirms in flight at once, and
+    /// returns one outcome per message. A message the broker cannot take fails alone; the ones
+    /// interrupted by a lost connection go again one by one ([`publish_one`](Self::publish_one)).
+    async fn publish_window(&self, link: &Link, window: &[Message]) -> Vec<Result<()>> {
+        // `None`: not sent, the connection was lost before its turn.
+        let mut started = Vec::with_capacity(window.len());
+        let mut lost = false;
+        for message in window {
+            if lost {
+                started.push(None);
+                continue;
+            }
+            match self.start_publish(link, message).await {
+                Ok(start) => started.push(Some(Ok(start))),
+                Err(e) if interrupted(&e, link) => {
+                    debug!(error = %e.message(), "windowed publish interrupted");
+                    lost = true;
+                    started.push(None);
+                }
+                Err(e) => started.push(Some(Err(e))),
+            }
+        }
+        let mut outcomes = Vec::with_capacity(window.len());
+        for (message, start) in window.iter().zip(started) {
+            let outcome = match start {
+                Some(Ok(started)) => match self.confirmed(link, started, message).await {
+                    Attempt::Done(outcome) => outcome,
+                    Attempt::Again(e) => {
+                        debug!(error = %e.message(), "publishing again");
+                        self.publish_one(message).await
+                    }
+                },
+                Some(Err(e)) => Err(e),
+                None => self.publish_one(message).await,
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
     }
 }
 
@@ -452,6 +751,41 @@ fn link_alive(link: &Link) -> bool {
     link.channel.status().connected() && link.connection.status().connected()
 }
 
+/// Whether `err` came from losing `link` (so that publishing again on a new one may work).
+fn interrupted(err: &Error, link: &Link) -> bool {
+    !err.is_permanent() && !link_alive(link)
+}
+
+/// `s` as an AMQP short string; an error of kind [`ErrorKind::Encode`] naming `what` if it is
+/// longer than 255 bytes (amq-protocol would panic on it).
+fn short(what: &str, s: &str) -> Result<ShortString> {
+    ShortString::try_new(s).map_err(|_| Error::encode(overlong(what, s)))
+}
+
+/// The delay of a message's next hop through a delay queue, in milliseconds; `None` for no
+/// delay, at most [`AmqpBroker::MAX_DELAY_HOP`].
+fn hop_ms(delay: Option<Duration>) -> Option<u64> {
+    let ms = u64::try_from(delay?.as_millis())
+        .unwrap_or(u64::MAX)
+        .min(MAX_HOP_MS);
+    (ms > 0).then_some(ms)
+}
+
+/// The `x-delivery-count` header RabbitMQ's quorum queues put on a redelivered message.
+fn delivery_count(headers: Option<&FieldTable>) -> Option<u32> {
+    let count = match headers?.inner().get("x-delivery-count")? {
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::LongLongInt(n) => *n,
+        _ => return None,
+    };
+    u32::try_from(count).ok()
+}
+
 fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -461,8 +795,8 @@ fn long_string(s: &str) -> AMQPValue {
 }
 
 /// JSON values as AMQP field values (headers, queue arguments).
-fn amqp_value(value: &Value) -> AMQPValue {
-    match value {
+fn amqp_value(value: &Value) -> Result<AMQPValue> {
+    Ok(match value {
         Value::Null => AMQPValue::Void,
         Value::Bool(b) => AMQPValue::Boolean(*b),
         Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
@@ -473,18 +807,20 @@ fn amqp_value(value: &Value) -> AMQPValue {
         },
         Value::String(s) => long_string(s),
         Value::Array(items) => AMQPValue::FieldArray(FieldArray::from(
-            items.iter().map(amqp_value).collect::<Vec<_>>(),
+            items.iter().map(amqp_value).collect::<Result<Vec<_>>>()?,
         )),
-        Value::Object(map) => AMQPValue::FieldTable(field_table(map)),
-    }
+        Value::Object(map) => AMQPValue::FieldTable(field_table(map)?),
+    })
 }
 
-fn field_table(map: &Map<String, Value>) -> FieldTable {
+/// A JSON object as an AMQP table; an error of kind [`ErrorKind::Encode`] if a key, at any
+/// depth, is longer than 255 bytes.
+fn field_table(map: &Map<String, Value>) -> Result<FieldTable> {
     let mut table = FieldTable::default();
     for (key, value) in map {
-        table.insert(ShortString::from(key.as_str()), amqp_value(value));
+        table.insert(short("table key", key)?, amqp_value(value)?);
     }
-    table
+    Ok(table)
 }
 
 impl fmt::Debug for AmqpBroker {
@@ -507,73 +843,39 @@ impl Broker for AmqpBroker {
         self.inner.publish_one(&message).await
     }
 
+    fn validate(&self, message: &Message) -> Result<()> {
+        self.inner.validate(message)
+    }
+
     async fn publish_many(&self, messages: Vec<Message>) -> Vec<Result<()>> {
         let mut outcomes: Vec<Result<()>> = Vec::with_capacity(messages.len());
         for window in messages.chunks(CONFIRM_WINDOW) {
-            let link = match self.inner.link().await {
-                Ok(link) => link,
+            match self.inner.link().await {
+                Ok(link) => outcomes.extend(self.inner.publish_window(&link, window).await),
                 Err(e) => {
-                    // The broker stayed unreachable: nothing more can be sent.
-                    let message = e.message().to_owned();
-                    outcomes.push(Err(e));
+                    // The broker stayed unreachable (or refuses our topology): nothing more can
+                    // be sent.
                     let left = messages.len() - outcomes.len();
-                    outcomes.extend(
-                        std::iter::repeat_with(|| {
-                            Err(Error::new(ErrorKind::Broker, message.clone()))
-                        })
-                        .take(left),
-                    );
-                    return outcomes;
-                }
-            };
-            let base = outcomes.len();
-            let mut window_outcomes: Vec<Option<Result<()>>> =
-                (0..window.len()).map(|_| None).collect();
-            let mut pending = Vec::with_capacity(window.len());
-            let mut failed_from = None;
-            for (i, message) in window.iter().enumerate() {
-                match self.inner.start_publish(&link, message).await {
-                    Ok(confirm) => pending.push((i, confirm)),
-                    Err(e) if e.is_permanent() => window_outcomes[i] = Some(Err(e)),
-                    Err(e) => {
-                        debug!(error = %e.message(), "windowed publish interrupted");
-                        failed_from = Some(i);
-                        break;
-                    }
+                    let (kind, message) = (e.kind(), e.message().to_owned());
+                    outcomes.push(Err(e));
+                    outcomes.extend((1..left).map(|_| Err(Error::new(kind, message.clone()))));
+                    break;
                 }
             }
-            let mut retry = Vec::new();
-            for (i, confirm) in pending {
-                match confirm.await {
-                    Ok(c) => {
-                        window_outcomes[i] =
-                            Some(self.inner.check_confirmation(c, &window[i].routing_key));
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "confirm lost with the connection; republishing");
-                        retry.push(i);
-                    }
-                }
-            }
-            retry.extend(
-                failed_from
-                    .map(|from| from..window.len())
-                    .into_iter()
-                    .flatten(),
-            );
-            // Unconfirmed messages go again, one by one, reconnecting as needed.
-            for i in retry {
-                window_outcomes[i] = Some(self.inner.publish_one(&window[i]).await);
-            }
-            outcomes.extend(window_outcomes.into_iter().map(|o| {
-                o.unwrap_or_else(|| Err(Error::new(ErrorKind::Broker, "publish not attempted")))
-            }));
-            debug_assert_eq!(outcomes.len(), base + window.len());
         }
         outcomes
     }
 
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>> {
+        let dead_letter = AmqpBroker::dead_letter_queue(queue);
+        for (what, name) in [
+            ("queue name", queue),
+            ("dead-letter queue name", &dead_letter),
+        ] {
+            if name.len() > AMQP_MAX_NAME {
+                return Err(Error::config(overlong(what, name)));
+            }
+        }
         let mut consumer = AmqpConsumer {
             broker: self.inner.clone(),
             queue: queue.to_owned(),
@@ -635,8 +937,8 @@ impl AmqpConsumer {
         b.declare_queue(&channel, &self.queue).await?;
         let stream = channel
             .basic_consume(
-                self.queue.as_str().into(),
-                self.tag.as_str().into(),
+                short("queue name", &self.queue)?,
+                short("consumer tag", &self.tag)?,
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -680,11 +982,15 @@ impl Consumer for AmqpConsumer {
                         queue: self.queue.clone(),
                         body: body.clone(),
                     };
-                    return Some(Ok(Delivery::new(
-                        body,
-                        delivery.redelivered,
-                        Box::new(acker),
-                    )));
+                    let mut handed = Delivery::new(body, delivery.redelivered, Box::new(acker));
+                    // A quorum queue counts the deliveries before this one in the header
+                    // `x-delivery-count`, from the first redelivery on.
+                    let count = delivery_count(delivery.properties.headers().as_ref())
+                        .or(self.broker.quorum.then_some(0));
+                    if let Some(count) = count {
+                        handed = handed.with_delivery_count(count);
+                    }
+                    return Some(Ok(handed));
                 }
                 Some(Err(e)) => {
                     warn!(queue = %self.queue, error = %e, "consumer interrupted; reconnecting");
@@ -728,7 +1034,10 @@ impl Consumer for AmqpConsumer {
         if let Some(state) = &self.state {
             state
                 .channel
-                .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+                .basic_cancel(
+                    short("consumer tag", &self.tag)?,
+                    BasicCancelOptions::default(),
+                )
                 .await
                 .map_err(|e| self.broker.broker_error("cannot cancel the consumer", e))?;
         }
@@ -852,8 +1161,8 @@ impl AmqpAcker {
         let confirm = link
             .channel
             .basic_publish(
-                "".into(),
-                queue.as_str().into(),
+                ShortString::default(),
+                short("queue name", &queue)?,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -926,8 +1235,77 @@ mod tests {
     }
 
     #[test]
+    fn the_declared_cache_is_bounded() {
+        let t0 = Instant::now();
+        let ten_s = Some(Duration::from_secs(10));
+        let mut declared = Declared::default();
+        // One delay queue per distinct delay: the cache stops at its cap, forgetting the oldest.
+        for i in 0..MAX_DECLARED + 100 {
+            let at = t0 + Duration::from_millis(u64::try_from(i).unwrap_or(0));
+            declared.insert(format!("delay.{i}"), ten_s, at);
+        }
+        assert_eq!(declared.len(), MAX_DECLARED);
+        let now = t0 + Duration::from_secs(1);
+        assert!(!declared.is_fresh("delay.0", now), "the oldest was evicted");
+        assert!(declared.is_fresh(&format!("delay.{}", MAX_DECLARED + 99), now));
+        // Once they are stale, the next insert sweeps them all out.
+        let later = t0 + Duration::from_secs(60);
+        assert!(!declared.is_fresh("delay.200", later));
+        declared.insert("dl.dead_letter".to_owned(), None, later);
+        declared.insert("delay.x".to_owned(), ten_s, later);
+        assert!(declared.len() <= MAX_DECLARED);
+        for i in 0..MAX_DECLARED {
+            let at = later + Duration::from_millis(u64::try_from(i + 1).unwrap_or(0));
+            declared.insert(format!("again.{i}"), ten_s, at);
+        }
+        assert_eq!(declared.len(), MAX_DECLARED);
+        assert!(declared.is_fresh("again.0", later + Duration::from_secs(5)));
+        assert!(
+            !declared.is_fresh("dl.dead_letter", later),
+            "evicted, oldest"
+        );
+        // A declaration without expiry (a dead-letter queue) stays fresh until evicted.
+        let mut declared = Declared::default();
+        declared.insert("q.dead_letter".to_owned(), None, t0);
+        assert!(declared.is_fresh("q.dead_letter", t0 + Duration::from_secs(1_000_000)));
+        declared.remove("q.dead_letter");
+        assert!(!declared.is_fresh("q.dead_letter", t0));
+    }
+
+    #[test]
+    fn overlong_table_keys_are_errors_at_any_depth() {
+        let long = "k".repeat(256);
+        for value in [
+            serde_json::json!({ long.clone(): 1 }),
+            serde_json::json!({ "a": { "b": [1, { long.clone(): 1 }] } }),
+        ] {
+            let map = value.as_object().cloned().unwrap_or_default();
+            let err = field_table(&map).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Encode);
+            assert_eq!(overlong_key(&map), Some(long.as_str()));
+        }
+        let fits = serde_json::json!({ "k".repeat(255): [{ "k".repeat(255): 1 }] });
+        let map = fits.as_object().cloned().unwrap_or_default();
+        assert!(field_table(&map).is_ok());
+        assert_eq!(overlong_key(&map), None);
+    }
+
+    #[test]
+    fn delivery_counts_from_headers() {
+        let mut headers = FieldTable::default();
+        assert_eq!(delivery_count(None), None);
+        assert_eq!(delivery_count(Some(&headers)), None);
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        assert_eq!(delivery_count(Some(&headers)), Some(2));
+        headers.insert("x-delivery-count".into(), AMQPValue::LongInt(-1));
+        assert_eq!(delivery_count(Some(&headers)), None);
+        headers.insert("x-delivery-count".into(), long_string("3"));
+        assert_eq!(delivery_count(Some(&headers)), None);
+    }
+
+    #[test]
     fn json_to_amqp_values() {
-        let table = field_table(&serde_json::json!({"x-max-priority": 10, "x-queue-type": "quorum", "f": 1.5, "b": true}).as_object().cloned().unwrap_or_default());
+        let table = field_table(&serde_json::json!({"x-max-priority": 10, "x-queue-type": "quorum", "f": 1.5, "b": true}).as_object().cloned().unwrap_or_default()).unwrap();
         let inner = table.inner();
         assert_eq!(
             inner.get("x-max-priority"),
