@@ -143,8 +143,13 @@ pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
     (conn, channel)
 }
 
-/// Number of messages ready in `queue`.
+/// Number of messages ready in `queue` (0 if it does not exist).
+///
+/// Asks on a channel of its own: a passive declaration of a missing queue makes the broker
+/// close the channel it was sent on, which must not be the caller's.
 pub async fn queue_depth(channel: &lapin::Channel, queue: &str) -> u32 {
+    let _ = channel;
+    let (_conn, channel) = raw_channel().await;
     channel
         .queue_declare(
             queue.into(),
