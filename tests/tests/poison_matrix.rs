@@ -320,7 +320,10 @@ async fn poison_messages_end_bounded_and_good_tasks_run_once() {
     for ms in [2_147_483_647, 604_799_999, 604_800_000] {
         let queue = AmqpBroker::delay_queue(ms, &exchange, &key);
         let _ = channel
-            .queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default())
+            .queue_delete(
+                queue.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
             .await;
     }
     cleanup(&config).await;

@@ -194,11 +194,23 @@ pub struct PrivateRedis {
     child: Option<Child>,
     port: u16,
     dir: std::path::PathBuf,
+    durable: bool,
 }
 
 impl PrivateRedis {
     /// Starts a server on a free port and waits until it answers PING.
     pub fn start() -> PrivateRedis {
+        PrivateRedis::start_with(false)
+    }
+
+    /// Like [`start`](Self::start), but every write is in the append-only file before Redis
+    /// answers (`appendfsync always`), as a production result store keeps it: a restart after
+    /// kill -9 keeps every write that was acknowledged.
+    pub fn start_durable() -> PrivateRedis {
+        PrivateRedis::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> PrivateRedis {
         let port = {
             let listener =
                 std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free local port");
@@ -211,6 +223,7 @@ impl PrivateRedis {
             child: None,
             port,
             dir,
+            durable,
         };
         redis.spawn();
         redis
@@ -233,7 +246,8 @@ impl PrivateRedis {
         }
     }
 
-    /// Starts the server again on the same port (after [`kill9`](Self::kill9)), empty.
+    /// Starts the server again on the same port (after [`kill9`](Self::kill9)), empty unless
+    /// it is [durable](Self::start_durable).
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
@@ -246,7 +260,8 @@ impl PrivateRedis {
                 .args(["--port", &self.port.to_string()])
                 .args(["--bind", "127.0.0.1"])
                 .args(["--save", ""])
-                .args(["--appendonly", "no"])
+                .args(["--appendonly", if self.durable { "yes" } else { "no" }])
+                .args(["--appendfsync", "always"])
                 .args(["--daemonize", "no"])
                 .args(["--loglevel", "warning"])
                 .arg("--dir")
