@@ -7,7 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cleanup, queue_depth, raw_channel, unique_config, WorkerProcess, WAIT};
+use common::{
+    cleanup, queue_depth, queue_depth_probe, raw_channel, unique_config, WorkerProcess, WAIT,
+};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use machinery::broker::amqp::AmqpBroker;
@@ -194,7 +196,7 @@ async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
         .spawn()
         .await
         .unwrap();
-    let (_c, channel) = raw_channel().await;
+    let (conn, channel) = raw_channel().await;
     let publish = |body: Vec<u8>| {
         let channel = channel.clone();
         let exchange = config.amqp.exchange.clone();
@@ -221,7 +223,8 @@ async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
     publish(vec![b'x'; 10 * 1024 * 1024]).await;
     let dlq = format!("{}.dead_letter", config.default_queue);
     let deadline = Instant::now() + WAIT;
-    while queue_depth(&channel, &dlq).await < 3 {
+    // Probed on channels of their own: the dead-letter queue does not exist at first.
+    while queue_depth_probe(&conn, &dlq).await < 3 {
         assert!(
             Instant::now() < deadline,
             "bad bodies were not dead-lettered"
@@ -282,7 +285,7 @@ async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
     assert_eq!(kept.get_timeout(WAIT).await.unwrap(), 42);
     full.shutdown().await.unwrap();
     assert_eq!(queue_depth(&channel, &config.default_queue).await, 0);
-    assert_eq!(queue_depth(&channel, &dlq).await, 3);
+    assert_eq!(queue_depth_probe(&conn, &dlq).await, 3);
     cleanup(&config).await;
 }
 

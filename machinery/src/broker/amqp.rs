@@ -392,9 +392,10 @@ impl Inner {
                     // The broker answers but refuses our credentials: waiting won't help.
                     return Err(e);
                 }
-                Err((e, _)) if e.is_permanent() => {
+                Err((e, _)) if e.is_permanent() || e.kind() == ErrorKind::Unsupported => {
                     // The broker refuses our topology (a queue declared with other arguments):
-                    // the same declaration will be refused again.
+                    // the same declaration will be refused again. (Or there is no tokio
+                    // runtime to connect with.)
                     return Err(e);
                 }
                 Err((e, _)) if started.elapsed() + pause > self.reconnect_timeout => {
@@ -433,7 +434,7 @@ impl Inner {
                     "the AMQP broker needs a tokio runtime",
                     e,
                 );
-                (error, true)
+                (error, false)
             })?;
             quiet::connect(&self.url, properties, handle).await
         };
