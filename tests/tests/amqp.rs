@@ -7,7 +7,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{cleanup, queue_depth, raw_channel, unique_config, WorkerProcess, WAIT};
+use common::{
+    cleanup, queue_depth, queue_depth_probe, raw_channel, unique_config, WorkerProcess, WAIT,
+};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use machinery::broker::amqp::AmqpBroker;
@@ -194,7 +196,7 @@ async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
         .spawn()
         .await
         .unwrap();
-    let (_c, channel) = raw_channel().await;
+    let (conn, channel) = raw_channel().await;
     let publish = |body: Vec<u8>| {
         let channel = channel.clone();
         let exchange = config.amqp.exchange.clone();
@@ -221,7 +223,8 @@ async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
     publish(vec![b'x'; 10 * 1024 * 1024]).await;
     let dlq = format!("{}.dead_letter", config.default_queue);
     let deadline = Instant::now() + WAIT;
-    while queue_depth(&channel, &dlq).await < 3 {
+    // Probed on channels of their own: the dead-letter queue does not exist at first.
+    while queue_depth_probe(&conn, &dlq).await < 3 {
         assert!(
             Instant::now() < deadline,
             "bad bodies were not dead-lettered"
@@ -282,7 +285,7 @@ async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
     assert_eq!(kept.get_timeout(WAIT).await.unwrap(), 42);
     full.shutdown().await.unwrap();
     assert_eq!(queue_depth(&channel, &config.default_queue).await, 0);
-    assert_eq!(queue_depth(&channel, &dlq).await, 3);
+    assert_eq!(queue_depth_probe(&conn, &dlq).await, 3);
     cleanup(&config).await;
 }
 
@@ -781,5 +784,126 @@ async fn publish_many_reports_each_message() {
             .queue_delete(queue.as_str().into(), Default::default())
             .await;
     }
+    cleanup(&config).await;
+}
+
+/// Everything logged at any level, by any target, while [`CAPTURING`] is on: a global
+/// subscriber, since lapin logs from its own I/O thread.
+static CAPTURED: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+static CAPTURING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+struct CaptureWriter;
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        CAPTURED.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_everything() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(|| CaptureWriter)
+            .with_filter(tracing_subscriber::filter::filter_fn(|_| {
+                CAPTURING.load(std::sync::atomic::Ordering::SeqCst)
+            }));
+        tracing_subscriber::registry()
+            .with(layer)
+            .try_init()
+            .expect("the only global subscriber of this test binary");
+    });
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl (run the tests as root, with RabbitMQ from tests/services.sh)");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_appear_at_no_log_level() {
+    // lapin logs every frame it writes at TRACE, the login frame (`\0user\0password`) included.
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let user = format!("machinery_log_test_{}", &id[..8]);
+    let password = format!("Pw-{}-sEcReT", &id[8..24]);
+    rabbitmqctl(&["add_user", &user, &password]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+
+    capture_everything();
+    CAPTURING.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut config = unique_config("logs");
+    config.reconnect_timeout = Duration::from_secs(3);
+    config.broker = format!("amqp://{user}:wrong-{password}@127.0.0.1:5672/%2f");
+    let err = AmqpBroker::connect(&config).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Broker, "{err}");
+    config.broker = format!("amqp://{user}:{password}@127.0.0.1:5672/%2f");
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    broker
+        .publish(Message::new(
+            config.amqp.binding_key.clone(),
+            b"{}".to_vec(),
+        ))
+        .await
+        .unwrap();
+    drop(broker);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    CAPTURING.store(false, std::sync::atomic::Ordering::SeqCst);
+    rabbitmqctl(&["delete_user", &user]);
+    cleanup(&config).await;
+
+    let log = String::from_utf8_lossy(&CAPTURED.lock().unwrap()).into_owned();
+    // The capture saw lapin's TRACE events, those of its I/O thread included.
+    assert!(
+        log.contains("lapin::io_loop: io_loop run"),
+        "nothing captured"
+    );
+    // And those of its tasks.
+    assert!(log.contains("lapin::internal_rpc: Handling internal RPC command"));
+    assert!(log.contains(&user), "the user name is no secret");
+    // The password, as text or as the bytes lapin prints a long string as.
+    let as_bytes = |s: &str| {
+        s.bytes()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for secret in [password.clone(), as_bytes(&password)] {
+        if let Some(at) = log.find(&secret) {
+            let start = log[..at].rfind('\n').map_or(0, |n| n + 1);
+            let end = log[at..].find('\n').map_or(log.len(), |n| at + n);
+            panic!("the password was logged:\n{}", &log[start..end]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_publishing_channel_is_reopened_without_reconnecting() {
+    // Publishing to an exchange that was deleted makes the broker close the publishing channel
+    // (NOT_FOUND): another is opened on the same connection, with the topology declared again.
+    let config = unique_config("reopen");
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    let key = config.amqp.binding_key.clone();
+    let (_c, channel) = raw_channel().await;
+    channel
+        .exchange_delete(config.amqp.exchange.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    broker
+        .publish(Message::new(key.clone(), b"{}".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(broker.reconnects(), 1);
+    assert_eq!(queue_depth(&channel, &config.default_queue).await, 1);
     cleanup(&config).await;
 }

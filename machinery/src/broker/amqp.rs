@@ -9,15 +9,41 @@
 //!
 //! - `delay.<ms>.<exchange>.<routing key>`: delayed messages (a future ETA, retries) wait there
 //!   with `x-message-ttl = ms` and dead-letter back to the exchange with their routing key and
-//!   priority, as Go Machinery does; the queue expires after `2 * ms` without use.
+//!   priority, as Go Machinery does (`delay` in `v2/brokers/amqp/amqp.go`); the queue expires
+//!   after `2 * ms` without use. RabbitMQ refuses `x-message-ttl` and `x-expires` over ten
+//!   years (315,360,000,000 ms on 3.10), where Go's declaration fails; here `ms` is at most
+//!   [`AmqpBroker::MAX_DELAY_HOP`] (2^31 - 1 ms, 24.8 days): a message due later comes out
+//!   early and the worker delays it again, hop by hop.
 //! - `<queue>.dead_letter`: messages that can never succeed (not a signature, larger than
 //!   `max_message_size`) are moved there (the source queue in the `x-machinery-source-queue`
-//!   header; the reason is logged), never requeued in a loop and never silently dropped.
+//!   header, the reason in `x-machinery-reason`), never requeued in a loop and never silently
+//!   dropped.
+//!
+//! These side queues are declared on a channel of their own, one declaration at a time: the
+//! broker closes the channel of a declaration it refuses (a delay queue that exists with other
+//! arguments), and that must not fail the publishes in flight on the publishing channel, touch
+//! the consumers' channels or reconnect. The declaration fails with [`ErrorKind::Rejected`] and
+//! the channel is opened again for the next one. If the broker closes the publishing channel
+//! itself, another is opened on the same connection. [`AmqpBroker::reconnects`] counts the times
+//! either had to be opened again.
 //!
 //! Messages are published persistent (`delivery_mode` 2) as `application/json`, with the
-//! signature's priority and headers, `mandatory` (a message no queue is bound for is an error,
-//! not a silent loss) and with publisher confirms; [`publish_many`](Broker::publish_many)
-//! keeps a window of confirms in flight instead of one round trip each.
+//! signature's priority and headers, `mandatory` and with publisher confirms;
+//! [`publish_many`](Broker::publish_many) keeps a window of confirms in flight instead of one
+//! round trip each, and reports an outcome per message. Errors are classified:
+//!
+//! - [`ErrorKind::Encode`]: a routing key, delay queue name or header key (at any depth) longer
+//!   than the 255 bytes AMQP can carry, refused before anything is sent ([`Broker::validate`];
+//!   amq-protocol would panic on it). Configured names that long (exchange, queue, binding key,
+//!   argument keys) are an [`ErrorKind::Config`] error at startup.
+//! - [`ErrorKind::Rejected`]: no queue is bound to the routing key (the message came back), or
+//!   the broker refuses a declaration (`PRECONDITION_FAILED`: other arguments than an existing
+//!   queue's, an argument out of range; `ACCESS_REFUSED`). Sending again cannot help, so the
+//!   reconnect loop does not retry these either.
+//! - [`ErrorKind::Broker`]: a nack, a lost connection: retryable.
+//!
+//! On a quorum queue (`x-queue-type: quorum`), RabbitMQ counts deliveries: a delivery carries
+//! that count ([`Delivery::delivery_count`]), from the `x-delivery-count` header.
 //!
 //! Consumers use manual acknowledgements and the prefetch count; acknowledgements leave the
 //! consume loop for a per-channel task that coalesces contiguous delivery tags into one
@@ -25,7 +51,19 @@
 //! consumers reconnect with a capped backoff, redeclare the topology and resume; unacknowledged
 //! deliveries are redelivered by the broker. If the broker stays unreachable longer than
 //! `reconnect_timeout`, the operation fails with an error of kind
-//! [`ErrorKind::Broker`](crate::ErrorKind). Passwords never appear in logs or errors.
+//! [`ErrorKind::Broker`](crate::ErrorKind).
+//!
+//! # Passwords and logs
+//!
+//! Passwords never appear in errors or in machinery's logs (URLs are masked). lapin logs every
+//! AMQP frame it writes or handles at TRACE, and the login frame (`connection.start-ok`)
+//! carries the password; it logs from its own tasks and its own I/O thread. machinery connects
+//! with a runtime that runs those tasks and that thread with a dispatcher wrapping the caller's
+//! current one (captured at connect time), which drops lapin's frame-level TRACE events (those
+//! with a `next_msg`, `frame` or `frames` field) and forwards everything else. Nothing is
+//! installed globally. To see the frames anyway, when debugging the protocol, set the
+//! environment variable [`MACHINERY_TRACE_AMQP_FRAMES`](TRACE_FRAMES_ENV)`=1`: the frames, login
+//! included, are then logged at TRACE as lapin writes them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -54,6 +92,10 @@ use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
 use crate::config::{mask_url, overlong, overlong_key, Config, AMQP_MAX_NAME, DEAD_LETTER_SUFFIX};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock;
+
+/// Set to `1`, lets lapin log the AMQP frames it sends and receives at TRACE, the login frame
+/// (with the password) included; see the [module docs](self).
+pub const TRACE_FRAMES_ENV: &str = "MACHINERY_TRACE_AMQP_FRAMES";
 
 /// How many deliveries settled after a still-running one the ack coalescer remembers.
 const MAX_SETTLED_AHEAD: usize = 65_536;
@@ -88,6 +130,8 @@ struct Inner {
     binding_args: FieldTable,
     /// Queues are declared quorum queues (`x-queue-type: quorum`), which count deliveries.
     quorum: bool,
+    /// Let lapin log whole frames (the login frame included) at TRACE; see the module docs.
+    trace_frames: bool,
     reconnect_timeout: Duration,
     link: tokio::sync::Mutex<Option<Link>>,
     generation: AtomicU64,
@@ -225,6 +269,7 @@ impl AmqpBroker {
                 binding_args: field_table(&config.amqp.queue_binding_args)?,
                 quorum: config.amqp.queue_declare_args.get("x-queue-type")
                     == Some(&Value::from("quorum")),
+                trace_frames: std::env::var(TRACE_FRAMES_ENV).is_ok_and(|v| v == "1"),
                 reconnect_timeout: config.reconnect_timeout,
                 link: tokio::sync::Mutex::new(None),
                 generation: AtomicU64::new(0),
@@ -347,9 +392,10 @@ impl Inner {
                     // The broker answers but refuses our credentials: waiting won't help.
                     return Err(e);
                 }
-                Err((e, _)) if e.is_permanent() => {
+                Err((e, _)) if e.is_permanent() || e.kind() == ErrorKind::Unsupported => {
                     // The broker refuses our topology (a queue declared with other arguments):
-                    // the same declaration will be refused again.
+                    // the same declaration will be refused again. (Or there is no tokio
+                    // runtime to connect with.)
                     return Err(e);
                 }
                 Err((e, _)) if started.elapsed() + pause > self.reconnect_timeout => {
@@ -379,27 +425,38 @@ impl Inner {
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("machinery-{}", std::process::id()),
         ));
-        let connection = Connection::connect(&self.url, properties)
-            .await
-            .map_err(|e| {
-                // Only refusals that a restart cannot cure: bad credentials. (A vhost that is
-                // "not found" or "down" can be a broker still starting: keep retrying.)
-                let refused = match e.kind() {
-                    lapin::ErrorKind::ProtocolError(amqp) => matches!(
-                        amqp.kind(),
-                        lapin::protocol::AMQPErrorKind::Soft(
-                            lapin::protocol::AMQPSoftError::ACCESSREFUSED
-                        )
-                    ),
-                    lapin::ErrorKind::AuthProviderError(_)
-                    | lapin::ErrorKind::InvalidProtocolVersion(_) => true,
-                    _ => false,
-                };
-                (
-                    self.broker_error("cannot connect to the broker", e),
-                    refused,
-                )
+        let connected = if self.trace_frames {
+            Connection::connect(&self.url, properties).await
+        } else {
+            let handle = tokio::runtime::Handle::try_current().map_err(|e| {
+                let error = Error::with_source(
+                    ErrorKind::Unsupported,
+                    "the AMQP broker needs a tokio runtime",
+                    e,
+                );
+                (error, false)
             })?;
+            quiet::connect(&self.url, properties, handle).await
+        };
+        let connection = connected.map_err(|e| {
+            // Only refusals that a restart cannot cure: bad credentials. (A vhost that is
+            // "not found" or "down" can be a broker still starting: keep retrying.)
+            let refused = match e.kind() {
+                lapin::ErrorKind::ProtocolError(amqp) => matches!(
+                    amqp.kind(),
+                    lapin::protocol::AMQPErrorKind::Soft(
+                        lapin::protocol::AMQPSoftError::ACCESSREFUSED
+                    )
+                ),
+                lapin::ErrorKind::AuthProviderError(_)
+                | lapin::ErrorKind::InvalidProtocolVersion(_) => true,
+                _ => false,
+            };
+            (
+                self.broker_error("cannot connect to the broker", e),
+                refused,
+            )
+        })?;
         // Side queues are declared anew on a new connection (the broker may have restarted).
         lock(&self.declared).clear();
         self.open_publisher(Arc::new(connection))
@@ -1215,6 +1272,174 @@ impl Drop for AmqpAcker {
     }
 }
 
+/// Keeps lapin's frame-level TRACE events, and with them the login frame that carries the
+/// password, out of the logs.
+///
+/// lapin logs every frame it writes at TRACE (`will write to buffer next_msg=...`), and the
+/// `connection.start-ok` frame holds the SASL response `\0user\0password`. It logs from its
+/// own tasks and from an I/O thread of its own, which use the process's global dispatcher
+/// rather than the caller's. So the connection is given a runtime of ours: every task lapin
+/// spawns, and the I/O thread (from the first future it blocks on there), run with a
+/// dispatcher that forwards everything to the caller's dispatcher except those events.
+mod quiet {
+    use std::cell::RefCell;
+    use std::future::Future;
+
+    use async_rs::traits::Executor;
+    use async_rs::util::{RuntimeParts, Task};
+    use lapin::{Connection, ConnectionProperties};
+    use tracing::dispatcher::{self, DefaultGuard, Dispatch};
+    use tracing::instrument::WithSubscriber as _;
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::subscriber::{Interest, Subscriber};
+    use tracing::{Event, Level, Metadata};
+
+    /// The name lapin gives its I/O thread.
+    const IO_THREAD: &str = "lapin-io-loop";
+
+    thread_local! {
+        /// On lapin's I/O thread: our dispatcher, its default for the thread's lifetime.
+        static IO_THREAD_DEFAULT: RefCell<Option<DefaultGuard>> = const { RefCell::new(None) };
+    }
+
+    /// Connects like [`Connection::connect`], with lapin's frame-level events hidden from the
+    /// caller's dispatcher.
+    pub(super) async fn connect(
+        uri: &str,
+        properties: ConnectionProperties,
+        handle: tokio::runtime::Handle,
+    ) -> lapin::Result<Connection> {
+        let dispatch = dispatcher::get_default(|current| {
+            Dispatch::new(HideFrames {
+                inner: current.clone(),
+            })
+        });
+        let tokio = async_rs::Tokio::default().with_handle(handle);
+        let executor = QuietExecutor {
+            tokio: tokio.clone(),
+            dispatch: dispatch.clone(),
+        };
+        let runtime = async_rs::Runtime::new(RuntimeParts::new(executor, tokio));
+        Connection::connect_with_runtime(uri, properties, runtime)
+            .with_subscriber(dispatch)
+            .await
+    }
+
+    /// Whether `metadata` is one of lapin's TRACE events that print a whole frame: the frame
+    /// it is about to write (`next_msg`), or frames it discards or handles (`frame`, `frames`).
+    pub(super) fn carries_frames(metadata: &Metadata<'_>) -> bool {
+        metadata.is_event()
+            && *metadata.level() == Level::TRACE
+            && metadata.target().starts_with("lapin")
+            && metadata
+                .fields()
+                .iter()
+                .any(|field| matches!(field.name(), "next_msg" | "frame" | "frames"))
+    }
+
+    /// Forwards everything to `inner`, except [`carries_frames`] events.
+    ///
+    /// (`Dispatch` does not expose its subscriber's level hint or current span, so this one
+    /// gives none: `Span::current()` inside lapin is `Span::none()`.)
+    pub(super) struct HideFrames {
+        pub(super) inner: Dispatch,
+    }
+
+    impl Subscriber for HideFrames {
+        fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
+            if carries_frames(metadata) {
+                Interest::never()
+            } else {
+                self.inner.register_callsite(metadata)
+            }
+        }
+
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            !carries_frames(metadata) && self.inner.enabled(metadata)
+        }
+
+        fn new_span(&self, span: &Attributes<'_>) -> Id {
+            self.inner.new_span(span)
+        }
+
+        fn record(&self, span: &Id, values: &Record<'_>) {
+            self.inner.record(span, values);
+        }
+
+        fn record_follows_from(&self, span: &Id, follows: &Id) {
+            self.inner.record_follows_from(span, follows);
+        }
+
+        fn event_enabled(&self, event: &Event<'_>) -> bool {
+            !carries_frames(event.metadata())
+        }
+
+        fn event(&self, event: &Event<'_>) {
+            // Asks the inner subscriber's `event_enabled` too.
+            self.inner.event(event);
+        }
+
+        fn enter(&self, span: &Id) {
+            self.inner.enter(span);
+        }
+
+        fn exit(&self, span: &Id) {
+            self.inner.exit(span);
+        }
+
+        fn clone_span(&self, id: &Id) -> Id {
+            self.inner.clone_span(id)
+        }
+
+        fn try_close(&self, id: Id) -> bool {
+            self.inner.try_close(id)
+        }
+    }
+
+    /// tokio's executor, running everything lapin hands it under `dispatch`.
+    #[derive(Clone, Debug)]
+    struct QuietExecutor {
+        tokio: async_rs::Tokio,
+        dispatch: Dispatch,
+    }
+
+    impl Executor for QuietExecutor {
+        type Task<T: Send + 'static> = <async_rs::Tokio as Executor>::Task<T>;
+
+        fn block_on<T, F: Future<Output = T>>(&self, f: F) -> T {
+            // lapin blocks on a future (connecting its socket) first thing on its I/O thread,
+            // which it spawns without any dispatcher of ours; it logs frames there outside any
+            // future. Make ours that thread's default for the thread's lifetime.
+            if std::thread::current().name() == Some(IO_THREAD) {
+                IO_THREAD_DEFAULT.with(|slot| {
+                    let mut slot = slot.borrow_mut();
+                    if slot.is_none() {
+                        *slot = Some(dispatcher::set_default(&self.dispatch));
+                    }
+                });
+            }
+            self.tokio
+                .block_on(f.with_subscriber(self.dispatch.clone()))
+        }
+
+        fn spawn<T: Send + 'static, F: Future<Output = T> + Send + 'static>(
+            &self,
+            f: F,
+        ) -> Task<Self::Task<T>> {
+            self.tokio.spawn(f.with_subscriber(self.dispatch.clone()))
+        }
+
+        fn spawn_blocking<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
+            &self,
+            f: F,
+        ) -> Task<Self::Task<T>> {
+            let dispatch = self.dispatch.clone();
+            self.tokio
+                .spawn_blocking(move || dispatcher::with_default(&dispatch, f))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1301,6 +1526,40 @@ mod tests {
         assert_eq!(delivery_count(Some(&headers)), None);
         headers.insert("x-delivery-count".into(), long_string("3"));
         assert_eq!(delivery_count(Some(&headers)), None);
+    }
+
+    /// Counts the events it is given.
+    struct Count(Arc<AtomicU64>);
+
+    impl tracing::Subscriber for Count {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn frame_events_are_hidden_and_the_rest_forwarded() {
+        let count = Arc::new(AtomicU64::new(0));
+        let inner = tracing::Dispatch::new(Count(count.clone()));
+        let hiding = tracing::Dispatch::new(quiet::HideFrames { inner });
+        tracing::dispatcher::with_default(&hiding, || {
+            tracing::trace!(target: "lapin::io_loop", next_msg = "StartOk", "will write to buffer");
+            tracing::trace!(target: "lapin::frames", frame = "StartOk", "discarding");
+            tracing::trace!(target: "lapin::io_loop", "io_loop run");
+            tracing::debug!(target: "lapin::io_loop", next_msg = "x", "not a TRACE event");
+            tracing::trace!(target: "elsewhere", frame = 1, "not lapin");
+        });
+        assert_eq!(count.load(Ordering::SeqCst), 3);
     }
 
     #[test]

@@ -164,6 +164,17 @@ pub async fn queue_depth(channel: &lapin::Channel, queue: &str) -> u32 {
         .unwrap_or(0)
 }
 
+/// Number of messages ready in `queue`, asked on a channel of its own: asking about a queue that
+/// does not exist (yet) makes the broker close the channel it was asked on.
+pub async fn queue_depth_probe(conn: &lapin::Connection, queue: &str) -> u32 {
+    let Ok(probe) = conn.create_channel().await else {
+        return 0;
+    };
+    let depth = queue_depth(&probe, queue).await;
+    let _ = probe.close(200, "probe done".into()).await;
+    depth
+}
+
 /// Deletes the test's exchange and queues.
 pub async fn cleanup(config: &Config) {
     let (_conn, channel) = raw_channel().await;
