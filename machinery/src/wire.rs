@@ -23,7 +23,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, SecondsFormat, TimeDelta, Timelike, Utc};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::ser::{self, SerializeMap, SerializeSeq, SerializeStruct};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -1132,18 +1132,31 @@ impl fmt::Display for State {
 
 /// A point in time as Go's `time.Time` encodes it: RFC 3339 in UTC with nanoseconds, trailing
 /// zeros trimmed. The default value is Go's zero time, `0001-01-01T00:00:00Z`.
+///
+/// Decoding accepts exactly what Go's `Time.UnmarshalJSON` accepts (`time.Parse(time.RFC3339, s)`),
+/// converted to UTC, except times whose year in UTC falls outside 0 to 9999: Go's
+/// `Time.MarshalJSON` cannot encode those, and neither can this type. Encoding such a time
+/// (or a leap second, which chrono can hold and Go cannot) is an error, never a different
+/// string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct GoTime(Option<DateTime<Utc>>);
+
+/// Go's zero time, 0001-01-01T00:00:00Z, as seconds from the Unix epoch.
+const GO_ZERO_UNIX: i64 = -62_135_596_800;
 
 impl GoTime {
     /// The current time.
     pub fn now() -> GoTime {
-        GoTime(Some(Utc::now()))
+        GoTime::from_datetime(Utc::now())
     }
 
-    /// Wraps a UTC time.
+    /// Wraps a UTC time (Go's zero instant, `0001-01-01T00:00:00Z`, is the zero time).
     pub fn from_datetime(t: DateTime<Utc>) -> GoTime {
-        GoTime(Some(t))
+        if t.timestamp() == GO_ZERO_UNIX && t.timestamp_subsec_nanos() == 0 {
+            GoTime(None)
+        } else {
+            GoTime(Some(t))
+        }
     }
 
     /// The time, or `None` for Go's zero time.
@@ -1156,11 +1169,23 @@ impl GoTime {
         self.0.is_none()
     }
 
-    fn format(&self) -> String {
+    /// The wire form, as Go's `Time.MarshalJSON` writes a UTC time (`appendStrictRFC3339` in
+    /// Go's `time/format_rfc3339.go`), or why there is none.
+    fn wire(&self) -> std::result::Result<String, String> {
         let Some(t) = self.0 else {
-            return "0001-01-01T00:00:00Z".to_owned();
+            return Ok("0001-01-01T00:00:00Z".to_owned());
         };
-        let nanos = t.nanosecond() % 1_000_000_000;
+        if !(0..=9999).contains(&t.year()) {
+            return Err(format!(
+                "time {t:?}: year outside of range [0,9999] (as Go's Time.MarshalJSON)"
+            ));
+        }
+        let nanos = t.nanosecond();
+        if nanos >= 1_000_000_000 {
+            return Err(format!(
+                "time {t:?}: a leap second, which Go cannot represent"
+            ));
+        }
         let mut out = format!(
             "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
             t.year(),
@@ -1175,19 +1200,27 @@ impl GoTime {
             out.push_str(frac.trim_end_matches('0'));
         }
         out.push('Z');
-        out
+        Ok(out)
     }
 }
 
 impl fmt::Display for GoTime {
+    /// The wire form; for a time the wire cannot carry, chrono's RFC 3339 form (`+10000-...`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.format())
+        match (self.wire(), self.0) {
+            (Ok(wire), _) => f.write_str(&wire),
+            (Err(_), Some(t)) => f.write_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+            (Err(_), None) => Ok(()),
+        }
     }
 }
 
 impl Serialize for GoTime {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&self.format())
+        match self.wire() {
+            Ok(wire) => s.serialize_str(&wire),
+            Err(e) => Err(ser::Error::custom(e)),
+        }
     }
 }
 
@@ -1200,14 +1233,14 @@ impl<'de> Deserialize<'de> for GoTime {
                 f.write_str("an RFC 3339 time string")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<GoTime, E> {
-                let t = DateTime::parse_from_rfc3339(v)
-                    .map_err(|e| E::custom(format!("invalid time `{v}`: {e}")))?;
-                let t = t.with_timezone(&Utc);
-                // Go's zero time (year 1) stands for "no time".
-                if t.year() <= 1 && t.ordinal() == 1 && t.num_seconds_from_midnight() == 0 {
-                    return Ok(GoTime(None));
+                let t =
+                    parse_go_time(v).map_err(|e| E::custom(format!("invalid time `{v}`: {e}")))?;
+                if !(0..=9999).contains(&t.year()) {
+                    return Err(E::custom(format!(
+                        "invalid time `{v}`: year outside of range [0,9999] in UTC"
+                    )));
                 }
-                Ok(GoTime(Some(t)))
+                Ok(GoTime::from_datetime(t))
             }
         }
         d.deserialize_str(V)
@@ -1216,8 +1249,125 @@ impl<'de> Deserialize<'de> for GoTime {
 
 impl From<DateTime<Utc>> for GoTime {
     fn from(t: DateTime<Utc>) -> Self {
-        GoTime(Some(t))
+        GoTime::from_datetime(t)
     }
+}
+
+/// Parses a time exactly as Go's `time.Parse(time.RFC3339, s)` does, which is what
+/// `Time.UnmarshalJSON` runs (`parseStrictRFC3339` in Go's `time/format_rfc3339.go`, whose extra
+/// strictness is disabled, go.dev/issue/54580): its fast path `parseRFC3339` accepts a subset of
+/// what the layout parser `parse` in `time/format.go` accepts, so this follows `parse` for the
+/// layout `2006-01-02T15:04:05Z07:00`:
+///
+/// - `2006`: four digits, 0000-9999; `01` and `02`: two digits (month 1-12; the day is checked
+///   against the month at the end); `T`, `-` and `:` exactly (no lowercase `t`);
+/// - `15`: one or two digits (`getnum(value, false)`), 0-23; `04`, `05`: two digits, 0-59 (no
+///   leap second);
+/// - after the seconds, `.` or `,` and one or more digits: a fraction, truncated to
+///   nanoseconds (`parseNanoseconds`);
+/// - `Z07:00`: `Z` (not `z`), or a sign, two digits, `:`, two digits, hours up to 24 and
+///   minutes up to 60 (Go tests `> 24` and `> 60`: "some people do write offsets of 24 hours
+///   or 60 minutes");
+/// - nothing after.
+///
+/// Go applies `Time.UnmarshalJSON` to the raw bytes between the quotes, without unescaping
+/// them; serde hands us the unescaped string, so a time spelled with JSON escapes is accepted
+/// here and not by Go.
+fn parse_go_time(s: &str) -> std::result::Result<DateTime<Utc>, &'static str> {
+    const BAD: &str = "not an RFC 3339 time";
+    let b = s.as_bytes();
+    let digit = |i: usize| {
+        b.get(i)
+            .filter(|c| c.is_ascii_digit())
+            .map(|c| u32::from(c - b'0'))
+    };
+    let expect = |i: usize, c: u8| {
+        if b.get(i) == Some(&c) {
+            Ok(())
+        } else {
+            Err(BAD)
+        }
+    };
+    // `getnum(value, true)`: exactly two digits.
+    let two = |i: usize| match (digit(i), digit(i + 1)) {
+        (Some(t), Some(u)) => Ok(t * 10 + u),
+        _ => Err(BAD),
+    };
+
+    let year = (0..4).try_fold(0u32, |acc, i| digit(i).map(|d| acc * 10 + d).ok_or(BAD))?;
+    expect(4, b'-')?;
+    let month = two(5)?;
+    if !(1..=12).contains(&month) {
+        return Err("month out of range");
+    }
+    expect(7, b'-')?;
+    let day = two(8)?;
+    expect(10, b'T')?;
+    // `getnum(value, false)`: one digit, or two if there are two.
+    let (hour, mut i) = match (digit(11), digit(12)) {
+        (Some(t), Some(u)) => (t * 10 + u, 13),
+        (Some(u), None) => (u, 12),
+        _ => return Err(BAD),
+    };
+    if hour >= 24 {
+        return Err("hour out of range");
+    }
+    expect(i, b':')?;
+    let minute = two(i + 1)?;
+    if minute >= 60 {
+        return Err("minute out of range");
+    }
+    expect(i + 3, b':')?;
+    let second = two(i + 4)?;
+    if second >= 60 {
+        return Err("second out of range");
+    }
+    i += 6;
+
+    let mut nanos = 0;
+    if matches!(b.get(i), Some(b'.' | b',')) && digit(i + 1).is_some() {
+        let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        for k in 0..9 {
+            nanos = nanos * 10
+                + if k < digits {
+                    digit(i + 1 + k).unwrap_or(0)
+                } else {
+                    0
+                };
+        }
+        i += 1 + digits;
+    }
+
+    let offset = if b.get(i) == Some(&b'Z') {
+        i += 1;
+        0
+    } else {
+        let sign = match b.get(i) {
+            Some(b'+') => 1,
+            Some(b'-') => -1,
+            _ => return Err(BAD),
+        };
+        let hours = two(i + 1)?;
+        expect(i + 3, b':')?;
+        let minutes = two(i + 4)?;
+        if hours > 24 || minutes > 60 {
+            return Err("time zone offset out of range");
+        }
+        i += 6;
+        sign * i64::from((hours * 60 + minutes) * 60)
+    };
+    if i != b.len() {
+        return Err("extra text");
+    }
+
+    let date = i32::try_from(year)
+        .ok()
+        .and_then(|year| NaiveDate::from_ymd_opt(year, month, day))
+        .ok_or("day out of range")?;
+    date.and_hms_nano_opt(hour, minute, second, nanos)
+        .map(|t| t.and_utc())
+        .and_then(|t| t.checked_sub_signed(TimeDelta::seconds(offset)))
+        .ok_or(BAD)
 }
 
 impl Signature {
@@ -1709,6 +1859,147 @@ mod tests {
             let t: GoTime = serde_json::from_value(json!(input)).unwrap();
             assert_eq!(t.to_string(), output);
         }
+    }
+
+    /// What Go's `Time.UnmarshalJSON` accepts: `time.Parse(time.RFC3339, s)` (through
+    /// `parseStrictRFC3339`, whose strict checks are disabled, go.dev/issue/54580), i.e. the
+    /// fast path `parseRFC3339` (`time/format_rfc3339.go`) or else the layout parser `parse`
+    /// (`time/format.go`: `getnum`, `parseNanoseconds`, the `stdISO8601ColonTZ` case).
+    /// Rejected too: times whose year in UTC is outside 0-9999, which Go's `Time.MarshalJSON`
+    /// refuses to encode ("year outside of range [0,9999]") and so could never be re-encoded
+    /// here, where times are kept in UTC.
+    #[test]
+    fn times_parse_as_go_parses_them() {
+        for (input, wire) in [
+            ("2026-11-29T20:17:52Z", "2026-11-29T20:17:52Z"),
+            // Any number of fraction digits; beyond nine they are truncated, not rounded.
+            ("2026-11-29T20:17:52.100Z", "2026-11-29T20:17:52.1Z"),
+            ("2026-11-29T20:17:52.000000000Z", "2026-11-29T20:17:52Z"),
+            (
+                "2026-11-29T20:17:52.1234567891Z",
+                "2026-11-29T20:17:52.123456789Z",
+            ),
+            (
+                "2026-11-29T20:17:52.99999999999Z",
+                "2026-11-29T20:17:52.999999999Z",
+            ),
+            // `parse` also takes a comma before the fraction and a one-digit hour.
+            ("2026-11-29T20:17:52,5Z", "2026-11-29T20:17:52.5Z"),
+            ("2026-11-29T5:17:52Z", "2026-11-29T05:17:52Z"),
+            // Offsets: hours up to 24 and minutes up to 60 ("some people do write offsets of
+            // 24 hours or 60 minutes"); -00:00 is UTC.
+            ("2026-11-29T21:17:52+01:00", "2026-11-29T20:17:52Z"),
+            ("2026-11-29T20:17:52-00:00", "2026-11-29T20:17:52Z"),
+            ("2026-11-29T20:17:52+24:00", "2026-11-28T20:17:52Z"),
+            ("2026-11-29T20:17:52-24:60", "2026-11-30T21:17:52Z"),
+            ("2026-11-29T20:17:52+23:60", "2026-11-28T20:17:52Z"),
+            // The edges of years 0-9999, in UTC.
+            ("0000-01-01T00:00:00Z", "0000-01-01T00:00:00Z"),
+            ("0000-02-29T12:00:00Z", "0000-02-29T12:00:00Z"),
+            ("0000-01-01T23:59:59+23:59", "0000-01-01T00:00:59Z"),
+            (
+                "9999-12-31T23:59:59.999999999Z",
+                "9999-12-31T23:59:59.999999999Z",
+            ),
+            ("9999-12-31T00:00:00-23:59", "9999-12-31T23:59:00Z"),
+            ("2024-02-29T00:00:00Z", "2024-02-29T00:00:00Z"),
+            // Go's zero time is the zero instant, exactly.
+            ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00Z"),
+            ("0001-01-01T01:00:00+01:00", "0001-01-01T00:00:00Z"),
+            ("0001-01-01T00:00:00.5Z", "0001-01-01T00:00:00.5Z"),
+        ] {
+            let t: GoTime = serde_json::from_value(json!(input))
+                .unwrap_or_else(|e| panic!("{input} must be accepted: {e}"));
+            assert_eq!(serde_json::to_value(t).unwrap(), json!(wire), "{input}");
+            assert_eq!(t.to_string(), wire);
+            let zero = wire == "0001-01-01T00:00:00Z";
+            assert_eq!(t.is_zero(), zero, "{input}");
+        }
+        for input in [
+            "2026-11-29t20:17:52Z",
+            "2026-11-29T20:17:52z",
+            "2026-11-29 20:17:52Z",
+            "2026-11-29T23:59:60Z",
+            "2026-11-29T24:00:00Z",
+            "2026-11-29T20:60:00Z",
+            "2026-02-29T00:00:00Z",
+            "2026-11-31T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-00-01T00:00:00Z",
+            "2026-11-00T00:00:00Z",
+            "2026-1-29T20:17:52Z",
+            "2026-11-9T20:17:52Z",
+            "2026-11-29T20:7:52Z",
+            "2026-11-29T20:17:5Z",
+            "2026-11-29T020:17:52Z",
+            "226-11-29T20:17:52Z",
+            "+2026-11-29T20:17:52Z",
+            "-001-11-29T20:17:52Z",
+            " 2026-11-29T20:17:52Z",
+            "2026-11-29T20:17:52",
+            "2026-11-29T20:17:52 Z",
+            "2026-11-29T20:17:52.Z",
+            "2026-11-29T20:17:52.5",
+            "2026-11-29T20:17:52ZZ",
+            "2026-11-29T20:17:52+0100",
+            "2026-11-29T20:17:52+01",
+            "2026-11-29T20:17:52+1:00",
+            "2026-11-29T20:17:52+25:00",
+            "2026-11-29T20:17:52+24:61",
+            "2026-11-29T20:17:52*01:00",
+            "2026-11-29T20:17:52+01:00:00",
+            "9999-12-31T23:59:59-23:59",
+            "0000-01-01T00:00:00+00:01",
+            "２026-11-29T20:17:52Z",
+            "",
+        ] {
+            assert!(
+                serde_json::from_value::<GoTime>(json!(input)).is_err(),
+                "{input:?} must be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn times_that_cannot_be_encoded_are_encode_errors() {
+        let far = NaiveDate::from_ymd_opt(10_000, 1, 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc();
+        let before = NaiveDate::from_ymd_opt(-1, 12, 31)
+            .unwrap()
+            .and_hms_opt(23, 59, 59)
+            .unwrap()
+            .and_utc();
+        // chrono can hold a leap second; Go's time cannot.
+        let leap = NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_nano_opt(23, 59, 59, 1_500_000_000)
+            .unwrap()
+            .and_utc();
+        for t in [far, before, leap] {
+            let time = GoTime::from_datetime(t);
+            assert!(serde_json::to_string(&time).is_err(), "{t:?}");
+            assert!(!time.to_string().is_empty());
+            let mut sig = Signature::new("add");
+            sig.eta = Some(time);
+            assert_eq!(sig.to_json().unwrap_err().kind(), crate::ErrorKind::Encode);
+            assert_eq!(sig.validate().unwrap_err().kind(), crate::ErrorKind::Encode);
+            let state = TaskState {
+                created_at: time,
+                ..TaskState::default()
+            };
+            assert!(serde_json::to_vec(&state).is_err());
+        }
+        // Go's zero instant is the zero time however it is made.
+        let zero = NaiveDate::from_ymd_opt(1, 1, 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc();
+        assert!(GoTime::from_datetime(zero).is_zero());
+        assert_eq!(GoTime::from(zero), GoTime::default());
     }
 
     #[test]
