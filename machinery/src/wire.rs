@@ -2002,6 +2002,216 @@ mod tests {
         assert_eq!(GoTime::from(zero), GoTime::default());
     }
 
+    /// Asserts that `T` decoded from `json` (if it decodes) encodes to JSON that decodes equal,
+    /// and that encoding is then stable byte for byte.
+    fn assert_stable<T>(json: &str) -> Option<T>
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + fmt::Debug,
+    {
+        let decoded: T = serde_json::from_str(json).ok()?;
+        let encoded = serde_json::to_string(&decoded)
+            .unwrap_or_else(|e| panic!("{json} decodes but does not encode: {e}"));
+        let again: T = serde_json::from_str(&encoded).unwrap_or_else(|e| {
+            panic!("{json} re-encodes to {encoded}, which does not decode: {e}")
+        });
+        assert_eq!(again, decoded, "{json} -> {encoded}");
+        assert_eq!(serde_json::to_string(&again).unwrap(), encoded, "{json}");
+        Some(decoded)
+    }
+
+    /// A value of Go type `type_name` (Rust type `T`), given as JSON: if it decodes, its
+    /// re-encoding decodes to the same bits, both as an argument and as a result. Returns
+    /// whether it decoded.
+    fn assert_typed_stable<T>(type_name: &str, text: &str, bits: impl Fn(&T) -> Vec<u64>) -> bool
+    where
+        T: Serialize + serde::de::DeserializeOwned + 'static,
+    {
+        let arg_json = format!(r#"{{"Name":"","Type":"{type_name}","Value":{text}}}"#);
+        let Some(arg) = assert_stable::<Arg>(&arg_json) else {
+            panic!("{arg_json} must decode as an Arg");
+        };
+        let result_json = format!(r#"{{"Type":"{type_name}","Value":{text}}}"#);
+        assert_stable::<TaskResult>(&result_json).unwrap();
+        let Ok(value) = decode::<T>(&arg.type_name, &arg.value) else {
+            return false;
+        };
+        let arg = encode_arg(&value).unwrap_or_else(|e| panic!("{type_name} {text}: {e}"));
+        let arg: Arg = serde_json::from_str(&serde_json::to_string(&arg).unwrap()).unwrap();
+        let back = decode::<T>(&arg.type_name, &arg.value)
+            .unwrap_or_else(|e| panic!("{type_name} {text} re-encodes as {}: {e}", arg.value));
+        assert_eq!(
+            bits(&back),
+            bits(&value),
+            "{type_name} {text} -> {}",
+            arg.value
+        );
+        let result = crate::value::encode_result(&value).unwrap();
+        let result: TaskResult =
+            serde_json::from_str(&serde_json::to_string(&result).unwrap()).unwrap();
+        let back = decode::<T>(&result.type_name, &result.value).unwrap();
+        assert_eq!(bits(&back), bits(&value), "{type_name} {text} as a result");
+        true
+    }
+
+    const FLOATS: &[&str] = &[
+        "0",
+        "-0",
+        "-0.0",
+        "0.1",
+        "1e-45",
+        "-1e-45",
+        "1.4e-45",
+        "7e-46",
+        "1e-40",
+        "1e-38",
+        "1.17549435e-38",
+        "3.4028235e38",
+        "3.4028236e38",
+        "3.5e38",
+        "16777217",
+        "9007199254740993",
+        "5e-324",
+        "2.4703282292062328e-324",
+        "2.225073858507201e-308",
+        "2.2250738585072014e-308",
+        "1.7976931348623157e308",
+        "1e23",
+        "8.41e21",
+        "1e21",
+        "0.30000000000000004",
+        "18446744073709551615",
+        "18446744073709551616",
+        "-9223372036854775808",
+        "123456789012345678901234567890",
+        "1e-400",
+    ];
+
+    const INTEGERS: &[&str] = &[
+        "0",
+        "-0",
+        "1",
+        "-1",
+        "127",
+        "128",
+        "-128",
+        "-129",
+        "255",
+        "256",
+        "32767",
+        "-32768",
+        "65535",
+        "2147483647",
+        "-2147483648",
+        "4294967295",
+        "4294967296",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "9223372036854775808",
+        "18446744073709551615",
+        "18446744073709551616",
+        "1.0",
+        "1e3",
+        "-1e0",
+    ];
+
+    /// Every value that decodes re-encodes to a value that decodes equal: times, arguments
+    /// and results of every Go type, and whole signatures.
+    #[test]
+    fn round_trips_are_stable() {
+        for t in [
+            "2026-11-29T20:17:52.337696883Z",
+            "2026-11-29T20:17:52,5Z",
+            "2026-11-29T5:17:52+24:00",
+            "9999-12-31T23:59:59.999999999Z",
+            "9999-12-31T23:59:59-23:59",
+            "0000-01-01T00:00:00Z",
+            "0000-01-01T00:00:00+00:01",
+            "0001-01-01T00:00:00Z",
+            "0001-01-01T00:00:00.000000001Z",
+            "2026-11-29T23:59:60Z",
+            "2026-11-29T20:17:52.1234567891234Z",
+        ] {
+            assert_stable::<GoTime>(&format!("{t:?}"));
+            assert_stable::<Signature>(&format!(r#"{{"ETA":{t:?}}}"#));
+            assert_stable::<TaskState>(&format!(r#"{{"CreatedAt":{t:?}}}"#));
+        }
+
+        // Beyond float64's range, serde_json refuses the whole message; Go (decoding with
+        // UseNumber) would refuse only the argument's conversion.
+        assert!(serde_json::from_str::<Arg>(r#"{"Type":"float64","Value":1E400}"#).is_err());
+
+        let float = |f: &f64| vec![f.to_bits()];
+        let float32 = |f: &f32| vec![u64::from(f.to_bits())];
+        for text in FLOATS {
+            assert!(assert_typed_stable::<f64>("float64", text, float), "{text}");
+            // Past float32's range, a float32 is refused (Go would make it +Inf).
+            let beyond_f32 = ["3.4028236e38", "3.5e38", "1.7976931348623157e308"];
+            assert_eq!(
+                assert_typed_stable::<f32>("float32", text, float32),
+                !beyond_f32.contains(text),
+                "{text}"
+            );
+            assert_typed_stable::<Vec<f64>>("[]float64", &format!("[{text},{text}]"), |v| {
+                v.iter().map(|f| f.to_bits()).collect()
+            });
+            assert_typed_stable::<Vec<f32>>("[]float32", &format!("[{text}]"), |v| {
+                v.iter().map(|f| u64::from(f.to_bits())).collect()
+            });
+            assert_typed_stable::<Value>("json", text, |v| vec![v.to_string().len() as u64]);
+        }
+        macro_rules! integers {
+            ($($t:ty => $name:literal),*) => {$(
+                for text in INTEGERS {
+                    assert_typed_stable::<$t>($name, text, |v| vec![*v as u64]);
+                    assert_typed_stable::<Vec<$t>>(
+                        concat!("[]", $name),
+                        &format!("[{text}]"),
+                        |v| v.iter().map(|x| *x as u64).collect(),
+                    );
+                }
+            )*};
+        }
+        integers!(i8 => "int8", i16 => "int16", i32 => "int32", i64 => "int64", isize => "int",
+            u8 => "uint8", u16 => "uint16", u32 => "uint32", u64 => "uint64", usize => "uint");
+        for text in ["true", "false", "null", "1"] {
+            assert_typed_stable::<bool>("bool", text, |b| vec![u64::from(*b)]);
+        }
+        for text in [
+            r#""""#,
+            r#""a\u0000\"\\\/\n\u00fc\ud83d\ude00""#,
+            "null",
+            "[]",
+            "[null]",
+        ] {
+            assert_typed_stable::<String>("string", text, |s| s.bytes().map(u64::from).collect());
+            assert_typed_stable::<Vec<String>>("[]string", text, |v| vec![v.len() as u64]);
+        }
+        assert_typed_stable::<Vec<u8>>("[]byte", r#""aGk=""#, |v| {
+            v.iter().map(|b| u64::from(*b)).collect()
+        });
+
+        // A whole signature, with a bit of everything.
+        let sig = r#"{"uuid":"task_1","Name":"add","ETA":"9999-12-31T23:59:59,5-00:00",
+            "Args":[{"Type":"float32","Value":1e-45},{"Type":"float64","Value":-0.0},
+                {"Type":"uint64","Value":18446744073709551615},{"Type":"json","Value":{"a":[5e-324,{}]}}],
+            "Headers":{"h":[1.5,"x",null,true,{"k":1e-45}]},"Priority":255,"RetryCount":-1,
+            "OnSuccess":[{"Name":"next","ETA":"0001-01-01T00:00:00Z","Args":null,"OnSuccess":[]}],
+            "OnError":[{"Name":"report","Headers":null}],
+            "ChordCallback":{"Name":"cb","GroupTaskCount":9223372036854775807},
+            "Unknown":[[[{"x":1}]]]}"#;
+        let decoded = assert_stable::<Signature>(sig).unwrap();
+        let encoded = decoded.to_json().unwrap();
+        assert_eq!(Signature::from_json(&encoded).unwrap(), decoded);
+        let state = r#"{"TaskUUID":"t","State":"SUCCESS","Results":[{"Type":"float64","Value":1e-45},
+            {"Type":"float32","Value":3.5e38},{"Type":"json","Value":[[-0.0]]}],"CreatedAt":"0000-01-01T00:00:00Z","TTL":-5}"#;
+        assert_stable::<TaskState>(state).unwrap();
+        assert_stable::<TaskState>(r#"{"Results":[]}"#).unwrap();
+        assert_stable::<GroupMeta>(
+            r#"{"TaskUUIDs":["a"],"CreatedAt":"2026-11-29T20:17:52+24:00"}"#,
+        )
+        .unwrap();
+    }
+
     #[test]
     fn every_arg_type() {
         fn check<T>(value: T, type_name: &str, json: Value)
