@@ -1133,11 +1133,11 @@ impl fmt::Display for State {
 /// A point in time as Go's `time.Time` encodes it: RFC 3339 in UTC with nanoseconds, trailing
 /// zeros trimmed. The default value is Go's zero time, `0001-01-01T00:00:00Z`.
 ///
-/// Decoding accepts exactly what Go's `Time.UnmarshalJSON` accepts (`time.Parse(time.RFC3339, s)`),
-/// converted to UTC, except times whose year in UTC falls outside 0 to 9999: Go's
-/// `Time.MarshalJSON` cannot encode those, and neither can this type. Encoding such a time
-/// (or a leap second, which chrono can hold and Go cannot) is an error, never a different
-/// string.
+/// Decoding accepts exactly what Go's `Time.UnmarshalJSON` accepts
+/// (`time.Parse(time.RFC3339, s)`), converted to UTC, except times whose year in UTC falls
+/// outside 0 to 9999: Go's `Time.MarshalJSON` cannot encode those, and neither can this type.
+/// Encoding such a time (or a leap second, which chrono can hold and Go cannot) is an error,
+/// never a different string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct GoTime(Option<DateTime<Utc>>);
 
@@ -1208,9 +1208,8 @@ impl fmt::Display for GoTime {
     /// The wire form; for a time the wire cannot carry, chrono's RFC 3339 form (`+10000-...`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.wire(), self.0) {
-            (Ok(wire), _) => f.write_str(&wire),
             (Err(_), Some(t)) => f.write_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-            (Err(_), None) => Ok(()),
+            (wire, _) => f.write_str(&wire.unwrap_or_default()),
         }
     }
 }
