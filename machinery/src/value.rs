@@ -11,7 +11,11 @@
 //! | any other `Serialize + DeserializeOwned` type | `json` (Rust-to-Rust only) |
 //!
 //! Decoding is strict: the `Type` must be the one the task declares, an integer must be written
-//! as an integer (`1`, not `1.0` or `1e0`) and fit its type, and a slice may be `null` (empty).
+//! as an integer (`1`, not `1.0` or `1e0`) and fit its type, a `float32` must be within its
+//! range, and a slice may be `null` (empty). Numbers are read correctly rounded, as Go reads
+//! them (`float32` through `float64`, as Go's `json.Number.Float64` and `float32(x)` do), so
+//! every value that decodes encodes back to the same value. NaN and infinities, which JSON
+//! cannot carry, cannot be encoded.
 //!
 //! ```
 //! use machinery::value::{decode, encode_arg, go_type_name};
@@ -109,6 +113,19 @@ fn encode_value<T: Serialize + 'static>(value: &T) -> Result<(&'static str, Valu
     let type_name = go_type_name::<T>();
     let value = serde_json::to_value(value)
         .map_err(|e| Error::encode(format!("cannot encode a `{type_name}` value: {e}")))?;
+    // serde_json turns NaN and infinities into null, which would not decode as a float; Go's
+    // encoding/json refuses to encode them (UnsupportedValueError in encoding/json/encode.go).
+    let floats = matches!(type_name, "float32" | "float64" | "[]float32" | "[]float64");
+    let non_finite = match &value {
+        Value::Null => true,
+        Value::Array(items) => items.iter().any(Value::is_null),
+        _ => false,
+    };
+    if floats && non_finite {
+        return Err(Error::encode(format!(
+            "cannot encode a `{type_name}` value: NaN and infinities have no JSON form"
+        )));
+    }
     Ok((type_name, value))
 }
 
@@ -122,6 +139,8 @@ pub fn decode<T: DeserializeOwned + 'static>(type_name: &str, value: &Value) -> 
     }
     let decoded = if expected.starts_with("[]") && value.is_null() {
         T::deserialize(&Value::Array(Vec::new()))
+    } else if expected == "float32" || expected == "[]float32" {
+        T::deserialize(&through_f64(expected, value)?)
     } else if expected == "[]uint8" {
         if let Value::String(b64) = value {
             let bytes = base64::engine::general_purpose::STANDARD
@@ -135,6 +154,30 @@ pub fn decode<T: DeserializeOwned + 'static>(type_name: &str, value: &Value) -> 
         T::deserialize(value)
     };
     decoded.map_err(|e| Error::decode(format!("invalid `{expected}` value {}: {e}", Brief(value))))
+}
+
+/// Prepares numbers for a `float32`, as Go reads them: as a `float64` first (an integer too;
+/// `json.Number.Float64`), then converted (`float32(x)`), which must stay finite. Other values
+/// are left for `T::deserialize` to refuse.
+fn through_f64(expected: &str, value: &Value) -> Result<Value> {
+    let narrow = |v: &Value| match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if (f as f32).is_finite() => Ok(Value::from(f)),
+            _ => Err(Error::decode(format!(
+                "invalid `{expected}` value {}: out of range for float32",
+                Brief(value)
+            ))),
+        },
+        other => Ok(other.clone()),
+    };
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .map(narrow)
+            .collect::<Result<_>>()
+            .map(Value::Array),
+        other => narrow(other),
+    }
 }
 
 /// Decodes an argument into `T`.
@@ -152,5 +195,79 @@ impl std::fmt::Display for Brief<'_> {
             Some((i, _)) => write!(f, "{}...", &s[..i]),
             None => f.write_str(&s),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn number(text: &str) -> Value {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn float32_out_of_range_is_refused_not_infinite() {
+        // Go reads a float32 argument with json.Number.Float64 and converts it; past
+        // f32::MAX that gives +Inf, which no JSON can carry back (Go's encoding/json refuses
+        // to encode it). It is a decode error here.
+        for text in ["3.5e38", "-3.5e38", "3.4028236e38", "1e300"] {
+            let err = decode::<f32>("float32", &number(text)).unwrap_err();
+            assert!(err.message().contains("float32"), "{err}");
+            assert!(decode::<Vec<f32>>("[]float32", &json!([1.0, number(text)])).is_err());
+        }
+        assert_eq!(
+            decode::<f32>("float32", &number("3.4028235e38")).unwrap(),
+            f32::MAX
+        );
+        // The smallest subnormal: 1e-45 rounds to it, as in Go.
+        assert_eq!(
+            decode::<f32>("float32", &number("1e-45"))
+                .unwrap()
+                .to_bits(),
+            1
+        );
+    }
+
+    #[test]
+    fn float32_from_a_big_integer_rounds_as_go() {
+        // Go converts through float64 (json.Number.Float64, then float32(x)): 2^60 + 2^36 + 1
+        // first rounds to 2^60 + 2^36 (a float32 tie), then to even, 2^60.
+        let n = (1u64 << 60) + (1 << 36) + 1;
+        assert_eq!(
+            decode::<f32>("float32", &json!(n)).unwrap(),
+            (1u64 << 60) as f32
+        );
+    }
+
+    #[test]
+    fn floats_read_exactly() {
+        // Correctly rounded, so that what is written reads back the same (serde_json's
+        // default parser is off by an ulp on these).
+        assert_eq!(
+            decode::<f64>("float64", &number("1e-45")).unwrap(),
+            "1e-45".parse::<f64>().unwrap()
+        );
+        assert_eq!(
+            decode::<f64>("float64", &number("5e-324"))
+                .unwrap()
+                .to_bits(),
+            1
+        );
+    }
+
+    #[test]
+    fn non_finite_floats_are_encode_errors() {
+        // serde_json writes NaN and infinities as null, which would not decode as a float;
+        // Go's encoding/json refuses to encode them (UnsupportedValueError).
+        assert!(encode_arg(&f64::NAN).is_err());
+        assert!(encode_arg(&f32::INFINITY).is_err());
+        assert!(encode_result(&f64::NEG_INFINITY).is_err());
+        assert!(encode_arg(&vec![1.0, f64::NAN]).is_err());
+        assert!(encode_result(&vec![f32::NAN]).is_err());
+        let err = encode_arg(&f64::NAN).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Encode);
+        assert!(encode_arg(&-0.0f64).is_ok());
     }
 }
