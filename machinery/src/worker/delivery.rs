@@ -420,7 +420,7 @@ async fn finish_group_member(
     if meta.chord_triggered && !again {
         return Ok(());
     }
-    if !meta.task_uuids.iter().any(|uuid| *uuid == signature.uuid) {
+    if !meta.task_uuids.contains(&signature.uuid) {
         warn!(group = %group, "this task is not a member of the group it names; ignoring its chord");
         return Ok(());
     }
