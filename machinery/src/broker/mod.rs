@@ -162,7 +162,7 @@ impl Delivery {
     }
 
     /// The same delivery, settled through `wrap(acker)`: for layers that observe or alter
-    /// settling (such as [`testing::FaultyBroker`](crate::testing)).
+    /// settling (such as the `testing` feature's `FaultyBroker`).
     pub fn wrap_acker(mut self, wrap: impl FnOnce(Box<dyn Acker>) -> Box<dyn Acker>) -> Delivery {
         self.acker = wrap(self.acker);
         self
