@@ -5,8 +5,10 @@
 //! cargo run --release --example bench [tasks]
 //! ```
 //!
-//! Prints the cost of encoding and decoding one signature, the producer's send rate, and the
-//! end-to-end rate of no-op tasks (async and blocking) from the first send to the last SUCCESS.
+//! Prints the cost of encoding and decoding one signature, of decoding Go-style chains of 64 to
+//! 5,000 links (and of refusing one whose bottom link is malformed), the producer's send rate,
+//! and the end-to-end rate of no-op tasks (async and blocking) from the first send to the last
+//! SUCCESS.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -128,6 +130,36 @@ async fn end_to_end(tasks: usize, blocking: bool, name: &str) -> (f64, f64) {
     )
 }
 
+/// Decoding Go-style nested chains (each link in the previous link's `OnSuccess`): a whole
+/// chain, and one whose bottom link is malformed (the error unwinds through every level).
+fn deep_chains() {
+    for links in [64usize, 1_000, 5_000] {
+        let mut json = String::new();
+        for i in 0..links {
+            json.push_str(&format!(
+                r#"{{"UUID":"task_{i}","Name":"add","Args":[{{"Type":"float64","Value":1}}],"OnSuccess":["#
+            ));
+        }
+        json.push_str(&"]}".repeat(links));
+        let bad = json.replace(
+            &format!(r#""UUID":"task_{}","Name":"add""#, links - 1),
+            &format!(r#""UUID":"task_{}","Name":5"#, links - 1),
+        );
+        let started = Instant::now();
+        let ok = Signature::from_json(json.as_bytes()).is_ok();
+        let whole = started.elapsed();
+        let started = Instant::now();
+        let refused = Signature::from_json(bad.as_bytes()).is_err();
+        let failing = started.elapsed();
+        println!(
+            "chain of {links} links ({} KiB): decode {:.2} ms (ok: {ok}); bad bottom link refused in {:.2} ms (refused: {refused})",
+            json.len() / 1024,
+            whole.as_secs_f64() * 1e3,
+            failing.as_secs_f64() * 1e3
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let tasks: usize = std::env::args()
@@ -139,6 +171,8 @@ async fn main() {
         "encode+decode one signature: {:.2} us",
         per_sig.as_secs_f64() * 1e6
     );
+
+    deep_chains();
 
     // Warm up allocators and the runtime.
     end_to_end(tasks / 10, false, "bench-warmup").await;

@@ -1672,24 +1672,21 @@ mod tests {
     }
 
     #[test]
-    fn a_deep_failure_costs_linear_time() {
+    fn a_deep_failure_is_reported_from_the_bottom_of_a_chain() {
         on_small_stack(|| {
-            // An error at the bottom of a maximal chain unwinds through 10,000 levels. Dressing
-            // it with a line and column by rescanning the text at each level took 17 s here (a
-            // debug build); reading positions as we go takes well under one.
+            // An error at the bottom of a maximal chain unwinds through 10,000 levels; its
+            // position is read as the decoder goes (rescanning the text at each level took 17 s
+            // in a debug build: examples/bench.rs has the deep-chain decode figures).
             let json = chain_json(5000);
             let bad = json.replace(
                 r#""UUID":"task_4999","Name":"add""#,
                 r#""UUID":"task_4999","Name":5"#,
             );
             assert_ne!(bad, json);
-            let started = std::time::Instant::now();
             let err = Signature::from_json(bad.as_bytes()).unwrap_err();
             assert!(err.message().contains("invalid type"), "{err}");
             let too_long = chain_json(5001);
             Signature::from_json(too_long.as_bytes()).unwrap_err();
-            let elapsed = started.elapsed();
-            assert!(elapsed < std::time::Duration::from_secs(8), "{elapsed:?}");
         });
     }
 
