@@ -55,17 +55,21 @@
 //! keys on the same step read together. The poller starts with the first waiter and ends
 //! with the last; dropping a waiting future withdraws its interest.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 
 use super::{timeout, ResultBackend};
 use crate::error::{Error, ErrorKind, Result};
+use crate::lock;
 use crate::wire::{GoTime, GroupMeta, State, TaskState};
 
 /// Go Machinery's `DefaultResultsExpireIn`, used when the configured expiry is zero.
@@ -207,6 +211,8 @@ pub struct RedisBackend {
     display: String,
     write_states_script: Script,
     trigger_chord_script: Script,
+    /// Everyone waiting in [`wait_final`](ResultBackend::wait_final), shared by clones.
+    waiters: Arc<Waiters>,
 }
 
 impl RedisBackend {
@@ -246,6 +252,7 @@ impl RedisBackend {
             display,
             write_states_script: Script::new(WRITE_STATES_LUA),
             trigger_chord_script: Script::new(TRIGGER_CHORD_LUA),
+            waiters: Arc::default(),
         })
     }
 
@@ -402,6 +409,314 @@ impl RedisBackend {
     }
 }
 
+/// How long after its last read a waited key is read again, by step: at once, then 1 ms, 2 ms,
+/// ... 64 ms later, then every 100 ms (the backoff a lone waiter polling `GET` used).
+const WAIT_STEPS: [Duration; 9] = [
+    Duration::ZERO,
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+    Duration::from_millis(32),
+    Duration::from_millis(64),
+    Duration::from_millis(100),
+];
+
+type Answer = oneshot::Sender<Result<TaskState>>;
+
+/// The keys waited on, shared by a backend and its clones, and the poller that reads them.
+#[derive(Default)]
+struct Waiters {
+    table: Mutex<WaitTable>,
+    /// Tells the poller that a key was added.
+    added: Notify,
+}
+
+#[derive(Default)]
+struct WaitTable {
+    keys: HashMap<String, Watched>,
+    /// The keys on each step of [`WAIT_STEPS`]; a key is in the list of its step (and maybe,
+    /// stale, in others: those entries are skipped).
+    steps: [Vec<String>; WAIT_STEPS.len()],
+    /// When each step was last read.
+    read_at: [Option<Instant>; WAIT_STEPS.len()],
+    next_waiter: u64,
+    /// The running poller's number, if one runs.
+    poller: Option<u64>,
+    pollers: u64,
+    /// Counts the poller's rounds.
+    round: u64,
+}
+
+struct Watched {
+    step: usize,
+    /// The round that last read it.
+    round: u64,
+    waiters: Vec<(u64, Answer)>,
+    /// The value last read, which was not final: the same bytes need no decoding.
+    last: Option<Vec<u8>>,
+}
+
+/// A waiter's interest in a key; dropping it withdraws the interest.
+struct Interest {
+    waiters: Arc<Waiters>,
+    key: String,
+    id: u64,
+}
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        let mut table = lock(&self.waiters.table);
+        if let Some(watched) = table.keys.get_mut(&self.key) {
+            watched.waiters.retain(|(id, _)| *id != self.id);
+            if watched.waiters.is_empty() {
+                table.keys.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Ends a poller's watch: when the poller stops without having left cleanly (its runtime shut
+/// down), every waiter's answer is dropped, so the waiters watch again and start a new one.
+struct PollerGuard {
+    waiters: Arc<Waiters>,
+    number: u64,
+}
+
+impl Drop for PollerGuard {
+    fn drop(&mut self) {
+        let mut table = lock(&self.waiters.table);
+        if table.poller == Some(self.number) {
+            table.poller = None;
+            table.keys.clear();
+            table.steps = Default::default();
+        }
+    }
+}
+
+impl RedisBackend {
+    /// Adds a waiter on `key`, starting the poller if none runs.
+    fn watch(&self, key: &str) -> Result<(oneshot::Receiver<Result<TaskState>>, Interest)> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::new(
+                ErrorKind::Unsupported,
+                "waiting for a result in Redis needs a Tokio runtime",
+            )
+        })?;
+        let (answer, receiver) = oneshot::channel();
+        let (id, start) = {
+            let mut guard = lock(&self.waiters.table);
+            let table = &mut *guard;
+            let id = table.next_waiter;
+            table.next_waiter += 1;
+            match table.keys.get_mut(key) {
+                Some(watched) => watched.waiters.push((id, answer)),
+                None => {
+                    table.keys.insert(
+                        key.to_owned(),
+                        Watched {
+                            step: 0,
+                            round: 0,
+                            waiters: vec![(id, answer)],
+                            last: None,
+                        },
+                    );
+                    table.steps[0].push(key.to_owned());
+                }
+            }
+            let start = table.poller.is_none().then(|| {
+                table.pollers += 1;
+                table.poller = Some(table.pollers);
+                table.pollers
+            });
+            (id, start)
+        };
+        let interest = Interest {
+            waiters: self.waiters.clone(),
+            key: key.to_owned(),
+            id,
+        };
+        match start {
+            Some(number) => {
+                let guard = PollerGuard {
+                    waiters: self.waiters.clone(),
+                    number,
+                };
+                runtime.spawn(self.clone().poll(guard));
+            }
+            None => self.waiters.added.notify_one(),
+        }
+        Ok((receiver, interest))
+    }
+
+    /// The poller: reads the keys that are due, answers the waiters of those that are final,
+    /// sleeps until the next step is due or a key is added; ends when no one waits.
+    async fn poll(self, guard: PollerGuard) {
+        debug!(poller = guard.number, "polling Redis for waited results");
+        loop {
+            let Some((keys, round)) = self.due_keys(guard.number) else {
+                debug!(poller = guard.number, "no one waits; polling stops");
+                return;
+            };
+            if !keys.is_empty() {
+                trace!(keys = keys.len(), round, "reading waited keys");
+                let read = self.mget(&keys, "read task states").await;
+                self.answer(keys, read);
+            }
+            let next = self.next_due();
+            let added = self.waiters.added.notified();
+            match next {
+                Some(next) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next) => {}
+                        _ = added => {}
+                    }
+                }
+                None => added.await,
+            }
+        }
+    }
+
+    /// The keys to read now (each moved to its next step), or `None`, the poller leaving,
+    /// when no one waits.
+    fn due_keys(&self, number: u64) -> Option<(Vec<String>, u64)> {
+        let mut guard = lock(&self.waiters.table);
+        let table = &mut *guard;
+        if table.keys.is_empty() {
+            if table.poller == Some(number) {
+                table.poller = None;
+            }
+            table.steps = Default::default();
+            return None;
+        }
+        let now = Instant::now();
+        table.round += 1;
+        let round = table.round;
+        let due = |step: usize, table: &WaitTable| match table.read_at[step] {
+            None => true,
+            Some(at) => at + WAIT_STEPS[step] <= now,
+        };
+        let any_due = (0..WAIT_STEPS.len()).any(|s| !table.steps[s].is_empty() && due(s, table));
+        let mut keys = Vec::new();
+        if !any_due {
+            return Some((keys, round));
+        }
+        // From the top step down, so that a key moved up is not read twice. Steps due within
+        // half their pause are read with the rest: fewer, larger rounds.
+        for step in (0..WAIT_STEPS.len()).rev() {
+            let early = match table.read_at[step] {
+                None => true,
+                Some(at) => at + WAIT_STEPS[step] / 2 <= now,
+            };
+            if table.steps[step].is_empty() || !early {
+                continue;
+            }
+            table.read_at[step] = Some(now);
+            let next = (step + 1).min(WAIT_STEPS.len() - 1);
+            for key in std::mem::take(&mut table.steps[step]) {
+                match table.keys.get_mut(&key) {
+                    Some(watched) if watched.step == step && watched.round != round => {
+                        watched.step = next;
+                        watched.round = round;
+                        if table.steps[next].is_empty() {
+                            // Its keys were all read just now.
+                            table.read_at[next] = Some(now);
+                        }
+                        table.steps[next].push(key.clone());
+                        keys.push(key);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Some((keys, round))
+    }
+
+    /// When the next step is due, if any key waits.
+    fn next_due(&self) -> Option<Instant> {
+        let table = lock(&self.waiters.table);
+        (0..WAIT_STEPS.len())
+            .filter(|&step| !table.steps[step].is_empty())
+            .map(|step| match table.read_at[step] {
+                Some(at) => at + WAIT_STEPS[step],
+                None => Instant::now(),
+            })
+            .min()
+    }
+
+    /// Answers the waiters of the keys that were read final (or undecodable), or of every key
+    /// read when the read failed.
+    fn answer(&self, keys: Vec<String>, read: Result<Vec<Option<Vec<u8>>>>) {
+        let values = match read {
+            Ok(values) if values.len() == keys.len() => values,
+            Ok(_) => {
+                return self.fail(&keys, &self.unexpected_reply("read task states"));
+            }
+            Err(e) => return self.fail(&keys, &e),
+        };
+        // Decode outside the lock, skipping values seen (not final) before.
+        let mut unchanged = Vec::with_capacity(keys.len());
+        {
+            let table = lock(&self.waiters.table);
+            for (key, value) in keys.iter().zip(&values) {
+                let same = match (table.keys.get(key), value) {
+                    (Some(watched), Some(value)) => {
+                        watched.last.as_deref() == Some(value.as_slice())
+                    }
+                    _ => false,
+                };
+                unchanged.push(same);
+            }
+        }
+        let mut finished = Vec::new();
+        let mut pending = Vec::new();
+        for ((key, value), same) in keys.into_iter().zip(values).zip(unchanged) {
+            let Some(value) = value else { continue };
+            if same {
+                continue;
+            }
+            match decode_state(&key, &value) {
+                Ok(state) if state.state.is_final() => finished.push((key, Ok(state))),
+                Ok(_) => pending.push((key, value)),
+                Err(e) => finished.push((key, Err(e))),
+            }
+        }
+        let mut table = lock(&self.waiters.table);
+        for (key, value) in pending {
+            if let Some(watched) = table.keys.get_mut(&key) {
+                watched.last = Some(value);
+            }
+        }
+        for (key, outcome) in finished {
+            if let Some(watched) = table.keys.remove(&key) {
+                for (_, answer) in watched.waiters {
+                    let _ = answer.send(copy(&outcome));
+                }
+            }
+        }
+    }
+
+    fn fail(&self, keys: &[String], error: &Error) {
+        warn!(keys = keys.len(), error = %error, "cannot read waited results");
+        let mut table = lock(&self.waiters.table);
+        for key in keys {
+            if let Some(watched) = table.keys.remove(key) {
+                for (_, answer) in watched.waiters {
+                    let _ = answer.send(Err(Error::new(error.kind(), error.message())));
+                }
+            }
+        }
+    }
+}
+
+fn copy(outcome: &Result<TaskState>) -> Result<TaskState> {
+    match outcome {
+        Ok(state) => Ok(state.clone()),
+        Err(e) => Err(Error::new(e.kind(), e.message())),
+    }
+}
+
 fn backend_error(message: String, e: redis::RedisError) -> Error {
     Error::with_source(ErrorKind::Backend, format!("{message}: {e}"), e)
 }
@@ -517,30 +832,26 @@ impl ResultBackend for RedisBackend {
             .collect()
     }
 
-    /// Polls with a backoff from 1 ms to 100 ms (Redis has no change notification that Go
-    /// writers trigger); a read that is still in flight at the deadline is abandoned.
+    /// Joins the backend's shared poller (see the [module docs](self#waiting)): the key is
+    /// read at once, then on a backoff from 1 ms to 100 ms, batched with every other waited
+    /// key. A read that is still in flight at the deadline is abandoned; a read that fails
+    /// ends the wait with its error, as a failed `GET` would. Needs a Tokio runtime, where the
+    /// poller runs while anyone waits.
     async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
-        let mut pause = Duration::from_millis(1);
         loop {
-            let read = self.get_state(task_uuid);
-            let state = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, read)
+            let (answer, _interest) = self.watch(task_uuid)?;
+            let answer = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, answer)
                     .await
-                    .map_err(|_| timeout(task_uuid))??,
-                None => read.await?,
+                    .map_err(|_| timeout(task_uuid))?,
+                None => answer.await,
             };
-            if let Some(state) = state {
-                if state.state.is_final() {
-                    return Ok(state);
-                }
+            match answer {
+                Ok(outcome) => return outcome,
+                // The poller ended without answering (its runtime shut down): watch again,
+                // which starts a poller here.
+                Err(_) => continue,
             }
-            let wake = Instant::now() + pause;
-            match deadline {
-                Some(deadline) if deadline <= Instant::now() => return Err(timeout(task_uuid)),
-                Some(deadline) => tokio::time::sleep_until(wake.min(deadline)).await,
-                None => tokio::time::sleep_until(wake).await,
-            }
-            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
