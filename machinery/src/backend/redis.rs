@@ -433,15 +433,20 @@ struct Waiters {
     added: Notify,
 }
 
+/// The waited keys, in slots that the poller's rounds address by index (no hashing per read).
 #[derive(Default)]
 struct WaitTable {
-    keys: HashMap<String, Watched>,
-    /// The keys on each step of [`WAIT_STEPS`]; a key is in the list of its step (and maybe,
-    /// stale, in others: those entries are skipped).
-    steps: [Vec<String>; WAIT_STEPS.len()],
+    /// Key -> slot, for adding and withdrawing waiters.
+    index: HashMap<String, usize>,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// The slots on each step of [`WAIT_STEPS`], as (slot, tag): an entry whose slot was
+    /// freed or reused (another tag), or moved on, is stale and skipped.
+    steps: [Vec<(usize, u64)>; WAIT_STEPS.len()],
     /// When each step was last read.
     read_at: [Option<Instant>; WAIT_STEPS.len()],
-    next_waiter: u64,
+    /// Tags slots as they are filled, and numbers waiters.
+    next_tag: u64,
     /// The running poller's number, if one runs.
     poller: Option<u64>,
     pollers: u64,
@@ -449,13 +454,42 @@ struct WaitTable {
     round: u64,
 }
 
-struct Watched {
+#[derive(Default)]
+struct Slot {
+    key: String,
+    /// Zero while the slot is free.
+    tag: u64,
     step: usize,
     /// The round that last read it.
     round: u64,
     waiters: Vec<(u64, Answer)>,
     /// The value last read, which was not final: the same bytes need no decoding.
     last: Option<Vec<u8>>,
+}
+
+impl WaitTable {
+    /// The slot of a key that is read, if it is still the same one (same tag).
+    fn live(&mut self, slot: usize, tag: u64) -> Option<&mut Slot> {
+        self.slots.get_mut(slot).filter(|s| s.tag == tag)
+    }
+
+    /// Frees a slot, returning its waiters.
+    fn release(&mut self, slot: usize) -> Vec<(u64, Answer)> {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return Vec::new();
+        };
+        let freed = std::mem::take(s);
+        self.index.remove(&freed.key);
+        self.free.push(slot);
+        freed.waiters
+    }
+
+    fn clear(&mut self) {
+        self.index.clear();
+        self.slots.clear();
+        self.free.clear();
+        self.steps = Default::default();
+    }
 }
 
 /// A waiter's interest in a key; dropping it withdraws the interest.
@@ -468,11 +502,15 @@ struct Interest {
 impl Drop for Interest {
     fn drop(&mut self) {
         let mut table = lock(&self.waiters.table);
-        if let Some(watched) = table.keys.get_mut(&self.key) {
-            watched.waiters.retain(|(id, _)| *id != self.id);
-            if watched.waiters.is_empty() {
-                table.keys.remove(&self.key);
-            }
+        let Some(&slot) = table.index.get(&self.key) else {
+            return;
+        };
+        let Some(s) = table.slots.get_mut(slot) else {
+            return;
+        };
+        s.waiters.retain(|(id, _)| *id != self.id);
+        if s.waiters.is_empty() {
+            table.release(slot);
         }
     }
 }
@@ -489,10 +527,15 @@ impl Drop for PollerGuard {
         let mut table = lock(&self.waiters.table);
         if table.poller == Some(self.number) {
             table.poller = None;
-            table.keys.clear();
-            table.steps = Default::default();
+            table.clear();
         }
     }
+}
+
+/// One round's reads: the keys' slots and tags, and the `MGET`s that read them.
+struct Round {
+    slots: Vec<(usize, u64)>,
+    pipe: redis::Pipeline,
 }
 
 impl RedisBackend {
@@ -508,21 +551,32 @@ impl RedisBackend {
         let (id, start) = {
             let mut guard = lock(&self.waiters.table);
             let table = &mut *guard;
-            let id = table.next_waiter;
-            table.next_waiter += 1;
-            match table.keys.get_mut(key) {
-                Some(watched) => watched.waiters.push((id, answer)),
+            table.next_tag += 1;
+            let id = table.next_tag;
+            match table.index.get(key) {
+                Some(&slot) => match table.slots.get_mut(slot) {
+                    Some(s) => s.waiters.push((id, answer)),
+                    None => return Err(self.unexpected_reply("wait")),
+                },
                 None => {
-                    table.keys.insert(
-                        key.to_owned(),
-                        Watched {
-                            step: 0,
-                            round: 0,
-                            waiters: vec![(id, answer)],
-                            last: None,
-                        },
-                    );
-                    table.steps[0].push(key.to_owned());
+                    let filled = Slot {
+                        key: key.to_owned(),
+                        tag: id,
+                        waiters: vec![(id, answer)],
+                        ..Slot::default()
+                    };
+                    let slot = match table.free.pop() {
+                        Some(slot) => slot,
+                        None => {
+                            table.slots.push(Slot::default());
+                            table.slots.len() - 1
+                        }
+                    };
+                    if let Some(s) = table.slots.get_mut(slot) {
+                        *s = filled;
+                    }
+                    table.index.insert(key.to_owned(), slot);
+                    table.steps[0].push((slot, id));
                 }
             }
             let start = table.poller.is_none().then(|| {
@@ -555,14 +609,23 @@ impl RedisBackend {
     async fn poll(self, guard: PollerGuard) {
         debug!(poller = guard.number, "polling Redis for waited results");
         loop {
-            let Some((keys, round)) = self.due_keys(guard.number) else {
+            let Some(round) = self.due(guard.number) else {
                 debug!(poller = guard.number, "no one waits; polling stops");
                 return;
             };
-            if !keys.is_empty() {
-                trace!(keys = keys.len(), round, "reading waited keys");
-                let read = self.mget(&keys, "read task states").await;
-                self.answer(keys, read);
+            if !round.slots.is_empty() {
+                trace!(keys = round.slots.len(), "reading waited keys");
+                let mut conn = self.conn.clone();
+                let read = self
+                    .bounded(
+                        "read task states",
+                        round
+                            .pipe
+                            .query_async::<Vec<Vec<Option<Vec<u8>>>>>(&mut conn),
+                    )
+                    .await
+                    .map(|chunks| chunks.into_iter().flatten().collect());
+                self.answer(round.slots, read);
             }
             let next = self.next_due();
             let added = self.waiters.added.notified();
@@ -580,57 +643,69 @@ impl RedisBackend {
 
     /// The keys to read now (each moved to its next step), or `None`, the poller leaving,
     /// when no one waits.
-    fn due_keys(&self, number: u64) -> Option<(Vec<String>, u64)> {
+    fn due(&self, number: u64) -> Option<Round> {
         let mut guard = lock(&self.waiters.table);
         let table = &mut *guard;
-        if table.keys.is_empty() {
+        if table.index.is_empty() {
             if table.poller == Some(number) {
                 table.poller = None;
             }
-            table.steps = Default::default();
+            table.clear();
             return None;
         }
         let now = Instant::now();
-        table.round += 1;
-        let round = table.round;
-        let due = |step: usize, table: &WaitTable| match table.read_at[step] {
-            None => true,
-            Some(at) => at + WAIT_STEPS[step] <= now,
+        let mut round = Round {
+            slots: Vec::new(),
+            pipe: redis::pipe(),
         };
-        let any_due = (0..WAIT_STEPS.len()).any(|s| !table.steps[s].is_empty() && due(s, table));
-        let mut keys = Vec::new();
-        if !any_due {
-            return Some((keys, round));
+        let due = |step: usize, table: &WaitTable, pause: Duration| {
+            !table.steps[step].is_empty() && table.read_at[step].is_none_or(|at| at + pause <= now)
+        };
+        if !(0..WAIT_STEPS.len()).any(|step| due(step, table, WAIT_STEPS[step])) {
+            return Some(round);
         }
+        table.round += 1;
+        let number = table.round;
+        let mut mget: Option<redis::Cmd> = None;
+        let mut in_mget = 0;
         // From the top step down, so that a key moved up is not read twice. Steps due within
         // half their pause are read with the rest: fewer, larger rounds.
         for step in (0..WAIT_STEPS.len()).rev() {
-            let early = match table.read_at[step] {
-                None => true,
-                Some(at) => at + WAIT_STEPS[step] / 2 <= now,
-            };
-            if table.steps[step].is_empty() || !early {
+            if !due(step, table, WAIT_STEPS[step] / 2) {
                 continue;
             }
             table.read_at[step] = Some(now);
             let next = (step + 1).min(WAIT_STEPS.len() - 1);
-            for key in std::mem::take(&mut table.steps[step]) {
-                match table.keys.get_mut(&key) {
-                    Some(watched) if watched.step == step && watched.round != round => {
-                        watched.step = next;
-                        watched.round = round;
-                        if table.steps[next].is_empty() {
-                            // Its keys were all read just now.
-                            table.read_at[next] = Some(now);
-                        }
-                        table.steps[next].push(key.clone());
-                        keys.push(key);
-                    }
-                    _ => {}
+            for (slot, tag) in std::mem::take(&mut table.steps[step]) {
+                let Some(s) = table.live(slot, tag) else {
+                    continue;
+                };
+                if s.step != step || s.round == number {
+                    continue;
                 }
+                s.step = next;
+                s.round = number;
+                let cmd = mget.get_or_insert_with(|| redis::cmd("MGET"));
+                cmd.arg(s.key.as_str());
+                in_mget += 1;
+                if in_mget == MGET_CHUNK {
+                    if let Some(full) = mget.take() {
+                        round.pipe.add_command(full);
+                    }
+                    in_mget = 0;
+                }
+                if table.steps[next].is_empty() {
+                    // Its keys were all read just now.
+                    table.read_at[next] = Some(now);
+                }
+                table.steps[next].push((slot, tag));
+                round.slots.push((slot, tag));
             }
         }
-        Some((keys, round))
+        if let Some(rest) = mget {
+            round.pipe.add_command(rest);
+        }
+        Some(round)
     }
 
     /// When the next step is due, if any key waits.
@@ -647,62 +722,59 @@ impl RedisBackend {
 
     /// Answers the waiters of the keys that were read final (or undecodable), or of every key
     /// read when the read failed.
-    fn answer(&self, keys: Vec<String>, read: Result<Vec<Option<Vec<u8>>>>) {
+    fn answer(&self, slots: Vec<(usize, u64)>, read: Result<Vec<Option<Vec<u8>>>>) {
         let values = match read {
-            Ok(values) if values.len() == keys.len() => values,
-            Ok(_) => {
-                return self.fail(&keys, &self.unexpected_reply("read task states"));
-            }
-            Err(e) => return self.fail(&keys, &e),
+            Ok(values) if values.len() == slots.len() => values,
+            Ok(_) => return self.fail(&slots, &self.unexpected_reply("read task states")),
+            Err(e) => return self.fail(&slots, &e),
         };
         // Decode outside the lock, skipping values seen (not final) before.
-        let mut unchanged = Vec::with_capacity(keys.len());
+        let mut read = Vec::with_capacity(slots.len());
         {
-            let table = lock(&self.waiters.table);
-            for (key, value) in keys.iter().zip(&values) {
-                let same = match (table.keys.get(key), value) {
-                    (Some(watched), Some(value)) => {
-                        watched.last.as_deref() == Some(value.as_slice())
-                    }
-                    _ => false,
+            let mut table = lock(&self.waiters.table);
+            for (&(slot, tag), value) in slots.iter().zip(values) {
+                let Some(value) = value else { continue };
+                let Some(s) = table.live(slot, tag) else {
+                    continue;
                 };
-                unchanged.push(same);
+                if s.last.as_deref() != Some(value.as_slice()) {
+                    read.push((slot, tag, s.key.clone(), value));
+                }
             }
+        }
+        if read.is_empty() {
+            return;
         }
         let mut finished = Vec::new();
         let mut pending = Vec::new();
-        for ((key, value), same) in keys.into_iter().zip(values).zip(unchanged) {
-            let Some(value) = value else { continue };
-            if same {
-                continue;
-            }
+        for (slot, tag, key, value) in read {
             match decode_state(&key, &value) {
-                Ok(state) if state.state.is_final() => finished.push((key, Ok(state))),
-                Ok(_) => pending.push((key, value)),
-                Err(e) => finished.push((key, Err(e))),
+                Ok(state) if state.state.is_final() => finished.push((slot, tag, Ok(state))),
+                Ok(_) => pending.push((slot, tag, value)),
+                Err(e) => finished.push((slot, tag, Err(e))),
             }
         }
         let mut table = lock(&self.waiters.table);
-        for (key, value) in pending {
-            if let Some(watched) = table.keys.get_mut(&key) {
-                watched.last = Some(value);
+        for (slot, tag, value) in pending {
+            if let Some(s) = table.live(slot, tag) {
+                s.last = Some(value);
             }
         }
-        for (key, outcome) in finished {
-            if let Some(watched) = table.keys.remove(&key) {
-                for (_, answer) in watched.waiters {
+        for (slot, tag, outcome) in finished {
+            if table.live(slot, tag).is_some() {
+                for (_, answer) in table.release(slot) {
                     let _ = answer.send(copy(&outcome));
                 }
             }
         }
     }
 
-    fn fail(&self, keys: &[String], error: &Error) {
-        warn!(keys = keys.len(), error = %error, "cannot read waited results");
+    fn fail(&self, slots: &[(usize, u64)], error: &Error) {
+        warn!(keys = slots.len(), error = %error, "cannot read waited results");
         let mut table = lock(&self.waiters.table);
-        for key in keys {
-            if let Some(watched) = table.keys.remove(key) {
-                for (_, answer) in watched.waiters {
+        for &(slot, tag) in slots {
+            if table.live(slot, tag).is_some() {
+                for (_, answer) in table.release(slot) {
                     let _ = answer.send(Err(Error::new(error.kind(), error.message())));
                 }
             }
