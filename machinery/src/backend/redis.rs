@@ -910,7 +910,9 @@ impl ResultBackend for RedisBackend {
     /// ends the wait with its error, as a failed `GET` would. Needs a Tokio runtime, where the
     /// poller runs while anyone waits.
     async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
-        loop {
+        // The poller ends without answering when its runtime shuts down: watching again
+        // starts one here. A few times at most, in case this runtime is shutting down too.
+        for _ in 0..3 {
             let (answer, _interest) = self.watch(task_uuid)?;
             let answer = match deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, answer)
@@ -918,13 +920,14 @@ impl ResultBackend for RedisBackend {
                     .map_err(|_| timeout(task_uuid))?,
                 None => answer.await,
             };
-            match answer {
-                Ok(outcome) => return outcome,
-                // The poller ended without answering (its runtime shut down): watch again,
-                // which starts a poller here.
-                Err(_) => continue,
+            if let Ok(outcome) = answer {
+                return outcome;
             }
         }
+        Err(Error::new(
+            ErrorKind::Shutdown,
+            format!("waiting for task {task_uuid}: the Redis poller's runtime shut down"),
+        ))
     }
 
     async fn purge_state(&self, task_uuid: &str) -> Result<()> {
