@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::time::Instant;
 
 use crate::backend::ResultBackend;
@@ -76,8 +77,15 @@ impl<O> AsyncResult<O> {
 
     async fn wait(&self, deadline: Option<Instant>) -> Result<O> {
         let backend = self.backend()?;
-        for uuid in &self.prerequisites {
-            let state = backend.wait_final(uuid, deadline).await?;
+        // A chord's members all at once (a backend that polls reads them together), taken in
+        // order: the first failure in the group's order ends the wait.
+        let mut members: FuturesOrdered<_> = self
+            .prerequisites
+            .iter()
+            .map(|uuid| backend.wait_final(uuid, deadline))
+            .collect();
+        while let Some(state) = members.next().await {
+            let state = state?;
             if state.state == State::Failure {
                 return Err(Error::task(state.error));
             }
@@ -136,21 +144,27 @@ impl<O> GroupResult<O> {
         &self.members
     }
 
-    /// Waits for every member; their results in the group's order, or the first failure.
+    /// Waits for every member; their results in the group's order, or the first failure in
+    /// that order. The members are waited for together (a backend that polls reads them in
+    /// batches).
     pub async fn get(&self) -> Result<Vec<O>> {
-        let mut out = Vec::with_capacity(self.members.len());
-        for member in &self.members {
-            out.push(member.get().await?);
-        }
-        Ok(out)
+        self.wait(None).await
     }
 
     /// Like [`get`](Self::get), waiting at most `timeout` in all.
     pub async fn get_timeout(&self, timeout: Duration) -> Result<Vec<O>> {
-        let deadline = Instant::now() + timeout;
+        self.wait(Some(Instant::now() + timeout)).await
+    }
+
+    async fn wait(&self, deadline: Option<Instant>) -> Result<Vec<O>> {
+        let mut members: FuturesOrdered<_> = self
+            .members
+            .iter()
+            .map(|member| member.wait(deadline))
+            .collect();
         let mut out = Vec::with_capacity(self.members.len());
-        for member in &self.members {
-            out.push(member.wait(Some(deadline)).await?);
+        while let Some(result) = members.next().await {
+            out.push(result?);
         }
         Ok(out)
     }

@@ -1457,3 +1457,149 @@ async fn writes_are_one_round_trip() {
         );
     }
 }
+
+// ---- Shared waiting --------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_share_one_batched_poller() {
+    let redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let ids: Vec<String> = (0..500).map(|_| task_uuid()).collect();
+    b.set_states(ids.iter().map(|id| pending(id)).collect())
+        .await
+        .unwrap();
+
+    let before = redis.stat("total_commands_processed");
+    let waiters: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (b, id) = (b.clone(), id.clone());
+            tokio::spawn(async move {
+                b.wait_final(&id, Some(Instant::now() + Duration::from_secs(30)))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let commands = redis.stat("total_commands_processed") - before - 1;
+    // One GET per waiter per poll would be thousands (500 waiters, 1 ms .. 100 ms apart).
+    assert!(
+        commands < 150,
+        "{commands} commands for 500 waiters in 1.5 s"
+    );
+
+    b.set_states(ids.iter().map(|id| success(id)).collect())
+        .await
+        .unwrap();
+    for (id, w) in ids.iter().zip(waiters) {
+        let state = w.await.unwrap().unwrap();
+        assert_eq!((&state.task_uuid, state.state), (id, State::Success));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_waiters_leave_no_traffic_behind() {
+    let redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let ids: Vec<String> = (0..200).map(|_| task_uuid()).collect();
+    let waiters: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (b, id) = (b.clone(), id.clone());
+            tokio::spawn(async move { b.wait_final(&id, None).await })
+        })
+        .collect();
+    // Two waiters on the same task, one with a deadline that passes.
+    let timed_out = b
+        .wait_final(&ids[0], Some(Instant::now() + Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert_eq!(timed_out.kind(), ErrorKind::Timeout);
+    for w in &waiters {
+        w.abort();
+    }
+    for w in waiters {
+        assert!(w.await.unwrap_err().is_cancelled());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = redis.stat("total_commands_processed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = redis.stat("total_commands_processed") - before - 1;
+    assert_eq!(idle, 0, "commands while no one waits");
+
+    // Waiting again starts polling again.
+    b.set_state(success(&ids[1])).await.unwrap();
+    let state = b
+        .wait_final(&ids[1], Some(Instant::now() + Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(state.state, State::Success);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_outlives_the_runtime_that_started_polling() {
+    let b = backend().await;
+    let (first, second) = (task_uuid(), task_uuid());
+    // A waiter in a runtime of its own starts polling there, then that runtime goes away.
+    let (other, id) = (b.clone(), first.clone());
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::spawn(async move { other.wait_final(&id, None).await });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        });
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waiter = {
+        let (b, id) = (b.clone(), second.clone());
+        tokio::spawn(async move {
+            b.wait_final(&id, Some(Instant::now() + Duration::from_secs(20)))
+                .await
+        })
+    };
+    thread.join().unwrap();
+    b.set_state(success(&second)).await.unwrap();
+    let state = waiter.await.unwrap().unwrap();
+    assert_eq!(state.state, State::Success);
+}
+
+#[tokio::test]
+async fn a_waiter_on_an_undecodable_record_gets_a_decode_error() {
+    let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());
+    raw_set(&mut conn, &uuid, "not json").await;
+    let err = b
+        .wait_final(&uuid, Some(Instant::now() + Duration::from_secs(10)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Decode, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_result_waits_for_its_members_in_one_batch() {
+    let redis = common::PrivateRedis::start();
+    let config = Config::builder()
+        .broker(format!("memory://redis-batch-{}", uuid::Uuid::new_v4()))
+        .result_backend(redis.url())
+        .build()
+        .unwrap();
+    let server = Server::new(config).await.unwrap();
+    let worker = server.worker().concurrency(8).spawn().await.unwrap();
+    let group = Group::new((0..300).map(|i| redis_backend_sum::signature(vec![i, 1])));
+    let r = server.send_group(group).await.unwrap();
+    let expected: Vec<i64> = (1..=300).collect();
+    assert_eq!(
+        r.get_timeout(Duration::from_secs(30)).await.unwrap(),
+        expected
+    );
+
+    // Every member is final now: reading them again takes a round trip or two, not 300.
+    let (results, commands) = commands_during(&redis, r.get()).await;
+    assert_eq!(results.unwrap(), expected);
+    let reads =
+        commands.get("mget").copied().unwrap_or(0) + commands.get("get").copied().unwrap_or(0);
+    assert!(reads <= 5, "{commands:?}");
+    worker.shutdown().await.unwrap();
+}

@@ -55,17 +55,21 @@
 //! keys on the same step read together. The poller starts with the first waiter and ends
 //! with the last; dropping a waiting future withdraws its interest.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 
 use super::{timeout, ResultBackend};
 use crate::error::{Error, ErrorKind, Result};
+use crate::lock;
 use crate::wire::{GoTime, GroupMeta, State, TaskState};
 
 /// Go Machinery's `DefaultResultsExpireIn`, used when the configured expiry is zero.
@@ -207,6 +211,8 @@ pub struct RedisBackend {
     display: String,
     write_states_script: Script,
     trigger_chord_script: Script,
+    /// Everyone waiting in [`wait_final`](ResultBackend::wait_final), shared by clones.
+    waiters: Arc<Waiters>,
 }
 
 impl RedisBackend {
@@ -246,6 +252,7 @@ impl RedisBackend {
             display,
             write_states_script: Script::new(WRITE_STATES_LUA),
             trigger_chord_script: Script::new(TRIGGER_CHORD_LUA),
+            waiters: Arc::default(),
         })
     }
 
@@ -402,6 +409,386 @@ impl RedisBackend {
     }
 }
 
+/// How long after its last read a waited key is read again, by step: at once, then 1 ms, 2 ms,
+/// ... 64 ms later, then every 100 ms (the backoff a lone waiter polling `GET` used).
+const WAIT_STEPS: [Duration; 9] = [
+    Duration::ZERO,
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+    Duration::from_millis(32),
+    Duration::from_millis(64),
+    Duration::from_millis(100),
+];
+
+type Answer = oneshot::Sender<Result<TaskState>>;
+
+/// The keys waited on, shared by a backend and its clones, and the poller that reads them.
+#[derive(Default)]
+struct Waiters {
+    table: Mutex<WaitTable>,
+    /// Tells the poller that a key was added.
+    added: Notify,
+}
+
+/// The waited keys, in slots that the poller's rounds address by index (no hashing per read).
+#[derive(Default)]
+struct WaitTable {
+    /// Key -> slot, for adding and withdrawing waiters.
+    index: HashMap<String, usize>,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// The slots on each step of [`WAIT_STEPS`], as (slot, tag): an entry whose slot was
+    /// freed or reused (another tag), or moved on, is stale and skipped.
+    steps: [Vec<(usize, u64)>; WAIT_STEPS.len()],
+    /// When each step was last read.
+    read_at: [Option<Instant>; WAIT_STEPS.len()],
+    /// Tags slots as they are filled, and numbers waiters.
+    next_tag: u64,
+    /// The running poller's number, if one runs.
+    poller: Option<u64>,
+    pollers: u64,
+    /// Counts the poller's rounds.
+    round: u64,
+}
+
+#[derive(Default)]
+struct Slot {
+    key: String,
+    /// Zero while the slot is free.
+    tag: u64,
+    step: usize,
+    /// The round that last read it.
+    round: u64,
+    waiters: Vec<(u64, Answer)>,
+    /// The value last read, which was not final: the same bytes need no decoding.
+    last: Option<Vec<u8>>,
+}
+
+impl WaitTable {
+    /// The slot of a key that is read, if it is still the same one (same tag).
+    fn live(&mut self, slot: usize, tag: u64) -> Option<&mut Slot> {
+        self.slots.get_mut(slot).filter(|s| s.tag == tag)
+    }
+
+    /// Frees a slot, returning its waiters.
+    fn release(&mut self, slot: usize) -> Vec<(u64, Answer)> {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return Vec::new();
+        };
+        let freed = std::mem::take(s);
+        self.index.remove(&freed.key);
+        self.free.push(slot);
+        freed.waiters
+    }
+
+    fn clear(&mut self) {
+        self.index.clear();
+        self.slots.clear();
+        self.free.clear();
+        self.steps = Default::default();
+    }
+}
+
+/// A waiter's interest in a key; dropping it withdraws the interest.
+struct Interest {
+    waiters: Arc<Waiters>,
+    key: String,
+    id: u64,
+}
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        let mut table = lock(&self.waiters.table);
+        let Some(&slot) = table.index.get(&self.key) else {
+            return;
+        };
+        let Some(s) = table.slots.get_mut(slot) else {
+            return;
+        };
+        s.waiters.retain(|(id, _)| *id != self.id);
+        if s.waiters.is_empty() {
+            table.release(slot);
+        }
+    }
+}
+
+/// Ends a poller's watch: when the poller stops without having left cleanly (its runtime shut
+/// down), every waiter's answer is dropped, so the waiters watch again and start a new one.
+struct PollerGuard {
+    waiters: Arc<Waiters>,
+    number: u64,
+}
+
+impl Drop for PollerGuard {
+    fn drop(&mut self) {
+        let mut table = lock(&self.waiters.table);
+        if table.poller == Some(self.number) {
+            table.poller = None;
+            table.clear();
+        }
+    }
+}
+
+/// One round's reads: the keys' slots and tags, and the `MGET`s that read them.
+struct Round {
+    slots: Vec<(usize, u64)>,
+    pipe: redis::Pipeline,
+}
+
+impl RedisBackend {
+    /// Adds a waiter on `key`, starting the poller if none runs.
+    fn watch(&self, key: &str) -> Result<(oneshot::Receiver<Result<TaskState>>, Interest)> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::new(
+                ErrorKind::Unsupported,
+                "waiting for a result in Redis needs a Tokio runtime",
+            )
+        })?;
+        let (answer, receiver) = oneshot::channel();
+        let (id, start) = {
+            let mut guard = lock(&self.waiters.table);
+            let table = &mut *guard;
+            table.next_tag += 1;
+            let id = table.next_tag;
+            match table.index.get(key) {
+                Some(&slot) => match table.slots.get_mut(slot) {
+                    Some(s) => s.waiters.push((id, answer)),
+                    None => return Err(self.unexpected_reply("wait")),
+                },
+                None => {
+                    let filled = Slot {
+                        key: key.to_owned(),
+                        tag: id,
+                        waiters: vec![(id, answer)],
+                        ..Slot::default()
+                    };
+                    let slot = match table.free.pop() {
+                        Some(slot) => slot,
+                        None => {
+                            table.slots.push(Slot::default());
+                            table.slots.len() - 1
+                        }
+                    };
+                    if let Some(s) = table.slots.get_mut(slot) {
+                        *s = filled;
+                    }
+                    table.index.insert(key.to_owned(), slot);
+                    table.steps[0].push((slot, id));
+                }
+            }
+            let start = table.poller.is_none().then(|| {
+                table.pollers += 1;
+                table.poller = Some(table.pollers);
+                table.pollers
+            });
+            (id, start)
+        };
+        let interest = Interest {
+            waiters: self.waiters.clone(),
+            key: key.to_owned(),
+            id,
+        };
+        match start {
+            Some(number) => {
+                let guard = PollerGuard {
+                    waiters: self.waiters.clone(),
+                    number,
+                };
+                runtime.spawn(self.clone().poll(guard));
+            }
+            None => self.waiters.added.notify_one(),
+        }
+        Ok((receiver, interest))
+    }
+
+    /// The poller: reads the keys that are due, answers the waiters of those that are final,
+    /// sleeps until the next step is due or a key is added; ends when no one waits.
+    async fn poll(self, guard: PollerGuard) {
+        debug!(poller = guard.number, "polling Redis for waited results");
+        loop {
+            let Some(round) = self.due(guard.number) else {
+                debug!(poller = guard.number, "no one waits; polling stops");
+                return;
+            };
+            if !round.slots.is_empty() {
+                trace!(keys = round.slots.len(), "reading waited keys");
+                let mut conn = self.conn.clone();
+                let read = self
+                    .bounded(
+                        "read task states",
+                        round
+                            .pipe
+                            .query_async::<Vec<Vec<Option<Vec<u8>>>>>(&mut conn),
+                    )
+                    .await
+                    .map(|chunks| chunks.into_iter().flatten().collect());
+                self.answer(round.slots, read);
+            }
+            let next = self.next_due();
+            let added = self.waiters.added.notified();
+            match next {
+                Some(next) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next) => {}
+                        _ = added => {}
+                    }
+                }
+                None => added.await,
+            }
+        }
+    }
+
+    /// The keys to read now (each moved to its next step), or `None`, the poller leaving,
+    /// when no one waits.
+    fn due(&self, number: u64) -> Option<Round> {
+        let mut guard = lock(&self.waiters.table);
+        let table = &mut *guard;
+        if table.index.is_empty() {
+            if table.poller == Some(number) {
+                table.poller = None;
+            }
+            table.clear();
+            return None;
+        }
+        let now = Instant::now();
+        let mut round = Round {
+            slots: Vec::new(),
+            pipe: redis::pipe(),
+        };
+        let due = |step: usize, table: &WaitTable, pause: Duration| {
+            !table.steps[step].is_empty() && table.read_at[step].is_none_or(|at| at + pause <= now)
+        };
+        if !(0..WAIT_STEPS.len()).any(|step| due(step, table, WAIT_STEPS[step])) {
+            return Some(round);
+        }
+        table.round += 1;
+        let number = table.round;
+        let mut mget: Option<redis::Cmd> = None;
+        let mut in_mget = 0;
+        // From the top step down, so that a key moved up is not read twice. Steps due within
+        // half their pause are read with the rest: fewer, larger rounds.
+        for step in (0..WAIT_STEPS.len()).rev() {
+            if !due(step, table, WAIT_STEPS[step] / 2) {
+                continue;
+            }
+            table.read_at[step] = Some(now);
+            let next = (step + 1).min(WAIT_STEPS.len() - 1);
+            for (slot, tag) in std::mem::take(&mut table.steps[step]) {
+                let Some(s) = table.live(slot, tag) else {
+                    continue;
+                };
+                if s.step != step || s.round == number {
+                    continue;
+                }
+                s.step = next;
+                s.round = number;
+                let cmd = mget.get_or_insert_with(|| redis::cmd("MGET"));
+                cmd.arg(s.key.as_str());
+                in_mget += 1;
+                if in_mget == MGET_CHUNK {
+                    if let Some(full) = mget.take() {
+                        round.pipe.add_command(full);
+                    }
+                    in_mget = 0;
+                }
+                if table.steps[next].is_empty() {
+                    // Its keys were all read just now.
+                    table.read_at[next] = Some(now);
+                }
+                table.steps[next].push((slot, tag));
+                round.slots.push((slot, tag));
+            }
+        }
+        if let Some(rest) = mget {
+            round.pipe.add_command(rest);
+        }
+        Some(round)
+    }
+
+    /// When the next step is due, if any key waits.
+    fn next_due(&self) -> Option<Instant> {
+        let table = lock(&self.waiters.table);
+        (0..WAIT_STEPS.len())
+            .filter(|&step| !table.steps[step].is_empty())
+            .map(|step| match table.read_at[step] {
+                Some(at) => at + WAIT_STEPS[step],
+                None => Instant::now(),
+            })
+            .min()
+    }
+
+    /// Answers the waiters of the keys that were read final (or undecodable), or of every key
+    /// read when the read failed.
+    fn answer(&self, slots: Vec<(usize, u64)>, read: Result<Vec<Option<Vec<u8>>>>) {
+        let values = match read {
+            Ok(values) if values.len() == slots.len() => values,
+            Ok(_) => return self.fail(&slots, &self.unexpected_reply("read task states")),
+            Err(e) => return self.fail(&slots, &e),
+        };
+        // Decode outside the lock, skipping values seen (not final) before.
+        let mut read = Vec::with_capacity(slots.len());
+        {
+            let mut table = lock(&self.waiters.table);
+            for (&(slot, tag), value) in slots.iter().zip(values) {
+                let Some(value) = value else { continue };
+                let Some(s) = table.live(slot, tag) else {
+                    continue;
+                };
+                if s.last.as_deref() != Some(value.as_slice()) {
+                    read.push((slot, tag, s.key.clone(), value));
+                }
+            }
+        }
+        if read.is_empty() {
+            return;
+        }
+        let mut finished = Vec::new();
+        let mut pending = Vec::new();
+        for (slot, tag, key, value) in read {
+            match decode_state(&key, &value) {
+                Ok(state) if state.state.is_final() => finished.push((slot, tag, Ok(state))),
+                Ok(_) => pending.push((slot, tag, value)),
+                Err(e) => finished.push((slot, tag, Err(e))),
+            }
+        }
+        let mut table = lock(&self.waiters.table);
+        for (slot, tag, value) in pending {
+            if let Some(s) = table.live(slot, tag) {
+                s.last = Some(value);
+            }
+        }
+        for (slot, tag, outcome) in finished {
+            if table.live(slot, tag).is_some() {
+                for (_, answer) in table.release(slot) {
+                    let _ = answer.send(copy(&outcome));
+                }
+            }
+        }
+    }
+
+    fn fail(&self, slots: &[(usize, u64)], error: &Error) {
+        warn!(keys = slots.len(), error = %error, "cannot read waited results");
+        let mut table = lock(&self.waiters.table);
+        for &(slot, tag) in slots {
+            if table.live(slot, tag).is_some() {
+                for (_, answer) in table.release(slot) {
+                    let _ = answer.send(Err(Error::new(error.kind(), error.message())));
+                }
+            }
+        }
+    }
+}
+
+fn copy(outcome: &Result<TaskState>) -> Result<TaskState> {
+    match outcome {
+        Ok(state) => Ok(state.clone()),
+        Err(e) => Err(Error::new(e.kind(), e.message())),
+    }
+}
+
 fn backend_error(message: String, e: redis::RedisError) -> Error {
     Error::with_source(ErrorKind::Backend, format!("{message}: {e}"), e)
 }
@@ -517,31 +904,30 @@ impl ResultBackend for RedisBackend {
             .collect()
     }
 
-    /// Polls with a backoff from 1 ms to 100 ms (Redis has no change notification that Go
-    /// writers trigger); a read that is still in flight at the deadline is abandoned.
+    /// Joins the backend's shared poller (see the [module docs](self#waiting)): the key is
+    /// read at once, then on a backoff from 1 ms to 100 ms, batched with every other waited
+    /// key. A read that is still in flight at the deadline is abandoned; a read that fails
+    /// ends the wait with its error, as a failed `GET` would. Needs a Tokio runtime, where the
+    /// poller runs while anyone waits.
     async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let read = self.get_state(task_uuid);
-            let state = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, read)
+        // The poller ends without answering when its runtime shuts down: watching again
+        // starts one here. A few times at most, in case this runtime is shutting down too.
+        for _ in 0..3 {
+            let (answer, _interest) = self.watch(task_uuid)?;
+            let answer = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, answer)
                     .await
-                    .map_err(|_| timeout(task_uuid))??,
-                None => read.await?,
+                    .map_err(|_| timeout(task_uuid))?,
+                None => answer.await,
             };
-            if let Some(state) = state {
-                if state.state.is_final() {
-                    return Ok(state);
-                }
+            if let Ok(outcome) = answer {
+                return outcome;
             }
-            let wake = Instant::now() + pause;
-            match deadline {
-                Some(deadline) if deadline <= Instant::now() => return Err(timeout(task_uuid)),
-                Some(deadline) => tokio::time::sleep_until(wake.min(deadline)).await,
-                None => tokio::time::sleep_until(wake).await,
-            }
-            pause = (pause * 2).min(Duration::from_millis(100));
         }
+        Err(Error::new(
+            ErrorKind::Shutdown,
+            format!("waiting for task {task_uuid}: the Redis poller's runtime shut down"),
+        ))
     }
 
     async fn purge_state(&self, task_uuid: &str) -> Result<()> {
