@@ -54,6 +54,8 @@ pub struct Fault {
     state: Option<State>,
     /// Only publishes to this routing key fail.
     routing_key: Option<String>,
+    /// The call goes through, and only its reply is lost.
+    reply_lost: bool,
 }
 
 impl Fault {
@@ -66,6 +68,7 @@ impl Fault {
             kind: None,
             state: None,
             routing_key: None,
+            reply_lost: false,
         }
     }
 
@@ -110,6 +113,14 @@ impl Fault {
     #[must_use]
     pub fn on_state(mut self, state: State) -> Fault {
         self.state = Some(state);
+        self
+    }
+
+    /// Lets the call reach the backend and loses only its reply (a timeout after the write
+    /// landed). Backend calls only.
+    #[must_use]
+    pub fn reply_lost(mut self) -> Fault {
+        self.reply_lost = true;
         self
     }
 
@@ -178,7 +189,8 @@ pub enum BrokerOp {
     /// A publish is sent, but its confirm is lost: the message is in the queue, the caller
     /// gets an error (as when a connection drops after the broker took the message).
     Confirm,
-    /// `consume` fails, and each armed `next()` of a consumer returns an error.
+    /// `consume` fails; a delivery is lost on its way to the worker (it goes back to the queue
+    /// and comes again, redelivered), as one sitting in a prefetch buffer when a worker stops.
     Consume,
     /// An acknowledgement is lost: the caller sees success, the message stays unsettled and
     /// goes back to the queue when its delivery is dropped.
@@ -191,6 +203,8 @@ struct Faults<Op> {
     calls: HashMap<Op, u64>,
     /// State writes per (task UUID, state).
     writes: HashMap<(String, State), u64>,
+    /// Deliveries carry no count, only the redelivered flag (a classic RabbitMQ queue).
+    classic: bool,
 }
 
 impl<Op> Default for Faults<Op> {
@@ -199,27 +213,33 @@ impl<Op> Default for Faults<Op> {
             armed: HashMap::new(),
             calls: HashMap::new(),
             writes: HashMap::new(),
+            classic: false,
         }
     }
 }
 
 impl<Op: Copy + Eq + std::hash::Hash + fmt::Debug> Faults<Op> {
+    /// `Err` when the call fails; `Ok(Some(err))` when it goes through and its reply is lost.
     fn check(
         &mut self,
         op: Op,
         default: ErrorKind,
         state: Option<State>,
         key: Option<&str>,
-    ) -> Result<()> {
+    ) -> Result<Option<Error>> {
         *self.calls.entry(op).or_default() += 1;
         let Some(fault) = self.armed.get_mut(&op) else {
-            return Ok(());
+            return Ok(None);
         };
         if !fault.strike(state, key) {
-            return Ok(());
+            return Ok(None);
         }
         let kind = fault.kind.unwrap_or(default);
-        Err(Error::new(kind, format!("injected fault: {op:?}")))
+        let error = Error::new(kind, format!("injected fault: {op:?}"));
+        if fault.reply_lost {
+            return Ok(Some(error));
+        }
+        Err(error)
     }
 }
 
@@ -264,7 +284,7 @@ impl FaultyBackend {
             .unwrap_or(0)
     }
 
-    fn check(&self, op: BackendOp, state: Option<&TaskState>) -> Result<()> {
+    fn check(&self, op: BackendOp, state: Option<&TaskState>) -> Result<Option<Error>> {
         let mut faults = lock(&self.faults);
         if let Some(state) = state {
             *faults
@@ -279,30 +299,31 @@ impl FaultyBackend {
 #[async_trait]
 impl ResultBackend for FaultyBackend {
     async fn set_state(&self, state: TaskState) -> Result<()> {
-        self.check(BackendOp::SetState, Some(&state))?;
-        self.inner.set_state(state).await
+        let lost = self.check(BackendOp::SetState, Some(&state))?;
+        lose(lost, self.inner.set_state(state).await)
     }
 
     async fn set_states(&self, states: Vec<TaskState>) -> Result<()> {
+        let mut lost = None;
         for state in &states {
-            self.check(BackendOp::SetState, Some(state))?;
+            lost = lost.or(self.check(BackendOp::SetState, Some(state))?);
         }
-        self.inner.set_states(states).await
+        lose(lost, self.inner.set_states(states).await)
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
-        self.check(BackendOp::GetState, None)?;
-        self.inner.get_state(task_uuid).await
+        let lost = self.check(BackendOp::GetState, None)?;
+        lose(lost, self.inner.get_state(task_uuid).await)
     }
 
     async fn get_states(&self, task_uuids: &[String]) -> Result<Vec<Option<TaskState>>> {
-        self.check(BackendOp::GetState, None)?;
-        self.inner.get_states(task_uuids).await
+        let lost = self.check(BackendOp::GetState, None)?;
+        lose(lost, self.inner.get_states(task_uuids).await)
     }
 
     async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
-        self.check(BackendOp::Transition, Some(&state))?;
-        self.inner.transition(state).await
+        let lost = self.check(BackendOp::Transition, Some(&state))?;
+        lose(lost, self.inner.transition(state).await)
     }
 
     async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
@@ -314,18 +335,26 @@ impl ResultBackend for FaultyBackend {
     }
 
     async fn init_group(&self, group_uuid: &str, task_uuids: &[String]) -> Result<()> {
-        self.check(BackendOp::InitGroup, None)?;
-        self.inner.init_group(group_uuid, task_uuids).await
+        let lost = self.check(BackendOp::InitGroup, None)?;
+        lose(lost, self.inner.init_group(group_uuid, task_uuids).await)
     }
 
     async fn group_meta(&self, group_uuid: &str) -> Result<Option<GroupMeta>> {
-        self.check(BackendOp::GroupMeta, None)?;
-        self.inner.group_meta(group_uuid).await
+        let lost = self.check(BackendOp::GroupMeta, None)?;
+        lose(lost, self.inner.group_meta(group_uuid).await)
     }
 
     async fn trigger_chord(&self, group_uuid: &str) -> Result<bool> {
-        self.check(BackendOp::TriggerChord, None)?;
-        self.inner.trigger_chord(group_uuid).await
+        let lost = self.check(BackendOp::TriggerChord, None)?;
+        lose(lost, self.inner.trigger_chord(group_uuid).await)
+    }
+}
+
+/// The reply of a call that went through, or the error that replaced it.
+fn lose<T>(lost: Option<Error>, reply: Result<T>) -> Result<T> {
+    match lost {
+        Some(error) => Err(error),
+        None => reply,
     }
 }
 
@@ -356,13 +385,22 @@ impl FaultyBroker {
         lock(&self.faults).armed.remove(&op);
     }
 
+    /// Makes deliveries carry no delivery count, only the redelivered flag, as a classic
+    /// RabbitMQ queue does (the embedded broker counts, like a quorum queue).
+    pub fn classic_queue(&self) {
+        lock(&self.faults).classic = true;
+    }
+
     /// How many times `op` was called (failed calls included).
     pub fn calls(&self, op: BrokerOp) -> u64 {
         lock(&self.faults).calls.get(&op).copied().unwrap_or(0)
     }
 
     fn check(faults: &Mutex<Faults<BrokerOp>>, op: BrokerOp, key: Option<&str>) -> Result<()> {
-        lock(faults).check(op, ErrorKind::Broker, None, key)
+        match lock(faults).check(op, ErrorKind::Broker, None, key)? {
+            Some(lost) => Err(lost),
+            None => Ok(()),
+        }
     }
 
     async fn publish_checked(&self, message: Message) -> Result<()> {
@@ -414,13 +452,24 @@ struct FaultyConsumer {
 #[async_trait]
 impl Consumer for FaultyConsumer {
     async fn next(&mut self) -> Option<Result<Delivery>> {
-        let delivery = match self.inner.next().await? {
+        let mut delivery = match self.inner.next().await? {
             Ok(delivery) => delivery,
             Err(e) => return Some(Err(e)),
         };
-        if let Err(e) = FaultyBroker::check(&self.faults, BrokerOp::Consume, None) {
-            // The delivery is dropped unsettled: back to the queue.
-            return Some(Err(e));
+        loop {
+            if FaultyBroker::check(&self.faults, BrokerOp::Consume, None).is_err() {
+                // Dropped unsettled: back to the queue, to be delivered again.
+                drop(delivery);
+                delivery = match self.inner.next().await? {
+                    Ok(delivery) => delivery,
+                    Err(e) => return Some(Err(e)),
+                };
+                continue;
+            }
+            break;
+        }
+        if lock(&self.faults).classic {
+            delivery = delivery.forget_delivery_count();
         }
         Some(Ok(delivery.wrap_acker(|acker| {
             Box::new(FaultyAcker {

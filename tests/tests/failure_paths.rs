@@ -308,6 +308,10 @@ async fn unknown_task_names_never_starve_registered_ones() {
     .await;
     let dead = rig.memory.dead_letters_with_reasons(QUEUE);
     assert!(dead[0].1.contains("not registered"), "{}", dead[0].1);
+    // Recorded as FAILURE, so a producer waiting on one is told.
+    let unknown = wire::Signature::from_json(&dead[0].0).unwrap();
+    let stored = state(&rig.server, &unknown.uuid).await.unwrap();
+    assert_eq!(stored.state, State::Failure);
     worker.shutdown().await.unwrap();
 }
 
@@ -550,4 +554,197 @@ async fn a_partly_refused_batch_says_which_tasks_were_sent() {
     assert_eq!(report.failed[0].0, uuids[2]);
     assert_eq!(report.sent, [&uuids[..2], &uuids[3..]].concat());
     assert_eq!(rig.memory.depth(QUEUE), (4, 0));
+}
+
+static LOST_REPLY_RUNS: AtomicUsize = AtomicUsize::new(0);
+static PREFETCHED_RUNS: AtomicUsize = AtomicUsize::new(0);
+static SKEW_RUNS: AtomicUsize = AtomicUsize::new(0);
+static ACKLESS_ERRBACKS: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+fn fp_lost_reply(a: i64) -> i64 {
+    LOST_REPLY_RUNS.fetch_add(1, Ordering::SeqCst);
+    a
+}
+
+#[task]
+fn fp_prefetched(a: i64) -> i64 {
+    PREFETCHED_RUNS.fetch_add(1, Ordering::SeqCst);
+    a
+}
+
+#[task]
+async fn fp_skew(hang: bool) -> i64 {
+    SKEW_RUNS.fetch_add(1, Ordering::SeqCst);
+    if hang {
+        std::future::pending::<()>().await;
+    }
+    1
+}
+
+#[task]
+fn fp_ackless_errback(#[error_message] message: String) -> String {
+    ACKLESS_ERRBACKS.fetch_add(1, Ordering::SeqCst);
+    message
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_reply_to_received_does_not_make_the_task_a_duplicate() {
+    let rig = rig("lost-reply", |c| c);
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_lost_reply::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    // RECEIVED is written, its reply lost; the retried write then reads that RECEIVED.
+    rig.backend
+        .arm(BackendOp::Transition, Fault::once().reply_lost());
+    let before = LOST_REPLY_RUNS.load(Ordering::SeqCst);
+    let handle = rig.server.send(fp_lost_reply::signature(3)).await.unwrap();
+    assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 3);
+    assert_eq!(LOST_REPLY_RUNS.load(Ordering::SeqCst) - before, 1);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redeliveries_that_never_reached_a_task_are_not_held_against_it() {
+    // A classic queue: redeliveries are flagged, not counted.
+    let rig = rig("prefetched", |c| c.max_deliveries(2));
+    rig.broker.classic_queue();
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_prefetched::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    // The message is lost on its way to the worker three times (a prefetch buffer dropped
+    // by restarts), and never ran: it must still run, once.
+    rig.broker.arm(BrokerOp::Consume, Fault::times(3));
+    let before = PREFETCHED_RUNS.load(Ordering::SeqCst);
+    let handle = rig.server.send(fp_prefetched::signature(4)).await.unwrap();
+    assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 4);
+    assert_eq!(PREFETCHED_RUNS.load(Ordering::SeqCst) - before, 1);
+    assert!(rig.memory.dead_letters(QUEUE).is_empty());
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_classic_queue_a_task_whose_worker_dies_every_time_is_still_bounded() {
+    let rig = rig("classic-dies", |c| c.max_deliveries(2));
+    rig.broker.classic_queue();
+    let before = HANG_RUNS.load(Ordering::SeqCst);
+    let handle = rig.server.send(fp_hang::signature()).await.unwrap();
+    for n in 1..=2 {
+        let worker = rig
+            .server
+            .worker()
+            .tasks([fp_hang::NAME])
+            .spawn()
+            .await
+            .unwrap();
+        eventually("the task started", || {
+            HANG_RUNS.load(Ordering::SeqCst) - before == n
+        })
+        .await;
+        worker.abort();
+        eventually("the delivery is back", || rig.memory.depth(QUEUE).1 == 0).await;
+    }
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_hang::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    eventually("dead-lettered", || {
+        rig.memory.dead_letters(QUEUE).len() == 1
+    })
+    .await;
+    assert_eq!(HANG_RUNS.load(Ordering::SeqCst) - before, 2);
+    let err = handle.get_timeout(WAIT).await.unwrap_err();
+    assert!(err.to_string().contains("delivered"), "{err}");
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivery_that_arrives_early_keeps_its_count() {
+    // The first worker tolerates any clock skew; the second one none.
+    let rig = rig("skew", |c| c.eta_tolerance(Duration::from_secs(60)));
+    let strict = Server::from_parts(
+        Config::builder()
+            .broker("memory://fp-skew")
+            .eta_tolerance(Duration::ZERO)
+            .build()
+            .unwrap(),
+        rig.server.broker().clone(),
+        rig.server.backend().cloned(),
+    );
+    let before = SKEW_RUNS.load(Ordering::SeqCst);
+    let mut sig = fp_skew::signature(true).as_wire().clone();
+    sig.eta = Some((chrono::Utc::now() + chrono::Duration::milliseconds(1500)).into());
+    let uuid = sig.uuid.clone();
+    rig.memory.push_raw(QUEUE, sig.to_json().unwrap());
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_skew::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    eventually("it started", || {
+        SKEW_RUNS.load(Ordering::SeqCst) - before == 1
+    })
+    .await;
+    // It dies mid-run; the redelivery reaches a worker that finds it early.
+    worker.abort();
+    let worker = strict
+        .worker()
+        .tasks([fp_skew::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    // Delayed to its ETA, it must run again (a count lost on the way would make it look like
+    // a duplicate of the first run and be dropped).
+    eventually("it ran again", || {
+        SKEW_RUNS.load(Ordering::SeqCst) - before == 2
+    })
+    .await;
+    let stored = state(&rig.server, &uuid).await.unwrap();
+    assert_eq!(stored.state, State::Started);
+    worker.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_task_dead_lettered_after_lost_acks_keeps_its_success() {
+    let rig = rig("ackless", |c| c.max_deliveries(2));
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_good::NAME, fp_ackless_errback::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    rig.broker.arm(BrokerOp::Ack, Fault::times(2));
+    let errbacks = ACKLESS_ERRBACKS.load(Ordering::SeqCst);
+    let handle = rig
+        .server
+        .send(fp_good::signature(9).on_error(fp_ackless_errback::signature()))
+        .await
+        .unwrap();
+    let uuid = handle.task_uuid().to_owned();
+    assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 9);
+    eventually("dead-lettered", || {
+        rig.memory.dead_letters(QUEUE).len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        state(&rig.server, &uuid).await.unwrap().state,
+        State::Success
+    );
+    assert_eq!(ACKLESS_ERRBACKS.load(Ordering::SeqCst), errbacks);
+    worker.shutdown().await.unwrap();
 }

@@ -109,6 +109,9 @@ const MAX_HOP_MS: u64 = 2_147_483_647;
 /// connection is lost before its confirm comes (or its delay queue was deleted).
 const PUBLISH_ATTEMPTS: u32 = 5;
 
+/// How long a message the dead-letter queue refused waits before it goes back to the queue.
+const DEAD_LETTER_RETRY_PAUSE: Duration = Duration::from_secs(5);
+
 /// How many publishes [`Broker::publish_many`] keeps unconfirmed at once.
 const CONFIRM_WINDOW: usize = 512;
 
@@ -1254,9 +1257,17 @@ impl Acker for AmqpAcker {
                 Err(e) => {
                     // Keep the message: declare the dead-letter queue again next time (it may
                     // have been deleted) and let the broker deliver the message again.
-                    error!(error = %e, "cannot move a message to the dead-letter queue; requeueing it");
+                    // After a pause: a dead-letter queue that keeps refusing must not make the
+                    // message spin through the worker.
+                    error!(error = %e, pause = ?DEAD_LETTER_RETRY_PAUSE, "cannot move a message to the dead-letter queue; handing it back after a pause");
                     lock(&self.broker.declared).remove(&AmqpBroker::dead_letter_queue(&self.queue));
-                    self.send(Settle::Reject(self.tag, true));
+                    if !self.settled.swap(true, Ordering::AcqRel) {
+                        let (acks, tag) = (self.acks.clone(), self.tag);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(DEAD_LETTER_RETRY_PAUSE).await;
+                            let _ = acks.send(Settle::Reject(tag, true));
+                        });
+                    }
                     return Err(e);
                 }
             },

@@ -155,6 +155,13 @@ impl Delivery {
         self
     }
 
+    /// The same delivery as a broker that does not count would hand it out.
+    #[cfg(feature = "testing")]
+    pub(crate) fn forget_delivery_count(mut self) -> Delivery {
+        self.delivery_count = None;
+        self
+    }
+
     /// How many times the broker delivered this message before, if it counts; `None` when it
     /// only knows [`redelivered`](Self::redelivered).
     pub fn delivery_count(&self) -> Option<u32> {

@@ -12,9 +12,13 @@
 //!   missing (follow-ups, the chord callback, error callbacks), from the stored results;
 //! - anything else runs.
 //!
-//! Follow-ups are checked before the task's final state is stored, and their UUIDs are fixed
-//! (derived from the task's own when a producer left them empty), so sending them again sends
-//! the same messages.
+//! Success callbacks are encoded and checked before SUCCESS is stored (one that can never be
+//! sent makes the task a FAILURE instead); every follow-up's UUID is fixed (derived from the
+//! task's own when a producer left it empty), so sending it again sends the same task.
+//!
+//! A delivery that is counted (see [`policy`](super::policy)) but whose previous delivery never
+//! reached the task (it sat in a prefetch buffer when a worker restarted) is not held against
+//! the message: the stored state, not the broker's flag, says whether a body ran.
 
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
@@ -24,9 +28,7 @@ use chrono::Utc;
 use futures_util::FutureExt as _;
 use tracing::{debug, error, warn, Instrument as _};
 
-use super::policy::{
-    carried_attempts, Attempt, Outcome, Settlement, ATTEMPTS_HEADER, LAST_ERROR_HEADER,
-};
+use super::policy::{Attempt, Outcome, Settlement, ATTEMPTS_HEADER, LAST_ERROR_HEADER};
 use super::Ctx;
 use crate::broker::{Delivery, Message};
 use crate::error::{Error, Result};
@@ -74,11 +76,11 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery) {
     );
     async move {
         if let Some(settlement) = ctx.policy.exhausted(attempt) {
-            return settle(ctx, delivery, Some(signature), settlement).await;
+            return settle(ctx, delivery, Some(signature), attempt, settlement).await;
         }
         let outcome = handle(ctx, signature, attempt).await;
         let settlement = ctx.policy.decide(outcome, attempt);
-        settle(ctx, delivery, None, settlement).await;
+        settle(ctx, delivery, None, attempt, settlement).await;
     }
     .instrument(span)
     .await;
@@ -86,9 +88,9 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery) {
 
 /// A message that is no task at all: settled without a signature.
 async fn poison(ctx: &Ctx, delivery: Delivery, reason: String) {
-    let attempt = Attempt::of_unknown(&delivery);
+    let attempt = Attempt::by_broker(&delivery, 0);
     let settlement = ctx.policy.decide(Outcome::Poison(reason), attempt);
-    settle(ctx, delivery, None, settlement).await;
+    settle(ctx, delivery, None, attempt, settlement).await;
 }
 
 async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt) -> Outcome {
@@ -106,15 +108,16 @@ async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt) -> Outcome {
         debug!(?wait, "message arrived before its ETA; delaying it again");
         return Outcome::Early(wait);
     }
-    if attempt.uncounted {
-        debug!("redelivered by a broker that does not count deliveries; counting it first");
-        return Outcome::Checkpoint;
-    }
-    let previous = match ctx.store.transition(&signature, State::Received).await {
-        Ok(previous) => previous,
+    let (previous, retried) = match ctx.store.transition(&signature, State::Received).await {
+        Ok(found) => found,
         Err(e) => return Outcome::Failed(e),
     };
-    match previous.as_ref().map(|s| s.state) {
+    let stored = match previous.as_ref().map(|s| s.state) {
+        // A retried write may have landed the first time: the RECEIVED we read can be our own.
+        Some(State::Received) if retried => None,
+        stored => stored,
+    };
+    match stored {
         Some(State::Received | State::Started | State::Success | State::Failure)
             if attempt.is_first() =>
         {
@@ -126,7 +129,13 @@ async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt) -> Outcome {
             let previous = previous.unwrap_or_default();
             outcome_of(complete(ctx, signature, previous).await)
         }
-        _ => outcome_of(execute(ctx, task, signature).await),
+        Some(State::Received | State::Started) if attempt.uncounted => {
+            // A worker got this far with it before and the broker did not count: count it
+            // before running it again.
+            debug!("redelivered after it started, by a broker that does not count deliveries; counting it first");
+            Outcome::Checkpoint
+        }
+        _ => execute(ctx, task, signature).await,
     }
 }
 
@@ -137,23 +146,30 @@ fn outcome_of(result: Result<()>) -> Outcome {
     }
 }
 
-/// Runs the task and records its outcome; an error means the outcome could not be recorded or
-/// its follow-ups not sent.
-async fn execute(ctx: &Ctx, task: &'static TaskDescriptor, mut signature: Signature) -> Result<()> {
-    ctx.store
-        .set(&signature, State::Started, None, String::new())
-        .await?;
+/// Runs the task and records its outcome. `Failed`: the outcome could not be recorded or its
+/// follow-ups not sent.
+async fn execute(ctx: &Ctx, task: &'static TaskDescriptor, mut signature: Signature) -> Outcome {
+    // STARTED with a transition too: another copy may have finished meanwhile.
+    match ctx.store.transition(&signature, State::Started).await {
+        Ok((Some(previous), _)) if previous.state.is_final() => {
+            warn!(state = %previous.state, "another copy of this task finished meanwhile; not running it");
+            return Outcome::Duplicate;
+        }
+        Ok(_) => {}
+        Err(e) => return Outcome::Failed(e),
+    }
     // A task that may be retried keeps its arguments for the retry.
     let args = if signature.retry_count > 0 {
         signature.args.clone()
     } else {
         std::mem::take(&mut signature.args)
     };
-    match run(task, args).await {
+    let recorded = match run(task, args).await {
         Ok(results) => succeeded(ctx, signature, results).await,
         // Failures are the rare path: keep their state out of every task's future.
         Err(err) => Box::pin(failed(ctx, signature, err)).await,
-    }
+    };
+    outcome_of(recorded)
 }
 
 async fn run(task: &'static TaskDescriptor, args: Vec<Arg>) -> TaskOutcome {
@@ -194,24 +210,28 @@ enum Final {
 
 async fn succeeded(ctx: &Ctx, signature: Signature, results: Vec<TaskResult>) -> Result<()> {
     debug!(results = results.len(), "task succeeded");
-    // Check the follow-ups before the result is stored: one that can never be sent makes the
-    // task a FAILURE now, instead of a SUCCESS whose chain silently stops.
-    let callbacks = success_callbacks(&signature, &results);
-    for callback in &callbacks {
-        if let Err(e) = ctx.server.prepare(callback.clone()) {
-            let message = unsendable(callback, &e);
-            return Box::pin(failed(ctx, signature, TaskError::permanent(message))).await;
+    // Encode and check the success callbacks before the result is stored: one that can never
+    // be sent makes the task a FAILURE now, instead of a SUCCESS whose chain silently stops.
+    let mut outgoing = Vec::with_capacity(signature.on_success.len());
+    for callback in success_callbacks(&signature, &results) {
+        match Outgoing::prepare(ctx, callback) {
+            Ok(prepared) => outgoing.push(prepared),
+            Err(message) => {
+                return Box::pin(failed(ctx, signature, TaskError::permanent(message))).await;
+            }
         }
     }
     ctx.store
-        .set(
-            &signature,
-            State::Success,
-            Some(results.clone()),
-            String::new(),
-        )
+        .set(&signature, State::Success, Some(&results), String::new())
         .await?;
-    Box::pin(follow_up(ctx, signature, Final::Success(results), false)).await
+    Box::pin(follow_up(
+        ctx,
+        signature,
+        Final::Success(results),
+        false,
+        Some(outgoing),
+    ))
+    .await
 }
 
 async fn failed(ctx: &Ctx, mut signature: Signature, err: TaskError) -> Result<()> {
@@ -267,13 +287,8 @@ async fn failed(ctx: &Ctx, mut signature: Signature, err: TaskError) -> Result<(
     ctx.store
         .set(&signature, State::Failure, None, err.message().to_owned())
         .await?;
-    follow_up(
-        ctx,
-        signature,
-        Final::Failure(err.message().to_owned()),
-        false,
-    )
-    .await
+    let message = err.message().to_owned();
+    follow_up(ctx, signature, Final::Failure(message), false, None).await
 }
 
 /// After a redelivery of a finished task: sends what may not have been sent.
@@ -282,12 +297,19 @@ async fn complete(ctx: &Ctx, signature: Signature, stored: TaskState) -> Result<
         State::Success => Final::Success(stored.results.unwrap_or_default()),
         _ => Final::Failure(stored.error),
     };
-    follow_up(ctx, signature, done, true).await
+    follow_up(ctx, signature, done, true, None).await
 }
 
-/// Sends a finished task's follow-ups: the chord step, then the success or error callbacks.
-/// `again`: they may have been sent before (a redelivery).
-async fn follow_up(ctx: &Ctx, mut signature: Signature, done: Final, again: bool) -> Result<()> {
+/// Sends a finished task's follow-ups: the chord step, then the success or error callbacks
+/// (`outgoing`, when the caller already prepared them). `again`: they may have been sent before
+/// (a redelivery).
+async fn follow_up(
+    ctx: &Ctx,
+    mut signature: Signature,
+    done: Final,
+    again: bool,
+    outgoing: Option<Vec<Outgoing>>,
+) -> Result<()> {
     if signature.chord_callback.is_some() {
         let error = match &done {
             Final::Success(_) => None,
@@ -295,39 +317,119 @@ async fn follow_up(ctx: &Ctx, mut signature: Signature, done: Final, again: bool
         };
         Box::pin(finish_group_member(ctx, &signature, error, again)).await?;
     }
-    let callbacks = match &done {
-        Final::Success(results) => success_callbacks(&signature, results),
-        Final::Failure(message) => error_callbacks(&signature, message),
+    let callbacks = match (outgoing, &done) {
+        (Some(outgoing), _) => outgoing.into_iter().map(Ok).collect(),
+        (None, Final::Success(results)) => success_callbacks(&signature, results)
+            .into_iter()
+            .map(|callback| Outgoing::prepare(ctx, callback))
+            .collect(),
+        (None, Final::Failure(message)) => error_callbacks(&signature, message)
+            .into_iter()
+            .map(|callback| Outgoing::prepare(ctx, callback))
+            .collect::<Vec<_>>(),
     };
     for callback in callbacks {
-        match send(ctx, callback.clone()).await {
-            Ok(()) => {}
-            Err(e) if e.is_permanent() => {
-                let message = unsendable(&callback, &e);
-                if let Final::Success(_) = done {
-                    // The result is stored, but the chain cannot go on: the task fails, as if
-                    // the check before storing had caught it.
-                    error!(error = %message, "a follow-up cannot be sent; the task fails");
-                    ctx.store
-                        .set(&signature, State::Failure, None, message.clone())
-                        .await?;
-                    signature.chord_callback = None;
-                    return Box::pin(follow_up(ctx, signature, Final::Failure(message), again))
-                        .await;
-                }
-                error!(error = %message, "an error callback cannot be sent; dropping it");
-            }
-            Err(e) => return Err(e),
+        let sent = match callback {
+            Ok(callback) => callback.send(ctx).await,
+            Err(message) => Err(SendError::Unsendable(message)),
+        };
+        let message = match sent {
+            Ok(()) => continue,
+            Err(SendError::Unsendable(message)) => message,
+            Err(SendError::Transient(e)) => return Err(e),
+        };
+        if let Final::Success(_) = done {
+            // The result is stored, but the chain cannot go on: the task fails, as if the check
+            // before storing had caught it.
+            error!(error = %message, "a follow-up cannot be sent; the task fails");
+            ctx.store
+                .set(&signature, State::Failure, None, message.clone())
+                .await?;
+            signature.chord_callback = None;
+            return Box::pin(follow_up(
+                ctx,
+                signature,
+                Final::Failure(message),
+                again,
+                None,
+            ))
+            .await;
         }
+        error!(error = %message, "an error callback cannot be sent; dropping it");
     }
     Ok(())
 }
 
-fn unsendable(callback: &Signature, e: &Error) -> String {
+/// A follow-up encoded and checked, ready to be recorded as PENDING and published.
+struct Outgoing {
+    name: String,
+    uuid: String,
+    message: Message,
+    pending: TaskState,
+}
+
+/// Why a follow-up was not sent.
+enum SendError {
+    /// It can never be sent as it is: the message says why.
+    Unsendable(String),
+    /// The store or the broker failed; trying again may work.
+    Transient(Error),
+}
+
+impl Outgoing {
+    /// Encodes and checks `callback`; the error says why it can never be sent.
+    fn prepare(ctx: &Ctx, callback: Signature) -> std::result::Result<Outgoing, String> {
+        let (name, uuid) = (callback.name.clone(), callback.uuid.clone());
+        match ctx.server.prepare(callback) {
+            Ok((message, pending)) => Ok(Outgoing {
+                name,
+                uuid,
+                message,
+                pending,
+            }),
+            Err(e) => Err(unsendable(&name, &uuid, &e)),
+        }
+    }
+
+    /// Records PENDING (retried through a store outage, like the worker's own writes) and
+    /// publishes, as [`Server::send_wire`](crate::Server::send_wire) does.
+    async fn send(self, ctx: &Ctx) -> std::result::Result<(), SendError> {
+        let pending = self.pending;
+        ctx.store
+            .call("record a follow-up as PENDING", |b| {
+                b.set_state(pending.clone())
+            })
+            .await
+            .map_err(SendError::Transient)?;
+        match ctx.server.broker().publish(self.message).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_permanent() => Err(SendError::Unsendable(unsendable(
+                &self.name, &self.uuid, &e,
+            ))),
+            Err(e) => Err(SendError::Transient(e)),
+        }
+    }
+}
+
+/// Sends one follow-up; an error that can never be cured keeps a permanent kind.
+async fn send(ctx: &Ctx, signature: Signature) -> Result<()> {
+    let outgoing = Outgoing::prepare(ctx, signature)
+        .map_err(|message| SendError::Unsendable(message).into_error())?;
+    outgoing.send(ctx).await.map_err(SendError::into_error)
+}
+
+impl SendError {
+    fn into_error(self) -> Error {
+        match self {
+            SendError::Unsendable(message) => Error::new(crate::ErrorKind::Encode, message),
+            SendError::Transient(e) => e,
+        }
+    }
+}
+
+fn unsendable(name: &str, uuid: &str, e: &Error) -> String {
     format!(
-        "follow-up task `{}` ({}) cannot be sent: {}",
-        callback.name,
-        callback.uuid,
+        "follow-up task `{name}` ({uuid}) cannot be sent: {}",
         e.message()
     )
 }
@@ -424,8 +526,21 @@ async fn finish_group_member(
         warn!(group = %group, "this task is not a member of the group it names; ignoring its chord");
         return Ok(());
     }
-    // One batched read of every member (Go's GroupCompleted reads them with one MGET too:
-    // v2/backends/redis/goredis.go, getStates).
+    // Go's GroupCompleted reads every member with one MGET on each finish
+    // (v2/backends/redis/redis.go, getStates): quadratic in the group's size. A small sample
+    // first (the last members in group order, which finish last when the queue is drained in
+    // order, and a spread of others): while one of them is unfinished, so is the group.
+    if meta.task_uuids.len() > 2 * CHORD_PROBE {
+        let probe = chord_probe(&meta.task_uuids, &signature.uuid);
+        let sampled = backend.get_states(&probe).await?;
+        if !sampled
+            .iter()
+            .all(|s| s.as_ref().is_some_and(|s| s.state.is_final()))
+        {
+            return Ok(());
+        }
+    }
+    // Then one batched read of every member.
     let mut states = Vec::with_capacity(meta.task_uuids.len());
     for state in backend.get_states(&meta.task_uuids).await? {
         match state {
@@ -465,16 +580,23 @@ async fn finish_group_member(
     send(ctx, callback).await
 }
 
-/// Sends a follow-up as [`Server::send_wire`](crate::Server::send_wire) does (PENDING, then
-/// publish), with the PENDING write retried through a store outage like the worker's own.
-async fn send(ctx: &Ctx, signature: Signature) -> Result<()> {
-    let (message, pending) = ctx.server.prepare(signature)?;
-    ctx.store
-        .call("record a follow-up as PENDING", |b| {
-            b.set_state(pending.clone())
-        })
-        .await?;
-    ctx.server.broker().publish(message).await
+/// How many members a finishing chord member samples from each end of its group.
+const CHORD_PROBE: usize = 16;
+
+/// The members a finishing chord member checks first: the last [`CHORD_PROBE`] in group order
+/// and [`CHORD_PROBE`] others spread from a point that depends on the finishing member.
+fn chord_probe(members: &[String], finished: &str) -> Vec<String> {
+    let n = members.len();
+    let seed = finished.bytes().fold(0usize, |h, b| {
+        h.wrapping_mul(31).wrapping_add(usize::from(b))
+    });
+    let step = (n / CHORD_PROBE).max(1);
+    let spread = (0..CHORD_PROBE).map(|i| (seed.wrapping_add(i * step)) % n);
+    let tail = n.saturating_sub(CHORD_PROBE)..n;
+    let mut picked: Vec<usize> = tail.chain(spread).collect();
+    picked.sort_unstable();
+    picked.dedup();
+    picked.into_iter().map(|i| members[i].clone()).collect()
 }
 
 fn string_arg(message: &str) -> Arg {
@@ -511,6 +633,7 @@ async fn settle(
     ctx: &Ctx,
     delivery: Delivery,
     signature: Option<Signature>,
+    attempt: Attempt,
     settlement: Settlement,
 ) {
     match settlement {
@@ -519,7 +642,10 @@ async fn settle(
             delay,
             attempted,
             last_error,
-        } => republish(ctx, delivery, signature, delay, attempted, last_error).await,
+        } => {
+            let carried = attempt.previous() + u32::from(attempted);
+            republish(ctx, delivery, signature, delay, carried, last_error).await;
+        }
         Settlement::DeadLetter {
             reason,
             record_failure,
@@ -535,23 +661,23 @@ async fn settle(
     }
 }
 
-/// Sends the message again (with its attempts counted) and acknowledges this delivery; if the
-/// broker does not take it, hands the delivery back after a pause instead.
+/// Sends the message again, carrying `carried` earlier deliveries, and acknowledges this
+/// delivery. If the broker does not take it now, hands the delivery back after a pause; if it
+/// never can, dead-letters it.
 async fn republish(
     ctx: &Ctx,
     delivery: Delivery,
     signature: Option<Signature>,
     delay: Duration,
-    attempted: bool,
+    carried: u32,
     last_error: Option<String>,
 ) {
     let message = match signature.map_or_else(|| Signature::from_json(delivery.body()), Ok) {
         Ok(mut signature) => {
-            if attempted {
-                let attempts = carried_attempts(&signature).saturating_add(1);
+            if carried > 0 {
                 signature
                     .headers
-                    .insert(ATTEMPTS_HEADER.to_owned(), attempts.into());
+                    .insert(ATTEMPTS_HEADER.to_owned(), carried.into());
             }
             if let Some(last_error) = last_error {
                 signature
@@ -594,24 +720,32 @@ async fn republish(
     }
 }
 
-/// Dead-letters the delivery; with the signature, first records it as FAILURE with the reason
-/// (once, without waiting out an outage: the store may be why the message is dead) and sends
-/// its error callbacks.
+/// Dead-letters the delivery. With the signature, and once the message is in the dead-letter
+/// queue, records the task as FAILURE with the reason and sends its error callbacks, unless it
+/// is already SUCCESS or FAILURE (a finished task keeps its outcome, and a message that comes
+/// back after a failed move does not send its callbacks twice). The store is tried once, not
+/// through an outage: it may be why the message is dead.
 async fn dead_letter(ctx: &Ctx, delivery: Delivery, signature: Option<Signature>, reason: String) {
-    if let Some(signature) = signature {
-        let finish = async {
-            if let Some(backend) = ctx.store.backend() {
-                let state =
-                    super::store::task_state(&signature, State::Failure, None, reason.clone());
-                backend.set_state(state).await?;
-            }
-            follow_up(ctx, signature, Final::Failure(reason.clone()), true).await
-        };
-        if let Err(e) = Box::pin(finish).await {
-            warn!(error = %e, "cannot record the dead-lettered task as FAILURE");
-        }
+    if let Err(e) = delivery.dead_letter(reason.clone()).await {
+        // The broker hands it back (after a pause); it is recorded when the move succeeds.
+        warn!(error = %e, "settling the message with the broker failed");
+        return;
     }
-    log_settle(delivery.dead_letter(reason).await);
+    let (Some(signature), Some(backend)) = (signature, ctx.store.backend()) else {
+        return;
+    };
+    let finish = async {
+        let stored = backend.get_state(&signature.uuid).await?;
+        if stored.is_some_and(|s| s.state.is_final()) {
+            return Ok(());
+        }
+        let state = super::store::task_state(&signature, State::Failure, None, reason.clone());
+        backend.set_state(state).await?;
+        follow_up(ctx, signature, Final::Failure(reason.clone()), true, None).await
+    };
+    if let Err(e) = Box::pin(finish).await {
+        warn!(error = %e, "cannot record the dead-lettered task as FAILURE");
+    }
 }
 
 fn log_settle(result: Result<()>) {

@@ -42,7 +42,11 @@ impl Attempt {
     /// Counts the deliveries before this one: those carried in the signature, plus the
     /// broker's count (or 1 if it only says the message was redelivered).
     pub(crate) fn of(delivery: &Delivery, signature: &Signature) -> Attempt {
-        let carried = carried_attempts(signature);
+        Attempt::by_broker(delivery, carried_attempts(signature))
+    }
+
+    /// The attempt, given the deliveries `carried` in the message itself.
+    pub(crate) fn by_broker(delivery: &Delivery, carried: u32) -> Attempt {
         let by_broker = delivery
             .delivery_count()
             .unwrap_or(u32::from(delivery.redelivered()));
@@ -52,15 +56,9 @@ impl Attempt {
         }
     }
 
-    /// The attempt of a message that is not a signature (no carried count).
-    pub(crate) fn of_unknown(delivery: &Delivery) -> Attempt {
-        let by_broker = delivery
-            .delivery_count()
-            .unwrap_or(u32::from(delivery.redelivered()));
-        Attempt {
-            number: by_broker.saturating_add(1),
-            uncounted: false,
-        }
+    /// The deliveries before this one (what a republished copy carries).
+    pub(crate) fn previous(self) -> u32 {
+        self.number - 1
     }
 
     /// Whether no delivery of this message came before.
@@ -152,9 +150,10 @@ impl SettlePolicy {
                 attempted: false,
                 last_error: None,
             },
+            // The delivery that ran before is what gets counted: this one did not run.
             Outcome::Checkpoint => Settlement::Republish {
                 delay: Duration::ZERO,
-                attempted: true,
+                attempted: false,
                 last_error: Some("redelivered by the broker".to_owned()),
             },
             Outcome::Poison(reason) => Settlement::DeadLetter {
@@ -166,7 +165,7 @@ impl SettlePolicy {
                     "task not registered on the workers that received it ({} deliveries)",
                     attempt.number
                 ),
-                record_failure: false,
+                record_failure: true,
             },
             Outcome::Unregistered => Settlement::Republish {
                 delay: self.backoff_for(attempt),

@@ -54,48 +54,57 @@ impl Store {
         F: Fn(&'a Arc<dyn ResultBackend>) -> Fut,
         Fut: std::future::Future<Output = Result<T>> + 'a,
     {
+        Ok(self.call_counted(what, op).await?.map(|(value, _)| value))
+    }
+
+    /// Like [`call`](Self::call); also says whether `op` failed before it succeeded (so a
+    /// write may have landed twice).
+    async fn call_counted<'a, T, F, Fut>(&'a self, what: &str, op: F) -> Result<Option<(T, bool)>>
+    where
+        F: Fn(&'a Arc<dyn ResultBackend>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + 'a,
+    {
         let Some(backend) = &self.backend else {
             return Ok(None);
         };
         let started = Instant::now();
         let mut pause = FIRST_PAUSE;
+        let mut retried = false;
         loop {
             match op(backend).await {
                 Ok(value) => {
-                    self.up.send_if_modified(|up| {
-                        let was_down = !*up;
-                        if was_down {
-                            info!("the result store is reachable again; resuming");
-                        }
-                        *up = true;
-                        was_down
-                    });
-                    return Ok(Some(value));
+                    self.mark(true, None, what);
+                    return Ok(Some((value, retried)));
                 }
                 Err(e) if e.is_retryable() && started.elapsed() + pause < self.retry_timeout => {
-                    self.up.send_if_modified(|up| {
-                        let was_up = *up;
-                        if was_up {
-                            warn!(error = %e, what, "the result store is unreachable; taking no new messages until it is back");
-                        }
-                        *up = false;
-                        was_up
-                    });
+                    self.mark(false, Some(&e), what);
+                    retried = true;
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(MAX_PAUSE);
                 }
                 Err(e) => {
                     // Giving up hands the message to the settle policy; the next delivery
                     // probes the store again (a gate left closed would never reopen).
-                    self.up.send_if_modified(|up| {
-                        let was_down = !*up;
-                        *up = true;
-                        was_down
-                    });
+                    self.mark(true, None, what);
                     return Err(e);
                 }
             }
         }
+    }
+
+    /// Opens or closes the gate, logging the change.
+    fn mark(&self, up: bool, error: Option<&crate::Error>, what: &str) {
+        self.up.send_if_modified(|current| {
+            if *current == up {
+                return false;
+            }
+            match error {
+                Some(e) => warn!(error = %e, what, "the result store is unreachable; taking no new messages until it is back"),
+                None => info!("the result store is reachable again; resuming"),
+            }
+            *current = up;
+            true
+        });
     }
 
     /// Records `state` for `signature` (retried through an outage).
@@ -103,26 +112,34 @@ impl Store {
         &self,
         signature: &Signature,
         state: State,
-        results: Option<Vec<TaskResult>>,
+        results: Option<&[TaskResult]>,
         error: String,
     ) -> Result<()> {
-        let record = task_state(signature, state, results, error);
-        self.call("store task state", |b| b.set_state(record.clone()))
-            .await
-            .map(|_| ())
+        self.call("store task state", |b| {
+            b.set_state(task_state(
+                signature,
+                state,
+                results.map(<[TaskResult]>::to_vec),
+                error.clone(),
+            ))
+        })
+        .await
+        .map(|_| ())
     }
 
-    /// Records `state` and returns the state stored before (`None` without a backend).
+    /// Records `state` and returns the state stored before (`None` without a backend), and
+    /// whether the write was tried more than once (the state read may then be this write's).
     pub(crate) async fn transition(
         &self,
         signature: &Signature,
         state: State,
-    ) -> Result<Option<TaskState>> {
-        let record = task_state(signature, state, None, String::new());
-        Ok(self
-            .call("store task state", |b| b.transition(record.clone()))
-            .await?
-            .flatten())
+    ) -> Result<(Option<TaskState>, bool)> {
+        let found = self
+            .call_counted("store task state", |b| {
+                b.transition(task_state(signature, state, None, String::new()))
+            })
+            .await?;
+        Ok(found.map_or((None, false), |(previous, retried)| (previous, retried)))
     }
 }
 
