@@ -611,7 +611,7 @@ async fn a_lost_reply_to_received_does_not_make_the_task_a_duplicate() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redeliveries_that_never_reached_a_task_are_not_held_against_it() {
     // A classic queue: redeliveries are flagged, not counted.
-    let rig = rig("prefetched", |c| c.max_deliveries(2));
+    let rig = rig("prefetched", |c| c.max_deliveries(1));
     rig.broker.classic_queue();
     let worker = rig
         .server

@@ -643,7 +643,7 @@ async fn settle(
             attempted,
             last_error,
         } => {
-            let carried = attempt.previous() + u32::from(attempted);
+            let carried = attempt.carried(attempted);
             republish(ctx, delivery, signature, delay, carried, last_error).await;
         }
         Settlement::DeadLetter {

@@ -32,38 +32,41 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Which delivery of a message this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Attempt {
-    /// 1 for the first delivery.
+    /// The deliveries counted so far, this one included: 1 for the first.
     pub(crate) number: u32,
-    /// Whether the broker only said "redelivered" without counting: the count is unknown.
+    /// The broker said "redelivered" without counting (a classic queue). Such a redelivery is
+    /// not counted by itself: the message may never have reached a task (it sat in a prefetch
+    /// buffer). The worker counts it once the stored state shows that a task started.
     pub(crate) uncounted: bool,
 }
 
 impl Attempt {
     /// Counts the deliveries before this one: those carried in the signature, plus the
-    /// broker's count (or 1 if it only says the message was redelivered).
+    /// broker's count where it keeps one.
     pub(crate) fn of(delivery: &Delivery, signature: &Signature) -> Attempt {
         Attempt::by_broker(delivery, carried_attempts(signature))
     }
 
     /// The attempt, given the deliveries `carried` in the message itself.
     pub(crate) fn by_broker(delivery: &Delivery, carried: u32) -> Attempt {
-        let by_broker = delivery
-            .delivery_count()
-            .unwrap_or(u32::from(delivery.redelivered()));
         Attempt {
-            number: carried.saturating_add(by_broker).saturating_add(1),
+            number: carried
+                .saturating_add(delivery.delivery_count().unwrap_or(0))
+                .saturating_add(1),
             uncounted: delivery.redelivered() && delivery.delivery_count().is_none(),
         }
     }
 
-    /// The deliveries before this one (what a republished copy carries).
-    pub(crate) fn previous(self) -> u32 {
-        self.number - 1
+    /// What a copy of this message sent again carries: the deliveries counted before this one,
+    /// plus this one if it `attempted` anything, or if it is an uncounted redelivery (which
+    /// may have run).
+    pub(crate) fn carried(self, attempted: bool) -> u32 {
+        (self.number - 1).saturating_add(u32::from(attempted || self.uncounted))
     }
 
     /// Whether no delivery of this message came before.
     pub(crate) fn is_first(self) -> bool {
-        self.number == 1
+        self.number == 1 && !self.uncounted
     }
 }
 
@@ -150,10 +153,10 @@ impl SettlePolicy {
                 attempted: false,
                 last_error: None,
             },
-            // The delivery that ran before is what gets counted: this one did not run.
+            // Counts the delivery that started before (the broker did not).
             Outcome::Checkpoint => Settlement::Republish {
                 delay: Duration::ZERO,
-                attempted: false,
+                attempted: true,
                 last_error: Some("redelivered by the broker".to_owned()),
             },
             Outcome::Poison(reason) => Settlement::DeadLetter {
