@@ -315,7 +315,10 @@ async fn follow_up(
             Final::Success(_) => None,
             Final::Failure(message) => Some(message.as_str()),
         };
-        Box::pin(finish_group_member(ctx, &signature, error, again)).await?;
+        Box::pin(super::chord::finish_group_member(
+            ctx, &signature, error, again,
+        ))
+        .await?;
     }
     let callbacks = match (outgoing, &done) {
         (Some(outgoing), _) => outgoing.into_iter().map(Ok).collect(),
@@ -412,7 +415,7 @@ impl Outgoing {
 }
 
 /// Sends one follow-up; an error that can never be cured keeps a permanent kind.
-async fn send(ctx: &Ctx, signature: Signature) -> Result<()> {
+pub(super) async fn send(ctx: &Ctx, signature: Signature) -> Result<()> {
     let outgoing = Outgoing::prepare(ctx, signature)
         .map_err(|message| SendError::Unsendable(message).into_error())?;
     outgoing.send(ctx).await.map_err(SendError::into_error)
@@ -448,7 +451,7 @@ fn success_callbacks(signature: &Signature, results: &[TaskResult]) -> Vec<Signa
 }
 
 /// The error callbacks, with the error message prepended, and fixed UUIDs.
-fn error_callbacks(signature: &Signature, message: &str) -> Vec<Signature> {
+pub(super) fn error_callbacks(signature: &Signature, message: &str) -> Vec<Signature> {
     let mut callbacks = signature.on_error.clone();
     for (i, callback) in callbacks.iter_mut().enumerate() {
         fix_uuid(callback, &signature.uuid, "on_error", i);
@@ -459,7 +462,7 @@ fn error_callbacks(signature: &Signature, message: &str) -> Vec<Signature> {
 
 /// Gives a follow-up without a UUID one derived from its parent's, so that sending it again
 /// sends the same task.
-fn fix_uuid(callback: &mut Signature, parent: &str, role: &str, index: usize) {
+pub(super) fn fix_uuid(callback: &mut Signature, parent: &str, role: &str, index: usize) {
     if callback.uuid.is_empty() {
         callback.uuid = derived_uuid(parent, role, index);
     }
@@ -489,114 +492,6 @@ pub(crate) fn derived_uuid(parent: &str, role: &str, index: usize) -> String {
         &hex[16..20],
         &hex[20..32]
     )
-}
-
-/// After a chord member has finished: if every member has, trigger the chord exactly once and
-/// send its callback with the results in the group's order, or, if a member failed, record the
-/// callback as FAILURE and send its error callbacks.
-///
-/// `again` (a redelivery of a finished member): the chord may have been triggered by this
-/// member's earlier delivery, whose callback publish then failed. The callback is sent again;
-/// its UUID is fixed, and a worker receiving a second copy does not run it.
-async fn finish_group_member(
-    ctx: &Ctx,
-    signature: &Signature,
-    error: Option<&str>,
-    again: bool,
-) -> Result<()> {
-    let Some(callback) = &signature.chord_callback else {
-        return Ok(());
-    };
-    if signature.group_uuid.is_empty() {
-        return Ok(());
-    }
-    let Some(backend) = ctx.store.backend() else {
-        warn!("a chord member finished, but no result backend is configured to track its group");
-        return Ok(());
-    };
-    let group = &signature.group_uuid;
-    let Some(meta) = backend.group_meta(group).await? else {
-        warn!(group = %group, "no record of this chord's group; its callback cannot be sent");
-        return Ok(());
-    };
-    if meta.chord_triggered && !again {
-        return Ok(());
-    }
-    if !meta.task_uuids.contains(&signature.uuid) {
-        warn!(group = %group, "this task is not a member of the group it names; ignoring its chord");
-        return Ok(());
-    }
-    // Go's GroupCompleted reads every member with one MGET on each finish
-    // (v2/backends/redis/redis.go, getStates): quadratic in the group's size. A small sample
-    // first (the last members in group order, which finish last when the queue is drained in
-    // order, and a spread of others): while one of them is unfinished, so is the group.
-    if meta.task_uuids.len() > 2 * CHORD_PROBE {
-        let probe = chord_probe(&meta.task_uuids, &signature.uuid);
-        let sampled = backend.get_states(&probe).await?;
-        if !sampled
-            .iter()
-            .all(|s| s.as_ref().is_some_and(|s| s.state.is_final()))
-        {
-            return Ok(());
-        }
-    }
-    // Then one batched read of every member.
-    let mut states = Vec::with_capacity(meta.task_uuids.len());
-    for state in backend.get_states(&meta.task_uuids).await? {
-        match state {
-            Some(state) if state.state.is_final() => states.push(state),
-            _ => return Ok(()),
-        }
-    }
-    if !meta.chord_triggered && !backend.trigger_chord(group).await? {
-        return Ok(());
-    }
-    let mut callback = (**callback).clone();
-    fix_uuid(&mut callback, group, "chord_callback", 0);
-    let failed = states.iter().find(|s| s.state == State::Failure);
-    if let Some(failed) = failed {
-        warn!(group = %group, member = %failed.task_uuid, "a chord member failed; the callback will not run");
-        let message = if failed.task_uuid == signature.uuid {
-            error.unwrap_or(&failed.error).to_owned()
-        } else {
-            failed.error.clone()
-        };
-        ctx.store
-            .set(&callback, State::Failure, None, message.clone())
-            .await?;
-        for on_error in error_callbacks(&callback, &message) {
-            send(ctx, on_error).await?;
-        }
-        return Ok(());
-    }
-    debug!(group = %group, "chord complete; sending its callback");
-    if !callback.immutable {
-        for state in states {
-            callback
-                .args
-                .extend(state.results.unwrap_or_default().into_iter().map(Arg::from));
-        }
-    }
-    send(ctx, callback).await
-}
-
-/// How many members a finishing chord member samples from each end of its group.
-const CHORD_PROBE: usize = 16;
-
-/// The members a finishing chord member checks first: the last [`CHORD_PROBE`] in group order
-/// and [`CHORD_PROBE`] others spread from a point that depends on the finishing member.
-fn chord_probe(members: &[String], finished: &str) -> Vec<String> {
-    let n = members.len();
-    let seed = finished.bytes().fold(0usize, |h, b| {
-        h.wrapping_mul(31).wrapping_add(usize::from(b))
-    });
-    let step = (n / CHORD_PROBE).max(1);
-    let spread = (0..CHORD_PROBE).map(|i| (seed.wrapping_add(i * step)) % n);
-    let tail = n.saturating_sub(CHORD_PROBE)..n;
-    let mut picked: Vec<usize> = tail.chain(spread).collect();
-    picked.sort_unstable();
-    picked.dedup();
-    picked.into_iter().map(|i| members[i].clone()).collect()
 }
 
 fn string_arg(message: &str) -> Arg {

@@ -11,6 +11,7 @@
 //! make it a FAILURE with a clear error, so the producer's `get()` returns that error. A
 //! panicking task is a FAILURE with the panic message.
 
+mod chord;
 mod delivery;
 mod policy;
 mod store;
@@ -125,6 +126,7 @@ impl WorkerBuilder {
                 name,
                 policy,
                 store,
+                groups: chord::GroupCache::default(),
                 server: self.server,
             }),
             queue,
@@ -226,6 +228,7 @@ struct Ctx {
     name: String,
     policy: SettlePolicy,
     store: Store,
+    groups: chord::GroupCache,
 }
 
 impl Worker {
