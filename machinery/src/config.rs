@@ -59,15 +59,21 @@ pub struct Config {
     /// failing, the worker died while running it) and hand-backs of a task no worker has. Task
     /// retries (`RetryCount`) are not deliveries and do not count.
     pub max_deliveries: u32,
-    /// The bytes of message bodies a worker holds at once (`MAX_INFLIGHT_BYTES`, default
-    /// 16 MiB, four messages of the default `MAX_MESSAGE_SIZE`): a burst of large messages waits
-    /// for room instead of growing the worker. A message larger than the budget runs alone.
+    /// The bytes of message bodies a worker decodes and runs at once (`MAX_INFLIGHT_BYTES`,
+    /// default 16 MiB, four messages of the default `MAX_MESSAGE_SIZE`): a burst of large
+    /// messages waits for room instead of growing the worker (decoding a message takes several
+    /// times its size). A message larger than the budget runs alone. The broker's prefetch
+    /// buffer comes on top: up to `AMQP_PREFETCH_COUNT` (at least the concurrency) undecoded
+    /// messages.
     pub max_inflight_bytes: usize,
     /// How long a worker keeps retrying a result-store write before it gives the message back
     /// (`STORE_RETRY_TIMEOUT_MS`, default 60 s). Meanwhile it takes no new messages, so an
     /// outage of the store pauses the worker instead of failing tasks.
     pub store_retry_timeout: Duration,
 }
+
+/// The longest `results_expire_in` accepted: 100 years.
+const MAX_RESULTS_EXPIRE_IN: u64 = 100 * 365 * 24 * 3600;
 
 /// RabbitMQ settings (Go's `AMQPConfig`).
 #[derive(Clone, PartialEq)]
@@ -215,6 +221,11 @@ impl Config {
         }
         if self.max_message_size == 0 {
             return Err(Error::config("max_message_size must be positive"));
+        }
+        if self.results_expire_in > MAX_RESULTS_EXPIRE_IN {
+            return Err(Error::config(format!(
+                "results_expire_in must be at most {MAX_RESULTS_EXPIRE_IN} seconds (100 years)"
+            )));
         }
         if self.max_deliveries == 0 {
             return Err(Error::config("max_deliveries must be at least 1"));
@@ -500,5 +511,33 @@ impl ConfigBuilder {
     pub fn build(self) -> Result<Config> {
         self.config.validate()?;
         Ok(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_path_settings_are_read_and_checked() {
+        let config = Config::from_lookup(|name| match name {
+            "MAX_DELIVERIES" => Some("7".into()),
+            "MAX_INFLIGHT_BYTES" => Some("1024".into()),
+            "STORE_RETRY_TIMEOUT_MS" => Some("250".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(config.max_deliveries, 7);
+        assert_eq!(config.max_inflight_bytes, 1024);
+        assert_eq!(config.store_retry_timeout, Duration::from_millis(250));
+        for (name, value) in [
+            ("MAX_DELIVERIES", "0"),
+            ("MAX_INFLIGHT_BYTES", "0"),
+            // A TTL that would overflow a clock (the embedded backend adds it to `now`).
+            ("RESULTS_EXPIRE_IN", "18446744073709551615"),
+        ] {
+            let err = Config::from_lookup(|n| (n == name).then(|| value.to_owned())).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Config, "{name}={value}");
+        }
     }
 }
