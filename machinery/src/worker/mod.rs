@@ -323,10 +323,12 @@ impl Worker {
             };
             // While the result store is unreachable, take nothing new (the tasks in hand keep
             // retrying their writes).
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                () = self.ctx.store.wait_up() => {}
+            if !self.ctx.store.is_up() {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    () = self.ctx.store.wait_up() => {}
+                }
             }
             let next = tokio::select! {
                 biased;
@@ -337,12 +339,16 @@ impl Worker {
                 Some(Ok(delivery)) => {
                     // A message larger than the whole budget runs alone.
                     let size = delivery.body().len().clamp(1, budget_bytes);
-                    let bytes = tokio::select! {
-                        biased;
-                        () = &mut shutdown => break,
-                        bytes = budget.clone().acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX)) => match bytes {
-                            Ok(bytes) => bytes,
-                            Err(_) => break,
+                    let size = u32::try_from(size).unwrap_or(u32::MAX);
+                    let bytes = match budget.clone().try_acquire_many_owned(size) {
+                        Ok(bytes) => bytes,
+                        Err(_) => tokio::select! {
+                            biased;
+                            () = &mut shutdown => break,
+                            bytes = budget.clone().acquire_many_owned(size) => match bytes {
+                                Ok(bytes) => bytes,
+                                Err(_) => break,
+                            },
                         },
                     };
                     let ctx = self.ctx.clone();

@@ -42,8 +42,16 @@ impl Store {
         self.backend.as_ref()
     }
 
+    /// Whether the store is taken to be reachable.
+    pub(crate) fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
     /// Returns at once while the store is up; during an outage, once it is back.
     pub(crate) async fn wait_up(&self) {
+        if *self.up.borrow() {
+            return;
+        }
         let mut rx = self.up.subscribe();
         let _ = rx.wait_for(|up| *up).await;
     }
