@@ -11,7 +11,10 @@
 //! the callback's result) and their ratio, and the time of one `get_states` of every member
 //! (what each member's completion check reads).
 
-use std::process::{Child, Command, Stdio};
+#[path = "common/redis_server.rs"]
+mod redis_server;
+use redis_server::RedisServer;
+
 use std::time::{Duration, Instant};
 
 use machinery::{task, Config, Group, Server};
@@ -36,7 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         sizes
     };
-    let (url, _redis) = redis()?;
+    let redis = RedisServer::start()?;
+    let url = redis.url.clone();
     println!("chord_bench: Redis at {url}");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -92,41 +96,4 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok::<_, Box<dyn std::error::Error>>(())
     })?;
     Ok(())
-}
-
-/// A private redis-server on a free port, or `REDIS_URL`.
-fn redis() -> Result<(String, Option<Guard>), Box<dyn std::error::Error>> {
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        return Ok((url, None));
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
-        .arg("--dir")
-        .arg(std::env::temp_dir())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start redis-server (or set REDIS_URL): {e}"))?;
-    let guard = Guard(child);
-    let give_up = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > give_up {
-            return Err("redis-server did not start".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok((format!("redis://127.0.0.1:{port}/"), Some(guard)))
-}
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -26,9 +26,11 @@
 //! client's commands are counted; with `REDIS_URL` set it uses that server instead (and
 //! counts whatever else runs there).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+#[path = "common/redis_server.rs"]
+mod redis_server;
+use redis_server::RedisServer;
+
+use std::process::Command;
 use std::time::Duration;
 
 use machinery::backend::redis::RedisBackend;
@@ -70,11 +72,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or(default)
     };
     let (waiters, secs, runs) = (arg(1, 10_000) as usize, arg(2, 10), arg(3, 3) as usize);
-    let server = Server::start()?;
+    let server = RedisServer::start()?;
     println!(
         "wait_bench: {waiters} waiters, {secs} s pending, {runs} runs, Redis at {}{}",
         server.url,
-        if server.child.is_some() {
+        if server.pid().is_some() {
             " (private)"
         } else {
             " (shared: other clients count too)"
@@ -141,7 +143,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn measure(
-    server: &Server,
+    server: &RedisServer,
     way: Way,
     waiters: usize,
     pending_for: Duration,
@@ -167,7 +169,11 @@ async fn measure(
         server.stat("total_commands_processed")?,
         server.stat("total_reads_processed")?,
     );
-    let (cpu, server_cpu, started) = (process_cpu(None)?, server.cpu()?, Instant::now());
+    let (cpu, server_cpu, started) = (
+        process_cpu(None)?,
+        server.pid().map(|pid| process_cpu(Some(pid))).transpose()?,
+        Instant::now(),
+    );
     let deadline = Some(Instant::now() + pending_for + Duration::from_secs(120));
     let tasks: Vec<_> = ids
         .iter()
@@ -185,7 +191,9 @@ async fn measure(
     let wall = started.elapsed().as_secs_f64();
     let cpu = process_cpu(None)? - cpu;
     let server_cpu = server
-        .cpu()?
+        .pid()
+        .map(|pid| process_cpu(Some(pid)))
+        .transpose()?
         .zip(server_cpu)
         .map(|(after, before)| after - before);
     let commands = server.stat("total_commands_processed")? - commands - 1;
@@ -301,100 +309,4 @@ fn clock_ticks() -> f64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100.0)
-}
-
-/// The Redis server measured: a private one, or `REDIS_URL`'s.
-struct Server {
-    url: String,
-    addr: String,
-    child: Option<Child>,
-}
-
-impl Server {
-    fn start() -> Result<Server, Box<dyn std::error::Error>> {
-        if let Ok(url) = std::env::var("REDIS_URL") {
-            let addr = url
-                .trim_start_matches("redis://")
-                .trim_end_matches('/')
-                .rsplit('@')
-                .next()
-                .unwrap_or("127.0.0.1:6379")
-                .to_owned();
-            return Ok(Server {
-                url,
-                addr,
-                child: None,
-            });
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
-            .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start redis-server (or set REDIS_URL): {e}"))?;
-        let server = Server {
-            url: format!("redis://127.0.0.1:{port}/"),
-            addr: format!("127.0.0.1:{port}"),
-            child: Some(child),
-        };
-        let give_up = std::time::Instant::now() + Duration::from_secs(10);
-        while server.stat("total_commands_processed").is_err() {
-            if std::time::Instant::now() > give_up {
-                return Err("redis-server did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(server)
-    }
-
-    /// A counter from `INFO stats`, over a plain socket (the `INFO` is counted by the next).
-    fn stat(&self, name: &str) -> Result<u64, Box<dyn std::error::Error>> {
-        let mut stream = TcpStream::connect(&self.addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"INFO stats\r\n")?;
-        let mut reply = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut chunk)?;
-            if n == 0 {
-                return Err("redis closed the connection".into());
-            }
-            reply.extend_from_slice(&chunk[..n]);
-            let Some(end) = reply.windows(2).position(|w| w == b"\r\n") else {
-                continue;
-            };
-            let len: usize = String::from_utf8_lossy(&reply[1..end]).parse()?;
-            if reply.len() >= end + 2 + len + 2 {
-                break;
-            }
-        }
-        String::from_utf8_lossy(&reply)
-            .lines()
-            .find_map(|line| line.strip_prefix(&format!("{name}:")))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| format!("no {name} in INFO stats").into())
-    }
-
-    /// The private server's CPU seconds so far.
-    fn cpu(&self) -> Result<Option<f64>, Box<dyn std::error::Error>> {
-        self.child
-            .as_ref()
-            .map(|child| process_cpu(Some(child.id())))
-            .transpose()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }

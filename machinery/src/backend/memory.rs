@@ -137,29 +137,34 @@ impl Inner {
     }
 
     fn expire(&mut self, now: Instant) {
-        while let Some((at, _)) = self.expiries.front() {
-            if *at > now {
-                break;
-            }
-            let Some((_, uuid)) = self.expiries.pop_front() else {
-                break;
-            };
-            match self.states.get(&uuid) {
-                Some(entry) if entry.expires <= now => {
-                    // Waiters wake up and wait again on a fresh entry.
-                    if let Some(entry) = self.states.remove(&uuid) {
-                        if let Some(waiters) = entry.waiters {
-                            waiters.notify_waiters();
-                        }
-                    }
+        let states = &mut self.states;
+        sweep(&mut self.expiries, now, |uuid| match states.get(uuid) {
+            Some(entry) if entry.expires <= now => {
+                // Waiters wake up and wait again on a fresh entry.
+                if let Some(waiters) = states.remove(uuid).and_then(|entry| entry.waiters) {
+                    waiters.notify_waiters();
                 }
-                // Written again since: check again when it may have expired.
-                Some(entry) => {
-                    let at = entry.expires.max(now + Duration::from_millis(1));
-                    self.expiries.push_back((at, uuid));
-                }
-                None => {}
+                None
             }
+            entry => entry.map(|entry| entry.expires),
+        });
+    }
+}
+
+/// Pops the due `(time, key)` entries of an expiry queue. `live(key)` drops the record if its
+/// time has passed and returns `None`, or returns its (later) expiry: it was written again
+/// since, and is checked again then.
+fn sweep(
+    expiries: &mut VecDeque<(Instant, String)>,
+    now: Instant,
+    mut live: impl FnMut(&str) -> Option<Instant>,
+) {
+    while expiries.front().is_some_and(|(at, _)| *at <= now) {
+        let Some((_, key)) = expiries.pop_front() else {
+            break;
+        };
+        if let Some(expires) = live(&key) {
+            expiries.push_back((expires.max(now + Duration::from_millis(1)), key));
         }
     }
 }
@@ -183,24 +188,14 @@ impl Groups {
 
     /// Drops the records whose time has passed (as [`Inner::expire`] does for states).
     fn expire(&mut self, now: Instant) {
-        while let Some((at, _)) = self.expiries.front() {
-            if *at > now {
-                break;
+        let records = &mut self.records;
+        sweep(&mut self.expiries, now, |uuid| match records.get(uuid) {
+            Some((_, expires)) if *expires <= now => {
+                records.remove(uuid);
+                None
             }
-            let Some((_, uuid)) = self.expiries.pop_front() else {
-                break;
-            };
-            match self.records.get(&uuid) {
-                Some((_, expires)) if *expires <= now => {
-                    self.records.remove(&uuid);
-                }
-                Some((_, expires)) => {
-                    let at = (*expires).max(now + Duration::from_millis(1));
-                    self.expiries.push_back((at, uuid));
-                }
-                None => {}
-            }
-        }
+            record => record.map(|(_, expires)| *expires),
+        });
     }
 }
 
