@@ -748,3 +748,86 @@ async fn a_finished_task_dead_lettered_after_lost_acks_keeps_its_success() {
     assert_eq!(ACKLESS_ERRBACKS.load(Ordering::SeqCst), errbacks);
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_result_backend_a_classic_queue_crash_loop_is_still_bounded() {
+    let memory = MemoryBroker::open("fp-no-backend", QUEUE, "machinery_task");
+    let broker = FaultyBroker::new(Arc::new(memory.clone()));
+    broker.classic_queue();
+    let server = Server::from_parts(
+        Config::builder()
+            .broker("memory://fp-no-backend")
+            .max_deliveries(2)
+            .build()
+            .unwrap(),
+        Arc::new(broker.clone()) as Arc<dyn Broker>,
+        None,
+    );
+    let before = HANG_RUNS.load(Ordering::SeqCst);
+    server.send(fp_hang::signature()).await.unwrap();
+    for n in 1..=2 {
+        let worker = server
+            .worker()
+            .tasks([fp_hang::NAME])
+            .spawn()
+            .await
+            .unwrap();
+        eventually("the task started", || {
+            HANG_RUNS.load(Ordering::SeqCst) - before == n
+        })
+        .await;
+        worker.abort();
+        eventually("the delivery is back", || memory.depth(QUEUE).1 == 0).await;
+    }
+    let worker = server
+        .worker()
+        .tasks([fp_hang::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    eventually("dead-lettered", || memory.dead_letters(QUEUE).len() == 1).await;
+    assert_eq!(HANG_RUNS.load(Ordering::SeqCst) - before, 2);
+    worker.shutdown().await.unwrap();
+}
+
+static LATE_FOLLOW_UPS: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+fn fp_late_follow_up(#[chained] x: i64) -> i64 {
+    LATE_FOLLOW_UPS.fetch_add(1, Ordering::SeqCst);
+    x
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_task_dead_lettered_still_sends_its_follow_ups() {
+    let rig = rig("late-follow-up", |c| c.max_deliveries(2));
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_good::NAME, fp_late_follow_up::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    // After the producer's publish: the follow-up (attempt 1), the message given back, and the
+    // follow-up again (attempt 2, the last) fail; the dead-lettering's own attempt goes through.
+    rig.broker
+        .arm(BrokerOp::Publish, Fault::times(3).after_calls(1));
+    let before = LATE_FOLLOW_UPS.load(Ordering::SeqCst);
+    let handle = rig
+        .server
+        .send(fp_good::signature(6).then(fp_late_follow_up::signature()))
+        .await
+        .unwrap();
+    let head = handle.task_uuids()[0].clone();
+    assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 6);
+    eventually("dead-lettered", || {
+        rig.memory.dead_letters(QUEUE).len() == 1
+    })
+    .await;
+    assert_eq!(
+        state(&rig.server, &head).await.unwrap().state,
+        State::Success
+    );
+    assert_eq!(LATE_FOLLOW_UPS.load(Ordering::SeqCst) - before, 1);
+    worker.shutdown().await.unwrap();
+}

@@ -97,7 +97,12 @@ pub(super) async fn finish_group_member(
     let (members, triggered) = match cached {
         Some(members) => (members, false),
         None => {
-            let Some(meta) = backend.group_meta(group).await? else {
+            let meta = ctx
+                .store
+                .call("read the chord's group", |b| b.group_meta(group))
+                .await?
+                .flatten();
+            let Some(meta) = meta else {
                 warn!(group = %group, "no record of this chord's group; its callback cannot be sent");
                 return Ok(());
             };
@@ -115,7 +120,11 @@ pub(super) async fn finish_group_member(
     // A sample first (see the module docs), then every member.
     if members.len() > 2 * CHORD_PROBE {
         let probe = chord_probe(&members, &signature.uuid);
-        let sampled = backend.get_states(&probe).await?;
+        let sampled = ctx
+            .store
+            .call("read chord members", |b| b.get_states(&probe))
+            .await?
+            .unwrap_or_default();
         if !sampled
             .iter()
             .all(|s| s.as_ref().is_some_and(|s| s.state.is_final()))
@@ -125,12 +134,19 @@ pub(super) async fn finish_group_member(
     }
     // Then one batched read of every member.
     let mut states = Vec::with_capacity(members.len());
-    for state in backend.get_states(&members).await? {
+    let all = ctx
+        .store
+        .call("read chord members", |b| b.get_states(&members))
+        .await?
+        .unwrap_or_default();
+    for state in all {
         match state {
             Some(state) if state.state.is_final() => states.push(state),
             _ => return Ok(()),
         }
     }
+    // Not retried here: a retry after a lost reply would read "already triggered" and send
+    // nothing. A failure gives the message back; its redelivery reads the record afresh.
     if !triggered && !backend.trigger_chord(group).await? {
         return Ok(());
     }

@@ -129,7 +129,10 @@ async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt) -> Outcome {
             let previous = previous.unwrap_or_default();
             outcome_of(complete(ctx, signature, previous).await)
         }
-        Some(State::Received | State::Started) if attempt.uncounted => {
+        // Without a store nothing says whether it ran: count every uncounted redelivery.
+        Some(State::Received | State::Started) | None
+            if attempt.uncounted && (stored.is_some() || ctx.store.backend().is_none()) =>
+        {
             // A worker got this far with it before and the broker did not count: count it
             // before running it again.
             debug!("redelivered after it started, by a broker that does not count deliveries; counting it first");
@@ -630,13 +633,16 @@ async fn dead_letter(ctx: &Ctx, delivery: Delivery, signature: Option<Signature>
         return;
     };
     let finish = async {
-        let stored = backend.get_state(&signature.uuid).await?;
-        if stored.is_some_and(|s| s.state.is_final()) {
-            return Ok(());
+        match backend.get_state(&signature.uuid).await? {
+            // A finished task keeps its outcome; what it may not have sent yet is sent now.
+            Some(stored) if stored.state.is_final() => complete(ctx, signature, stored).await,
+            _ => {
+                let state =
+                    super::store::task_state(&signature, State::Failure, None, reason.clone());
+                backend.set_state(state).await?;
+                follow_up(ctx, signature, Final::Failure(reason.clone()), true, None).await
+            }
         }
-        let state = super::store::task_state(&signature, State::Failure, None, reason.clone());
-        backend.set_state(state).await?;
-        follow_up(ctx, signature, Final::Failure(reason.clone()), true, None).await
     };
     if let Err(e) = Box::pin(finish).await {
         warn!(error = %e, "cannot record the dead-lettered task as FAILURE");

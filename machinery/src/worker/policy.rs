@@ -38,6 +38,8 @@ pub(crate) struct Attempt {
     /// not counted by itself: the message may never have reached a task (it sat in a prefetch
     /// buffer). The worker counts it once the stored state shows that a task started.
     pub(crate) uncounted: bool,
+    /// The broker delivered it before (counted or not).
+    pub(crate) redelivered: bool,
 }
 
 impl Attempt {
@@ -54,6 +56,7 @@ impl Attempt {
                 .saturating_add(delivery.delivery_count().unwrap_or(0))
                 .saturating_add(1),
             uncounted: delivery.redelivered() && delivery.delivery_count().is_none(),
+            redelivered: delivery.redelivered(),
         }
     }
 
@@ -64,9 +67,10 @@ impl Attempt {
         (self.number - 1).saturating_add(u32::from(attempted || self.uncounted))
     }
 
-    /// Whether no delivery of this message came before.
+    /// Whether no delivery of this message came before (a broker that says "redelivered" with
+    /// a count of 0 is believed on the flag).
     pub(crate) fn is_first(self) -> bool {
-        self.number == 1 && !self.uncounted
+        self.number == 1 && !self.redelivered
     }
 }
 
@@ -215,6 +219,7 @@ mod tests {
         Attempt {
             number,
             uncounted: false,
+            redelivered: number > 1,
         }
     }
 
