@@ -8,10 +8,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    cleanup, queue_depth, queue_depth_probe, raw_channel, unique_config, WorkerProcess, WAIT,
+    cleanup, publish_raw, queue_depth, queue_depth_probe, raw_channel, unique_config,
+    WorkerProcess, WAIT,
 };
-use lapin::options::BasicPublishOptions;
-use lapin::BasicProperties;
 use machinery::broker::amqp::AmqpBroker;
 use machinery::broker::{Broker, Delivery, Message};
 use machinery::wire::{self, State};
@@ -199,22 +198,11 @@ async fn bad_messages_are_dead_lettered_or_failed_and_the_worker_keeps_going() {
     let (conn, channel) = raw_channel().await;
     let publish = |body: Vec<u8>| {
         let channel = channel.clone();
-        let exchange = config.amqp.exchange.clone();
-        let key = config.amqp.binding_key.clone();
-        async move {
-            channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
+        let (exchange, key) = (
+            config.amqp.exchange.clone(),
+            config.amqp.binding_key.clone(),
+        );
+        async move { publish_raw(&channel, &exchange, &key, &body).await }
     };
 
     // Bodies that are not signatures: dead-lettered.

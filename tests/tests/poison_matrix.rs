@@ -12,9 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cleanup, queue_depth, raw_channel, unique_config};
-use lapin::options::BasicPublishOptions;
-use lapin::BasicProperties;
+use common::{cleanup, publish_raw, queue_depth, raw_channel, unique_config};
 use machinery::backend::redis::RedisBackend;
 use machinery::backend::ResultBackend;
 use machinery::broker::amqp::AmqpBroker;
@@ -160,23 +158,8 @@ async fn poison_messages_end_bounded_and_good_tasks_run_once() {
 
     let (_conn, channel) = raw_channel().await;
     let publish = |body: Vec<u8>| {
-        let channel = channel.clone();
-        let exchange = exchange.clone();
-        let key = key.clone();
-        async move {
-            channel
-                .basic_publish(
-                    exchange.as_str().into(),
-                    key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
+        let (channel, exchange, key) = (channel.clone(), exchange.clone(), key.clone());
+        async move { publish_raw(&channel, &exchange, &key, &body).await }
     };
     let mut good_id = 0i64;
     let mut send_good = |n: usize| {

@@ -143,6 +143,23 @@ pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
     (conn, channel)
 }
 
+/// Publishes `body` as a plain AMQP client (Go's producer) would: persistent, to `exchange`
+/// with `key`, waiting for the broker's confirm of the channel (if it has confirms on).
+pub async fn publish_raw(channel: &lapin::Channel, exchange: &str, key: &str, body: &[u8]) {
+    channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+}
+
 /// Number of messages ready in `queue` (0 if it does not exist).
 ///
 /// Asks on a channel of its own: a passive declaration of a missing queue makes the broker
