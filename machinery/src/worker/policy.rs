@@ -75,7 +75,7 @@ impl Attempt {
 }
 
 /// The attempts a signature carries (a missing or malformed header counts as none).
-pub(crate) fn carried_attempts(signature: &Signature) -> u32 {
+fn carried_attempts(signature: &Signature) -> u32 {
     signature
         .headers
         .get(ATTEMPTS_HEADER)
