@@ -219,6 +219,15 @@ impl<Op> Default for Faults<Op> {
 }
 
 impl<Op: Copy + Eq + std::hash::Hash + fmt::Debug> Faults<Op> {
+    fn arm(&mut self, op: Op, mut fault: Fault) {
+        fault.armed_at = Instant::now();
+        self.armed.insert(op, fault);
+    }
+
+    fn calls(&self, op: Op) -> u64 {
+        self.calls.get(&op).copied().unwrap_or(0)
+    }
+
     /// `Err` when the call fails; `Ok(Some(err))` when it goes through and its reply is lost.
     fn check(
         &mut self,
@@ -260,9 +269,8 @@ impl FaultyBackend {
     }
 
     /// Arms `fault` for `op`, replacing the one armed before.
-    pub fn arm(&self, op: BackendOp, mut fault: Fault) {
-        fault.armed_at = Instant::now();
-        lock(&self.faults).armed.insert(op, fault);
+    pub fn arm(&self, op: BackendOp, fault: Fault) {
+        lock(&self.faults).arm(op, fault);
     }
 
     /// Disarms `op`.
@@ -272,7 +280,7 @@ impl FaultyBackend {
 
     /// How many times `op` was called (failed calls included).
     pub fn calls(&self, op: BackendOp) -> u64 {
-        lock(&self.faults).calls.get(&op).copied().unwrap_or(0)
+        lock(&self.faults).calls(op)
     }
 
     /// How many times `state` was written for `task_uuid` (attempts that failed included).
@@ -375,9 +383,8 @@ impl FaultyBroker {
     }
 
     /// Arms `fault` for `op`, replacing the one armed before.
-    pub fn arm(&self, op: BrokerOp, mut fault: Fault) {
-        fault.armed_at = Instant::now();
-        lock(&self.faults).armed.insert(op, fault);
+    pub fn arm(&self, op: BrokerOp, fault: Fault) {
+        lock(&self.faults).arm(op, fault);
     }
 
     /// Disarms `op`.
@@ -393,7 +400,7 @@ impl FaultyBroker {
 
     /// How many times `op` was called (failed calls included).
     pub fn calls(&self, op: BrokerOp) -> u64 {
-        lock(&self.faults).calls.get(&op).copied().unwrap_or(0)
+        lock(&self.faults).calls(op)
     }
 
     fn check(faults: &Mutex<Faults<BrokerOp>>, op: BrokerOp, key: Option<&str>) -> Result<()> {

@@ -3,8 +3,9 @@
 //! are bounded, and no message loops, starves or stalls the worker. Executions are counted,
 //! never inferred.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use machinery::backend::memory::MemoryBackend;
@@ -20,17 +21,36 @@ const WAIT: Duration = Duration::from_secs(10);
 
 static FIRST_RUNS: AtomicUsize = AtomicUsize::new(0);
 static SECOND_RUNS: AtomicUsize = AtomicUsize::new(0);
-static MEMBER_RUNS: AtomicUsize = AtomicUsize::new(0);
 static CALLBACK_RUNS: AtomicUsize = AtomicUsize::new(0);
-static GOOD_RUNS: AtomicUsize = AtomicUsize::new(0);
-static STORE_RUNS: AtomicUsize = AtomicUsize::new(0);
 static HANG_RUNS: AtomicUsize = AtomicUsize::new(0);
 static FAILING_RUNS: AtomicUsize = AtomicUsize::new(0);
 static ERRBACK_RUNS: AtomicUsize = AtomicUsize::new(0);
-static OUTAGE_RUNS: AtomicUsize = AtomicUsize::new(0);
 static BIG_RUNS: AtomicUsize = AtomicUsize::new(0);
 static BIG_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static BIG_MAX_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs of `fp_good`, by the tag each test gives it.
+static RUNS: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
+
+fn runs(tag: &str) -> usize {
+    RUNS.lock()
+        .unwrap()
+        .as_ref()
+        .and_then(|runs| runs.get(tag).copied())
+        .unwrap_or(0)
+}
+
+/// Returns `a`, counting its runs under `tag`.
+#[task]
+fn fp_good(tag: String, a: i64) -> i64 {
+    *RUNS
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .entry(tag)
+        .or_default() += 1;
+    a
+}
 
 #[task]
 fn fp_first(a: i64) -> i64 {
@@ -45,27 +65,9 @@ fn fp_second(k: i64, #[chained] x: i64) -> i64 {
 }
 
 #[task]
-fn fp_member(a: i64) -> i64 {
-    MEMBER_RUNS.fetch_add(1, Ordering::SeqCst);
-    a
-}
-
-#[task]
 fn fp_callback(#[variadic] xs: Vec<i64>) -> i64 {
     CALLBACK_RUNS.fetch_add(1, Ordering::SeqCst);
     xs.iter().sum()
-}
-
-#[task]
-fn fp_good(a: i64) -> i64 {
-    GOOD_RUNS.fetch_add(1, Ordering::SeqCst);
-    a
-}
-
-#[task]
-fn fp_store(a: i64) -> i64 {
-    STORE_RUNS.fetch_add(1, Ordering::SeqCst);
-    a
 }
 
 #[task]
@@ -85,12 +87,6 @@ fn fp_failing() -> Result<i64, TaskError> {
 fn fp_errback(#[error_message] message: String) -> String {
     ERRBACK_RUNS.fetch_add(1, Ordering::SeqCst);
     message
-}
-
-#[task]
-fn fp_outage(a: i64) -> i64 {
-    OUTAGE_RUNS.fetch_add(1, Ordering::SeqCst);
-    a
 }
 
 #[task]
@@ -236,7 +232,7 @@ async fn a_store_that_keeps_failing_is_tried_a_bounded_number_of_times() {
     let worker = rig
         .server
         .worker()
-        .tasks([fp_store::NAME])
+        .tasks([fp_good::NAME])
         .spawn()
         .await
         .unwrap();
@@ -244,8 +240,11 @@ async fn a_store_that_keeps_failing_is_tried_a_bounded_number_of_times() {
         BackendOp::SetState,
         Fault::always().on_state(State::Success),
     );
-    let before = STORE_RUNS.load(Ordering::SeqCst);
-    let handle = rig.server.send(fp_store::signature(7)).await.unwrap();
+    let handle = rig
+        .server
+        .send(fp_good::signature("store".to_owned(), 7))
+        .await
+        .unwrap();
     let uuid = handle.task_uuid().to_owned();
     let err = handle.get_timeout(WAIT).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Task);
@@ -255,8 +254,8 @@ async fn a_store_that_keeps_failing_is_tried_a_bounded_number_of_times() {
             .contains("could not be settled after 3 deliveries"),
         "{err}"
     );
-    let runs = STORE_RUNS.load(Ordering::SeqCst) - before;
-    assert_eq!(runs, 3, "the body ran {runs} times");
+    let ran = runs("store");
+    assert_eq!(ran, 3, "the body ran {ran} times");
     assert_eq!(rig.backend.writes(&uuid, State::Failure), 1);
     eventually("dead-lettered", || {
         rig.memory.dead_letters(QUEUE).len() == 1
@@ -266,7 +265,7 @@ async fn a_store_that_keeps_failing_is_tried_a_bounded_number_of_times() {
     assert!(dead[0].1.contains("injected fault"), "{}", dead[0].1);
     // Nothing more happens to it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(STORE_RUNS.load(Ordering::SeqCst) - before, 3);
+    assert_eq!(runs("store"), 3);
     worker.shutdown().await.unwrap();
 }
 
@@ -285,11 +284,10 @@ async fn unknown_task_names_never_starve_registered_ones() {
         let sig = wire::Signature::new("fp_nobody_has_this");
         rig.memory.push_raw(QUEUE, sig.to_json().unwrap());
     }
-    let before = GOOD_RUNS.load(Ordering::SeqCst);
     let started = Instant::now();
     let handles = rig
         .server
-        .send_all((0..10).map(fp_good::signature))
+        .send_all((0..10).map(|i| fp_good::signature("unknown".to_owned(), i)))
         .await
         .unwrap();
     for handle in handles {
@@ -300,7 +298,7 @@ async fn unknown_task_names_never_starve_registered_ones() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(GOOD_RUNS.load(Ordering::SeqCst) - before, 10);
+    assert_eq!(runs("unknown"), 10);
     // The unknown ones end in the dead-letter queue after max_deliveries.
     eventually("unknown tasks dead-lettered", || {
         rig.memory.dead_letters(QUEUE).len() == 20
@@ -321,16 +319,16 @@ async fn a_failed_chord_callback_publish_is_not_lost_and_fires_once() {
     let worker = rig
         .server
         .worker()
-        .tasks([fp_member::NAME, fp_callback::NAME])
+        .tasks([fp_good::NAME, fp_callback::NAME])
         .concurrency(3)
         .spawn()
         .await
         .unwrap();
     let before = CALLBACK_RUNS.load(Ordering::SeqCst);
     let chord = Group::new([
-        fp_member::signature(1),
-        fp_member::signature(2),
-        fp_member::signature(3),
+        fp_good::signature("chord".to_owned(), 1),
+        fp_good::signature("chord".to_owned(), 2),
+        fp_good::signature("chord".to_owned(), 3),
     ])
     .chord(fp_callback::signature(vec![]));
     // The members are published by the producer; the next publish is the callback's.
@@ -402,7 +400,9 @@ async fn a_follow_up_that_can_never_be_sent_fails_the_task_with_its_error_callba
         .on_error(fp_errback::signature())
         .as_wire()
         .clone();
-    head.on_success = vec![fp_good::signature(1).as_wire().clone()];
+    head.on_success = vec![fp_good::signature("too-big".to_owned(), 1)
+        .as_wire()
+        .clone()];
     let uuid = head.uuid.clone();
     rig.server.send_wire(head).await.unwrap();
     let stored = eventually_final(&rig.server, &uuid).await;
@@ -463,15 +463,14 @@ async fn an_unreachable_store_pauses_the_worker_and_loses_nothing() {
     let worker = rig
         .server
         .worker()
-        .tasks([fp_outage::NAME])
+        .tasks([fp_good::NAME])
         .concurrency(2)
         .spawn()
         .await
         .unwrap();
-    let before = OUTAGE_RUNS.load(Ordering::SeqCst);
     let handles = rig
         .server
-        .send_all((0..10).map(fp_outage::signature))
+        .send_all((0..10).map(|i| fp_good::signature("outage".to_owned(), i)))
         .await
         .unwrap();
     rig.backend.arm(BackendOp::Transition, Fault::always());
@@ -487,7 +486,7 @@ async fn an_unreachable_store_pauses_the_worker_and_loses_nothing() {
     for handle in handles {
         handle.get_timeout(WAIT).await.unwrap();
     }
-    assert_eq!(OUTAGE_RUNS.load(Ordering::SeqCst) - before, 10);
+    assert_eq!(runs("outage"), 10);
     worker.shutdown().await.unwrap();
 }
 
@@ -546,7 +545,9 @@ async fn a_partly_refused_batch_says_which_tasks_were_sent() {
     let rig = rig("partial", |c| c);
     rig.broker
         .arm(BrokerOp::Publish, Fault::once().after_calls(2));
-    let sigs: Vec<_> = (0..5).map(fp_good::signature).collect();
+    let sigs: Vec<_> = (0..5)
+        .map(|i| fp_good::signature("partial".to_owned(), i))
+        .collect();
     let uuids: Vec<String> = sigs.iter().map(|s| s.as_wire().uuid.clone()).collect();
     let err = rig.server.send_all(sigs).await.unwrap_err();
     let report = err.partial_send().expect("a partial-send report");
@@ -556,22 +557,8 @@ async fn a_partly_refused_batch_says_which_tasks_were_sent() {
     assert_eq!(rig.memory.depth(QUEUE), (4, 0));
 }
 
-static LOST_REPLY_RUNS: AtomicUsize = AtomicUsize::new(0);
-static PREFETCHED_RUNS: AtomicUsize = AtomicUsize::new(0);
 static SKEW_RUNS: AtomicUsize = AtomicUsize::new(0);
 static ACKLESS_ERRBACKS: AtomicUsize = AtomicUsize::new(0);
-
-#[task]
-fn fp_lost_reply(a: i64) -> i64 {
-    LOST_REPLY_RUNS.fetch_add(1, Ordering::SeqCst);
-    a
-}
-
-#[task]
-fn fp_prefetched(a: i64) -> i64 {
-    PREFETCHED_RUNS.fetch_add(1, Ordering::SeqCst);
-    a
-}
 
 #[task]
 async fn fp_skew(hang: bool) -> i64 {
@@ -594,17 +581,20 @@ async fn a_lost_reply_to_received_does_not_make_the_task_a_duplicate() {
     let worker = rig
         .server
         .worker()
-        .tasks([fp_lost_reply::NAME])
+        .tasks([fp_good::NAME])
         .spawn()
         .await
         .unwrap();
     // RECEIVED is written, its reply lost; the retried write then reads that RECEIVED.
     rig.backend
         .arm(BackendOp::Transition, Fault::once().reply_lost());
-    let before = LOST_REPLY_RUNS.load(Ordering::SeqCst);
-    let handle = rig.server.send(fp_lost_reply::signature(3)).await.unwrap();
+    let handle = rig
+        .server
+        .send(fp_good::signature("lost-reply".to_owned(), 3))
+        .await
+        .unwrap();
     assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 3);
-    assert_eq!(LOST_REPLY_RUNS.load(Ordering::SeqCst) - before, 1);
+    assert_eq!(runs("lost-reply"), 1);
     worker.shutdown().await.unwrap();
 }
 
@@ -616,17 +606,20 @@ async fn redeliveries_that_never_reached_a_task_are_not_held_against_it() {
     let worker = rig
         .server
         .worker()
-        .tasks([fp_prefetched::NAME])
+        .tasks([fp_good::NAME])
         .spawn()
         .await
         .unwrap();
     // The message is lost on its way to the worker three times (a prefetch buffer dropped
     // by restarts), and never ran: it must still run, once.
     rig.broker.arm(BrokerOp::Consume, Fault::times(3));
-    let before = PREFETCHED_RUNS.load(Ordering::SeqCst);
-    let handle = rig.server.send(fp_prefetched::signature(4)).await.unwrap();
+    let handle = rig
+        .server
+        .send(fp_good::signature("prefetched".to_owned(), 4))
+        .await
+        .unwrap();
     assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 4);
-    assert_eq!(PREFETCHED_RUNS.load(Ordering::SeqCst) - before, 1);
+    assert_eq!(runs("prefetched"), 1);
     assert!(rig.memory.dead_letters(QUEUE).is_empty());
     worker.shutdown().await.unwrap();
 }
@@ -731,7 +724,7 @@ async fn a_finished_task_dead_lettered_after_lost_acks_keeps_its_success() {
     let errbacks = ACKLESS_ERRBACKS.load(Ordering::SeqCst);
     let handle = rig
         .server
-        .send(fp_good::signature(9).on_error(fp_ackless_errback::signature()))
+        .send(fp_good::signature("ackless".to_owned(), 9).on_error(fp_ackless_errback::signature()))
         .await
         .unwrap();
     let uuid = handle.task_uuid().to_owned();
@@ -815,7 +808,9 @@ async fn a_finished_task_dead_lettered_still_sends_its_follow_ups() {
     let before = LATE_FOLLOW_UPS.load(Ordering::SeqCst);
     let handle = rig
         .server
-        .send(fp_good::signature(6).then(fp_late_follow_up::signature()))
+        .send(
+            fp_good::signature("late-follow-up".to_owned(), 6).then(fp_late_follow_up::signature()),
+        )
         .await
         .unwrap();
     let head = handle.task_uuids()[0].clone();

@@ -147,7 +147,7 @@ impl Store {
                 b.transition(task_state(signature, state, None, String::new()))
             })
             .await?;
-        Ok(found.map_or((None, false), |(previous, retried)| (previous, retried)))
+        Ok(found.unwrap_or_default())
     }
 }
 
