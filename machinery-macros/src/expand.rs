@@ -54,6 +54,7 @@ fn expand(func: &ItemFn, args: &TaskArgs, task: &TaskFn) -> TokenStream {
     } else {
         quote!(Blocking)
     };
+    let options = args.options.to_tokens(&private);
     let doc = format!(
         "The task `{name}`: its typed signature builder. The function itself is [`{ident}()`](fn@{ident})."
     );
@@ -69,6 +70,9 @@ fn expand(func: &ItemFn, args: &TaskArgs, task: &TaskFn) -> TokenStream {
             /// The task's name on the wire.
             #vis const NAME: &'static ::core::primitive::str = #name;
 
+            /// The task's default options, from its `#[task(..)]` attribute.
+            #vis const OPTIONS: #private::TaskOptions = #options;
+
             #builder
         }
 
@@ -81,6 +85,7 @@ fn expand(func: &ItemFn, args: &TaskArgs, task: &TaskFn) -> TokenStream {
                     path: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#ident)),
                     location: ::core::concat!(::core::file!(), ":", ::core::line!()),
                     runner: #private::Runner::#runner_kind(__machinery_run),
+                    options: #ident::OPTIONS,
                 }
             }
         };
@@ -165,7 +170,7 @@ fn builder(
         #[allow(clippy::too_many_arguments, clippy::needless_pass_by_value)]
         #vis fn signature(#(#decls),*) -> #krate::Signature<#out_ty, #kind> {
             #decode
-            let mut __machinery_builder = #private::SignatureBuilder::new(Self::NAME, #capacity);
+            let mut __machinery_builder = #private::SignatureBuilder::new(Self::NAME, #capacity, &Self::OPTIONS);
             #(#pushes)*
             __machinery_builder.finish(__machinery_decode)
         }

@@ -53,6 +53,7 @@ mod task;
 pub mod backend;
 pub mod broker;
 pub mod config;
+pub mod options;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod value;
@@ -66,7 +67,7 @@ pub use crate::result::{AsyncResult, GroupResult};
 pub use crate::server::{SendFuture, Server};
 pub use crate::signature::{Accepts, ErrorHandler, Full, Needs, Sendable, Signature, Variadic};
 pub use crate::task::{
-    registered_tasks, Runner, TaskDescriptor, TaskError, TaskFuture, TaskOutcome,
+    registered_tasks, Runner, TaskDescriptor, TaskError, TaskFuture, TaskOutcome, REVOKED,
 };
 pub use crate::worker::{Worker, WorkerBuilder, WorkerHandle};
 

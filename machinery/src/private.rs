@@ -17,6 +17,7 @@ pub use crate::error::Error;
 pub use crate::task::{TaskError, TaskFuture, TaskOutcome};
 pub use crate::wire::{Arg, TaskResult};
 
+pub use crate::options::{RateLimit, TaskOptions};
 pub use crate::signature::{ErrorHandler, Full, Needs, Variadic};
 pub use crate::task::{Runner, TaskDescriptor};
 pub use inventory;
@@ -28,9 +29,10 @@ pub struct SignatureBuilder {
 }
 
 impl SignatureBuilder {
-    pub fn new(name: &'static str, capacity: usize) -> Self {
+    pub fn new(name: &'static str, capacity: usize, options: &TaskOptions) -> Self {
         let mut raw = wire::Signature::new(name);
         raw.args.reserve_exact(capacity);
+        options.apply(&mut raw);
         SignatureBuilder { raw, error: None }
     }
 

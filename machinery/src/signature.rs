@@ -171,11 +171,7 @@ impl<O, K> Signature<O, K> {
         if self.error.is_none() {
             self.error = handler.error;
         }
-        let mut link = Some(&mut self.raw);
-        while let Some(sig) = link {
-            sig.on_error.push(handler.raw.clone());
-            link = sig.on_success.first_mut();
-        }
+        self.for_each_link(|sig| sig.on_error.push(handler.raw.clone()));
         self
     }
 
@@ -184,6 +180,59 @@ impl<O, K> Signature<O, K> {
     pub fn with_retries(mut self, count: u32) -> Self {
         self.raw.retry_count = i64::from(count);
         self
+    }
+
+    /// Sets the first retry's wait in seconds, from which the Fibonacci waits grow (Go's
+    /// `RetryTimeout`; for a chain: its first link).
+    pub fn with_retry_timeout(mut self, seconds: u32) -> Self {
+        self.raw.retry_timeout = i64::from(seconds);
+        self
+    }
+
+    /// Limits one run of the task's body to `limit` (for a chain: every link built so far).
+    ///
+    /// At the deadline an async body is cancelled and a blocking one abandoned; the task fails
+    /// with "time limit exceeded" (and is retried if it has retries left). The limit travels in
+    /// the message's `Headers` (`x-machinery-timeout-ms`), which Go passes through: a Rust
+    /// worker enforces it whoever sent the task. It overrides the task's `timeout` option.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// #[machinery::task]
+    /// async fn crawl(url: String) -> usize { url.len() }
+    ///
+    /// let sig = crawl::signature("https://example.com".into()).with_timeout(Duration::from_secs(30));
+    /// assert_eq!(sig.as_wire().headers["x-machinery-timeout-ms"], 30_000);
+    /// ```
+    pub fn with_timeout(mut self, limit: Duration) -> Self {
+        let millis = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.for_each_link(|sig| {
+            sig.headers
+                .insert(crate::options::TIMEOUT_HEADER.to_owned(), millis.into());
+        });
+        self
+    }
+
+    /// How many times the task may ask to be retried later ([`TaskError::retry_in`]) before it
+    /// fails (for a chain: every link built so far). Overrides the task's `max_retry_later`.
+    ///
+    /// [`TaskError::retry_in`]: crate::TaskError::retry_in
+    pub fn with_max_retry_later(mut self, count: u32) -> Self {
+        self.for_each_link(|sig| {
+            sig.headers.insert(
+                crate::options::MAX_RETRY_LATER_HEADER.to_owned(),
+                count.into(),
+            );
+        });
+        self
+    }
+
+    fn for_each_link(&mut self, mut f: impl FnMut(&mut wire::Signature)) {
+        let mut link = Some(&mut self.raw);
+        while let Some(sig) = link {
+            f(sig);
+            link = sig.on_success.first_mut();
+        }
     }
 
     /// Runs the task no earlier than `eta`.

@@ -44,7 +44,13 @@ pub(crate) enum TaskErrorKind {
     /// permanent, never retried.
     Permanent,
     Panicked,
+    /// The task was revoked (`Server::revoke`): not retried, no follow-ups.
+    Revoked,
 }
+
+/// The error of a revoked task, as the result backend records it (Go readers know no REVOKED
+/// state: they see FAILURE with this error).
+pub const REVOKED: &str = "revoked";
 
 impl TaskError {
     /// A failure with the given message.
@@ -89,6 +95,20 @@ impl TaskError {
         TaskError {
             message: message.into(),
             kind: TaskErrorKind::Permanent,
+        }
+    }
+
+    /// The body ran past its time limit.
+    pub(crate) fn time_limit(limit: Duration) -> Self {
+        TaskError::new(format!("time limit exceeded ({limit:?})"))
+    }
+
+    /// The task was revoked while it ran.
+    #[allow(dead_code)] // The revoke layer's.
+    pub(crate) fn revoked() -> Self {
+        TaskError {
+            message: REVOKED.to_owned(),
+            kind: TaskErrorKind::Revoked,
         }
     }
 
@@ -187,6 +207,8 @@ pub struct TaskDescriptor {
     pub location: &'static str,
     /// How to run it.
     pub runner: Runner,
+    /// Its default options (`#[task(retries = 3, timeout = "30s", ..)]`).
+    pub options: crate::options::TaskOptions,
 }
 
 inventory::collect!(TaskDescriptor);

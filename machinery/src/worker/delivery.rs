@@ -20,19 +20,19 @@
 //! reached the task (it sat in a prefetch buffer when a worker restarted) is not held against
 //! the message: the stored state, not the broker's flag, says whether a body ran.
 
-use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::Utc;
-use futures_util::FutureExt as _;
-use tracing::{debug, error, warn, Instrument as _};
+use tracing::{debug, error, info, warn, Instrument as _};
 
+use super::layers::{Admit, Call, Slot};
 use super::policy::{Attempt, Outcome, Settlement, ATTEMPTS_HEADER, LAST_ERROR_HEADER};
 use super::Ctx;
 use crate::broker::{Delivery, Message};
 use crate::error::{Error, Result};
-use crate::task::{Runner, TaskDescriptor, TaskError, TaskErrorKind, TaskOutcome};
+use crate::options::{header_u64, Resolved, RETRY_LATER_HEADER};
+use crate::task::{TaskDescriptor, TaskError, TaskErrorKind, REVOKED};
 use crate::wire::{Arg, GoTime, Signature, State, TaskResult, TaskState};
 
 /// The longest a task's retry waits (`RetryTimeout` is clamped to it), a week: far beyond any
@@ -40,7 +40,7 @@ use crate::wire::{Arg, GoTime, Signature, State, TaskResult, TaskState};
 pub(crate) const MAX_RETRY_WAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Handles one delivery, from decoding to settling it.
-pub(crate) async fn process(ctx: &Ctx, delivery: Delivery) {
+pub(crate) async fn process(ctx: &Ctx, delivery: Delivery, mut slot: Slot) {
     let config = ctx.server.config();
     let size = delivery.body().len();
     if size > config.max_message_size {
@@ -78,7 +78,7 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery) {
         if let Some(settlement) = ctx.policy.exhausted(attempt) {
             return settle(ctx, delivery, Some(signature), attempt, settlement).await;
         }
-        let outcome = handle(ctx, signature, attempt).await;
+        let outcome = handle(ctx, signature, attempt, &mut slot).await;
         let settlement = ctx.policy.decide(outcome, attempt);
         settle(ctx, delivery, None, attempt, settlement).await;
     }
@@ -93,8 +93,7 @@ async fn poison(ctx: &Ctx, delivery: Delivery, reason: String) {
     settle(ctx, delivery, None, attempt, settlement).await;
 }
 
-async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt) -> Outcome {
-    let config = ctx.server.config();
+async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt, slot: &mut Slot) -> Outcome {
     let Some(task) = ctx.registry.get(&signature.name) else {
         if signature.ignore_when_task_not_registered {
             // Go drops it (v2/brokers/amqp/amqp.go, consumeOne).
@@ -104,8 +103,13 @@ async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt) -> Outcome {
         warn!("task is not registered here; handing it back to the broker, behind other work");
         return Outcome::Unregistered;
     };
-    if let Some(wait) = too_early(&signature, config.eta_tolerance) {
-        debug!(?wait, "message arrived before its ETA; delaying it again");
+    let options = ctx.defaults.resolve(&signature, &task.options);
+    let call = Call {
+        signature: &signature,
+        task,
+        options,
+    };
+    if let Admit::Later(wait) = ctx.layers.admit(&call, slot).await {
         return Outcome::Early(wait);
     }
     let (previous, retried) = match ctx.store.transition(&signature, State::Received).await {
@@ -118,6 +122,10 @@ async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt) -> Outcome {
         stored => stored,
     };
     match stored {
+        Some(State::Failure) if previous.as_ref().is_some_and(|p| p.error == REVOKED) => {
+            info!("the task was revoked; not running it");
+            Outcome::Done
+        }
         Some(State::Received | State::Started | State::Success | State::Failure)
             if attempt.is_first() =>
         {
@@ -138,7 +146,7 @@ async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt) -> Outcome {
             debug!("redelivered after it started, by a broker that does not count deliveries; counting it first");
             Outcome::Checkpoint
         }
-        _ => execute(ctx, task, signature).await,
+        _ => execute(ctx, signature, task, options).await,
     }
 }
 
@@ -151,7 +159,12 @@ fn outcome_of(result: Result<()>) -> Outcome {
 
 /// Runs the task and records its outcome. `Failed`: the outcome could not be recorded or its
 /// follow-ups not sent.
-async fn execute(ctx: &Ctx, task: &'static TaskDescriptor, mut signature: Signature) -> Outcome {
+async fn execute(
+    ctx: &Ctx,
+    mut signature: Signature,
+    task: &'static TaskDescriptor,
+    options: Resolved,
+) -> Outcome {
     // STARTED with a transition too: another copy may have finished meanwhile.
     match ctx.store.transition(&signature, State::Started).await {
         Ok((Some(previous), _)) if previous.state.is_final() => {
@@ -162,47 +175,23 @@ async fn execute(ctx: &Ctx, task: &'static TaskDescriptor, mut signature: Signat
         Err(e) => return Outcome::Failed(e),
     }
     // A task that may be retried keeps its arguments for the retry.
-    let args = if signature.retry_count > 0 {
+    let args = if signature.retry_count > 0 || options.max_retry_later > 0 {
         signature.args.clone()
     } else {
         std::mem::take(&mut signature.args)
     };
-    let recorded = match run(task, args).await {
+    let call = Call {
+        signature: &signature,
+        task,
+        options,
+    };
+    let outcome = ctx.layers.call(&call, args).await;
+    let recorded = match outcome {
         Ok(results) => succeeded(ctx, signature, results).await,
         // Failures are the rare path: keep their state out of every task's future.
-        Err(err) => Box::pin(failed(ctx, signature, err)).await,
+        Err(err) => Box::pin(failed(ctx, signature, err, options.max_retry_later)).await,
     };
     outcome_of(recorded)
-}
-
-async fn run(task: &'static TaskDescriptor, args: Vec<Arg>) -> TaskOutcome {
-    match task.runner {
-        Runner::Blocking(body) => match tokio::task::spawn_blocking(move || body(args)).await {
-            Ok(outcome) => outcome,
-            Err(e) if e.is_panic() => Err(TaskError::panicked(panic_message(e.into_panic()))),
-            Err(_) => Err(TaskError::new("the task was cancelled")),
-        },
-        Runner::Async(start) => {
-            let future = match std::panic::catch_unwind(AssertUnwindSafe(|| start(args))) {
-                Ok(future) => future,
-                Err(payload) => return Err(TaskError::panicked(panic_message(payload))),
-            };
-            match AssertUnwindSafe(future).catch_unwind().await {
-                Ok(outcome) => outcome,
-                Err(payload) => Err(TaskError::panicked(panic_message(payload))),
-            }
-        }
-    }
-}
-
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    match payload.downcast::<String>() {
-        Ok(s) => *s,
-        Err(payload) => match payload.downcast::<&'static str>() {
-            Ok(s) => (*s).to_owned(),
-            Err(_) => "the task panicked".to_owned(),
-        },
-    }
 }
 
 /// How a task ended, as its follow-ups need it.
@@ -220,7 +209,7 @@ async fn succeeded(ctx: &Ctx, signature: Signature, results: Vec<TaskResult>) ->
         match Outgoing::prepare(ctx, callback) {
             Ok(prepared) => outgoing.push(prepared),
             Err(message) => {
-                return Box::pin(failed(ctx, signature, TaskError::permanent(message))).await;
+                return Box::pin(failed(ctx, signature, TaskError::permanent(message), 0)).await;
             }
         }
     }
@@ -237,61 +226,114 @@ async fn succeeded(ctx: &Ctx, signature: Signature, results: Vec<TaskResult>) ->
     .await
 }
 
-async fn failed(ctx: &Ctx, mut signature: Signature, err: TaskError) -> Result<()> {
-    let retryable = !matches!(err.kind(), TaskErrorKind::Permanent);
-    if retryable && signature.retry_count > 0 {
-        let mut clamped = String::new();
-        let wait = match err.retry_delay() {
-            Some(wait) => wait,
-            None => {
-                signature.retry_timeout = fibonacci_next(signature.retry_timeout);
-                Duration::from_secs(u64::try_from(signature.retry_timeout).unwrap_or(0))
-            }
-        };
-        let wait = if wait > MAX_RETRY_WAIT {
-            clamped = format!(
-                " (retry wait of {}s clamped to {}s)",
-                wait.as_secs(),
-                MAX_RETRY_WAIT.as_secs()
-            );
-            signature.retry_timeout = i64::try_from(MAX_RETRY_WAIT.as_secs()).unwrap_or(0);
-            MAX_RETRY_WAIT
-        } else {
-            wait
-        };
-        signature.retry_count -= 1;
-        warn!(error = %err, retries_left = signature.retry_count, ?wait, "task failed; retrying");
-        ctx.store
-            .set(
-                &signature,
-                State::Retry,
-                None,
-                format!("{}{clamped}", err.message()),
-            )
-            .await?;
-        let eta = chrono::Duration::from_std(wait)
-            .ok()
-            .and_then(|d| Utc::now().checked_add_signed(d));
-        signature.eta = eta.map(GoTime::from);
-        // A retry is a new delivery of the task, not another attempt at this one.
-        signature.headers.remove(ATTEMPTS_HEADER);
-        signature.headers.remove(LAST_ERROR_HEADER);
-        // The retry keeps its UUID and arguments; publishing records a fresh PENDING state.
-        match send(ctx, signature.clone()).await {
-            Err(e) if e.is_permanent() => {
-                let message = format!("{}; the retry cannot be sent: {e}", err.message());
-                signature.retry_count = 0;
-                return Box::pin(failed(ctx, signature, TaskError::permanent(message))).await;
-            }
-            other => return other,
+/// Records a failed run: a retry (counted, or a retry-later), or FAILURE and the error
+/// callbacks. A revoked task is FAILURE "revoked", with no follow-ups.
+async fn failed(
+    ctx: &Ctx,
+    mut signature: Signature,
+    err: TaskError,
+    max_retry_later: u32,
+) -> Result<()> {
+    let mut message = err.message().to_owned();
+    match retry_of(&mut signature, &err, max_retry_later) {
+        Retry::After { wait, note } => {
+            warn!(error = %err, retries_left = signature.retry_count, ?wait, "task failed; retrying");
+            ctx.store
+                .set(&signature, State::Retry, None, format!("{message}{note}"))
+                .await?;
+            let eta = chrono::Duration::from_std(wait)
+                .ok()
+                .and_then(|d| Utc::now().checked_add_signed(d));
+            signature.eta = eta.map(GoTime::from);
+            // A retry is a new delivery of the task, not another attempt at this one.
+            signature.headers.remove(ATTEMPTS_HEADER);
+            signature.headers.remove(LAST_ERROR_HEADER);
+            // The retry keeps its UUID and arguments; publishing records a fresh PENDING state.
+            return match send(ctx, signature.clone()).await {
+                Err(e) if e.is_permanent() => {
+                    let message = format!("{message}; the retry cannot be sent: {e}");
+                    signature.retry_count = 0;
+                    Box::pin(failed(ctx, signature, TaskError::permanent(message), 0)).await
+                }
+                other => other,
+            };
         }
+        Retry::No { note } => message.push_str(&note),
     }
-    error!(error = %err, "task failed");
+    error!(error = %message, "task failed");
     ctx.store
-        .set(&signature, State::Failure, None, err.message().to_owned())
+        .set(&signature, State::Failure, None, message.clone())
         .await?;
-    let message = err.message().to_owned();
+    if err.kind() == TaskErrorKind::Revoked {
+        return Ok(());
+    }
     follow_up(ctx, signature, Final::Failure(message), false, None).await
+}
+
+/// Whether a failed run is retried.
+#[derive(Debug, PartialEq, Eq)]
+enum Retry {
+    /// After `wait`; `note` is appended to the RETRY state's error.
+    After { wait: Duration, note: String },
+    /// Not retried; `note` is appended to the FAILURE's error.
+    No { note: String },
+}
+
+/// Decides the retry of a failed run and updates the signature for it.
+///
+/// - [`TaskError::retry_in`] is Go's `ErrRetryTaskLater` (v2/tasks/errors.go; v2/worker.go
+///   `taskRetryIn`): a retry after the given wait that does not use up `RetryCount`, bounded
+///   by `max_retry_later` (Go has no bound, machinery #640) and counted in the
+///   `x-machinery-retry-later` header.
+/// - Any other failure with `RetryCount > 0` is retried after the next Fibonacci wait
+///   (v2/worker.go `taskRetry`, `retry.FibonacciNext`), using one retry.
+/// - Permanent and revoked failures are never retried.
+///
+/// Every wait is clamped to [`MAX_RETRY_WAIT`].
+fn retry_of(signature: &mut Signature, err: &TaskError, max_retry_later: u32) -> Retry {
+    let no = || Retry::No {
+        note: String::new(),
+    };
+    let wait = match err.kind() {
+        TaskErrorKind::Permanent | TaskErrorKind::Revoked => return no(),
+        TaskErrorKind::RetryIn(wait) => {
+            let used = header_u64(signature, RETRY_LATER_HEADER).unwrap_or(0);
+            if used >= u64::from(max_retry_later) {
+                return Retry::No {
+                    note: format!(
+                        " (asked to be retried later {used} times; max_retry_later is {max_retry_later})"
+                    ),
+                };
+            }
+            signature
+                .headers
+                .insert(RETRY_LATER_HEADER.to_owned(), (used + 1).into());
+            wait
+        }
+        TaskErrorKind::Failed | TaskErrorKind::Panicked if signature.retry_count > 0 => {
+            signature.retry_count -= 1;
+            signature.retry_timeout = fibonacci_next(signature.retry_timeout);
+            Duration::from_secs(u64::try_from(signature.retry_timeout).unwrap_or(0))
+        }
+        TaskErrorKind::Failed | TaskErrorKind::Panicked => return no(),
+    };
+    if wait <= MAX_RETRY_WAIT {
+        return Retry::After {
+            wait,
+            note: String::new(),
+        };
+    }
+    if !matches!(err.kind(), TaskErrorKind::RetryIn(_)) {
+        signature.retry_timeout = i64::try_from(MAX_RETRY_WAIT.as_secs()).unwrap_or(0);
+    }
+    Retry::After {
+        wait: MAX_RETRY_WAIT,
+        note: format!(
+            " (retry wait of {}s clamped to {}s)",
+            wait.as_secs(),
+            MAX_RETRY_WAIT.as_secs()
+        ),
+    }
 }
 
 /// After a redelivery of a finished task: sends what may not have been sent.
@@ -517,13 +559,6 @@ pub(crate) fn fibonacci_next(n: i64) -> i64 {
         }
     }
     a
-}
-
-/// How long a message must still wait for its ETA, if it arrived too early.
-fn too_early(signature: &Signature, tolerance: Duration) -> Option<Duration> {
-    let eta = signature.eta?.datetime()?;
-    let wait = (eta - Utc::now()).to_std().ok()?;
-    (wait > tolerance).then_some(wait)
 }
 
 /// Carries out a settlement. `signature`: the decoded message, when the caller still has it.

@@ -13,6 +13,7 @@
 
 mod chord;
 mod delivery;
+mod layers;
 mod policy;
 mod store;
 
@@ -26,8 +27,14 @@ use tracing::{debug, error, info, warn};
 
 use crate::broker::Consumer;
 use crate::error::{Error, ErrorKind, Result};
+use crate::options::{RateLimit, WorkerDefaults};
 use crate::server::Server;
 use crate::task::Registry;
+use crate::task::TaskOutcome;
+use crate::wire::Signature;
+use crate::TaskError;
+pub use layers::HARD_LIMIT_EXIT_CODE;
+use layers::{Hooks, Layer, Layers, Slot, TimeLimits};
 use policy::SettlePolicy;
 use store::Store;
 
@@ -60,6 +67,9 @@ pub struct WorkerBuilder {
     queue: Option<String>,
     concurrency: usize,
     only: Option<Vec<String>>,
+    defaults: WorkerDefaults,
+    hard_time_limit: Option<Duration>,
+    hooks: Hooks,
 }
 
 impl WorkerBuilder {
@@ -70,6 +80,9 @@ impl WorkerBuilder {
             queue: None,
             concurrency: 16,
             only: None,
+            defaults: WorkerDefaults::default(),
+            hard_time_limit: None,
+            hooks: Hooks::default(),
         }
     }
 
@@ -101,6 +114,110 @@ impl WorkerBuilder {
         self
     }
 
+    /// The time limit of tasks whose signature and `#[task]` set none (the "app" layer of the
+    /// task options). See [`Signature::with_timeout`](crate::Signature::with_timeout).
+    ///
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
+    /// use std::time::Duration;
+    /// server.worker().default_timeout(Duration::from_secs(300)).build()?.run().await
+    /// # }
+    /// ```
+    pub fn default_timeout(mut self, limit: Duration) -> Self {
+        self.defaults.timeout = Some(limit);
+        self
+    }
+
+    /// Ends the process (exit code [`HARD_LIMIT_EXIT_CODE`]) when a task body is still running
+    /// `grace` after its time limit: a blocking body cannot be cancelled, and an async body
+    /// that blocks its thread never reaches the `.await` where it would be. Off by default.
+    /// Celery's hard time limit kills its child process the same way.
+    ///
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
+    /// use std::time::Duration;
+    /// let worker = server.worker().hard_time_limit(Duration::from_secs(10)).build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn hard_time_limit(mut self, grace: Duration) -> Self {
+        self.hard_time_limit = Some(grace);
+        self
+    }
+
+    /// How many times a task may ask to be retried later ([`TaskError::retry_in`]) when its
+    /// signature and `#[task]` set no `max_retry_later`; the default is
+    /// [`DEFAULT_MAX_RETRY_LATER`](crate::options::DEFAULT_MAX_RETRY_LATER).
+    ///
+    /// ```
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// let builder = server.worker().max_retry_later(10);
+    /// ```
+    pub fn max_retry_later(mut self, count: u32) -> Self {
+        self.defaults.max_retry_later = Some(count);
+        self
+    }
+
+    /// Limits how often this worker starts the task `name`, replacing the task's own
+    /// `rate_limit`. The limit is `"100/s"`, `"10/m"`, `"1/h"` or `"N/<duration>"`.
+    ///
+    /// ```
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// let builder = server.worker().rate_limit("send_email", "10/s".parse().unwrap());
+    /// ```
+    pub fn rate_limit(mut self, name: impl Into<String>, limit: RateLimit) -> Self {
+        self.defaults.rate_limits.insert(name.into(), limit);
+        self
+    }
+
+    /// Calls `handler` with the signature just before each task body runs (Go's
+    /// `SetPreTaskHandler`). A handler that panics is logged; the task runs as usual.
+    ///
+    /// ```
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// let builder = server.worker().pre_task_handler(|sig| println!("running {}", sig.uuid));
+    /// ```
+    pub fn pre_task_handler(
+        mut self,
+        handler: impl Fn(&Signature) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.pre = Some(Arc::new(handler));
+        self
+    }
+
+    /// Calls `handler` with the signature and the body's outcome after each task body (Go's
+    /// `SetPostTaskHandler`). A handler that panics is logged; the outcome is recorded as usual.
+    ///
+    /// ```
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// let builder = server
+    ///     .worker()
+    ///     .post_task_handler(|sig, outcome| println!("{} ok: {}", sig.uuid, outcome.is_ok()));
+    /// ```
+    pub fn post_task_handler(
+        mut self,
+        handler: impl Fn(&Signature, &TaskOutcome) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.post = Some(Arc::new(handler));
+        self
+    }
+
+    /// Calls `handler` with the signature and the error of each task body that fails (Go's
+    /// `SetErrorHandler`, which Go calls from `taskFailed`). A handler that panics is logged.
+    ///
+    /// ```
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// let builder = server
+    ///     .worker()
+    ///     .error_handler(|sig, err| eprintln!("{} failed: {err}", sig.name));
+    /// ```
+    pub fn error_handler(
+        mut self,
+        handler: impl Fn(&Signature, &TaskError) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.error = Some(Arc::new(handler));
+        self
+    }
+
     /// Builds the task registry and the worker. Fails if two tasks share a name.
     pub fn build(self) -> Result<Worker> {
         let registry = Registry::build(self.only.as_deref())?;
@@ -120,6 +237,15 @@ impl WorkerBuilder {
             backoff: config.requeue_delay,
         };
         let store = Store::new(self.server.backend().cloned(), config.store_retry_timeout);
+        let mut others: Vec<Arc<dyn Layer>> = Vec::new();
+        if !self.hooks.is_empty() {
+            others.push(Arc::new(self.hooks));
+        }
+        let layers = Layers::new(
+            config.eta_tolerance,
+            others,
+            TimeLimits::new(self.hard_time_limit),
+        );
         Ok(Worker {
             ctx: Arc::new(Ctx {
                 registry,
@@ -127,6 +253,8 @@ impl WorkerBuilder {
                 policy,
                 store,
                 groups: chord::GroupCache::default(),
+                layers,
+                defaults: self.defaults,
                 server: self.server,
             }),
             queue,
@@ -229,6 +357,8 @@ struct Ctx {
     policy: SettlePolicy,
     store: Store,
     groups: chord::GroupCache,
+    layers: Layers,
+    defaults: WorkerDefaults,
 }
 
 impl Worker {
@@ -352,13 +482,13 @@ impl Worker {
                         },
                     };
                     let ctx = self.ctx.clone();
+                    let slot = Slot::new(permit, permits.clone());
                     // Tasks live in the set: if the worker is aborted, so are they, and their
                     // unsettled deliveries go back to the queue.
                     while in_flight.try_join_next().is_some() {}
                     in_flight.spawn(async move {
-                        delivery::process(&ctx, delivery).await;
+                        delivery::process(&ctx, delivery, slot).await;
                         drop(bytes);
-                        drop(permit);
                     });
                 }
                 Some(Err(e)) => {

@@ -1,0 +1,219 @@
+//! The layers around a task call: the one home of every control over running work.
+//!
+//! A delivery that passed decoding and the settle policy's checks becomes a [`Call`]: the
+//! signature, its task, and the options in force for this run ([`Resolved`], layered signature
+//! → task → worker). Each [`Layer`] may act at four points, in the style of tower's and
+//! apalis's layers:
+//!
+//! 1. [`admit`](Layer::admit), before RECEIVED is recorded: run now, or not yet
+//!    ([`Admit::Later`]: the message is sent again to arrive later, which is not an attempt).
+//!    The ETA and rate limits decide here. A layer that waits gives up its concurrency
+//!    [`Slot`] while it waits.
+//! 2. [`before`](Layer::before), just before the body runs (Go's pre-task handler).
+//! 3. [`wrap`](Layer::wrap), around the body's future: time limits, and revoking a running
+//!    task, end it early with an error.
+//! 4. [`after`](Layer::after), with the body's outcome (Go's post-task and error handlers).
+//!
+//! The layers run in the order [`Layers::new`] lists them; `wrap` nests them so that the first
+//! layer is the outermost.
+
+mod eta;
+mod hooks;
+mod time_limit;
+
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::FutureExt as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::options::Resolved;
+use crate::task::{Runner, TaskDescriptor, TaskError, TaskOutcome};
+use crate::wire::{Arg, Signature};
+
+pub(crate) use hooks::Hooks;
+pub(crate) use time_limit::TimeLimits;
+pub use time_limit::HARD_LIMIT_EXIT_CODE;
+
+/// The body of a task, as the layers wrap it.
+pub(crate) type Body = Pin<Box<dyn Future<Output = TaskOutcome> + Send + 'static>>;
+
+/// One run of a task, as the layers see it.
+#[derive(Debug)]
+pub(crate) struct Call<'a> {
+    pub(crate) signature: &'a Signature,
+    pub(crate) task: &'static TaskDescriptor,
+    pub(crate) options: Resolved,
+}
+
+/// Whether a call may run now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// Run it.
+    Run,
+    /// Not yet: send the message again to arrive after this delay (not an attempt).
+    Later(Duration),
+}
+
+/// A control around the task call. Every method has a default that does nothing.
+#[async_trait]
+pub(crate) trait Layer: Send + Sync + fmt::Debug {
+    /// Decides, before RECEIVED is recorded, whether the call runs now. A layer that waits
+    /// releases `slot` while it waits ([`Slot::released`]).
+    async fn admit(&self, call: &Call<'_>, slot: &mut Slot) -> Admit {
+        let _ = (call, slot);
+        Admit::Run
+    }
+
+    /// Runs just before the body.
+    fn before(&self, call: &Call<'_>) {
+        let _ = call;
+    }
+
+    /// Wraps the body's future.
+    fn wrap(&self, call: &Call<'_>, body: Body) -> Body {
+        let _ = call;
+        body
+    }
+
+    /// Sees the body's outcome.
+    fn after(&self, call: &Call<'_>, outcome: &TaskOutcome) {
+        let _ = (call, outcome);
+    }
+}
+
+/// The worker's layers, in order.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Layers {
+    layers: Vec<Arc<dyn Layer>>,
+    /// Also among `layers`; runs blocking bodies.
+    limits: TimeLimits,
+}
+
+impl Layers {
+    /// The worker's layers: the ETA, `others` in order, then the time limit (innermost, so
+    /// that it times the body alone).
+    pub(crate) fn new(
+        eta_tolerance: Duration,
+        others: Vec<Arc<dyn Layer>>,
+        limits: TimeLimits,
+    ) -> Self {
+        let mut layers: Vec<Arc<dyn Layer>> = vec![Arc::new(eta::Eta {
+            tolerance: eta_tolerance,
+        })];
+        layers.extend(others);
+        layers.push(Arc::new(limits.clone()));
+        Layers { layers, limits }
+    }
+
+    /// The first layer that does not admit the call decides; a later one is not asked.
+    pub(crate) async fn admit(&self, call: &Call<'_>, slot: &mut Slot) -> Admit {
+        for layer in &self.layers {
+            if let Admit::Later(wait) = layer.admit(call, slot).await {
+                return Admit::Later(wait);
+            }
+        }
+        Admit::Run
+    }
+
+    /// Runs the task's body inside every layer, and returns its outcome.
+    pub(crate) async fn call(&self, call: &Call<'_>, args: Vec<Arg>) -> TaskOutcome {
+        for layer in &self.layers {
+            layer.before(call);
+        }
+        let mut body = body(call, args, &self.limits);
+        for layer in self.layers.iter().rev() {
+            body = layer.wrap(call, body);
+        }
+        let outcome = body.await;
+        for layer in &self.layers {
+            layer.after(call, &outcome);
+        }
+        outcome
+    }
+}
+
+/// The task's body as a future: a blocking body runs on Tokio's blocking pool (see
+/// [`TimeLimits`] for what happens when it is abandoned), an async one on the worker's runtime.
+/// A panic is the task's failure.
+fn body(call: &Call<'_>, args: Vec<Arg>, limits: &TimeLimits) -> Body {
+    match call.task.runner {
+        Runner::Blocking(body) => limits.blocking(call, move || body(args)),
+        Runner::Async(start) => {
+            let future = match std::panic::catch_unwind(AssertUnwindSafe(|| start(args))) {
+                Ok(future) => future,
+                Err(payload) => {
+                    return Box::pin(std::future::ready(Err(TaskError::panicked(panic_message(
+                        payload,
+                    )))))
+                }
+            };
+            Box::pin(async move {
+                match AssertUnwindSafe(future).catch_unwind().await {
+                    Ok(outcome) => outcome,
+                    Err(payload) => Err(TaskError::panicked(panic_message(payload))),
+                }
+            })
+        }
+    }
+}
+
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(s) => (*s).to_owned(),
+            Err(_) => "the task panicked".to_owned(),
+        },
+    }
+}
+
+/// A delivery's share of the worker's concurrency.
+#[derive(Debug)]
+#[allow(dead_code)] // Read by `released`.
+pub(crate) struct Slot {
+    permit: Option<OwnedSemaphorePermit>,
+    permits: Arc<Semaphore>,
+}
+
+impl Slot {
+    pub(crate) fn new(permit: OwnedSemaphorePermit, permits: Arc<Semaphore>) -> Self {
+        Slot {
+            permit: Some(permit),
+            permits,
+        }
+    }
+
+    /// Gives the slot up while `wait` runs (another delivery may use it), then takes one
+    /// again.
+    #[allow(dead_code)] // The rate-limit layer's.
+    pub(crate) async fn released<F: Future>(&mut self, wait: F) -> F::Output {
+        self.permit = None;
+        let output = wait.await;
+        // The semaphore is closed only when the worker is gone; the call then runs without
+        // a slot, as it would have with one.
+        self.permit = self.permits.clone().acquire_owned().await.ok();
+        output
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_waiting_call_frees_its_slot() {
+        let permits = Arc::new(Semaphore::new(1));
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        let mut slot = Slot::new(permit, permits.clone());
+        assert_eq!(permits.available_permits(), 0);
+        let seen = slot.released(async { permits.available_permits() }).await;
+        assert_eq!(seen, 1, "the slot is free while the call waits");
+        assert_eq!(permits.available_permits(), 0, "and taken again after");
+    }
+}
