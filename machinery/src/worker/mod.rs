@@ -148,9 +148,10 @@ impl WorkerBuilder {
     /// signature and `#[task]` set no `max_retry_later`; the default is
     /// [`DEFAULT_MAX_RETRY_LATER`](crate::options::DEFAULT_MAX_RETRY_LATER).
     ///
-    /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) {
     /// let builder = server.worker().max_retry_later(10);
+    /// # }
     /// ```
     pub fn max_retry_later(mut self, count: u32) -> Self {
         self.defaults.max_retry_later = Some(count);
@@ -160,9 +161,10 @@ impl WorkerBuilder {
     /// Limits how often this worker starts the task `name`, replacing the task's own
     /// `rate_limit`. The limit is `"100/s"`, `"10/m"`, `"1/h"` or `"N/<duration>"`.
     ///
-    /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) {
     /// let builder = server.worker().rate_limit("send_email", "10/s".parse().unwrap());
+    /// # }
     /// ```
     pub fn rate_limit(mut self, name: impl Into<String>, limit: RateLimit) -> Self {
         self.defaults.rate_limits.insert(name.into(), limit);
@@ -172,9 +174,10 @@ impl WorkerBuilder {
     /// Calls `handler` with the signature just before each task body runs (Go's
     /// `SetPreTaskHandler`). A handler that panics is logged; the task runs as usual.
     ///
-    /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) {
     /// let builder = server.worker().pre_task_handler(|sig| println!("running {}", sig.uuid));
+    /// # }
     /// ```
     pub fn pre_task_handler(
         mut self,
@@ -187,11 +190,12 @@ impl WorkerBuilder {
     /// Calls `handler` with the signature and the body's outcome after each task body (Go's
     /// `SetPostTaskHandler`). A handler that panics is logged; the outcome is recorded as usual.
     ///
-    /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) {
     /// let builder = server
     ///     .worker()
     ///     .post_task_handler(|sig, outcome| println!("{} ok: {}", sig.uuid, outcome.is_ok()));
+    /// # }
     /// ```
     pub fn post_task_handler(
         mut self,
@@ -204,11 +208,12 @@ impl WorkerBuilder {
     /// Calls `handler` with the signature and the error of each task body that fails (Go's
     /// `SetErrorHandler`, which Go calls from `taskFailed`). A handler that panics is logged.
     ///
-    /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) {
     /// let builder = server
     ///     .worker()
     ///     .error_handler(|sig, err| eprintln!("{} failed: {err}", sig.name));
+    /// # }
     /// ```
     pub fn error_handler(
         mut self,

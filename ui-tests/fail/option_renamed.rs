@@ -1,0 +1,8 @@
+use machinery::task;
+
+#[task(max_retries = 3)]
+fn add(a: i64, b: i64) -> i64 {
+    a + b
+}
+
+fn main() {}
