@@ -139,7 +139,6 @@ fn encode_value<T: Serialize + 'static>(value: &T) -> Result<(&'static str, Valu
 /// writes a `float32` (`floatEncoder` with 32 bits). It reads back as the same `f32`.
 fn float32_digits(value: Value) -> Value {
     let narrow = |v: Value| match v.as_f64() {
-        #[allow(clippy::cast_possible_truncation)] // an f32 widened by serde_json
         Some(f) => (f as f32)
             .to_string()
             .parse::<f64>()

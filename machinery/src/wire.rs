@@ -1516,7 +1516,9 @@ impl Signature {
         }
     }
 
-    /// Encodes to compact JSON, as published.
+    /// Encodes to compact JSON, as published: the bytes Go's `json.Marshal` writes for the same
+    /// signature (Go's float format, `<`, `>`, `&`, U+2028 and U+2029 escaped, empty nested
+    /// `Headers` as Go's `SendChain` leaves them; see the [module docs](self)).
     ///
     /// Fails (with [`ErrorKind::Encode`](crate::ErrorKind::Encode)) for a signature a worker
     /// would refuse to decode; see [`validate`](Signature::validate).

@@ -6,6 +6,9 @@
 //! signatures through machinery's server on the embedded broker, read the published bytes,
 //! and compare them with Go's, UUIDs aside (random on both sides; Go's files use fixed ones).
 
+// Test helpers outside `#[test]` functions, where clippy.toml's allowances do not reach.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::time::Duration;
 
 use machinery::value::{encode_arg, encode_result};
