@@ -167,7 +167,9 @@ fn needs_go_escape(bytes: &[u8]) -> bool {
     // `|`, not `||`: no branch per byte, so that the folds vectorise.
     let special = |b: u8| (b == b'<') | (b == b'>') | (b == b'&') | (b == 0xE2);
     let mut chunks = bytes.chunks_exact(16);
-    (&mut chunks).any(|chunk| chunk.iter().fold(false, |found, &b| found | special(b)))
+    chunks
+        .by_ref()
+        .any(|chunk| chunk.iter().fold(false, |found, &b| found | special(b)))
         || chunks
             .remainder()
             .iter()
