@@ -126,7 +126,31 @@ fn encode_value<T: Serialize + 'static>(value: &T) -> Result<(&'static str, Valu
             "cannot encode a `{type_name}` value: NaN and infinities have no JSON form"
         )));
     }
+    let value = if matches!(type_name, "float32" | "[]float32") {
+        float32_digits(value)
+    } else {
+        value
+    };
     Ok((type_name, value))
+}
+
+/// Holds each `float32` as the `f64` of its own shortest digits (`0.1f32` as `0.1`, not as
+/// `0.10000000149011612`, its exact value), so that it is written as Go's `encoding/json`
+/// writes a `float32` (`floatEncoder` with 32 bits). It reads back as the same `f32`.
+fn float32_digits(value: Value) -> Value {
+    let narrow = |v: Value| match v.as_f64() {
+        Some(f) => (f as f32)
+            .to_string()
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map_or(v, Value::Number),
+        None => v,
+    };
+    match value {
+        Value::Array(items) => Value::Array(items.into_iter().map(narrow).collect()),
+        other => narrow(other),
+    }
 }
 
 /// Decodes a value that arrived with Go type name `type_name` into `T`, strictly.

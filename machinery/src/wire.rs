@@ -2,8 +2,10 @@
 //! [`GroupMeta`], with Go's field names.
 //!
 //! Encoding writes every key, in Go's field order, with Go's zero values (`""`, `0`, `false`,
-//! `null`; `Args`, `OnSuccess` and `OnError` are `null` when empty and `Headers` is `{}`), so a Go
-//! reader cannot tell a Rust producer from a Go one. Decoding is as tolerant as Go's
+//! `null`; `Args`, `OnSuccess` and `OnError` are `null` when empty; empty `Headers` are `{}`,
+//! but `null` in the signatures nested in `OnSuccess` and `OnError`), with Go's `encoding/json`
+//! spelling of floats (`8`, `1e+21`) and strings (`\u003c` for `<`), so that the bytes are the
+//! ones a Go producer writes for the same signature. Decoding is as tolerant as Go's
 //! `encoding/json`: keys match case-insensitively, unknown keys are ignored, missing keys and
 //! `null` take the zero value. It is as strict as Go where Go is strict: a number where a string
 //! is expected, or `1.5` where an integer is expected, is an error.
@@ -37,10 +39,12 @@ use crate::error::{Error, Result};
 /// deep as a Go worker accepts.
 ///
 /// A chain nests each link two levels below the previous one (`"OnSuccess":[{...}]`), so it
-/// may have up to 5,000 links (4,999 if the last one has arguments), as in Go; chord
-/// callbacks nest one level each. Since this crate always encodes `"Headers":{}`, a signature
-/// takes two levels of the budget even where its message has no headers (stricter than Go by
-/// that one level), so that everything decoded here can be encoded again.
+/// may have up to 5,000 links, as in Go (where the last one may have arguments if its
+/// `Headers` are `null`); chord callbacks nest one level each. Since this crate encodes
+/// `"Headers":{}` in a message's own signature and a chord callback (and headers that are set
+/// anywhere), every signature takes two levels of the budget even where its message has no
+/// headers (stricter than Go by that one level), so that everything decoded here can be
+/// encoded again.
 ///
 /// Why a bound of its own rather than serde_json's (128 levels, which stops chains at 63
 /// links), and why not none: a message may be up to `max_message_size` (4 MiB by default)
@@ -92,6 +96,143 @@ fn check_level(level: usize, room: usize) -> std::result::Result<(), String> {
     }
 }
 
+/// serde_json's compact output, with Go's `encoding/json` spelling of floats and strings, so
+/// that the bytes are the ones `json.Marshal` writes for the same values.
+///
+/// - Floats (`write_f64`): Go's `floatEncoder` (encoding/json encode.go) writes the shortest
+///   digits that read back the same, in `'f'` format (`8`, not `8.0`; `100000000000000000000`,
+///   `0.000001`), and in `'e'` format below 1e-6 and from 1e21 on, with at least one exponent
+///   digit and its sign (`1e+21`, `1e-7`, `1.5e+300`). NaN and infinities never get here: the
+///   values that carry them are refused before (serde_json writes them as `null`).
+/// - Strings (`write_string_fragment`): `json.Marshal` escapes `<`, `>` and `&` (its HTML-safe
+///   escaping) and U+2028 and U+2029 (JavaScript line terminators) as `\u003c`, `\u003e`,
+///   `\u0026`, `\u2028` and `\u2029`. serde_json escapes the rest as Go 1.22 and later do
+///   (`\"`, `\\`, `\n`, `\r`, `\t`, `\b`, `\f`, other control characters as `\u00XX` in lower
+///   case hex); Go before 1.22 wrote `\b` and `\f` as `\u0008` and `\u000c`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct GoFormatter;
+
+impl serde_json::ser::Formatter for GoFormatter {
+    fn write_f64<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: f64,
+    ) -> std::io::Result<()> {
+        write_go_float(writer, value)
+    }
+
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let bytes = fragment.as_bytes();
+        // Nearly every string has none of these: check first, in a loop the compiler vectorises.
+        if !needs_go_escape(bytes) {
+            return writer.write_all(bytes);
+        }
+        let mut start = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            // U+2028 and U+2029 are E2 80 A8 and E2 80 A9 in UTF-8.
+            let (escape, len): (&[u8], usize) = match bytes[i] {
+                b'<' => (b"\\u003c", 1),
+                b'>' => (b"\\u003e", 1),
+                b'&' => (b"\\u0026", 1),
+                0xE2 if bytes.get(i + 1) == Some(&0x80) => match bytes.get(i + 2) {
+                    Some(0xA8) => (b"\\u2028", 3),
+                    Some(0xA9) => (b"\\u2029", 3),
+                    _ => {
+                        i += 1;
+                        continue;
+                    }
+                },
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            writer.write_all(&bytes[start..i])?;
+            writer.write_all(escape)?;
+            i += len;
+            start = i;
+        }
+        writer.write_all(&bytes[start..])
+    }
+}
+
+/// Whether `bytes` holds `<`, `>`, `&` or the first byte of U+2028 or U+2029 (and of other
+/// characters from U+2000 to U+2FFF, which [`GoFormatter`] then writes as they are).
+fn needs_go_escape(bytes: &[u8]) -> bool {
+    // `|`, not `||`: no branch per byte, so that the folds vectorise.
+    let special = |b: u8| (b == b'<') | (b == b'>') | (b == b'&') | (b == 0xE2);
+    let mut chunks = bytes.chunks_exact(16);
+    chunks
+        .by_ref()
+        .any(|chunk| chunk.iter().fold(false, |found, &b| found | special(b)))
+        || chunks
+            .remainder()
+            .iter()
+            .fold(false, |found, &b| found | special(b))
+}
+
+/// Writes a finite `f64` as Go's `encoding/json` does (`floatEncoder` for 64 bits): the
+/// shortest digits that read back the same (Rust's and Go's formatting both give those).
+fn write_go_float<W: ?Sized + std::io::Write>(writer: &mut W, value: f64) -> std::io::Result<()> {
+    let abs = value.abs();
+    if abs < 1e15 && value.fract() == 0.0 {
+        // The common case, a whole number (`8`): its digits, written without `fmt`. Exact, as
+        // every whole f64 below 2^53 is.
+        let mut buf = [0u8; 20];
+        let mut at = buf.len();
+        let mut n = abs as u64;
+        loop {
+            at -= 1;
+            buf[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if value.is_sign_negative() {
+            // Go writes -0 as `-0`, as it writes -8 as `-8`.
+            at -= 1;
+            buf[at] = b'-';
+        }
+        return writer.write_all(&buf[at..]);
+    }
+    if abs != 0.0 && !(1e-6..1e21).contains(&abs) {
+        // Rust writes `1e21` and `1e-7`; Go `1e+21` and (after trimming `e-07`) `1e-7`.
+        let text = format!("{value:e}");
+        match text.split_once('e') {
+            Some((mantissa, exponent)) if !exponent.starts_with('-') => {
+                write!(writer, "{mantissa}e+{exponent}")
+            }
+            _ => writer.write_all(text.as_bytes()),
+        }
+    } else {
+        // Rust's `Display` never uses an exponent and writes whole numbers without `.0`.
+        write!(writer, "{value}")
+    }
+}
+
+/// Encodes `value` as Go's `json.Marshal` would (see [`GoFormatter`]).
+pub(crate) fn to_go_writer<W: std::io::Write, T: Serialize + ?Sized>(
+    writer: W,
+    value: &T,
+) -> serde_json::Result<()> {
+    let mut ser = serde_json::Serializer::with_formatter(writer, GoFormatter);
+    value.serialize(&mut ser)
+}
+
+/// [`to_go_writer`] into a `String`.
+pub(crate) fn to_go_string<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
+    let mut out = Vec::with_capacity(64);
+    to_go_writer(&mut out, value)?;
+    // Only UTF-8 is written: strings as they are, escapes and numbers in ASCII.
+    String::from_utf8(out).map_err(ser::Error::custom)
+}
+
 /// A field type with Go's JSON zero-value conventions.
 ///
 /// `level` is the nesting level an array or object written for the field would have (the
@@ -102,6 +243,17 @@ trait GoField: Sized {
     fn encode<S: Serializer>(&self, s: S, level: usize) -> std::result::Result<S::Ok, S::Error>;
     fn decode<'de, D: Deserializer<'de>>(d: D, level: usize)
         -> std::result::Result<Self, D::Error>;
+    /// Encodes the field of a struct that is itself an array element (`in_list`: a signature
+    /// in `OnSuccess` or `OnError`), where Go may have left the field nil.
+    fn encode_in<S: Serializer>(
+        &self,
+        s: S,
+        level: usize,
+        in_list: bool,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        let _ = in_list;
+        self.encode(s, level)
+    }
 }
 
 macro_rules! plain_go_field {
@@ -207,7 +359,13 @@ impl GoField for Option<Vec<TaskResult>> {
     }
 }
 
-/// Headers: always an object (`{}` when empty), as Go producers write them.
+/// Headers: an object, but `null` when empty in a signature nested in `OnSuccess` or `OnError`,
+/// as Go writes them. Go writes a nil map as `null` and a set one as `{}`; its `SendTask`
+/// sets the headers of the signature it publishes (v2/server.go `SendTaskWithContext`, through
+/// v2/tracing/tracing.go `HeadersWithSpan`), and so do `SendGroup` (every member) and
+/// `SendChord` (every member and the callback), while the signatures nested in `OnSuccess` and
+/// `OnError` keep the nil map they were built with (`SendChain` sets only the first link's).
+/// Both forms decode alike.
 impl GoField for Map<String, Value> {
     const ALWAYS_NESTS: bool = true;
     fn encode<S: Serializer>(&self, s: S, level: usize) -> std::result::Result<S::Ok, S::Error> {
@@ -217,6 +375,18 @@ impl GoField for Map<String, Value> {
             map.serialize_entry(key, &BoundedValue::new(value, level + 1))?;
         }
         map.end()
+    }
+    fn encode_in<S: Serializer>(
+        &self,
+        s: S,
+        level: usize,
+        in_list: bool,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        if in_list && self.is_empty() {
+            s.serialize_none()
+        } else {
+            self.encode(s, level)
+        }
     }
     fn decode<'de, D: Deserializer<'de>>(
         d: D,
@@ -229,7 +399,7 @@ impl GoField for Map<String, Value> {
 impl GoField for Option<Box<Signature>> {
     fn encode<S: Serializer>(&self, s: S, level: usize) -> std::result::Result<S::Ok, S::Error> {
         match self {
-            Some(sig) => sig.encode_at(s, level),
+            Some(sig) => sig.encode_at(s, level, false),
             None => s.serialize_none(),
         }
     }
@@ -274,10 +444,10 @@ impl GoField for State {
 }
 
 /// A field, encoded at a nesting level.
-struct Enc<'a, T>(&'a T, usize);
+struct Enc<'a, T>(&'a T, usize, bool);
 impl<T: GoField> Serialize for Enc<'_, T> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        self.0.encode(s, self.1)
+        self.0.encode_in(s, self.1, self.2)
     }
 }
 
@@ -659,7 +829,13 @@ trait GoStruct: Sized {
     /// How many levels below its object its encoding always nests (1 for `"Headers":{}`).
     const EXTRA_LEVELS: usize;
     const EXPECTING: &'static str;
-    fn encode_at<S: Serializer>(&self, s: S, level: usize) -> std::result::Result<S::Ok, S::Error>;
+    /// Encodes the struct as an object opening at `level`; `in_list`: as an array element.
+    fn encode_at<S: Serializer>(
+        &self,
+        s: S,
+        level: usize,
+        in_list: bool,
+    ) -> std::result::Result<S::Ok, S::Error>;
     fn decode_map<'de, A: MapAccess<'de>>(
         map: A,
         level: usize,
@@ -730,11 +906,12 @@ macro_rules! go_struct {
                 &self,
                 s: S,
                 level: usize,
+                in_list: bool,
             ) -> std::result::Result<S::Ok, S::Error> {
                 check_level(level + Self::EXTRA_LEVELS, 1).map_err(ser::Error::custom)?;
                 grow(|| {
                     let mut st = s.serialize_struct(stringify!($name), Self::KEYS.len())?;
-                    $( st.serialize_field($key, &Enc(&self.$field, level + 1))?; )*
+                    $( st.serialize_field($key, &Enc(&self.$field, level + 1, in_list))?; )*
                     st.end()
                 })
             }
@@ -766,7 +943,7 @@ macro_rules! go_struct {
                 s: S,
                 level: usize,
             ) -> std::result::Result<S::Ok, S::Error> {
-                self.encode_at(s, level)
+                self.encode_at(s, level, true)
             }
             fn decode_elem<'de, D: Deserializer<'de>>(
                 d: D,
@@ -778,7 +955,7 @@ macro_rules! go_struct {
 
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-                self.encode_at(s, 1)
+                self.encode_at(s, 1, false)
             }
         }
 
@@ -1379,7 +1556,9 @@ impl Signature {
         }
     }
 
-    /// Encodes to compact JSON, as published.
+    /// Encodes to compact JSON, as published: the bytes Go's `json.Marshal` writes for the same
+    /// signature (Go's float format, `<`, `>`, `&`, U+2028 and U+2029 escaped, empty nested
+    /// `Headers` as Go's `SendChain` leaves them; see the [module docs](self)).
     ///
     /// Fails (with [`ErrorKind::Encode`](crate::ErrorKind::Encode)) for a signature a worker
     /// would refuse to decode; see [`validate`](Signature::validate).
@@ -1387,8 +1566,7 @@ impl Signature {
         // Go's field names and zero values alone take ~330 bytes; start big enough for a
         // typical task, so the buffer is not regrown on the hot path.
         let mut out = Vec::with_capacity(512);
-        serde_json::to_writer(&mut out, self)
-            .map_err(|e| Error::encode(format!("signature: {e}")))?;
+        to_go_writer(&mut out, self).map_err(|e| Error::encode(format!("signature: {e}")))?;
         Ok(out)
     }
 
@@ -1400,8 +1578,7 @@ impl Signature {
     /// the same [`ErrorKind::Encode`](crate::ErrorKind::Encode) error; this runs the same
     /// checks without keeping the bytes.
     pub fn validate(&self) -> Result<()> {
-        serde_json::to_writer(std::io::sink(), self)
-            .map_err(|e| Error::encode(format!("signature: {e}")))
+        to_go_writer(std::io::sink(), self).map_err(|e| Error::encode(format!("signature: {e}")))
     }
 
     /// Decodes a message body.
@@ -1493,6 +1670,25 @@ impl TaskState {
             ..TaskState::default()
         }
     }
+
+    /// Encodes to compact JSON, as a result backend stores it: the bytes Go's `json.Marshal`
+    /// writes for the same state (see [`Signature::to_json`]).
+    ///
+    /// ```
+    /// use machinery::wire::{State, TaskResult, TaskState};
+    ///
+    /// let mut state = TaskState::new("task_1", State::Success);
+    /// state.results = Some(vec![TaskResult { type_name: "float64".into(), value: 8.0.into() }]);
+    /// let json = String::from_utf8(state.to_json()?).unwrap();
+    /// assert!(json.contains(r#""Results":[{"Type":"float64","Value":8}]"#));
+    /// # Ok::<(), machinery::Error>(())
+    /// ```
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(256);
+        to_go_writer(&mut out, self)
+            .map_err(|e| Error::encode(format!("state of task {}: {e}", self.task_uuid)))?;
+        Ok(out)
+    }
 }
 
 /// A fresh `<prefix><uuid4>` identifier.
@@ -1513,9 +1709,10 @@ mod tests {
     /// Byte for byte what a Go Machinery v2 producer publishes for `add(1, 1)`.
     const GO_PLAIN: &str = r#"{"UUID":"task_5d7a3ec6-2f6a-4a44-b1b5-50c1e8f5b9e1","Name":"add","RoutingKey":"machinery_task","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":1},{"Name":"","Type":"int64","Value":1}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}"#;
 
-    /// The head of Go's `NewChain(add(2,2), add(5,6), multiply(4))`: links nested in OnSuccess,
-    /// nested RoutingKeys empty until a worker publishes them.
-    const GO_CHAIN_HEAD: &str = r#"{"UUID":"task_1","Name":"add","RoutingKey":"machinery_task","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":2},{"Name":"","Type":"int64","Value":2}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":[{"UUID":"task_2","Name":"add","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":5},{"Name":"","Type":"int64","Value":6}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":[{"UUID":"task_3","Name":"multiply","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":4}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}],"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}],"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}"#;
+    /// The head of Go's `NewChain(add(2,2), add(5,6), multiply(4))` as `SendChain` publishes it:
+    /// links nested in OnSuccess, nested RoutingKeys empty until a worker publishes them, nested
+    /// Headers nil (`SendChainWithContext` writes `{}` there; that form decodes alike).
+    const GO_CHAIN_HEAD: &str = r#"{"UUID":"task_1","Name":"add","RoutingKey":"machinery_task","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":2},{"Name":"","Type":"int64","Value":2}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":[{"UUID":"task_2","Name":"add","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":5},{"Name":"","Type":"int64","Value":6}],"Headers":null,"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":[{"UUID":"task_3","Name":"multiply","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":[{"Name":"","Type":"int64","Value":4}],"Headers":null,"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}],"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}],"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}"#;
 
     /// A member of Go's `NewChord(NewGroup(add(1,1), add(5,5)), multiply())`.
     const GO_CHORD_MEMBER: &str = r#"{"UUID":"task_a","Name":"add","RoutingKey":"machinery_task","ETA":"2026-11-29T20:17:52.337696883Z","GroupUUID":"group_g","GroupTaskCount":2,"Args":[{"Name":"","Type":"int64","Value":1},{"Name":"","Type":"int64","Value":1}],"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":{"UUID":"chord_c","Name":"multiply","RoutingKey":"","ETA":null,"GroupUUID":"","GroupTaskCount":0,"Args":null,"Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":null,"OnError":null,"ChordCallback":null,"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false},"BrokerMessageGroupId":"","SQSReceiptHandle":"","StopTaskDeletionOnError":false,"IgnoreWhenTaskNotRegistered":false}"#;
@@ -1561,7 +1758,15 @@ mod tests {
             } else {
                 s.push_str(&format!(r#"[{{"Name":"","Type":"int64","Value":{i}}}]"#));
             }
-            s.push_str(r#","Headers":{},"Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":"#);
+            // Go's SendChain sets only the first link's headers; nested ones stay nil.
+            s.push_str(if i == 0 {
+                r#","Headers":{}"#
+            } else {
+                r#","Headers":null"#
+            });
+            s.push_str(
+                r#","Priority":0,"Immutable":false,"RetryCount":0,"RetryTimeout":0,"OnSuccess":"#,
+            );
             s.push_str(if last { "null" } else { "[" });
         }
         for i in (0..links).rev() {
@@ -1635,17 +1840,18 @@ mod tests {
     #[test]
     fn nesting_is_bounded_as_in_go() {
         on_small_stack(|| {
-            // Go's limit: 10,000 levels. A chain takes two per link ("OnSuccess":[{...}]).
+            // Go's limit: 10,000 levels. A chain takes two per link ("OnSuccess":[{...}]); the
+            // last link's `"Headers":null` does not nest, but its budget keeps room for `{}`.
             let longest = chain_json(5000);
-            assert_eq!(go_depth(&longest), MAX_NESTING);
+            assert_eq!(go_depth(&longest), MAX_NESTING - 1);
             assert_eq!(links(&exercise_deep(longest)), 5000);
             let too_long = chain_json(5001);
-            assert_eq!(go_depth(&too_long), MAX_NESTING + 2);
+            assert_eq!(go_depth(&too_long), MAX_NESTING + 1);
             let err = Signature::from_json(too_long.as_bytes()).unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::Decode);
             assert!(err.message().contains("10000"), "{err}");
 
-            // Chord callbacks take one level each; a signature's encoding always holds
+            // Chord callbacks take one level each; a chord callback's encoding holds
             // `"Headers":{}` one level down.
             let deepest = callback_json(MAX_NESTING - 1);
             assert_eq!(go_depth(&deepest), MAX_NESTING);
@@ -1726,6 +1932,28 @@ mod tests {
             sig.headers.insert("h".into(), deep);
             assert_eq!(sig.to_json().unwrap_err().kind(), crate::ErrorKind::Encode);
         });
+    }
+
+    #[test]
+    fn strings_escape_what_go_escapes_and_nothing_else() {
+        // Go: encoding/json encode.go appendString (HTML-safe): <, >, &, U+2028, U+2029. Other
+        // characters starting with byte E2 (U+2020, U+20AC, U+202F) pass as they are; so does a
+        // string of none, short or long.
+        for (text, json) in [
+            ("", "\"\""),
+            (
+                "plain and long enough for a chunk or two",
+                "\"plain and long enough for a chunk or two\"",
+            ),
+            (
+                "\u{2020}\u{20ac}\u{2028}\u{2029}\u{202f} <a>&b; 0123456789abcdef<",
+                "\"\u{2020}\u{20ac}\\u2028\\u2029\u{202f} \\u003ca\\u003e\\u0026b; 0123456789abcdef\\u003c\"",
+            ),
+            ("\"\\\n<", "\"\\\"\\\\\\n\\u003c\""),
+        ] {
+            assert_eq!(to_go_string(text).unwrap(), json, "{text:?}");
+            assert_eq!(serde_json::from_str::<String>(json).unwrap(), text);
+        }
     }
 
     #[test]

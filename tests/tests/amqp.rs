@@ -432,6 +432,66 @@ fn delayed(routing_key: &str, delay: Duration) -> Message {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn delayed_messages_go_through_the_exchange_as_in_go() {
+    // Go: v2/brokers/amqp/amqp.go `delay`: the delay queue is bound to the exchange with its own
+    // name as binding key, and the message is published to the exchange with that name as
+    // routing key (not to the default exchange).
+    let config = unique_config("delay_exchange");
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    let (exchange, key) = (
+        config.amqp.exchange.clone(),
+        config.amqp.binding_key.clone(),
+    );
+    let delay_queue = AmqpBroker::delay_queue(60_000, &exchange, &key);
+    let (_conn, channel) = raw_channel().await;
+    // A queue bound to the exchange with the delay queue's name gets a copy of what the
+    // exchange routes there, and nothing of what goes through the default exchange.
+    let probe = format!("{}.probe", config.default_queue);
+    channel
+        .queue_declare(
+            probe.as_str().into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            probe.as_str().into(),
+            exchange.as_str().into(),
+            delay_queue.as_str().into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    broker
+        .publish(delayed(&key, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(queue_depth(&channel, &delay_queue).await, 1);
+    assert_eq!(
+        queue_depth(&channel, &probe).await,
+        1,
+        "not sent through the exchange"
+    );
+    // The delay queue is bound: a message a Go producer publishes to the exchange with its
+    // name lands in it.
+    publish_raw(&channel, &exchange, &delay_queue, b"{}").await;
+    let deadline = Instant::now() + WAIT;
+    while queue_depth(&channel, &delay_queue).await < 2 {
+        assert!(Instant::now() < deadline, "the delay queue is not bound");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for queue in [delay_queue, probe] {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+    }
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn overlong_names_are_refused_before_they_reach_the_client_library() {
     // amq-protocol panics on a short string over 255 bytes; the broker must refuse such a
     // message with an Encode error instead, before anything is sent.

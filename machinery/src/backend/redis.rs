@@ -41,7 +41,7 @@
 //! five pieces: the JSON before the `TaskName` value, the `TaskName` value, the JSON between
 //! it and the `CreatedAt` value, the `CreatedAt` value, and the rest. The script decodes the
 //! old record with `cjson.decode`, takes the state and the two strings out of it, quotes the
-//! strings as `serde_json` does, and writes the pieces joined. Every other byte is the one
+//! strings as the wire encoder does (Go's `encoding/json` escapes), and writes the pieces joined. Every other byte is the one
 //! Rust encoded, so numbers (`8` stays `8`, large integers keep every digit) and key order are
 //! exactly those of the wire format. A stored value that is not a JSON object, or whose
 //! `State` is none of the six, counts as no record: it is replaced, as Go replaces it.
@@ -110,11 +110,14 @@ const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// no record, or it is not JSON or has a state that is none of the six).
 const WRITE_STATES_LUA: &str = r#"
 local escapes = { ['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
-                  ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
+                  ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t',
+                  ['<'] = '\\u003c', ['>'] = '\\u003e', ['&'] = '\\u0026' }
 local function quote(s)
-  local body = string.gsub(s, '[%z\1-\31"\\]', function(c)
+  local body = string.gsub(s, '[%z\1-\31"\\<>&]', function(c)
     return escapes[c] or string.format('\\u%04x', string.byte(c))
   end)
+  body = string.gsub(body, '\226\128\168', '\\u2028')
+  body = string.gsub(body, '\226\128\169', '\\u2029')
   return '"' .. body .. '"'
 end
 local function field(record, key)
@@ -943,7 +946,7 @@ impl ResultBackend for RedisBackend {
             created_at: GoTime::now(),
             ..GroupMeta::default()
         };
-        let json = serde_json::to_vec(&meta)
+        let json = crate::wire::to_go_string(&meta)
             .map_err(|e| Error::encode(format!("group {group_uuid}: {e}")))?;
         self.query::<()>(
             redis::cmd("SET")
@@ -1004,7 +1007,7 @@ impl ResultBackend for RedisBackend {
 }
 
 /// A [`TaskState`]'s JSON cut around its `TaskName` and `CreatedAt` values; joined, the
-/// pieces are exactly `serde_json::to_vec(&state)` (a unit test holds the two together).
+/// pieces are exactly [`TaskState::to_json`] (a unit test holds the two together).
 #[derive(Debug)]
 struct Pieces {
     head: String,
@@ -1017,7 +1020,7 @@ struct Pieces {
 impl Pieces {
     fn new(state: &TaskState) -> Result<Pieces> {
         fn json<T: serde::Serialize + ?Sized>(uuid: &str, value: &T) -> Result<String> {
-            serde_json::to_string(value)
+            crate::wire::to_go_string(value)
                 .map_err(|e| Error::encode(format!("state of task {uuid}: {e}")))
         }
         let uuid = &state.task_uuid;
@@ -1402,9 +1405,9 @@ mod tests {
                 Err(e) => panic!("{e}"),
             };
             let joined = format!("{}{}{}{}{}", p.head, p.name, p.mid, p.created, p.tail);
-            let whole = match serde_json::to_string(&state) {
-                Ok(s) => s,
-                Err(e) => panic!("{e}"),
+            let whole = match state.to_json().map(String::from_utf8) {
+                Ok(Ok(s)) => s,
+                other => panic!("{other:?}"),
             };
             assert_eq!(joined, whole);
         }

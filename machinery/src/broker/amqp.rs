@@ -9,7 +9,9 @@
 //!
 //! - `delay.<ms>.<exchange>.<routing key>`: delayed messages (a future ETA, retries) wait there
 //!   with `x-message-ttl = ms` and dead-letter back to the exchange with their routing key and
-//!   priority, as Go Machinery does (`delay` in `v2/brokers/amqp/amqp.go`); the queue expires
+//!   priority, as Go Machinery does (`delay` in `v2/brokers/amqp/amqp.go`). On a direct
+//!   exchange, as in Go, the queue is bound to the exchange with its own name and messages are
+//!   published to it through the exchange; on other kinds, through the default exchange. It expires
 //!   after `2 * ms` without use. RabbitMQ refuses `x-message-ttl` and `x-expires` over ten
 //!   years (315,360,000,000 ms on 3.10), where Go's declaration fails; here `ms` is at most
 //!   [`AmqpBroker::MAX_DELAY_HOP`] (2^31 - 1 ms, 24.8 days): a message due later comes out
@@ -544,17 +546,22 @@ impl Inner {
     /// refuses (an existing queue with other arguments) closes that channel only, never the
     /// publishing channel or a consumer's, and never the connection. The channel is opened
     /// again for the next declaration.
+    ///
+    /// `bind`: also bind the queue to the exchange with its own name as binding key (and the
+    /// configured binding arguments), as Go binds a delay queue.
     async fn declare_side_queue(
         &self,
         link: &Link,
         queue: &str,
         args: FieldTable,
         fresh_for: Option<Duration>,
+        bind: bool,
     ) -> Result<()> {
         if self.is_fresh(queue) {
             return Ok(());
         }
         let name = short("queue name", queue)?;
+        let exchange = short("exchange name", &self.exchange)?;
         let mut side = self.side.lock().await;
         if self.is_fresh(queue) {
             // Declared while we waited for the channel.
@@ -581,7 +588,7 @@ impl Inner {
         };
         channel
             .queue_declare(
-                name,
+                name.clone(),
                 QueueDeclareOptions {
                     durable: true,
                     ..QueueDeclareOptions::default()
@@ -590,12 +597,28 @@ impl Inner {
             )
             .await
             .map_err(|e| self.declare_error(&format!("declare queue `{queue}`"), e))?;
+        if bind {
+            channel
+                .queue_bind(
+                    name.clone(),
+                    exchange,
+                    name,
+                    QueueBindOptions::default(),
+                    self.binding_args.clone(),
+                )
+                .await
+                .map_err(|e| self.declare_error(&format!("bind queue `{queue}`"), e))?;
+        }
         lock(&self.declared).insert(queue.to_owned(), fresh_for, Instant::now());
         Ok(())
     }
 
-    /// Where a message goes: the exchange with its routing key, or (delayed) the default
-    /// exchange with the delay queue's name, declaring the delay queue.
+    /// Where a message goes: the exchange with its routing key, or (delayed) the delay queue,
+    /// declared (and bound) here: through the exchange with the queue's name as routing key, as
+    /// Go's `delay` publishes it (v2/brokers/amqp/amqp.go), on a direct exchange; through the
+    /// default exchange on others, where a binding by name would not route that one queue only
+    /// (a fanout exchange would copy every message into every delay queue, a topic binding such
+    /// as `#` would take delayed messages at once).
     async fn route(&self, link: &Link, message: &Message) -> Result<Route> {
         let Some(delay_ms) = hop_ms(message.delay) else {
             return Ok(Route {
@@ -622,10 +645,15 @@ impl Inner {
         // x-expires is 2 * delay: redeclare after delay / 2, so that any message published
         // since the last declaration leaves the queue before the queue can expire.
         let fresh_for = Duration::from_millis(delay_ms / 2);
-        self.declare_side_queue(link, &queue, args, Some(fresh_for))
+        let through_exchange = matches!(self.exchange_kind, ExchangeKind::Direct);
+        self.declare_side_queue(link, &queue, args, Some(fresh_for), through_exchange)
             .await?;
         Ok(Route {
-            exchange: ShortString::default(),
+            exchange: if through_exchange {
+                short("exchange name", &self.exchange)?
+            } else {
+                ShortString::default()
+            },
             routing_key: short("delay queue name", &queue)?,
             delay_queue: Some(queue),
         })
@@ -1212,7 +1240,7 @@ impl AmqpAcker {
         let queue = AmqpBroker::dead_letter_queue(&self.queue);
         let link = self.broker.link().await?;
         self.broker
-            .declare_side_queue(&link, &queue, FieldTable::default(), None)
+            .declare_side_queue(&link, &queue, FieldTable::default(), None, false)
             .await?;
         let mut headers = FieldTable::default();
         headers.insert("x-machinery-source-queue".into(), long_string(&self.queue));

@@ -33,7 +33,7 @@ use crate::broker::{Delivery, Message};
 use crate::error::{Error, Result};
 use crate::options::{header_u64, Resolved, RETRY_LATER_HEADER};
 use crate::task::{TaskDescriptor, TaskError, TaskErrorKind, REVOKED};
-use crate::wire::{Arg, GoTime, Signature, State, TaskResult, TaskState};
+use crate::wire::{self, Arg, GoTime, Signature, State, TaskResult, TaskState};
 
 /// The longest a task's retry waits (`RetryTimeout` is clamped to it), a week: far beyond any
 /// Fibonacci schedule in use, and far from the overflow a hostile `RetryTimeout` aims at.
@@ -55,10 +55,10 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery, mut slot: Slot) {
         );
         return poison(ctx, delivery, reason).await;
     }
-    let signature = match Signature::from_json(delivery.body()) {
-        Ok(sig) if sig.name.is_empty() || sig.uuid.is_empty() => {
-            error!(task.id = %sig.uuid, task.name = %sig.name, "message has no task name or UUID; dead-lettering it");
-            let reason = "message has no task name or UUID".to_owned();
+    let mut signature = match Signature::from_json(delivery.body()) {
+        Ok(sig) if sig.name.is_empty() => {
+            error!(task.id = %sig.uuid, "message has no task name; dead-lettering it");
+            let reason = "message has no task name".to_owned();
             return poison(ctx, delivery, reason).await;
         }
         Ok(sig) => sig,
@@ -67,6 +67,15 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery, mut slot: Slot) {
             return poison(ctx, delivery, e.to_string()).await;
         }
     };
+    // Go runs a message without a UUID (Go Machinery's README shows one) and stores its state
+    // under the empty key. It runs here under a fresh id; settling hands over the signature
+    // with that id, so a copy sent back to the broker or a FAILURE recorded for it carries the
+    // same id (the body has none).
+    let assigned = signature.uuid.is_empty().then(|| {
+        signature.uuid = wire::new_uuid("task_");
+        warn!(task.id = %signature.uuid, task.name = %signature.name, "message has no UUID; running it under a fresh one");
+        signature.clone()
+    });
     let attempt = Attempt::of(&delivery, &signature);
     let span = tracing::debug_span!(
         "task",
@@ -80,7 +89,7 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery, mut slot: Slot) {
         }
         let outcome = handle(ctx, signature, attempt, &mut slot).await;
         let settlement = ctx.policy.decide(outcome, attempt);
-        settle(ctx, delivery, None, attempt, settlement).await;
+        settle(ctx, delivery, assigned, attempt, settlement).await;
     }
     .instrument(span)
     .await;
