@@ -43,9 +43,18 @@ fn go_testconfig_reads_as_in_go() {
     assert_eq!(c.amqp.exchange, "exchange");
     assert_eq!(c.amqp.binding_key, "binding_key");
     // Go: assert.Equal(t, 10, cnf.AMQP.QueueDeclareArgs["x-max-priority"]) (an int, not "10").
-    assert_eq!(c.amqp.queue_declare_args.get("x-max-priority"), Some(&json!(10)));
-    assert_eq!(c.amqp.queue_binding_args.get("x-match"), Some(&json!("any")));
-    assert_eq!(c.amqp.queue_binding_args.get("image-type"), Some(&json!("png")));
+    assert_eq!(
+        c.amqp.queue_declare_args.get("x-max-priority"),
+        Some(&json!(10))
+    );
+    assert_eq!(
+        c.amqp.queue_binding_args.get("x-match"),
+        Some(&json!("any"))
+    );
+    assert_eq!(
+        c.amqp.queue_binding_args.get("image-type"),
+        Some(&json!("png"))
+    );
     assert_eq!(c.amqp.prefetch_count, 123);
     assert_eq!(c.redis.max_idle, 12);
     assert_eq!(c.redis.max_active, 123);
@@ -54,7 +63,10 @@ fn go_testconfig_reads_as_in_go() {
     assert_eq!(c.redis.read_timeout, Duration::from_secs(17));
     assert_eq!(c.redis.write_timeout, Duration::from_secs(19));
     assert_eq!(c.redis.connect_timeout, Duration::from_secs(21));
-    assert_eq!(c.redis.normal_tasks_poll_period, Duration::from_millis(1001));
+    assert_eq!(
+        c.redis.normal_tasks_poll_period,
+        Duration::from_millis(1001)
+    );
     assert_eq!(c.redis.delayed_tasks_poll_period, Duration::from_millis(23));
     assert_eq!(c.redis.delayed_tasks_key, "delayed_tasks_key");
     assert_eq!(c.redis.master_name, "master_name");
@@ -72,7 +84,8 @@ fn go_testconfig_reads_as_in_go() {
 /// of its keys: yaml.v2 decodes into the default `AMQPConfig` and `RedisConfig`.
 #[test]
 fn missing_keys_keep_go_defaults() {
-    let c = Config::from_yaml_str("broker: memory://yaml-defaults\namqp:\n  exchange: ex\n").unwrap();
+    let c =
+        Config::from_yaml_str("broker: memory://yaml-defaults\namqp:\n  exchange: ex\n").unwrap();
     assert_eq!(c.broker, "memory://yaml-defaults");
     assert_eq!(c.amqp.exchange, "ex");
     assert_eq!(c.default_queue, "machinery_tasks");
@@ -85,8 +98,14 @@ fn missing_keys_keep_go_defaults() {
     assert_eq!(c.redis.read_timeout, Duration::from_secs(15));
     assert_eq!(c.redis.write_timeout, Duration::from_secs(15));
     assert_eq!(c.redis.connect_timeout, Duration::from_secs(15));
-    assert_eq!(c.redis.normal_tasks_poll_period, Duration::from_millis(1000));
-    assert_eq!(c.redis.delayed_tasks_poll_period, Duration::from_millis(500));
+    assert_eq!(
+        c.redis.normal_tasks_poll_period,
+        Duration::from_millis(1000)
+    );
+    assert_eq!(
+        c.redis.delayed_tasks_poll_period,
+        Duration::from_millis(500)
+    );
     // An empty document is all defaults.
     assert_eq!(Config::from_yaml_str("").unwrap(), Config::default());
     assert_eq!(Config::from_yaml_str("---\n").unwrap(), Config::default());
@@ -141,7 +160,10 @@ fn env_overrides_the_file() {
     assert_eq!(c.redis.master_name, "env_master");
     // A table from the environment replaces the file's, as envconfig does.
     assert_eq!(c.amqp.queue_binding_args.len(), 1);
-    assert_eq!(c.amqp.queue_binding_args.get("x-match"), Some(&json!("all")));
+    assert_eq!(
+        c.amqp.queue_binding_args.get("x-match"),
+        Some(&json!("all"))
+    );
     // What the environment leaves alone stays as the file says.
     assert_eq!(c.amqp.exchange, "exchange");
     assert_eq!(c.redis.write_timeout, Duration::from_secs(19));
@@ -158,14 +180,20 @@ fn wrong_type_is_an_error_naming_the_key() {
         ("no_unix_signals: maybe\n", "no_unix_signals"),
         ("broker: {a: b}\n", "broker"),
         ("amqp: [1, 2]\n", "amqp"),
-        ("amqp:\n  queue_declare_args: 5\n", "amqp.queue_declare_args"),
+        (
+            "amqp:\n  queue_declare_args: 5\n",
+            "amqp.queue_declare_args",
+        ),
         ("redis:\n  read_timeout: soon\n", "redis.read_timeout"),
         ("redis:\n  wait: 1.5\n", "redis.wait"),
         ("- just\n- a list\n", "the document"),
     ] {
         let err = Config::from_yaml_str(yaml).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config, "{yaml}");
-        assert!(err.message().contains(&format!("`{key}`")) || err.message().contains(key), "{yaml}: {err}");
+        assert!(
+            err.message().contains(&format!("`{key}`")) || err.message().contains(key),
+            "{yaml}: {err}"
+        );
     }
 }
 
@@ -206,10 +234,16 @@ fn unknown_keys_are_ignored_as_in_go() {
 /// Go's zero value.
 #[test]
 fn yaml_1_1_booleans_and_nulls_as_in_go() {
-    let c = Config::from_yaml_str("broker: memory://yaml-bools\nno_unix_signals: yes\nredis:\n  wait: on\n").unwrap();
+    let c = Config::from_yaml_str(
+        "broker: memory://yaml-bools\nno_unix_signals: yes\nredis:\n  wait: on\n",
+    )
+    .unwrap();
     assert!(c.no_unix_signals);
     assert!(c.redis.wait);
-    let c = Config::from_yaml_str("broker: memory://yaml-nulls\nresults_expire_in:\nredis:\n  max_idle: ~\n").unwrap();
+    let c = Config::from_yaml_str(
+        "broker: memory://yaml-nulls\nresults_expire_in:\nredis:\n  max_idle: ~\n",
+    )
+    .unwrap();
     assert_eq!(c.results_expire_in, 0);
     assert_eq!(c.redis.max_idle, 0);
     // A scalar for a string key is taken as written (yaml.v2 sets the node's text).
