@@ -45,7 +45,10 @@ fn memory_config(name: &str) -> Config {
 /// The same checks on any broker and backend: `Vec<Arg>` and JSON in, typed and dynamic out,
 /// and a second server that did not send the task follows it by UUID.
 async fn sends_by_name_and_follows(sender: &Server, follower: &Server) {
-    let handle = sender.send_by_name("add", vec![float(1.5), float(2.0)]).await.unwrap();
+    let handle = sender
+        .send_by_name("add", vec![float(1.5), float(2.0)])
+        .await
+        .unwrap();
     // Typed: Go's float64 as f64.
     assert_eq!(handle.typed::<f64>().get_timeout(WAIT).await.unwrap(), 3.5);
     // Dynamic: the results as Go-typed values, and as plain JSON.
@@ -77,23 +80,40 @@ async fn sends_by_name_and_follows(sender: &Server, follower: &Server) {
         )
         .await
         .unwrap();
-    assert_eq!(handle.json().get_timeout(WAIT).await.unwrap(), json!(["x", 7]));
+    assert_eq!(
+        handle.json().get_timeout(WAIT).await.unwrap(),
+        json!(["x", 7])
+    );
     assert_eq!(handle.get_timeout(WAIT).await.unwrap().len(), 2);
     // Typed as one value, two results are a decode error, not a panic.
-    let err = handle.typed::<String>().get_timeout(WAIT).await.unwrap_err();
+    let err = handle
+        .typed::<String>()
+        .get_timeout(WAIT)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Decode);
 
     // Another service follows a task it did not send, by UUID.
-    let sent = sender.send_by_name("add", vec![float(20.0), float(22.0)]).await.unwrap();
+    let sent = sender
+        .send_by_name("add", vec![float(20.0), float(22.0)])
+        .await
+        .unwrap();
     let uuid = sent.task_uuid().to_owned();
     let followed = AsyncResult::from_uuid(follower, &uuid);
     assert_eq!(followed.task_uuid(), uuid);
-    assert_eq!(followed.typed::<f64>().get_timeout(WAIT).await.unwrap(), 42.0);
+    assert_eq!(
+        followed.typed::<f64>().get_timeout(WAIT).await.unwrap(),
+        42.0
+    );
     let state = follower.state(&uuid).await.unwrap().expect("a state");
     assert_eq!(state.state, State::Success);
     assert_eq!(state.task_name, "add");
     // A UUID nobody sent has no state.
-    assert!(follower.state("task_nobody_sent_this").await.unwrap().is_none());
+    assert!(follower
+        .state("task_nobody_sent_this")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
@@ -167,7 +187,10 @@ async fn backend_failing_on_state_is_an_error() {
         std::time::Duration::from_secs(60),
     ))));
     let server = Server::from_parts(config, broker, Some(backend.clone()));
-    let handle = server.send_by_name("add", vec![float(1.0), float(2.0)]).await.unwrap();
+    let handle = server
+        .send_by_name("add", vec![float(1.0), float(2.0)])
+        .await
+        .unwrap();
     backend.arm(BackendOp::GetState, Fault::always());
     let err = server.state(handle.task_uuid()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Backend, "{err}");
@@ -178,14 +201,22 @@ async fn backend_failing_on_state_is_an_error() {
     assert_eq!(err.kind(), ErrorKind::Backend, "{err}");
     backend.heal(BackendOp::GetState);
     assert_eq!(
-        server.state(handle.task_uuid()).await.unwrap().unwrap().state,
+        server
+            .state(handle.task_uuid())
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
         State::Pending
     );
 }
 
 #[tokio::test]
 async fn state_without_a_backend_is_an_error() {
-    let config = Config::builder().broker("memory://by-name-nobackend").build().unwrap();
+    let config = Config::builder()
+        .broker("memory://by-name-nobackend")
+        .build()
+        .unwrap();
     let broker = Arc::new(MemoryBroker::open(
         "by-name-nobackend",
         &config.default_queue,
