@@ -7,6 +7,12 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+mod redis;
+#[cfg(feature = "yaml")]
+mod yaml;
+
+pub use self::redis::RedisConfig;
+
 /// Server and worker configuration.
 ///
 /// The defaults are Go Machinery's, so a Go and a Rust process started without configuration
@@ -70,6 +76,16 @@ pub struct Config {
     /// (`STORE_RETRY_TIMEOUT_MS`, default 60 s). Meanwhile it takes no new messages, so an
     /// outage of the store pauses the worker instead of failing tasks.
     pub store_retry_timeout: Duration,
+
+    // Go's keys read from its YAML config and environment (`Config::from_yaml_file`).
+    /// The lock URL for periodic tasks (Go's `lock` / `LOCK`); `None` when unset or empty.
+    pub lock: Option<String>,
+    /// Go's `multiple_broker_separator` (env `MULTIPLE_BROKEN_SEPARATOR`, Go's spelling, or
+    /// `MULTIPLE_BROKER_SEPARATOR`): the separator of several broker URLs in `broker`. Read and
+    /// kept, **not used yet**: `broker` is one URL.
+    pub multiple_broker_separator: Option<String>,
+    /// Redis settings (Go's `redis:` block); see [`RedisConfig`] for which are used.
+    pub redis: RedisConfig,
 }
 
 /// The longest `results_expire_in` accepted: 100 years.
@@ -92,6 +108,13 @@ pub struct AmqpConfig {
     pub queue_declare_args: Map<String, Value>,
     /// Extra queue binding arguments (`AMQP_QUEUE_BINDING_ARGS`, `key:value,key:value`).
     pub queue_binding_args: Map<String, Value>,
+    /// Go's `auto_delete` (`AMQP_AUTO_DELETE`): declare the queue auto-delete. Read and kept,
+    /// **not used**: machinery's queues are durable and never auto-deleted.
+    pub auto_delete: bool,
+    /// Go's `delayed_queue` (`AMQP_DELAYED_QUEUE`), the one queue Go's broker parks delayed
+    /// tasks in. Read and kept, **not used**: machinery parks them in per-delay queues named
+    /// `delay.<ms>.<exchange>.<routing key>`.
+    pub delayed_queue: String,
 }
 
 impl Default for Config {
@@ -110,6 +133,9 @@ impl Default for Config {
             max_deliveries: 5,
             max_inflight_bytes: 16 * 1024 * 1024,
             store_retry_timeout: Duration::from_secs(60),
+            lock: None,
+            multiple_broker_separator: None,
+            redis: RedisConfig::default(),
         }
     }
 }
@@ -123,6 +149,8 @@ impl Default for AmqpConfig {
             prefetch_count: 3,
             queue_declare_args: Map::new(),
             queue_binding_args: Map::new(),
+            auto_delete: false,
+            delayed_queue: String::new(),
         }
     }
 }
@@ -141,7 +169,8 @@ impl Config {
     /// `AMQP_QUEUE_DECLARE_ARGS`, `AMQP_QUEUE_BINDING_ARGS`, `NO_UNIX_SIGNALS`, and
     /// machinery's own `MAX_MESSAGE_SIZE`, `ETA_TOLERANCE_MS`, `REQUEUE_DELAY_MS`,
     /// `RECONNECT_TIMEOUT_MS`, `MAX_DELIVERIES`, `MAX_INFLIGHT_BYTES`,
-    /// `STORE_RETRY_TIMEOUT_MS`.
+    /// `STORE_RETRY_TIMEOUT_MS`; and Go's `LOCK`, `MULTIPLE_BROKEN_SEPARATOR`,
+    /// `AMQP_AUTO_DELETE`, `AMQP_DELAYED_QUEUE` and `REDIS_*` (see [`RedisConfig`]).
     pub fn from_env() -> Result<Config> {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
@@ -160,6 +189,15 @@ impl Config {
     /// ```
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let mut c = Config::default();
+        c.apply_env(&lookup)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Sets every value that `lookup` has a variable for (Go's names): the one place where
+    /// the environment is applied, over the defaults or over a YAML file.
+    fn apply_env(&mut self, lookup: &impl Fn(&str) -> Option<String>) -> Result<()> {
+        let c = self;
         let text = |name: &str, slot: &mut String| {
             if let Some(v) = lookup(name) {
                 *slot = v;
@@ -171,31 +209,31 @@ impl Config {
         text("AMQP_EXCHANGE", &mut c.amqp.exchange);
         text("AMQP_EXCHANGE_TYPE", &mut c.amqp.exchange_type);
         text("AMQP_BINDING_KEY", &mut c.amqp.binding_key);
-        if let Some(v) = parsed(&lookup, "RESULTS_EXPIRE_IN")? {
+        if let Some(v) = parsed(lookup, "RESULTS_EXPIRE_IN")? {
             c.results_expire_in = v;
         }
-        if let Some(v) = parsed(&lookup, "AMQP_PREFETCH_COUNT")? {
+        if let Some(v) = parsed(lookup, "AMQP_PREFETCH_COUNT")? {
             c.amqp.prefetch_count = v;
         }
-        if let Some(v) = parsed(&lookup, "MAX_MESSAGE_SIZE")? {
+        if let Some(v) = parsed(lookup, "MAX_MESSAGE_SIZE")? {
             c.max_message_size = v;
         }
-        if let Some(v) = parsed(&lookup, "ETA_TOLERANCE_MS")? {
+        if let Some(v) = parsed(lookup, "ETA_TOLERANCE_MS")? {
             c.eta_tolerance = Duration::from_millis(v);
         }
-        if let Some(v) = parsed(&lookup, "REQUEUE_DELAY_MS")? {
+        if let Some(v) = parsed(lookup, "REQUEUE_DELAY_MS")? {
             c.requeue_delay = Duration::from_millis(v);
         }
-        if let Some(v) = parsed(&lookup, "RECONNECT_TIMEOUT_MS")? {
+        if let Some(v) = parsed(lookup, "RECONNECT_TIMEOUT_MS")? {
             c.reconnect_timeout = Duration::from_millis(v);
         }
-        if let Some(v) = parsed(&lookup, "MAX_DELIVERIES")? {
+        if let Some(v) = parsed(lookup, "MAX_DELIVERIES")? {
             c.max_deliveries = v;
         }
-        if let Some(v) = parsed(&lookup, "MAX_INFLIGHT_BYTES")? {
+        if let Some(v) = parsed(lookup, "MAX_INFLIGHT_BYTES")? {
             c.max_inflight_bytes = v;
         }
-        if let Some(v) = parsed(&lookup, "STORE_RETRY_TIMEOUT_MS")? {
+        if let Some(v) = parsed(lookup, "STORE_RETRY_TIMEOUT_MS")? {
             c.store_retry_timeout = Duration::from_millis(v);
         }
         if let Some(v) = lookup("NO_UNIX_SIGNALS") {
@@ -207,8 +245,8 @@ impl Config {
         if let Some(v) = lookup("AMQP_QUEUE_BINDING_ARGS") {
             c.amqp.queue_binding_args = parse_table("AMQP_QUEUE_BINDING_ARGS", &v)?;
         }
-        c.validate()?;
-        Ok(c)
+        c.apply_go_env(lookup)?;
+        Ok(())
     }
 
     /// Checks the values that cannot work.
@@ -281,6 +319,82 @@ impl Config {
         } else {
             &self.default_queue
         }
+    }
+}
+
+/// Go's environment variables for the keys of Go's YAML config that `apply_env` did not read
+/// before: `LOCK`, the broker separator, `AMQP_AUTO_DELETE`, `AMQP_DELAYED_QUEUE`, `REDIS_*`
+/// (Go: the `envconfig` tags in v2/config/config.go).
+impl Config {
+    fn apply_go_env(&mut self, lookup: &impl Fn(&str) -> Option<String>) -> Result<()> {
+        let non_empty = |v: String| (!v.is_empty()).then_some(v);
+        if let Some(v) = lookup("LOCK") {
+            self.lock = non_empty(v);
+        }
+        // Go's tag is `MULTIPLE_BROKEN_SEPARATOR` (sic); the correct spelling is read too.
+        if let Some(v) =
+            lookup("MULTIPLE_BROKEN_SEPARATOR").or_else(|| lookup("MULTIPLE_BROKER_SEPARATOR"))
+        {
+            self.multiple_broker_separator = non_empty(v);
+        }
+        if let Some(v) = lookup("AMQP_AUTO_DELETE") {
+            self.amqp.auto_delete = parse_bool("AMQP_AUTO_DELETE", &v)?;
+        }
+        if let Some(v) = lookup("AMQP_DELAYED_QUEUE") {
+            self.amqp.delayed_queue = v;
+        }
+        let r = &mut self.redis;
+        let secs = |name: &str, slot: &mut Duration| -> Result<()> {
+            if let Some(v) = parsed(lookup, name)? {
+                *slot = Duration::from_secs(v);
+            }
+            Ok(())
+        };
+        secs("REDIS_IDLE_TIMEOUT", &mut r.idle_timeout)?;
+        secs("REDIS_READ_TIMEOUT", &mut r.read_timeout)?;
+        secs("REDIS_WRITE_TIMEOUT", &mut r.write_timeout)?;
+        secs("REDIS_CONNECT_TIMEOUT", &mut r.connect_timeout)?;
+        for (name, slot) in [
+            (
+                "REDIS_NORMAL_TASKS_POLL_PERIOD",
+                &mut r.normal_tasks_poll_period,
+            ),
+            (
+                "REDIS_DELAYED_TASKS_POLL_PERIOD",
+                &mut r.delayed_tasks_poll_period,
+            ),
+        ] {
+            if let Some(v) = parsed(lookup, name)? {
+                *slot = Duration::from_millis(v);
+            }
+        }
+        for (name, slot) in [
+            ("REDIS_MAX_IDLE", &mut r.max_idle),
+            ("REDIS_MAX_ACTIVE", &mut r.max_active),
+        ] {
+            if let Some(v) = parsed(lookup, name)? {
+                *slot = v;
+            }
+        }
+        for (name, slot) in [
+            ("REDIS_WAIT", &mut r.wait),
+            ("REDIS_CLUSTER_ENABLED", &mut r.cluster_enabled),
+        ] {
+            if let Some(v) = lookup(name) {
+                *slot = parse_bool(name, &v)?;
+            }
+        }
+        for (name, slot) in [
+            ("REDIS_DELAYED_TASKS_KEY", &mut r.delayed_tasks_key),
+            ("REDIS_CLIENT_NAME", &mut r.client_name),
+            ("REDIS_MASTER_NAME", &mut r.master_name),
+            ("REDIS_SENTINEL_PASSWORD", &mut r.sentinel_password),
+        ] {
+            if let Some(v) = lookup(name) {
+                *slot = v;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -407,6 +521,9 @@ impl fmt::Debug for Config {
             .field("max_deliveries", &self.max_deliveries)
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("store_retry_timeout", &self.store_retry_timeout)
+            .field("lock", &self.lock.as_deref().map(mask_url))
+            .field("multiple_broker_separator", &self.multiple_broker_separator)
+            .field("redis", &self.redis)
             .finish()
     }
 }
@@ -420,6 +537,8 @@ impl fmt::Debug for AmqpConfig {
             .field("prefetch_count", &self.prefetch_count)
             .field("queue_declare_args", &self.queue_declare_args)
             .field("queue_binding_args", &self.queue_binding_args)
+            .field("auto_delete", &self.auto_delete)
+            .field("delayed_queue", &self.delayed_queue)
             .finish()
     }
 }

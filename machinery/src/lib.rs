@@ -42,6 +42,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![forbid(unsafe_code)]
 
+mod by_name;
 mod error;
 mod group;
 mod private;
@@ -60,6 +61,7 @@ pub mod value;
 pub mod wire;
 pub mod worker;
 
+pub use crate::by_name::IntoArgs;
 pub use crate::config::Config;
 pub use crate::error::{Error, ErrorKind, PartialSend, Result};
 pub use crate::group::{Chord, ChordCallback, Group};

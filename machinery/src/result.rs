@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::backend::ResultBackend;
 use crate::error::{Error, ErrorKind, Result};
 use crate::signature::Decoder;
-use crate::wire::{State, TaskState};
+use crate::wire::{State, TaskResult, TaskState};
 
 /// A handle on a sent task (or chain), returned by [`Server::send`](crate::Server::send).
 ///
@@ -110,6 +110,138 @@ impl<O> AsyncResult<O> {
             )
         })
     }
+}
+
+// ---- Dynamic results: tasks sent by name, and tasks followed by UUID ----
+
+impl AsyncResult<Vec<TaskResult>> {
+    /// Follows a task this process did not send, by its UUID (Go:
+    /// `result.NewAsyncResult(&tasks.Signature{UUID: uuid}, backend)`), through `server`'s
+    /// result backend. [`get`](Self::get) gives the results as Go-typed values;
+    /// [`typed`](Self::typed) and [`json`](Self::json) read them as a Rust type or as JSON.
+    ///
+    /// ```
+    /// use machinery::{task, AsyncResult, Config, Server};
+    ///
+    /// #[task]
+    /// fn add(a: f64, b: f64) -> f64 { a + b }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// let config = Config::builder().broker("memory://from-uuid-docs").build()?;
+    /// let server = Server::new(config.clone()).await?;
+    /// let worker = server.worker().spawn().await?;
+    /// let uuid = server.send(add::signature(1.0, 2.0)).await?.task_uuid().to_owned();
+    ///
+    /// // Elsewhere, with only the UUID:
+    /// let other = Server::new(config).await?;
+    /// let sum: f64 = AsyncResult::from_uuid(&other, uuid).typed().get().await?;
+    /// assert_eq!(sum, 3.0);
+    /// worker.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_uuid(server: &crate::Server, task_uuid: impl Into<String>) -> Self {
+        AsyncResult::new(
+            server.backend().cloned(),
+            vec![task_uuid.into()],
+            decode_dynamic,
+        )
+    }
+}
+
+impl<O> AsyncResult<O> {
+    /// The same task, its result read as `T`: one result of `T`'s Go type (see
+    /// [`value`](crate::value)). A task with no or several results, or another type, gives an
+    /// error of kind [`ErrorKind::Decode`].
+    ///
+    /// ```
+    /// use machinery::{task, Config, Server};
+    ///
+    /// #[task]
+    /// fn count(s: String) -> i64 { s.len() as i64 }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// let server = Server::new(Config::builder().broker("memory://typed-docs").build()?).await?;
+    /// let worker = server.worker().spawn().await?;
+    /// let handle = server.send(count::signature("four".into())).await?;
+    /// assert_eq!(handle.typed::<i64>().get().await?, 4);
+    /// assert!(handle.typed::<String>().get().await.is_err()); // an int64, not a string
+    /// worker.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn typed<T: serde::de::DeserializeOwned + 'static>(&self) -> AsyncResult<T> {
+        self.with_decoder(crate::private::decode_one::<T>)
+    }
+
+    /// The same task, its results as Go sent them: each with its Go type name.
+    ///
+    /// ```
+    /// use machinery::{task, Config, Server};
+    ///
+    /// #[task]
+    /// fn pair() -> (String, i64) { ("a".into(), 1) }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// let server = Server::new(Config::builder().broker("memory://dynamic-docs").build()?).await?;
+    /// let worker = server.worker().spawn().await?;
+    /// let results = server.send(pair::signature()).await?.dynamic().get().await?;
+    /// let types: Vec<&str> = results.iter().map(|r| r.type_name.as_str()).collect();
+    /// assert_eq!(types, ["string", "int64"]);
+    /// worker.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn dynamic(&self) -> AsyncResult<Vec<TaskResult>> {
+        self.with_decoder(decode_dynamic)
+    }
+
+    /// The same task, its results as plain JSON: one result is its value, several are an
+    /// array of their values, none is `null`.
+    ///
+    /// ```
+    /// use machinery::{task, Config, Server};
+    /// use serde_json::json;
+    ///
+    /// #[task]
+    /// fn pair() -> (String, i64) { ("a".into(), 1) }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// let server = Server::new(Config::builder().broker("memory://json-docs").build()?).await?;
+    /// let worker = server.worker().spawn().await?;
+    /// assert_eq!(server.send(pair::signature()).await?.json().get().await?, json!(["a", 1]));
+    /// worker.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn json(&self) -> AsyncResult<serde_json::Value> {
+        self.with_decoder(decode_json)
+    }
+
+    fn with_decoder<T>(&self, decode: Decoder<T>) -> AsyncResult<T> {
+        AsyncResult {
+            backend: self.backend.clone(),
+            prerequisites: self.prerequisites.clone(),
+            links: self.links.clone(),
+            decode,
+        }
+    }
+}
+
+fn decode_dynamic(results: &[TaskResult]) -> Result<Vec<TaskResult>> {
+    Ok(results.to_vec())
+}
+
+fn decode_json(results: &[TaskResult]) -> Result<serde_json::Value> {
+    Ok(match results {
+        [] => serde_json::Value::Null,
+        [one] => one.value.clone(),
+        several => several.iter().map(|r| r.value.clone()).collect(),
+    })
 }
 
 impl<O> fmt::Debug for AsyncResult<O> {

@@ -222,6 +222,90 @@ impl std::fmt::Display for Brief<'_> {
     }
 }
 
+// ---- Checking Go-typed arguments built by hand (`Server::send_by_name`) ----
+
+/// The `Type` names a Go worker understands (Go: `typesMap` in v2/tasks/reflect.go), and
+/// [`JSON_TYPE`], which only Rust workers read.
+pub const GO_TYPES: &[&str] = &[
+    "bool",
+    "int",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float32",
+    "float64",
+    "string",
+    "[]bool",
+    "[]int",
+    "[]int8",
+    "[]int16",
+    "[]int32",
+    "[]int64",
+    "[]uint",
+    "[]uint8",
+    "[]uint16",
+    "[]uint32",
+    "[]uint64",
+    "[]float32",
+    "[]float64",
+    "[]byte",
+    "[]string",
+    JSON_TYPE,
+];
+
+/// Checks an argument built by hand: its `Type` is one of [`GO_TYPES`] (exactly as Go spells
+/// it) and its `Value` reads as that type, as strictly as a worker reads it. The error, of kind
+/// [`ErrorKind::Encode`](crate::ErrorKind::Encode), names the type.
+///
+/// ```
+/// use machinery::value::check_arg;
+/// use machinery::wire::Arg;
+/// use serde_json::json;
+///
+/// let arg = |t: &str, v| Arg { name: String::new(), type_name: t.into(), value: v };
+/// assert!(check_arg(&arg("float64", json!(1))).is_ok());
+/// assert!(check_arg(&arg("[]string", json!(["a", "b"]))).is_ok());
+/// assert!(check_arg(&arg("float65", json!(1))).is_err()); // no such Go type
+/// assert!(check_arg(&arg("int8", json!(300))).is_err()); // out of range
+/// ```
+pub fn check_arg(arg: &Arg) -> Result<()> {
+    let t = arg.type_name.as_str();
+    let v = &arg.value;
+    macro_rules! check {
+        ($($name:literal => $ty:ty),* $(,)?) => {
+            match t {
+                $( $name => decode::<$ty>(t, v).map(|_| ()), )*
+                "" => return Err(Error::encode("an argument has no `Type`")),
+                _ => {
+                    return Err(Error::encode(format!(
+                        "unknown Go type `{}` (expected one of {})",
+                        t.chars().take(64).collect::<String>(),
+                        GO_TYPES.join(", ")
+                    )))
+                }
+            }
+        };
+    }
+    let checked = check! {
+        "bool" => bool, "int" => isize, "int8" => i8, "int16" => i16, "int32" => i32,
+        "int64" => i64, "uint" => usize, "uint8" => u8, "uint16" => u16, "uint32" => u32,
+        "uint64" => u64, "float32" => f32, "float64" => f64, "string" => String,
+        "[]bool" => Vec<bool>, "[]int" => Vec<isize>, "[]int8" => Vec<i8>,
+        "[]int16" => Vec<i16>, "[]int32" => Vec<i32>, "[]int64" => Vec<i64>,
+        "[]uint" => Vec<usize>, "[]uint8" => Vec<u8>, "[]uint16" => Vec<u16>,
+        "[]uint32" => Vec<u32>, "[]uint64" => Vec<u64>, "[]float32" => Vec<f32>,
+        "[]float64" => Vec<f64>, "[]byte" => Vec<u8>, "[]string" => Vec<String>,
+        "json" => Value,
+    };
+    checked.map_err(|e| Error::encode(e.message().to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
