@@ -70,6 +70,10 @@ pub struct Config {
     /// (`STORE_RETRY_TIMEOUT_MS`, default 60 s). Meanwhile it takes no new messages, so an
     /// outage of the store pauses the worker instead of failing tasks.
     pub store_retry_timeout: Duration,
+    /// The lock periodic tasks take so that each tick fires once across processes (`LOCK`, Go's
+    /// `lock`): `redis://[password@]host[:port]` (Go's `LockFactory` form), `eager` or none for
+    /// a lock within this process only; see [`periodic`](crate::periodic).
+    pub lock: Option<String>,
 }
 
 /// The longest `results_expire_in` accepted: 100 years.
@@ -110,6 +114,7 @@ impl Default for Config {
             max_deliveries: 5,
             max_inflight_bytes: 16 * 1024 * 1024,
             store_retry_timeout: Duration::from_secs(60),
+            lock: None,
         }
     }
 }
@@ -141,7 +146,7 @@ impl Config {
     /// `AMQP_QUEUE_DECLARE_ARGS`, `AMQP_QUEUE_BINDING_ARGS`, `NO_UNIX_SIGNALS`, and
     /// machinery's own `MAX_MESSAGE_SIZE`, `ETA_TOLERANCE_MS`, `REQUEUE_DELAY_MS`,
     /// `RECONNECT_TIMEOUT_MS`, `MAX_DELIVERIES`, `MAX_INFLIGHT_BYTES`,
-    /// `STORE_RETRY_TIMEOUT_MS`.
+    /// `STORE_RETRY_TIMEOUT_MS`; and `LOCK`, the lock of periodic tasks.
     pub fn from_env() -> Result<Config> {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
@@ -197,6 +202,9 @@ impl Config {
         }
         if let Some(v) = parsed(&lookup, "STORE_RETRY_TIMEOUT_MS")? {
             c.store_retry_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = lookup("LOCK") {
+            c.lock = Some(v).filter(|v| !v.is_empty());
         }
         if let Some(v) = lookup("NO_UNIX_SIGNALS") {
             c.no_unix_signals = parse_bool("NO_UNIX_SIGNALS", &v)?;
@@ -407,6 +415,7 @@ impl fmt::Debug for Config {
             .field("max_deliveries", &self.max_deliveries)
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("store_retry_timeout", &self.store_retry_timeout)
+            .field("lock", &self.lock.as_deref().map(mask_url))
             .finish()
     }
 }
@@ -489,6 +498,20 @@ impl ConfigBuilder {
         store_retry_timeout: Duration => store_retry_timeout;
     }
 
+    /// The lock URL of periodic tasks (Go's `lock`): `redis://[password@]host[:port]`, or
+    /// `eager` for a lock within this process.
+    ///
+    /// ```
+    /// let config = machinery::Config::builder().lock("redis://secret@127.0.0.1:6379").build()?;
+    /// assert_eq!(config.lock.as_deref(), Some("redis://secret@127.0.0.1:6379"));
+    /// assert!(!format!("{config:?}").contains("secret"));
+    /// # Ok::<(), machinery::Error>(())
+    /// ```
+    pub fn lock(mut self, url: impl Into<String>) -> Self {
+        self.config.lock = Some(url.into());
+        self
+    }
+
     /// Adds a queue declaration argument (`x-max-priority`, `x-queue-type`, ...).
     pub fn queue_declare_arg(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
         self.config
@@ -539,5 +562,19 @@ mod tests {
             let err = Config::from_lookup(|n| (n == name).then(|| value.to_owned())).unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::Config, "{name}={value}");
         }
+    }
+
+    #[test]
+    fn the_lock_url_is_read_from_lock_and_masked() {
+        let config = Config::from_lookup(|name| {
+            (name == "LOCK").then(|| "redis://secret@127.0.0.1:6379".to_owned())
+        })
+        .unwrap();
+        assert_eq!(config.lock.as_deref(), Some("redis://secret@127.0.0.1:6379"));
+        let shown = format!("{config:?}");
+        assert!(shown.contains("redis://***@127.0.0.1:6379"), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+        let unset = Config::from_lookup(|name| (name == "LOCK").then(String::new)).unwrap();
+        assert_eq!(unset.lock, None);
     }
 }

@@ -53,6 +53,7 @@ mod task;
 pub mod backend;
 pub mod broker;
 pub mod config;
+pub mod periodic;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod value;
