@@ -570,7 +570,10 @@ mod tests {
             (name == "LOCK").then(|| "redis://secret@127.0.0.1:6379".to_owned())
         })
         .unwrap();
-        assert_eq!(config.lock.as_deref(), Some("redis://secret@127.0.0.1:6379"));
+        assert_eq!(
+            config.lock.as_deref(),
+            Some("redis://secret@127.0.0.1:6379")
+        );
         let shown = format!("{config:?}");
         assert!(shown.contains("redis://***@127.0.0.1:6379"), "{shown}");
         assert!(!shown.contains("secret"), "{shown}");

@@ -86,7 +86,11 @@ impl SchedulerProcess {
 
     /// Reads the lines logged so far; returns the ticks sent among them.
     fn poll(&mut self) -> Vec<i64> {
-        let new: Vec<i64> = self.lines.try_iter().filter_map(|l| sent_tick(&l)).collect();
+        let new: Vec<i64> = self
+            .lines
+            .try_iter()
+            .filter_map(|l| sent_tick(&l))
+            .collect();
         self.sent.extend(&new);
         new
     }
@@ -120,7 +124,10 @@ fn sent_tick(line: &str) -> Option<i64> {
         return None;
     }
     let rest = line.split("periodic.tick=").nth(1)?;
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Every tick must be sent by one process only; returns the ticks in order.
@@ -132,7 +139,11 @@ fn ticks_sent_once(processes: &[SchedulerProcess]) -> Vec<i64> {
         }
     }
     for (tick, senders) in &by_tick {
-        assert_eq!(senders.len(), 1, "tick {tick} was sent by processes {senders:?}");
+        assert_eq!(
+            senders.len(),
+            1,
+            "tick {tick} was sent by processes {senders:?}"
+        );
     }
     by_tick.into_keys().collect()
 }
@@ -160,14 +171,25 @@ async fn three_scheduler_processes_send_each_tick_once() {
         .iter()
         .filter(|t| **t > started && **t <= ended)
         .count();
-    assert!((9..=11).contains(&in_window), "{in_window} ticks in 10 s: {ticks:?}");
+    assert!(
+        (9..=11).contains(&in_window),
+        "{in_window} ticks in 10 s: {ticks:?}"
+    );
     for pair in ticks.windows(2) {
-        assert_eq!(pair[1] - pair[0], 1000, "ticks not one second apart: {ticks:?}");
+        assert_eq!(
+            pair[1] - pair[0],
+            1000,
+            "ticks not one second apart: {ticks:?}"
+        );
     }
     // The broker saw exactly as many messages as the schedulers logged sends.
     let (_conn, channel) = raw_channel().await;
     let depth = queue_depth(&channel, &config.default_queue).await;
-    assert_eq!(depth as usize, ticks.len(), "messages in the queue against ticks sent");
+    assert_eq!(
+        depth as usize,
+        ticks.len(),
+        "messages in the queue against ticks sent"
+    );
     cleanup(&config).await;
 }
 
@@ -203,7 +225,10 @@ async fn killing_the_sender_loses_at_most_one_tick() {
     let ticks = ticks_sent_once(&processes);
     eprintln!("killed process {victim} after tick {killed_tick}; ticks {ticks:?}");
     let after: Vec<i64> = ticks.iter().copied().filter(|t| *t > killed_tick).collect();
-    assert!(after.len() >= 3, "the survivors sent {after:?} after the kill");
+    assert!(
+        after.len() >= 3,
+        "the survivors sent {after:?} after the kill"
+    );
     let gaps: Vec<i64> = ticks.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(
         gaps.iter().all(|g| *g == 1000 || *g == 2000),
@@ -215,15 +240,24 @@ async fn killing_the_sender_loses_at_most_one_tick() {
     );
     let (_conn, channel) = raw_channel().await;
     let depth = queue_depth(&channel, &config.default_queue).await;
-    assert_eq!(depth as usize, ticks.len(), "messages in the queue against ticks sent");
+    assert_eq!(
+        depth as usize,
+        ticks.len(),
+        "messages in the queue against ticks sent"
+    );
     cleanup(&config).await;
 }
 
 /// A server on the embedded broker `name`, and that broker for counting its messages.
 async fn embedded(name: &str) -> (Server, MemoryBroker) {
-    let server = Server::new(Config::builder().broker(format!("memory://{name}")).build().unwrap())
-        .await
-        .unwrap();
+    let server = Server::new(
+        Config::builder()
+            .broker(format!("memory://{name}"))
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     let memory = MemoryBroker::open(name, "machinery_tasks", "machinery_task");
     (server, memory)
 }
@@ -242,13 +276,12 @@ async fn two_schedulers_in_one_process_share_the_in_process_lock() {
     let (server, memory) = embedded(&name).await;
     let a = server.scheduler();
     let b = server.scheduler();
-    a.register_task("@every 1s", "tick", periodic_tick::signature(1)).unwrap();
-    b.register_task("@every 1s", "tick", periodic_tick::signature(1)).unwrap();
+    a.register_task("@every 1s", "tick", periodic_tick::signature(1))
+        .unwrap();
+    b.register_task("@every 1s", "tick", periodic_tick::signature(1))
+        .unwrap();
     let (ra, rb) = (a.spawn().await.unwrap(), b.spawn().await.unwrap());
-    eventually("three ticks", || {
-        a.list()[0].sent + b.list()[0].sent >= 3
-    })
-    .await;
+    eventually("three ticks", || a.list()[0].sent + b.list()[0].sent >= 3).await;
     ra.shutdown().await.unwrap();
     rb.shutdown().await.unwrap();
     let (sa, sb) = (&a.list()[0], &b.list()[0]);
@@ -266,8 +299,12 @@ async fn schedules_are_listed_and_removed_while_running() {
     let name = unique("listremove");
     let (server, memory) = embedded(&name).await;
     let scheduler = server.scheduler();
-    scheduler.register_task("@every 1s", "keep", periodic_tick::signature(1)).unwrap();
-    scheduler.register_task("@every 1s", "drop", periodic_tick::signature(2)).unwrap();
+    scheduler
+        .register_task("@every 1s", "keep", periodic_tick::signature(1))
+        .unwrap();
+    scheduler
+        .register_task("@every 1s", "drop", periodic_tick::signature(2))
+        .unwrap();
     // A bad spec and a name in use are errors at registration, and change nothing.
     let bad = scheduler.register_task("61 * * * *", "bad", periodic_tick::signature(3));
     assert_eq!(bad.unwrap_err().kind(), ErrorKind::Config);
@@ -281,8 +318,16 @@ async fn schedules_are_listed_and_removed_while_running() {
     assert_eq!(
         listed,
         [
-            ("keep".to_owned(), "@every 1s".to_owned(), PeriodicKind::Task),
-            ("drop".to_owned(), "@every 1s".to_owned(), PeriodicKind::Task),
+            (
+                "keep".to_owned(),
+                "@every 1s".to_owned(),
+                PeriodicKind::Task
+            ),
+            (
+                "drop".to_owned(),
+                "@every 1s".to_owned(),
+                PeriodicKind::Task
+            ),
         ]
     );
 
@@ -290,7 +335,11 @@ async fn schedules_are_listed_and_removed_while_running() {
     eventually("a send of `drop`", || scheduler.list()[1].sent >= 1).await;
     assert!(scheduler.remove("drop"));
     assert!(!scheduler.remove("drop"));
-    let dropped_sends = drain(&memory).await.iter().filter(|s| first_arg(s) == 2).count();
+    let dropped_sends = drain(&memory)
+        .await
+        .iter()
+        .filter(|s| first_arg(s) == 2)
+        .count();
     let keep_before = scheduler.list()[0].sent;
     eventually("two more sends of `keep`", || {
         scheduler.list()[0].sent >= keep_before + 2
@@ -305,7 +354,9 @@ async fn schedules_are_listed_and_removed_while_running() {
     assert!(dropped_sends >= 1);
     assert_eq!(scheduler.list().len(), 1);
     // The name is free again.
-    scheduler.register_task("@every 1s", "drop", periodic_tick::signature(2)).unwrap();
+    scheduler
+        .register_task("@every 1s", "drop", periodic_tick::signature(2))
+        .unwrap();
 }
 
 /// Every message waiting in the embedded broker's default queue, decoded (the queue is
@@ -328,20 +379,28 @@ async fn drain(memory: &MemoryBroker) -> Vec<machinery::wire::Signature> {
 }
 
 fn first_arg(sig: &machinery::wire::Signature) -> i64 {
-    serde_json::to_value(&sig.args[0].value).unwrap().as_i64().unwrap()
+    serde_json::to_value(&sig.args[0].value)
+        .unwrap()
+        .as_i64()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_publish_does_not_stop_later_ticks() {
     let name = unique("faulty");
-    let config = Config::builder().broker(format!("memory://{name}")).build().unwrap();
+    let config = Config::builder()
+        .broker(format!("memory://{name}"))
+        .build()
+        .unwrap();
     let memory = MemoryBroker::open(&name, "machinery_tasks", "machinery_task");
     let broker = FaultyBroker::new(Arc::new(memory.clone()));
     broker.arm(BrokerOp::Publish, Fault::once());
     let backend = MemoryBackend::open(&name, Duration::from_secs(60));
     let server = Server::from_parts(config, Arc::new(broker.clone()), Some(Arc::new(backend)));
     let scheduler = server.scheduler();
-    scheduler.register_task("@every 1s", "tick", periodic_tick::signature(1)).unwrap();
+    scheduler
+        .register_task("@every 1s", "tick", periodic_tick::signature(1))
+        .unwrap();
     let running = scheduler.spawn().await.unwrap();
     eventually("two sends after the failed one", || {
         let info = &scheduler.list()[0];
@@ -360,11 +419,21 @@ async fn groups_and_chords_are_sent_fresh_on_every_tick() {
     let name = unique("groupchord");
     let (server, memory) = embedded(&name).await;
     let scheduler = server.scheduler();
-    let group = Group::new([periodic_sum::signature(vec![1]), periodic_sum::signature(vec![2])]);
-    scheduler.register_group("@every 1s", "group", group).unwrap();
-    let chord = Group::new([periodic_sum::signature(vec![3]), periodic_sum::signature(vec![4])])
-        .chord(periodic_sum::signature(vec![]));
-    scheduler.register_chord("@every 1s", "chord", chord).unwrap();
+    let group = Group::new([
+        periodic_sum::signature(vec![1]),
+        periodic_sum::signature(vec![2]),
+    ]);
+    scheduler
+        .register_group("@every 1s", "group", group)
+        .unwrap();
+    let chord = Group::new([
+        periodic_sum::signature(vec![3]),
+        periodic_sum::signature(vec![4]),
+    ])
+    .chord(periodic_sum::signature(vec![]));
+    scheduler
+        .register_chord("@every 1s", "chord", chord)
+        .unwrap();
     let kinds: Vec<PeriodicKind> = scheduler.list().into_iter().map(|i| i.kind).collect();
     assert_eq!(kinds, [PeriodicKind::Group, PeriodicKind::Chord]);
     let running = scheduler.spawn().await.unwrap();
@@ -388,7 +457,10 @@ async fn groups_and_chords_are_sent_fresh_on_every_tick() {
             assert_eq!(callback.name, "periodic_sum");
         }
     }
-    let chords = messages.iter().filter(|m| m.chord_callback.is_some()).count();
+    let chords = messages
+        .iter()
+        .filter(|m| m.chord_callback.is_some())
+        .count();
     assert_eq!(chords as u64, 2 * scheduler.list()[1].sent);
 }
 
@@ -400,8 +472,12 @@ async fn without_a_result_backend_a_chord_is_refused_at_registration() {
         .unwrap();
     let memory = MemoryBroker::open(&unique("nobackend"), "machinery_tasks", "machinery_task");
     let server = Server::from_parts(config, Arc::new(memory), None);
-    let chord = Group::new([periodic_sum::signature(vec![1])]).chord(periodic_sum::signature(vec![]));
-    let err = server.scheduler().register_chord("@hourly", "c", chord).unwrap_err();
+    let chord =
+        Group::new([periodic_sum::signature(vec![1])]).chord(periodic_sum::signature(vec![]));
+    let err = server
+        .scheduler()
+        .register_chord("@hourly", "c", chord)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported);
 }
 

@@ -77,7 +77,8 @@ fn go_base(path: &str) -> String {
 /// ```
 #[async_trait]
 pub trait PeriodicLock: Send + Sync + fmt::Debug {
-    /// Takes `key` until `expires_at_ns`; `Ok(false)` when another holder has it.
+    /// Takes `key` until `expires_at_ns`; `Ok(false)` when another holder has it. See the
+    /// trait's example.
     async fn lock(&self, key: &str, expires_at_ns: i64) -> Result<bool>;
 }
 
@@ -101,11 +102,23 @@ pub struct MemoryLock {
 
 impl MemoryLock {
     /// A lock of its own.
+    ///
+    /// ```
+    /// let lock = machinery::periodic::MemoryLock::new();
+    /// # let _ = lock;
+    /// ```
     pub fn new() -> MemoryLock {
         MemoryLock::default()
     }
 
-    /// The lock shared by everything in this process.
+    /// The lock shared by everything in this process (the default of schedulers without a
+    /// `LOCK`).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use machinery::periodic::MemoryLock;
+    /// assert!(Arc::ptr_eq(&MemoryLock::shared(), &MemoryLock::shared()));
+    /// ```
     pub fn shared() -> Arc<MemoryLock> {
         static SHARED: OnceLock<Arc<MemoryLock>> = OnceLock::new();
         SHARED.get_or_init(Arc::default).clone()
@@ -220,6 +233,15 @@ impl RedisLock {
     /// Connects to the Redis server at `url`: `redis://[password@]host[:port][/db]` (Go's
     /// `LOCK` form; `rediss://` with the `redis-tls` feature). Go's list of several addresses
     /// (a cluster) is refused.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// let lock = machinery::periodic::RedisLock::connect("redis://secret@127.0.0.1:6379").await?;
+    /// println!("{lock:?}"); // RedisLock { url: "redis://***@127.0.0.1:6379/0", .. }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn connect(url: &str) -> Result<RedisLock> {
         if url.contains(',') {
             return Err(Error::config(
@@ -389,7 +411,10 @@ mod tests {
         assert_eq!(set_expiry(next - 1, now + 749_999_999), Expiry::Millis(1));
         assert_eq!(set_expiry(next - 1, next - S), Expiry::Secs(1));
         assert_eq!(set_expiry(next - 1, next + 5), Expiry::Millis(1));
-        assert_eq!(set_expiry(next - 1, next - 60 * S - 1), Expiry::Millis(60_000));
+        assert_eq!(
+            set_expiry(next - 1, next - 60 * S - 1),
+            Expiry::Millis(60_000)
+        );
         assert_eq!(getset_expire_secs(next - 1, now), 1);
         assert_eq!(getset_expire_secs(next + 59 * S - 1, now), 59);
     }
@@ -415,7 +440,10 @@ mod tests {
     fn the_memory_lock_is_gos_eager_lock() {
         let lock = MemoryLock::new();
         assert!(lock.lock_at("k", 100, 50));
-        assert!(!lock.lock_at("k", 200, 100), "held up to and including its value");
+        assert!(
+            !lock.lock_at("k", 200, 100),
+            "held up to and including its value"
+        );
         assert!(lock.lock_at("k", 200, 101));
         assert!(lock.lock_at("other", 200, 101));
     }

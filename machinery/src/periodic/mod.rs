@@ -67,6 +67,21 @@ pub use self::schedule::Schedule;
 ///
 /// Cheap to clone; clones share the registered schedules, which can be added, listed and
 /// removed before and while the scheduler runs.
+///
+/// ```
+/// use machinery::{task, Config, Server};
+/// # #[task] fn tick() {}
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> machinery::Result<()> {
+/// let server = Server::new(Config::builder().broker("memory://scheduler-type-docs").build()?).await?;
+/// let scheduler = server.scheduler();
+/// let running = scheduler.spawn().await?;
+/// // Registered while running: fires from the next whole second on.
+/// scheduler.register_task("@every 1s", "tick", tick::signature())?;
+/// running.shutdown().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Scheduler {
     server: Server,
@@ -110,6 +125,20 @@ enum Job {
 }
 
 /// What kind of work a schedule sends.
+///
+/// ```
+/// # use machinery::task;
+/// use machinery::periodic::PeriodicKind;
+/// # #[task] fn tick() {}
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> machinery::Result<()> {
+/// # let server = machinery::Server::new(machinery::Config::builder().broker("memory://kind-docs").build()?).await?;
+/// let scheduler = server.scheduler();
+/// scheduler.register_task("@hourly", "tick", tick::signature())?;
+/// assert_eq!(scheduler.list()[0].kind, PeriodicKind::Task);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PeriodicKind {
@@ -124,6 +153,21 @@ pub enum PeriodicKind {
 }
 
 /// A registered schedule, as [`Scheduler::list`] reports it.
+///
+/// ```
+/// # use machinery::task;
+/// # #[task] fn tick() {}
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> machinery::Result<()> {
+/// # let server = machinery::Server::new(machinery::Config::builder().broker("memory://info-docs").build()?).await?;
+/// let scheduler = server.scheduler();
+/// scheduler.register_task("@every 5s", "tick", tick::signature())?;
+/// let info = &scheduler.list()[0];
+/// assert_eq!((info.sent, info.failed, info.skipped), (0, 0, 0));
+/// assert!(info.next.is_some());
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct PeriodicInfo {
@@ -165,6 +209,16 @@ impl Server {
 
 impl Scheduler {
     /// A scheduler that sends with `server`; the same as [`Server::scheduler`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// # let server = machinery::Server::new(machinery::Config::builder().broker("memory://new-docs").build()?).await?;
+    /// let scheduler = machinery::periodic::Scheduler::new(server.clone());
+    /// # let _ = scheduler;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn new(server: Server) -> Scheduler {
         Scheduler {
             server,
@@ -343,7 +397,11 @@ impl Scheduler {
             stats: Arc::default(),
         });
         drop(entries);
-        debug!(periodic.name = name, periodic.spec = spec, "periodic task registered");
+        debug!(
+            periodic.name = name,
+            periodic.spec = spec,
+            "periodic task registered"
+        );
         self.shared.changed.notify_one();
         Ok(())
     }
@@ -469,6 +527,16 @@ impl fmt::Debug for Scheduler {
 /// A running [`Scheduler`]; see [`Scheduler::spawn`].
 ///
 /// Dropping it stops the scheduler as [`shutdown`](Self::shutdown) does, without waiting.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> machinery::Result<()> {
+/// # let server = machinery::Server::new(machinery::Config::builder().broker("memory://handle-docs").build()?).await?;
+/// let running = server.scheduler().spawn().await?;
+/// drop(running); // stops it
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct SchedulerHandle {
     stop: Option<oneshot::Sender<()>>,

@@ -70,7 +70,9 @@ impl Schedule {
         let mut utc = false;
         if rest.starts_with("TZ=") || rest.starts_with("CRON_TZ=") {
             let Some(space) = rest.find(' ') else {
-                return Err(invalid("the time zone prefix is not followed by a schedule".into()));
+                return Err(invalid(
+                    "the time zone prefix is not followed by a schedule".into(),
+                ));
             };
             let zone = &rest[rest.find('=').map_or(0, |i| i + 1)..space];
             utc = match zone {
@@ -304,7 +306,9 @@ fn get_range(expr: &str, r: &Bounds) -> std::result::Result<(u64, bool), String>
         ));
     }
     if step == 0 {
-        return Err(format!("{what}: step of range should be a positive number: {expr}"));
+        return Err(format!(
+            "{what}: step of range should be a positive number: {expr}"
+        ));
     }
     let mut bits = 0u64;
     let mut v = start;
@@ -413,7 +417,11 @@ pub(crate) fn parse_go_duration(orig: &str) -> std::result::Result<i128, String>
             "s" => 1_000_000_000,
             "m" => 60_000_000_000,
             "h" => 3_600_000_000_000,
-            other => return Err(format!("time: unknown unit \"{other}\" in duration \"{orig}\"")),
+            other => {
+                return Err(format!(
+                    "time: unknown unit \"{other}\" in duration \"{orig}\""
+                ))
+            }
         };
         s = &s[unit_len..];
         if v > MAX / unit {
@@ -493,14 +501,30 @@ mod tests {
             assert_eq!(parse_go_duration(text), Ok(nanos), "{text}");
         }
         assert_eq!(parse_go_duration("39h9m14.425s"), Ok(140_954_425_000_000));
-        assert_eq!(parse_go_duration("9223372036854775807ns"), Ok(i128::from(i64::MAX)));
+        assert_eq!(
+            parse_go_duration("9223372036854775807ns"),
+            Ok(i128::from(i64::MAX))
+        );
         assert_eq!(
             parse_go_duration("-9223372036854775808ns"),
             Ok(i128::from(i64::MIN))
         );
         for bad in [
-            "", "3", "-", "s", ".", "-.", ".s", "+.s", "1d", "\u{85}\u{85}", "\u{FFFD}", "1ns2",
-            "9223372036854775808ns", "9223372036854775810ns", "3000000h",
+            "",
+            "3",
+            "-",
+            "s",
+            ".",
+            "-.",
+            ".s",
+            "+.s",
+            "1d",
+            "\u{85}\u{85}",
+            "\u{FFFD}",
+            "1ns2",
+            "9223372036854775808ns",
+            "9223372036854775810ns",
+            "3000000h",
         ] {
             assert!(parse_go_duration(bad).is_err(), "{bad:?}");
         }

@@ -20,7 +20,11 @@ async fn main() {
         let var = |name: &str| std::env::var(name).unwrap_or_default();
         let server = machinery::Server::from_env().await?;
         let scheduler = server.scheduler().binary_name(var("PERIODIC_BINARY"));
-        scheduler.register_task(&var("PERIODIC_SPEC"), &var("PERIODIC_NAME"), noop::signature(1))?;
+        scheduler.register_task(
+            &var("PERIODIC_SPEC"),
+            &var("PERIODIC_NAME"),
+            noop::signature(1),
+        )?;
         let running = scheduler.spawn().await?;
         eprintln!("scheduler ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
