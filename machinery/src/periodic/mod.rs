@@ -648,12 +648,9 @@ impl Run {
             at,
         } = tick;
         let tick_ms = at.timestamp_millis();
-        let Some(next) = schedule.next_after(Utc::now()) else {
+        let Some((key, until)) = tick_lock(&self.binary_name, &name, &schedule, Utc::now()) else {
             return;
         };
-        // Go: `schedule.Next(time.Now()).UnixNano()-1`.
-        let until = next.timestamp_nanos_opt().unwrap_or(i64::MAX) - 1;
-        let key = lock_key(&self.binary_name, &name, schedule.spec());
         match self.lock.lock(&key, until).await {
             Ok(true) => {}
             Ok(false) => {
@@ -714,6 +711,20 @@ impl Run {
     }
 }
 
+/// The lock key and value of a tick fired at `now` (Go: v2/server.go, RegisterPeriodicTask:
+/// `LockWithRetries(utils.GetLockName(name, spec), schedule.Next(time.Now()).UnixNano()-1)`);
+/// `None` when the schedule never fires again.
+fn tick_lock(
+    binary_name: &str,
+    name: &str,
+    schedule: &Schedule,
+    now: DateTime<Utc>,
+) -> Option<(String, i64)> {
+    let next = schedule.next_after(now)?;
+    let until = next.timestamp_nanos_opt().unwrap_or(i64::MAX) - 1;
+    Some((lock_key(binary_name, name, schedule.spec()), until))
+}
+
 /// The results of a periodic send are not awaited.
 fn ignore(_: &[TaskResult]) -> Result<()> {
     Ok(())
@@ -741,6 +752,40 @@ fn fresh(raw: &wire::Signature) -> wire::Signature {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ticks_lock_is_gos_with_a_fixed_clock() {
+        use chrono::TimeZone;
+        // 2024-01-01T00:00:00.250Z, just after a tick.
+        let now = Utc.timestamp_nanos(1_704_067_200_250_000_000);
+        let every = Schedule::parse("@every 1m").unwrap();
+        let (key, until) = tick_lock("machinery-worker", "report", &every, now).unwrap();
+        // Go: v2/utils/utils.go GetLockName; v2/server.go `schedule.Next(time.Now()).UnixNano()-1`.
+        assert_eq!(key, "machinery_lock_machinery-workerreport@every 1m");
+        assert_eq!(until, 1_704_067_260_000_000_000 - 1);
+        // Go: v2/locks/redis/redis.go Lock, `SetNX(key, value, value + 1 - now)`: 59.75 s.
+        #[cfg(feature = "redis")]
+        {
+            let now_ns = now.timestamp_nanos_opt().unwrap();
+            let mut expected = redis::cmd("SET");
+            expected
+                .arg("machinery_lock_machinery-workerreport@every 1m")
+                .arg("1704067259999999999")
+                .arg("PX")
+                .arg("59750")
+                .arg("NX");
+            assert_eq!(
+                lock::set_nx_command(&key, until, now_ns).get_packed_command(),
+                expected.get_packed_command()
+            );
+        }
+        let cron = Schedule::parse("CRON_TZ=UTC */5 * * * *").unwrap();
+        let (key, until) = tick_lock("w", "r", &cron, now).unwrap();
+        assert_eq!(key, "machinery_lock_wrCRON_TZ=UTC */5 * * * *");
+        assert_eq!(until, 1_704_067_500_000_000_000 - 1);
+        let never = Schedule::parse("CRON_TZ=UTC 0 0 30 2 *").unwrap();
+        assert!(tick_lock("w", "r", &never, now).is_none());
+    }
 
     #[test]
     fn copies_have_new_uuids_throughout() {
