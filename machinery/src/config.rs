@@ -78,7 +78,9 @@ pub struct Config {
     pub store_retry_timeout: Duration,
 
     // Go's keys read from its YAML config and environment (`Config::from_yaml_file`).
-    /// The lock URL for periodic tasks (Go's `lock` / `LOCK`); `None` when unset or empty.
+    /// The lock periodic tasks take so that each tick fires once across processes (`LOCK`, Go's
+    /// `lock`): `redis://[password@]host[:port]` (Go's `LockFactory` form), `eager` or none for
+    /// a lock within this process only; see [`periodic`](crate::periodic).
     pub lock: Option<String>,
     /// Go's `multiple_broker_separator` (env `MULTIPLE_BROKEN_SEPARATOR`, Go's spelling, or
     /// `MULTIPLE_BROKER_SEPARATOR`): the separator of several broker URLs in `broker`. Read and
@@ -169,8 +171,9 @@ impl Config {
     /// `AMQP_QUEUE_DECLARE_ARGS`, `AMQP_QUEUE_BINDING_ARGS`, `NO_UNIX_SIGNALS`, and
     /// machinery's own `MAX_MESSAGE_SIZE`, `ETA_TOLERANCE_MS`, `REQUEUE_DELAY_MS`,
     /// `RECONNECT_TIMEOUT_MS`, `MAX_DELIVERIES`, `MAX_INFLIGHT_BYTES`,
-    /// `STORE_RETRY_TIMEOUT_MS`; and Go's `LOCK`, `MULTIPLE_BROKEN_SEPARATOR`,
-    /// `AMQP_AUTO_DELETE`, `AMQP_DELAYED_QUEUE` and `REDIS_*` (see [`RedisConfig`]).
+    /// `STORE_RETRY_TIMEOUT_MS`; and Go's `LOCK` (the lock of periodic tasks),
+    /// `MULTIPLE_BROKEN_SEPARATOR`, `AMQP_AUTO_DELETE`, `AMQP_DELAYED_QUEUE` and `REDIS_*` (see
+    /// [`RedisConfig`]).
     pub fn from_env() -> Result<Config> {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
@@ -608,6 +611,20 @@ impl ConfigBuilder {
         store_retry_timeout: Duration => store_retry_timeout;
     }
 
+    /// The lock URL of periodic tasks (Go's `lock`): `redis://[password@]host[:port]`, or
+    /// `eager` for a lock within this process.
+    ///
+    /// ```
+    /// let config = machinery::Config::builder().lock("redis://secret@127.0.0.1:6379").build()?;
+    /// assert_eq!(config.lock.as_deref(), Some("redis://secret@127.0.0.1:6379"));
+    /// assert!(!format!("{config:?}").contains("secret"));
+    /// # Ok::<(), machinery::Error>(())
+    /// ```
+    pub fn lock(mut self, url: impl Into<String>) -> Self {
+        self.config.lock = Some(url.into());
+        self
+    }
+
     /// Adds a queue declaration argument (`x-max-priority`, `x-queue-type`, ...).
     pub fn queue_declare_arg(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
         self.config
@@ -658,5 +675,22 @@ mod tests {
             let err = Config::from_lookup(|n| (n == name).then(|| value.to_owned())).unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::Config, "{name}={value}");
         }
+    }
+
+    #[test]
+    fn the_lock_url_is_read_from_lock_and_masked() {
+        let config = Config::from_lookup(|name| {
+            (name == "LOCK").then(|| "redis://secret@127.0.0.1:6379".to_owned())
+        })
+        .unwrap();
+        assert_eq!(
+            config.lock.as_deref(),
+            Some("redis://secret@127.0.0.1:6379")
+        );
+        let shown = format!("{config:?}");
+        assert!(shown.contains("redis://***@127.0.0.1:6379"), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+        let unset = Config::from_lookup(|name| (name == "LOCK").then(String::new)).unwrap();
+        assert_eq!(unset.lock, None);
     }
 }

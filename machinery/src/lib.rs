@@ -55,6 +55,7 @@ pub mod backend;
 pub mod broker;
 pub mod config;
 pub mod options;
+pub mod periodic;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod value;

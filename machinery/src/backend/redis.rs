@@ -1041,7 +1041,7 @@ impl Pieces {
 
 /// A Redis URL read as Go Machinery reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct RedisUrl {
+pub(crate) struct RedisUrl {
     tls: bool,
     host: String,
     port: u16,
@@ -1052,7 +1052,7 @@ struct RedisUrl {
 
 impl RedisUrl {
     /// Parses a URL. Errors never quote the URL: a malformed one may hold a password anywhere.
-    fn parse(url: &str) -> Result<RedisUrl> {
+    pub(crate) fn parse(url: &str) -> Result<RedisUrl> {
         let invalid = |what: &str| Error::config(format!("invalid Redis URL: {what}"));
         let (scheme, rest) = url
             .split_once("://")
@@ -1142,7 +1142,7 @@ impl RedisUrl {
     }
 
     /// `redis://***@host:port/db`: the URL as messages show it.
-    fn display(&self) -> String {
+    pub(crate) fn display(&self) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
         let auth = if self.password.is_some() || self.username.is_some() {
             "***@"
@@ -1157,7 +1157,7 @@ impl RedisUrl {
         format!("{scheme}://{auth}{host}:{}/{}", self.port, self.db)
     }
 
-    fn connection_info(&self) -> Result<redis::ConnectionInfo> {
+    pub(crate) fn connection_info(&self) -> Result<redis::ConnectionInfo> {
         let addr = if self.tls {
             if !cfg!(feature = "redis-tls") {
                 return Err(Error::config(format!(
