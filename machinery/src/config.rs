@@ -70,6 +70,12 @@ pub struct Config {
     /// (`STORE_RETRY_TIMEOUT_MS`, default 60 s). Meanwhile it takes no new messages, so an
     /// outage of the store pauses the worker instead of failing tasks.
     pub store_retry_timeout: Duration,
+    /// How often a worker reads the states of the tasks it is running, to cancel those that
+    /// were revoked ([`Server::revoke`](crate::Server::revoke)) while they run
+    /// (`REVOKE_POLL_MS`, default 1 s; `0` turns it off: revoked tasks still never start).
+    /// One read per interval for all of them (Redis: one `MGET`), and none while the worker
+    /// runs nothing.
+    pub revoke_poll: Duration,
 }
 
 /// The longest `results_expire_in` accepted: 100 years.
@@ -110,6 +116,7 @@ impl Default for Config {
             max_deliveries: 5,
             max_inflight_bytes: 16 * 1024 * 1024,
             store_retry_timeout: Duration::from_secs(60),
+            revoke_poll: Duration::from_secs(1),
         }
     }
 }
@@ -197,6 +204,9 @@ impl Config {
         }
         if let Some(v) = parsed(&lookup, "STORE_RETRY_TIMEOUT_MS")? {
             c.store_retry_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = parsed(&lookup, "REVOKE_POLL_MS")? {
+            c.revoke_poll = Duration::from_millis(v);
         }
         if let Some(v) = lookup("NO_UNIX_SIGNALS") {
             c.no_unix_signals = parse_bool("NO_UNIX_SIGNALS", &v)?;
@@ -407,6 +417,7 @@ impl fmt::Debug for Config {
             .field("max_deliveries", &self.max_deliveries)
             .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("store_retry_timeout", &self.store_retry_timeout)
+            .field("revoke_poll", &self.revoke_poll)
             .finish()
     }
 }
@@ -487,6 +498,8 @@ impl ConfigBuilder {
         max_inflight_bytes: usize => max_inflight_bytes;
         /// How long a worker retries a result-store write before giving the message back.
         store_retry_timeout: Duration => store_retry_timeout;
+        /// How often a worker looks for revoked tasks among those it runs (`0`: never).
+        revoke_poll: Duration => revoke_poll;
     }
 
     /// Adds a queue declaration argument (`x-max-priority`, `x-queue-type`, ...).
@@ -539,5 +552,13 @@ mod tests {
             let err = Config::from_lookup(|n| (n == name).then(|| value.to_owned())).unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::Config, "{name}={value}");
         }
+    }
+
+    #[test]
+    fn revoke_poll_is_read_in_milliseconds() {
+        assert_eq!(Config::default().revoke_poll, Duration::from_secs(1));
+        let config =
+            Config::from_lookup(|name| (name == "REVOKE_POLL_MS").then(|| "0".to_owned())).unwrap();
+        assert_eq!(config.revoke_poll, Duration::ZERO);
     }
 }

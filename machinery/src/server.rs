@@ -220,6 +220,23 @@ impl Server {
         self.publish(signature).await
     }
 
+    /// Revokes a task.
+    pub async fn revoke(&self, task_uuid: &str) -> Result<bool> {
+        let revoked = self.revoke_many([task_uuid]).await?;
+        Ok(revoked.first().copied().unwrap_or(false))
+    }
+
+    /// Revokes tasks.
+    pub async fn revoke_many<I, S>(&self, task_uuids: I) -> Result<Vec<bool>>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let uuids: Vec<String> = task_uuids.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        let backend = self.inner.backend.as_ref().ok_or_else(|| Error::config("no backend"))?;
+        backend.revoke(&uuids).await
+    }
+
     /// Records PENDING for every signature in one batch (a network backend pipelines the
     /// writes), then publishes them all in one window.
     async fn publish_all(&self, signatures: Vec<wire::Signature>) -> Result<()> {

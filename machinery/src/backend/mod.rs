@@ -62,6 +62,12 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
         Ok(previous)
     }
 
+    /// Revokes tasks (see [`Server::revoke`](crate::Server::revoke)).
+    async fn revoke(&self, task_uuids: &[String]) -> Result<Vec<bool>> {
+        let _ = task_uuids;
+        Err(Error::new(ErrorKind::Unsupported, "todo"))
+    }
+
     /// Waits until the task reaches SUCCESS or FAILURE, or `deadline` passes.
     ///
     /// The default polls [`get_state`](Self::get_state) with a backoff from 1 ms to 100 ms;
