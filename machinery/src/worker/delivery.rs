@@ -224,7 +224,7 @@ async fn succeeded(ctx: &Ctx, signature: Signature, results: Vec<TaskResult>) ->
         .record(&signature, State::Success, Some(&results), String::new())
         .await?;
     if stored == Revoked::Yes {
-        return Ok(discarded("SUCCESS"));
+        return discarded("SUCCESS");
     }
     Box::pin(follow_up(
         ctx,
@@ -253,7 +253,7 @@ async fn failed(
                 .record(&signature, State::Retry, None, format!("{message}{note}"))
                 .await?;
             if stored == Revoked::Yes {
-                return Ok(discarded("RETRY"));
+                return discarded("RETRY");
             }
             let eta = chrono::Duration::from_std(wait)
                 .ok()
@@ -289,7 +289,7 @@ async fn failed(
         .record(&signature, State::Failure, None, message.clone())
         .await?;
     if stored == Revoked::Yes {
-        return Ok(discarded("FAILURE"));
+        return discarded("FAILURE");
     }
     follow_up(ctx, signature, Final::Failure(message), false, None).await
 }
@@ -298,11 +298,12 @@ async fn failed(
 /// outcome is dropped and nothing follows it.
 ///
 /// [`Server::revoke`]: crate::Server::revoke
-fn discarded(outcome: &str) {
+fn discarded(outcome: &str) -> Result<()> {
     info!(
         outcome,
         "the task was revoked while it ran; its outcome is discarded and its follow-ups are not sent"
     );
+    Ok(())
 }
 
 /// Whether a failed run is retried.
