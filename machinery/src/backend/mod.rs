@@ -165,7 +165,9 @@ pub(crate) fn is_revoked(state: &TaskState) -> bool {
     state.state == State::Failure && state.error == REVOKED
 }
 
-/// The state a revoke writes.
+/// The state a revoke writes: Go's `NewFailureTaskState(signature, "revoked")`
+/// (v2/tasks/state.go), which Go's `AsyncResult` reads as a failed task (`IsFailure`), since
+/// Go has no revoked state.
 pub(crate) fn revoked_state(task_uuid: &str) -> TaskState {
     TaskState {
         error: REVOKED.to_owned(),
