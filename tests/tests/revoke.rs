@@ -88,6 +88,12 @@ fn rv_fail(tag: String) -> Result<u64, TaskError> {
     Err(TaskError::new("always fails"))
 }
 
+#[task]
+fn rv_errback(#[error_message] error: String, tag: String) -> String {
+    bump(&STARTS, &tag);
+    error
+}
+
 // ---- helpers ----
 
 /// A fresh tag for one test's bodies.
@@ -551,4 +557,44 @@ async fn embedded_a_running_task_is_cancelled() {
     assert_eq!(ends(&tag), 0);
     assert_revoked(&final_state(&server, handle.task_uuid()).await);
     worker.shutdown_timeout(WAIT).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_a_dead_lettered_revoked_task_sends_no_error_callbacks() {
+    let config = embedded("dead-letter", Duration::from_millis(100));
+    let queue = config.default_queue.clone();
+    let binding_key = config.amqp.binding_key.clone();
+    let name = config.broker.clone();
+    let server = Server::new(config).await.unwrap();
+    let tag = tag("embedded-dead-letter");
+    let errback = tag.clone() + "-errback";
+    // A message that already used up its deliveries: it is dead-lettered on arrival, and its
+    // task recorded as FAILURE with its error callbacks, unless it finished (or was revoked).
+    let signature = rv_count::signature(tag.clone())
+        .with_header("x-machinery-attempts", 5)
+        .on_error(rv_errback::signature(errback.clone()));
+    let handle = server.send(signature).await.unwrap();
+    assert!(server.revoke(handle.task_uuid()).await.unwrap());
+    let worker = server.worker().concurrency(1).spawn().await.unwrap();
+    let broker = machinery::broker::memory::MemoryBroker::open(
+        name.trim_start_matches("memory://"),
+        &queue,
+        &binding_key,
+    );
+    eventually("the message to be dead-lettered", || {
+        broker.dead_letters(&queue).len() == 1
+    })
+    .await;
+    server
+        .send(rv_count::signature(tag.clone() + "-marker"))
+        .await
+        .unwrap()
+        .get_timeout(WAIT)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(starts(&tag), 0);
+    assert_eq!(starts(&errback), 0, "the revoked task's error callback ran");
+    assert_revoked(&final_state(&server, handle.task_uuid()).await);
+    worker.shutdown().await.unwrap();
 }

@@ -374,6 +374,10 @@ fn retry_of(signature: &mut Signature, err: &TaskError, max_retry_later: u32) ->
 
 /// After a redelivery of a finished task: sends what may not have been sent.
 async fn complete(ctx: &Ctx, signature: Signature, stored: TaskState) -> Result<()> {
+    if is_revoked(&stored) {
+        // A revoked task sends nothing (a dead-lettered message of a revoked task ends here).
+        return Ok(());
+    }
     let done = match stored.state {
         State::Success => Final::Success(stored.results.unwrap_or_default()),
         _ => Final::Failure(stored.error),
