@@ -88,6 +88,12 @@ pub struct Config {
     pub multiple_broker_separator: Option<String>,
     /// Redis settings (Go's `redis:` block); see [`RedisConfig`] for which are used.
     pub redis: RedisConfig,
+    /// How often a worker reads the states of the tasks it is running, to cancel those that
+    /// were revoked ([`Server::revoke`](crate::Server::revoke)) while they run
+    /// (`REVOKE_POLL_MS`, default 1 s; `0` turns it off: revoked tasks still never start).
+    /// One read per interval for all of them (Redis: one `MGET`), and none while the worker
+    /// runs nothing.
+    pub revoke_poll: Duration,
 }
 
 /// The longest `results_expire_in` accepted: 100 years.
@@ -138,6 +144,7 @@ impl Default for Config {
             lock: None,
             multiple_broker_separator: None,
             redis: RedisConfig::default(),
+            revoke_poll: Duration::from_secs(1),
         }
     }
 }
@@ -238,6 +245,9 @@ impl Config {
         }
         if let Some(v) = parsed(lookup, "STORE_RETRY_TIMEOUT_MS")? {
             c.store_retry_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = parsed(&lookup, "REVOKE_POLL_MS")? {
+            c.revoke_poll = Duration::from_millis(v);
         }
         if let Some(v) = lookup("NO_UNIX_SIGNALS") {
             c.no_unix_signals = parse_bool("NO_UNIX_SIGNALS", &v)?;
@@ -527,6 +537,7 @@ impl fmt::Debug for Config {
             .field("lock", &self.lock.as_deref().map(mask_url))
             .field("multiple_broker_separator", &self.multiple_broker_separator)
             .field("redis", &self.redis)
+            .field("revoke_poll", &self.revoke_poll)
             .finish()
     }
 }
@@ -609,6 +620,8 @@ impl ConfigBuilder {
         max_inflight_bytes: usize => max_inflight_bytes;
         /// How long a worker retries a result-store write before giving the message back.
         store_retry_timeout: Duration => store_retry_timeout;
+        /// How often a worker looks for revoked tasks among those it runs (`0`: never).
+        revoke_poll: Duration => revoke_poll;
     }
 
     /// The lock URL of periodic tasks (Go's `lock`): `redis://[password@]host[:port]`, or
@@ -692,5 +705,13 @@ mod tests {
         assert!(!shown.contains("secret"), "{shown}");
         let unset = Config::from_lookup(|name| (name == "LOCK").then(String::new)).unwrap();
         assert_eq!(unset.lock, None);
+    }
+
+    #[test]
+    fn revoke_poll_is_read_in_milliseconds() {
+        assert_eq!(Config::default().revoke_poll, Duration::from_secs(1));
+        let config =
+            Config::from_lookup(|name| (name == "REVOKE_POLL_MS").then(|| "0".to_owned())).unwrap();
+        assert_eq!(config.revoke_poll, Duration::ZERO);
     }
 }

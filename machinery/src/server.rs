@@ -220,6 +220,86 @@ impl Server {
         self.publish(signature).await
     }
 
+    /// Revokes a task: records it as FAILURE with the error [`REVOKED`](crate::REVOKED) in the
+    /// result backend (expiring with the results, as every state does), unless it already
+    /// finished. Returns whether the task is revoked: `false` when it had finished, and keeps
+    /// its SUCCESS or FAILURE.
+    ///
+    /// Go Machinery has no revoke; Go readers see FAILURE "revoked". What a revoke does:
+    ///
+    /// - A task that has not started never runs: workers find the revoke when they receive the
+    ///   message, whether it waited in the queue, for its ETA or between retries, or is a chain
+    ///   link sent later. A task unknown to the backend can be revoked ahead.
+    /// - A running task is cancelled by the worker's revoke watcher, within
+    ///   [`Config::revoke_poll`]: an async body is dropped at its next `.await`; a blocking
+    ///   body's thread runs to its end, its result discarded, while its concurrency slot is
+    ///   freed at once (as with a time limit).
+    /// - The revoke wins: a body that finishes after it was revoked records nothing and sends
+    ///   no follow-ups. A revoked task sends no `OnSuccess`, `OnError` or chord callback.
+    ///
+    /// Fails with [`ErrorKind::Config`] when no result backend is configured, and with
+    /// [`ErrorKind::Encode`] for an empty UUID or one longer than 256 bytes.
+    ///
+    /// ```
+    /// use machinery::{task, Config, Server, REVOKED};
+    ///
+    /// #[task]
+    /// fn add(a: i64, b: i64) -> i64 { a + b }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// let server = Server::new(Config::builder().broker("memory://revoke-docs").build()?).await?;
+    /// let handle = server.send(add::signature(2, 3)).await?;    // no worker runs yet
+    /// assert!(server.revoke(handle.task_uuid()).await?);
+    /// let err = handle.get().await.unwrap_err();
+    /// assert_eq!(err.task_error(), Some(REVOKED));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn revoke(&self, task_uuid: &str) -> Result<bool> {
+        let revoked = self.revoke_many([task_uuid]).await?;
+        Ok(revoked.first().copied().unwrap_or(false))
+    }
+
+    /// Revokes several tasks, as [`revoke`](Self::revoke) does each, in one round trip to a
+    /// network backend; returns whether each is revoked, in the order given. Every UUID is
+    /// checked before anything is written.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// # let server = machinery::Server::new(machinery::Config::builder().broker("memory://revoke-many-docs").build()?).await?;
+    /// let revoked = server.revoke_many(["task_a", "task_b"]).await?;
+    /// assert_eq!(revoked, [true, true]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn revoke_many<I, S>(&self, task_uuids: I) -> Result<Vec<bool>>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let uuids = task_uuids
+            .into_iter()
+            .map(|uuid| revocable(uuid.as_ref()))
+            .collect::<Result<Vec<String>>>()?;
+        let backend = self.inner.backend.as_ref().ok_or_else(|| {
+            Error::config(
+                "revoke needs a result backend (RESULT_BACKEND): workers read revokes from it",
+            )
+        })?;
+        if uuids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let revoked = backend.revoke(&uuids).await?;
+        for (uuid, revoked) in uuids.iter().zip(&revoked) {
+            tracing::debug!(task.id = %uuid, revoked, "revoke");
+        }
+        let count = revoked.iter().filter(|r| **r).count();
+        tracing::info!(tasks = uuids.len(), revoked = count, "revoked tasks");
+        Ok(revoked)
+    }
+
     /// Records PENDING for every signature in one batch (a network backend pipelines the
     /// writes), then publishes them all in one window.
     async fn publish_all(&self, signatures: Vec<wire::Signature>) -> Result<()> {
@@ -314,6 +394,23 @@ impl Server {
         self.inner.broker.validate(&message)?;
         Ok((message, state))
     }
+}
+
+/// The longest task UUID [`Server::revoke`] accepts, in bytes (ours are 41: `task_` and a UUID).
+const MAX_REVOKE_UUID_LEN: usize = 256;
+
+/// Checks a UUID given to revoke: not empty, not longer than [`MAX_REVOKE_UUID_LEN`].
+fn revocable(uuid: &str) -> Result<String> {
+    if uuid.is_empty() {
+        return Err(Error::encode("cannot revoke a task with an empty UUID"));
+    }
+    if uuid.len() > MAX_REVOKE_UUID_LEN {
+        return Err(Error::encode(format!(
+            "cannot revoke a task whose UUID is {} bytes long (at most {MAX_REVOKE_UUID_LEN})",
+            uuid.len()
+        )));
+    }
+    Ok(uuid.to_owned())
 }
 
 impl fmt::Debug for Server {

@@ -237,7 +237,7 @@ async fn a_store_that_keeps_failing_is_tried_a_bounded_number_of_times() {
         .await
         .unwrap();
     rig.backend.arm(
-        BackendOp::SetState,
+        BackendOp::Transition,
         Fault::always().on_state(State::Success),
     );
     let handle = rig

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{allowed, timeout, ResultBackend};
+use super::{allowed, revoked_over, revoked_state, timeout, ResultBackend};
 use crate::error::Result;
 use crate::lock;
 use crate::wire::{GoTime, GroupMeta, TaskState};
@@ -103,7 +103,7 @@ impl Inner {
         match self.states.get_mut(&state.task_uuid) {
             Some(entry) => {
                 let before = previous.then(|| entry.state.clone()).flatten();
-                if !allowed(entry.state.as_ref().map(|s| s.state), state.state) {
+                if !allowed(entry.state.as_ref(), &state) {
                     return (before, None);
                 }
                 if let Some(old) = entry.state.take() {
@@ -244,6 +244,27 @@ impl ResultBackend for MemoryBackend {
             waiters.notify_waiters();
         }
         Ok(previous)
+    }
+
+    /// Revokes the batch under one lock.
+    async fn revoke(&self, task_uuids: &[String]) -> Result<Vec<bool>> {
+        let now = Instant::now();
+        let expires = now + self.shared.ttl;
+        let mut wake = Vec::new();
+        let mut revoked = Vec::with_capacity(task_uuids.len());
+        {
+            let mut inner = lock(&self.shared.inner);
+            inner.expire(now);
+            for uuid in task_uuids {
+                let (previous, waiters) = inner.apply(revoked_state(uuid), expires, true);
+                revoked.push(revoked_over(previous.as_ref()));
+                wake.extend(waiters);
+            }
+        }
+        for waiters in wake {
+            waiters.notify_waiters();
+        }
+        Ok(revoked)
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
@@ -481,6 +502,56 @@ mod tests {
                 assert_eq!(record.task_name, "add");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_revoke_keeps_finished_tasks_and_nothing_replaces_it() {
+        let backend = MemoryBackend::open("revoke-test", Duration::from_secs(60));
+        for (uuid, state) in [
+            ("pending", State::Pending),
+            ("retry", State::Retry),
+            ("started", State::Started),
+            ("success", State::Success),
+            ("failure", State::Failure),
+        ] {
+            backend.set_state(full(uuid, state)).await.unwrap();
+        }
+        let uuids = ["pending", "retry", "started", "success", "failure", "none"].map(String::from);
+        let revoked = backend.revoke(&uuids).await.unwrap();
+        assert_eq!(revoked, [true, true, true, false, false, true]);
+        let stored = backend.get_states(&uuids).await.unwrap();
+        for (uuid, (state, revoked)) in uuids.iter().zip(stored.iter().zip(&revoked)) {
+            let state = state.as_ref().unwrap();
+            assert_eq!(
+                super::super::is_revoked(state),
+                *revoked,
+                "{uuid}: {state:?}"
+            );
+        }
+        assert_eq!(
+            stored[0].as_ref().unwrap().task_name,
+            "add",
+            "carried forward"
+        );
+        // A body that finishes late, a redelivery, a resend: none replaces the revoke.
+        for next in [
+            State::Success,
+            State::Failure,
+            State::Received,
+            State::Pending,
+        ] {
+            backend.set_state(full("started", next)).await.unwrap();
+            let previous = backend
+                .transition(TaskState::new("none", next))
+                .await
+                .unwrap();
+            assert!(super::super::is_revoked(&previous.unwrap()));
+        }
+        assert!(super::super::is_revoked(
+            &backend.get_state("started").await.unwrap().unwrap()
+        ));
+        // Revoking again: still revoked.
+        assert_eq!(backend.revoke(&uuids[..1]).await.unwrap(), [true]);
     }
 
     #[tokio::test]

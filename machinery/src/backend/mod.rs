@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::task::REVOKED;
 use crate::wire::{GroupMeta, State, TaskState};
 
 /// Stores [`TaskState`]s by task UUID (Go's result backend interface).
@@ -56,10 +57,42 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     /// A refused write is not an error; the returned previous state shows what is stored.
     async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
         let previous = self.get_state(&state.task_uuid).await?;
-        if allowed(previous.as_ref().map(|s| s.state), state.state) {
+        if allowed(previous.as_ref(), &state) {
             self.set_state(state).await?;
         }
         Ok(previous)
+    }
+
+    /// Revokes tasks (see [`Server::revoke`](crate::Server::revoke)): records FAILURE with the
+    /// error [`REVOKED`] for each task that is not yet SUCCESS or FAILURE, or has no state at
+    /// all, and returns, per task in the order asked, whether it is revoked now (`true` also
+    /// for a task revoked before; `false` for one that had finished and keeps its outcome).
+    ///
+    /// The guarded writes make it safe against a worker finishing the task at the same time:
+    /// a revoked state is never replaced, and a revoke never replaces a finished task. The
+    /// default writes each task with [`transition`](Self::transition); network backends revoke
+    /// the whole batch in one round trip.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// use machinery::backend::{memory::MemoryBackend, ResultBackend};
+    /// use machinery::wire::{State, TaskState};
+    ///
+    /// let backend = MemoryBackend::open("revoke-docs", std::time::Duration::from_secs(60));
+    /// backend.set_state(TaskState::new("done", State::Success)).await?;
+    /// let revoked = backend.revoke(&["queued".to_owned(), "done".to_owned()]).await?;
+    /// assert_eq!(revoked, [true, false]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn revoke(&self, task_uuids: &[String]) -> Result<Vec<bool>> {
+        let mut revoked = Vec::with_capacity(task_uuids.len());
+        for uuid in task_uuids {
+            let previous = self.transition(revoked_state(uuid)).await?;
+            revoked.push(revoked_over(previous.as_ref()));
+        }
+        Ok(revoked)
     }
 
     /// Waits until the task reaches SUCCESS or FAILURE, or `deadline` passes.
@@ -110,14 +143,41 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Whether a task whose stored state is `stored` may move to `next`: never backwards from a
-/// final state, and PENDING (a send) never over a task a worker has received.
-pub(crate) fn allowed(stored: Option<State>, next: State) -> bool {
-    match (stored, next) {
-        (None, _) => true,
-        (Some(stored), next) if stored.is_final() => next.is_final(),
-        (Some(stored), State::Pending) => matches!(stored, State::Pending | State::Retry),
+/// final state, and PENDING (a send) never over a task a worker has received. A revoke (FAILURE
+/// [`REVOKED`]) only replaces a state that is not final, and nothing replaces it: a body that
+/// finishes after its task was revoked does not undo the revoke.
+pub(crate) fn allowed(stored: Option<&TaskState>, next: &TaskState) -> bool {
+    let Some(stored) = stored else {
+        return true;
+    };
+    if is_revoked(stored) {
+        return false;
+    }
+    match (stored.state, next.state) {
+        (stored, _) if stored.is_final() => next.state.is_final() && !is_revoked(next),
+        (stored, State::Pending) => matches!(stored, State::Pending | State::Retry),
         _ => true,
     }
+}
+
+/// Whether `state` is a revoke: FAILURE with the error [`REVOKED`].
+pub(crate) fn is_revoked(state: &TaskState) -> bool {
+    state.state == State::Failure && state.error == REVOKED
+}
+
+/// The state a revoke writes: Go's `NewFailureTaskState(signature, "revoked")`
+/// (v2/tasks/state.go), which Go's `AsyncResult` reads as a failed task (`IsFailure`), since
+/// Go has no revoked state.
+pub(crate) fn revoked_state(task_uuid: &str) -> TaskState {
+    TaskState {
+        error: REVOKED.to_owned(),
+        ..TaskState::new(task_uuid, State::Failure)
+    }
+}
+
+/// Whether a task is revoked after a revoke's guarded write found `previous`.
+pub(crate) fn revoked_over(previous: Option<&TaskState>) -> bool {
+    previous.is_none_or(|p| !p.state.is_final() || is_revoked(p))
 }
 
 fn unsupported_groups(backend: &(impl fmt::Debug + ?Sized)) -> Error {

@@ -67,7 +67,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
-use super::{timeout, ResultBackend};
+use super::{is_revoked, revoked_over, revoked_state, timeout, ResultBackend};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock;
 use crate::wire::{GoTime, GroupMeta, State, TaskState};
@@ -98,7 +98,9 @@ const GO_CHORD_LOCK: &str = "TriggerChordMutex";
 const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Writes task states, each unless it would move its task backwards, carrying `TaskName` and
-/// `CreatedAt` forward from the stored record.
+/// `CreatedAt` forward from the stored record. A revoke (FAILURE "revoked", passed as the state
+/// name `REVOKED`) is written only over a state that is not final, and nothing replaces a
+/// stored revoke (see [`allowed`](super::allowed)).
 ///
 /// `KEYS`: the task UUIDs. `ARGV[1]`: expiry in seconds. `ARGV[2]`: `1` to return the stored
 /// records. Then seven arguments per key: the new JSON around the `TaskName` value and the
@@ -159,8 +161,13 @@ for i, key in ipairs(KEYS) do
     end
   end
   local kind = stored and kinds[stored]
+  if stored == 'FAILURE' and field(record, 'Error') == 'revoked' then kind = 'revoked' end
   local allowed = true
-  if kind == 'final' then
+  if kind == 'revoked' then
+    allowed = false
+  elseif nxt == 'REVOKED' then
+    allowed = kind ~= 'final'
+  elseif kind == 'final' then
     allowed = nxt == 'SUCCESS' or nxt == 'FAILURE'
   elseif kind and nxt == 'PENDING' then
     allowed = kind == 'pending' or kind == 'retry'
@@ -327,7 +334,11 @@ impl RedisBackend {
                     .arg(p.mid)
                     .arg(p.created)
                     .arg(p.tail)
-                    .arg(state.state.as_str())
+                    .arg(if is_revoked(state) {
+                        "REVOKED"
+                    } else {
+                        state.state.as_str()
+                    })
                     .arg(carry);
             }
         }
@@ -359,6 +370,35 @@ impl RedisBackend {
             return Err(self.unexpected_reply(what));
         }
         Ok(replies)
+    }
+
+    /// The stored record the write script returned (`old`, and the state name it read from
+    /// it): `None` when there was none, or the script counted it as none (not JSON, an
+    /// unknown state); only its UUID and state when it does not decode as a state.
+    fn previous(
+        &self,
+        uuid: &str,
+        old: redis::Value,
+        stored: redis::Value,
+        what: &str,
+    ) -> Result<Option<TaskState>> {
+        match (old, stored) {
+            (redis::Value::Nil, _) => Ok(None),
+            (redis::Value::BulkString(raw), stored) => match decode_state(uuid, &raw) {
+                Ok(previous) => Ok(Some(previous)),
+                Err(e) => {
+                    let stored = match stored {
+                        redis::Value::BulkString(name) => {
+                            std::str::from_utf8(&name).ok().and_then(State::parse)
+                        }
+                        _ => None,
+                    };
+                    warn!(task = %uuid, error = %e, state = ?stored, "the stored record is not a task state");
+                    Ok(stored.map(|stored| TaskState::new(uuid, stored)))
+                }
+            },
+            _ => Err(self.unexpected_reply(what)),
+        }
     }
 
     fn unexpected_reply(&self, what: &str) -> Error {
@@ -851,27 +891,31 @@ impl ResultBackend for RedisBackend {
             return Err(self.unexpected_reply("record task state"));
         };
         let uuid = &state.task_uuid;
-        let previous = match (old, stored) {
-            (redis::Value::Nil, _) => None,
-            (redis::Value::BulkString(raw), stored) => match decode_state(uuid, &raw) {
-                Ok(previous) => Some(previous),
-                Err(e) => {
-                    let stored = match stored {
-                        redis::Value::BulkString(name) => {
-                            std::str::from_utf8(&name).ok().and_then(State::parse)
-                        }
-                        _ => None,
-                    };
-                    warn!(task = %uuid, error = %e, state = ?stored, "the stored record is not a task state");
-                    stored.map(|stored| TaskState::new(uuid.clone(), stored))
-                }
-            },
-            _ => return Err(self.unexpected_reply("record task state")),
-        };
+        let previous = self.previous(uuid, old, stored, "record task state")?;
         if written == redis::Value::Int(0) {
             debug!(task = %uuid, state = %state.state, previous = ?previous.as_ref().map(|p| p.state), "refused a backward transition");
         }
         Ok(previous)
+    }
+
+    /// The guarded write script over the whole batch, 500 per run, the runs pipelined: one
+    /// round trip. Go's readers see FAILURE with the error "revoked", expiring with the
+    /// results.
+    async fn revoke(&self, task_uuids: &[String]) -> Result<Vec<bool>> {
+        const WHAT: &str = "revoke tasks";
+        let states: Vec<TaskState> = task_uuids.iter().map(|u| revoked_state(u)).collect();
+        let mut replies = self.write_states(&states, true, WHAT).await?.into_iter();
+        let mut revoked = Vec::with_capacity(task_uuids.len());
+        for uuid in task_uuids {
+            let (Some(written), Some(old), Some(stored)) =
+                (replies.next(), replies.next(), replies.next())
+            else {
+                return Err(self.unexpected_reply(WHAT));
+            };
+            let previous = self.previous(uuid, old, stored, WHAT)?;
+            revoked.push(written == redis::Value::Int(1) || revoked_over(previous.as_ref()));
+        }
+        Ok(revoked)
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {

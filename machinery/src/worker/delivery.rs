@@ -28,7 +28,9 @@ use tracing::{debug, error, info, warn, Instrument as _};
 
 use super::layers::{Admit, Call, Slot};
 use super::policy::{Attempt, Outcome, Settlement, ATTEMPTS_HEADER, LAST_ERROR_HEADER};
+use super::store::Revoked;
 use super::Ctx;
+use crate::backend::is_revoked;
 use crate::broker::{Delivery, Message};
 use crate::error::{Error, Result};
 use crate::options::{header_u64, Resolved, RETRY_LATER_HEADER};
@@ -176,6 +178,10 @@ async fn execute(
 ) -> Outcome {
     // STARTED with a transition too: another copy may have finished meanwhile.
     match ctx.store.transition(&signature, State::Started).await {
+        Ok((Some(previous), _)) if is_revoked(&previous) => {
+            info!("the task was revoked; not running it");
+            return Outcome::Done;
+        }
         Ok((Some(previous), _)) if previous.state.is_final() => {
             warn!(state = %previous.state, "another copy of this task finished meanwhile; not running it");
             return Outcome::Duplicate;
@@ -222,9 +228,13 @@ async fn succeeded(ctx: &Ctx, signature: Signature, results: Vec<TaskResult>) ->
             }
         }
     }
-    ctx.store
-        .set(&signature, State::Success, Some(&results), String::new())
+    let stored = ctx
+        .store
+        .record(&signature, State::Success, Some(&results), String::new())
         .await?;
+    if stored == Revoked::Yes {
+        return discarded("SUCCESS");
+    }
     Box::pin(follow_up(
         ctx,
         signature,
@@ -247,9 +257,13 @@ async fn failed(
     match retry_of(&mut signature, &err, max_retry_later) {
         Retry::After { wait, note } => {
             warn!(error = %err, retries_left = signature.retry_count, ?wait, "task failed; retrying");
-            ctx.store
-                .set(&signature, State::Retry, None, format!("{message}{note}"))
+            let stored = ctx
+                .store
+                .record(&signature, State::Retry, None, format!("{message}{note}"))
                 .await?;
+            if stored == Revoked::Yes {
+                return discarded("RETRY");
+            }
             let eta = chrono::Duration::from_std(wait)
                 .ok()
                 .and_then(|d| Utc::now().checked_add_signed(d));
@@ -269,14 +283,36 @@ async fn failed(
         }
         Retry::No { note } => message.push_str(&note),
     }
-    error!(error = %message, "task failed");
-    ctx.store
-        .set(&signature, State::Failure, None, message.clone())
-        .await?;
     if err.kind() == TaskErrorKind::Revoked {
-        return Ok(());
+        // Cancelled by the revoke layer: the revoke is the stored FAILURE already.
+        info!("the task was revoked while it ran");
+        return ctx
+            .store
+            .record(&signature, State::Failure, None, message)
+            .await
+            .map(drop);
+    }
+    error!(error = %message, "task failed");
+    let stored = ctx
+        .store
+        .record(&signature, State::Failure, None, message.clone())
+        .await?;
+    if stored == Revoked::Yes {
+        return discarded("FAILURE");
     }
     follow_up(ctx, signature, Final::Failure(message), false, None).await
+}
+
+/// A body finished after its task was revoked: the revoke wins (see [`Server::revoke`]); its
+/// outcome is dropped and nothing follows it.
+///
+/// [`Server::revoke`]: crate::Server::revoke
+fn discarded(outcome: &str) -> Result<()> {
+    info!(
+        outcome,
+        "the task was revoked while it ran; its outcome is discarded and its follow-ups are not sent"
+    );
+    Ok(())
 }
 
 /// Whether a failed run is retried.
@@ -347,6 +383,10 @@ fn retry_of(signature: &mut Signature, err: &TaskError, max_retry_later: u32) ->
 
 /// After a redelivery of a finished task: sends what may not have been sent.
 async fn complete(ctx: &Ctx, signature: Signature, stored: TaskState) -> Result<()> {
+    if is_revoked(&stored) {
+        // A revoked task sends nothing (a dead-lettered message of a revoked task ends here).
+        return Ok(());
+    }
     let done = match stored.state {
         State::Success => Final::Success(stored.results.unwrap_or_default()),
         _ => Final::Failure(stored.error),

@@ -34,7 +34,7 @@ use crate::task::TaskOutcome;
 use crate::wire::Signature;
 use crate::TaskError;
 pub use layers::HARD_LIMIT_EXIT_CODE;
-use layers::{Hooks, Layer, Layers, Slot, TimeLimits};
+use layers::{Hooks, InFlight, Layer, Layers, Revoke, Slot, TimeLimits};
 use policy::SettlePolicy;
 use store::Store;
 
@@ -246,6 +246,21 @@ impl WorkerBuilder {
         if !self.hooks.is_empty() {
             others.push(Arc::new(self.hooks));
         }
+        // Revokes are read from the store: without one, or with `revoke_poll` 0, nothing
+        // watches the running tasks (a revoked task still never starts).
+        let revokes = match store.backend() {
+            Some(backend) if !config.revoke_poll.is_zero() => {
+                let layer = Revoke::default();
+                let watcher = RevokeWatcher {
+                    in_flight: layer.in_flight(),
+                    backend: backend.clone(),
+                    every: config.revoke_poll,
+                };
+                others.push(Arc::new(layer));
+                Some(watcher)
+            }
+            _ => None,
+        };
         let layers = Layers::new(
             config.eta_tolerance,
             others,
@@ -259,6 +274,7 @@ impl WorkerBuilder {
                 store,
                 groups: chord::GroupCache::default(),
                 layers,
+                revokes,
                 defaults: self.defaults,
                 server: self.server,
             }),
@@ -363,7 +379,27 @@ struct Ctx {
     store: Store,
     groups: chord::GroupCache,
     layers: Layers,
+    /// The revoke watcher's part, when running tasks are watched for revokes.
+    revokes: Option<RevokeWatcher>,
     defaults: WorkerDefaults,
+}
+
+/// What the revoke watcher needs; it runs while the worker serves (see [`Revoke`]).
+#[derive(Debug)]
+struct RevokeWatcher {
+    in_flight: Arc<InFlight>,
+    backend: Arc<dyn crate::backend::ResultBackend>,
+    every: Duration,
+}
+
+/// Aborts a background task when dropped: the revoke watcher ends with its worker, however
+/// the worker ends (returned, or dropped when aborted).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Worker {
@@ -444,6 +480,13 @@ impl Worker {
             .max_inflight_bytes
             .min(Semaphore::MAX_PERMITS);
         let budget = Arc::new(Semaphore::new(budget_bytes));
+        let _watcher = self.ctx.revokes.as_ref().map(|w| {
+            AbortOnDrop(tokio::spawn(layers::watch_revokes(
+                w.in_flight.clone(),
+                w.backend.clone(),
+                w.every,
+            )))
+        });
         let mut outcome = Ok(());
         let mut in_flight = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::backend::ResultBackend;
+use crate::backend::{is_revoked, ResultBackend};
 use crate::error::Result;
 use crate::wire::{Signature, State, TaskResult, TaskState};
 
@@ -135,6 +135,34 @@ impl Store {
         .map(|_| ())
     }
 
+    /// Records a task's outcome (RETRY, SUCCESS or FAILURE) like [`set`](Self::set), and
+    /// returns whether the task was revoked meanwhile: the store then kept the revoke, and the
+    /// outcome must not be acted on (no retry, no follow-ups).
+    pub(crate) async fn record(
+        &self,
+        signature: &Signature,
+        state: State,
+        results: Option<&[TaskResult]>,
+        error: String,
+    ) -> Result<Revoked> {
+        let previous = self
+            .call("store task state", |b| {
+                b.transition(task_state(
+                    signature,
+                    state,
+                    results.map(<[TaskResult]>::to_vec),
+                    error.clone(),
+                ))
+            })
+            .await?
+            .flatten();
+        Ok(if previous.as_ref().is_some_and(is_revoked) {
+            Revoked::Yes
+        } else {
+            Revoked::No
+        })
+    }
+
     /// Records `state` and returns the state stored before (`None` without a backend), and
     /// whether the write was tried more than once (the state read may then be this write's).
     pub(crate) async fn transition(
@@ -149,6 +177,16 @@ impl Store {
             .await?;
         Ok(found.unwrap_or_default())
     }
+}
+
+/// Whether a task was found revoked when its outcome was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub(crate) enum Revoked {
+    /// The revoke stays; the outcome was not recorded.
+    Yes,
+    /// The outcome was recorded.
+    No,
 }
 
 pub(crate) fn task_state(

@@ -19,6 +19,7 @@
 
 mod eta;
 mod hooks;
+mod revoke;
 mod time_limit;
 
 use std::fmt;
@@ -37,6 +38,7 @@ use crate::task::{Runner, TaskDescriptor, TaskError, TaskOutcome};
 use crate::wire::{Arg, Signature};
 
 pub(crate) use hooks::Hooks;
+pub(crate) use revoke::{watch as watch_revokes, InFlight, Revoke};
 pub(crate) use time_limit::TimeLimits;
 pub use time_limit::HARD_LIMIT_EXIT_CODE;
 
