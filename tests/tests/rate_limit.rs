@@ -147,7 +147,10 @@ async fn fifty_tasks_at_20_per_second_take_2_5_s_and_never_exceed_the_rate() {
         .await
         .unwrap();
     for _ in 0..50 {
-        server.send(rl_twenty::signature("fifty".into())).await.unwrap();
+        server
+            .send(rl_twenty::signature("fifty".into()))
+            .await
+            .unwrap();
     }
     let starts = wait_for("fifty", 50).await;
     // 49 intervals of 50 ms.
@@ -180,10 +183,16 @@ async fn an_unlimited_task_is_not_starved_by_waiting_limited_ones() {
         .unwrap();
     let sent = Instant::now();
     for _ in 0..8 {
-        server.send(rl_four::signature("starve-limited".into())).await.unwrap();
+        server
+            .send(rl_four::signature("starve-limited".into()))
+            .await
+            .unwrap();
     }
     for _ in 0..2 {
-        server.send(rl_free::signature("starve-free".into())).await.unwrap();
+        server
+            .send(rl_free::signature("starve-free".into()))
+            .await
+            .unwrap();
     }
     let free = wait_for("starve-free", 2).await;
     let limited = wait_for("starve-limited", 8).await;
@@ -193,7 +202,11 @@ async fn an_unlimited_task_is_not_starved_by_waiting_limited_ones() {
         "the unlimited task started {free_done:?} after it was sent"
     );
     // Seven intervals of 250 ms.
-    assert!(span(&limited) >= Duration::from_millis(1650), "{:?}", span(&limited));
+    assert!(
+        span(&limited) >= Duration::from_millis(1650),
+        "{:?}",
+        span(&limited)
+    );
     assert!(*free.last().unwrap() < *limited.last().unwrap());
     worker.shutdown().await.unwrap();
 }
@@ -214,8 +227,10 @@ async fn a_long_wait_goes_back_with_a_delay_and_is_not_an_attempt() {
     let server = Server::from_parts(
         config,
         Arc::new(broker.clone()) as Arc<dyn Broker>,
-        Some(Arc::new(MemoryBackend::open("rl-later", Duration::from_secs(3600)))
-            as Arc<dyn ResultBackend>),
+        Some(
+            Arc::new(MemoryBackend::open("rl-later", Duration::from_secs(3600)))
+                as Arc<dyn ResultBackend>,
+        ),
     );
     let worker = server
         .worker()
@@ -225,15 +240,28 @@ async fn a_long_wait_goes_back_with_a_delay_and_is_not_an_attempt() {
         .unwrap();
     let mut handles = Vec::new();
     for _ in 0..3 {
-        handles.push(server.send(rl_slow::signature("later".into())).await.unwrap());
+        handles.push(
+            server
+                .send(rl_slow::signature("later".into()))
+                .await
+                .unwrap(),
+        );
     }
     for handle in handles {
         handle.get_timeout(WAIT).await.unwrap();
     }
     let starts = starts("later");
     assert_eq!(starts.len(), 3);
-    assert!(starts[1] - starts[0] >= Duration::from_millis(1950), "{:?}", starts[1] - starts[0]);
-    assert!(starts[2] - starts[1] >= Duration::from_millis(1950), "{:?}", starts[2] - starts[1]);
+    assert!(
+        starts[1] - starts[0] >= Duration::from_millis(1950),
+        "{:?}",
+        starts[1] - starts[0]
+    );
+    assert!(
+        starts[2] - starts[1] >= Duration::from_millis(1950),
+        "{:?}",
+        starts[2] - starts[1]
+    );
     assert_eq!(
         broker.calls(BrokerOp::Publish),
         3 + 2,
@@ -254,15 +282,136 @@ async fn a_worker_override_replaces_the_tasks_limit() {
         .await
         .unwrap();
     for _ in 0..6 {
-        server.send(rl_overridden::signature("loosened".into())).await.unwrap();
-        server.send(rl_tightened::signature("tightened".into())).await.unwrap();
+        server
+            .send(rl_overridden::signature("loosened".into()))
+            .await
+            .unwrap();
+        server
+            .send(rl_tightened::signature("tightened".into()))
+            .await
+            .unwrap();
     }
     let loosened = wait_for("loosened", 6).await;
     let tightened = wait_for("tightened", 6).await;
     // 50/s: five intervals of 20 ms, not of 500 ms.
-    assert!(span(&loosened) >= Duration::from_millis(90), "{:?}", span(&loosened));
-    assert!(span(&loosened) < Duration::from_millis(600), "{:?}", span(&loosened));
+    assert!(
+        span(&loosened) >= Duration::from_millis(90),
+        "{:?}",
+        span(&loosened)
+    );
+    assert!(
+        span(&loosened) < Duration::from_millis(600),
+        "{:?}",
+        span(&loosened)
+    );
     // 5/s: five intervals of 200 ms, not of 10 ms.
-    assert!(span(&tightened) >= Duration::from_millis(950), "{:?}", span(&tightened));
+    assert!(
+        span(&tightened) >= Duration::from_millis(950),
+        "{:?}",
+        span(&tightened)
+    );
+    worker.shutdown().await.unwrap();
+}
+
+/// Two workers on one queue, each with its own limiter: through Redis they share the 20/s
+/// limit (on their own, each would start 20 a second, 40 together).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_share_a_cluster_wide_limit_in_redis() {
+    let redis = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("machinery_rate_{}", rl_cluster::NAME);
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let server = memory_server("cluster");
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        workers.push(
+            server
+                .worker()
+                .concurrency(8)
+                .tasks([rl_cluster::NAME])
+                .cluster_rate_limits(common::redis_url())
+                .spawn()
+                .await
+                .unwrap(),
+        );
+    }
+    for _ in 0..40 {
+        server
+            .send(rl_cluster::signature("cluster".into()))
+            .await
+            .unwrap();
+    }
+    let starts = wait_for("cluster", 40).await;
+    // 39 intervals of 50 ms.
+    assert!(
+        span(&starts) >= Duration::from_millis(1850),
+        "{:?}",
+        span(&starts)
+    );
+    let rate = rate(&starts);
+    assert!((rate / 20.0 - 1.0).abs() < 0.05, "measured {rate:.2}/s");
+    let most = max_in_window(&starts, Duration::from_secs(1));
+    assert!(most <= 21, "{most} starts in one second");
+    // The next free start, in microseconds of Redis's clock, expiring a second after it.
+    let next: i64 = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(next > 1_600_000_000_000_000, "{next}");
+    assert!((0..=1100).contains(&ttl), "{ttl}");
+    for worker in workers {
+        worker.shutdown().await.unwrap();
+    }
+}
+
+/// Redis dies halfway: the tasks still run, each worker keeping the limit on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_redis_a_worker_keeps_its_own_limit() {
+    let mut redis = common::PrivateRedis::start();
+    let server = memory_server("fallback");
+    let worker = server
+        .worker()
+        .concurrency(8)
+        .tasks([rl_fallback::NAME])
+        .cluster_rate_limits(redis.url())
+        .spawn()
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        server
+            .send(rl_fallback::signature("fallback-up".into()))
+            .await
+            .unwrap();
+    }
+    let up = wait_for("fallback-up", 5).await;
+    assert!(span(&up) >= Duration::from_millis(380), "{:?}", span(&up));
+    redis.kill9();
+    for _ in 0..15 {
+        server
+            .send(rl_fallback::signature("fallback-down".into()))
+            .await
+            .unwrap();
+    }
+    let down = wait_for("fallback-down", 15).await;
+    // 14 intervals of 100 ms, on the worker's own clock.
+    assert!(
+        span(&down) >= Duration::from_millis(1350),
+        "{:?}",
+        span(&down)
+    );
+    let rate = rate(&down);
+    assert!(rate <= 10.5, "measured {rate:.2}/s");
+    let most = max_in_window(&down, Duration::from_secs(1));
+    assert!(most <= 11, "{most} starts in one second");
     worker.shutdown().await.unwrap();
 }

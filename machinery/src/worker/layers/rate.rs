@@ -76,7 +76,11 @@ impl RateLimiter {
         if let Some(cluster) = &self.cluster {
             if let Some(reply) = cluster.reserve(name, interval, self.max_wait).await {
                 return match reply {
-                    cluster::Reply::Reserved(wait) => Turn::after(wait),
+                    cluster::Reply::Reserved(wait) => {
+                        // Kept here too: if Redis fails, this worker goes on from there.
+                        gcra.follow(Instant::now() + wait + interval);
+                        Turn::after(wait)
+                    }
                     cluster::Reply::Full(wait) => {
                         let now = Instant::now();
                         Turn::Later(gcra.defer(now, now + wait, interval))
@@ -162,6 +166,13 @@ impl Gcra {
         }
     }
 
+    /// Notes a start reserved elsewhere: the next free one is not before `next`.
+    #[cfg(feature = "redis")]
+    fn follow(&self, next: Instant) {
+        let mut state = lock(&self.0);
+        state.next = Some(state.next.map_or(next, |mine| mine.max(next)));
+    }
+
     /// The delay of a delivery sent back when the next free start (elsewhere) is `next`.
     fn defer(&self, now: Instant, next: Instant, interval: Duration) -> Duration {
         lock(&self.0).defer(now, next, interval)
@@ -245,13 +256,20 @@ return {1, wait}
         display: String,
         script: redis::Script,
         link: Mutex<Link>,
+        /// Held while dialling: one attempt at a time.
+        dial: tokio::sync::Mutex<()>,
+    }
+
+    enum Ready {
+        Conn(MultiplexedConnection),
+        /// Redis failed less than [`RETRY_AFTER`] ago.
+        Down,
+        Dial,
     }
 
     #[derive(Default)]
     struct Link {
         conn: Option<MultiplexedConnection>,
-        /// When a connection attempt started (one at a time).
-        dialling: Option<Instant>,
         /// No attempt before this, after a failure.
         retry_at: Option<Instant>,
         /// Redis failed and has not answered since (for logging once per outage).
@@ -275,6 +293,7 @@ return {1, wait}
                 display,
                 script: redis::Script::new(RATE_LUA),
                 link: Mutex::default(),
+                dial: tokio::sync::Mutex::new(()),
             })
         }
 
@@ -319,23 +338,20 @@ return {1, wait}
             }
         }
 
-        /// The connection, dialled if there is none and no attempt failed lately; `None` while
-        /// another attempt is under way or Redis failed lately.
+        /// The connection, dialled if there is none and Redis did not fail lately (`None`
+        /// then). One delivery dials; the others wait for it, at most [`CALL_TIMEOUT`], rather
+        /// than take starts from their own limit meanwhile.
         async fn connection(&self) -> Option<MultiplexedConnection> {
-            {
-                let mut link = lock(&self.link);
-                if let Some(conn) = &link.conn {
-                    return Some(conn.clone());
-                }
-                let now = Instant::now();
-                // An attempt whose future was dropped midway counts as over after its time.
-                let dialling = link
-                    .dialling
-                    .is_some_and(|since| now < since + CALL_TIMEOUT);
-                if dialling || link.retry_at.is_some_and(|at| now < at) {
-                    return None;
-                }
-                link.dialling = Some(now);
+            match self.ready() {
+                Ready::Conn(conn) => return Some(conn),
+                Ready::Down => return None,
+                Ready::Dial => {}
+            }
+            let _dialling = self.dial.lock().await;
+            match self.ready() {
+                Ready::Conn(conn) => return Some(conn),
+                Ready::Down => return None,
+                Ready::Dial => {}
             }
             let config = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(CALL_TIMEOUT))
@@ -347,7 +363,6 @@ return {1, wait}
             )
             .await;
             let mut link = lock(&self.link);
-            link.dialling = None;
             match dialled {
                 Ok(Ok(conn)) => {
                     link.conn = Some(conn.clone());
@@ -361,6 +376,15 @@ return {1, wait}
                     self.failed(&mut link, "cannot connect in time");
                     None
                 }
+            }
+        }
+
+        fn ready(&self) -> Ready {
+            let link = lock(&self.link);
+            match &link.conn {
+                Some(conn) => Ready::Conn(conn.clone()),
+                None if link.retry_at.is_some_and(|at| Instant::now() < at) => Ready::Down,
+                None => Ready::Dial,
             }
         }
 
@@ -431,7 +455,10 @@ mod tests {
         let interval = 2 * MAX_WAIT;
         assert_eq!(gcra.reserve(t0, interval, MAX_WAIT), Turn::Now);
         assert_eq!(gcra.reserve(t0, interval, MAX_WAIT), Turn::Later(interval));
-        assert_eq!(gcra.reserve(t0, interval, MAX_WAIT), Turn::Later(2 * interval));
+        assert_eq!(
+            gcra.reserve(t0, interval, MAX_WAIT),
+            Turn::Later(2 * interval)
+        );
         assert_eq!(gcra.reserve(t0 + interval, interval, MAX_WAIT), Turn::Now);
     }
 }
