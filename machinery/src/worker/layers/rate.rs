@@ -17,6 +17,13 @@
 //! backlog does not all come back at once; that spread is only advice and holds no start, so a
 //! delivery that arrives meanwhile still starts at the next free one.
 //!
+//! Reserved starts are an interval apart, but the deliveries waiting for them can wake late
+//! and together (the process was stalled, or they waited for a slot). A second GCRA, over the
+//! starts themselves, spaces those too, with a tolerance of half an interval (at least 2 ms)
+//! for the timers' jitter: a start lost to a stall is not made up with a burst, so the rate
+//! over a backlog can fall a little below the limit, never above it by more than one start in
+//! any window.
+//!
 //! With [`WorkerBuilder::cluster_rate_limits`](crate::WorkerBuilder::cluster_rate_limits), the
 //! reservation is made in Redis instead, by one Lua script per start, so that all workers
 //! sharing the Redis server share each task's limit; see [`cluster`].
@@ -40,6 +47,10 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_secs(1);
 /// The longest interval between two starts that is honoured (`1/1000h` is 41 days): the longest
 /// a message is delayed (the retry waits' bound).
 const MAX_INTERVAL: Duration = crate::worker::delivery::MAX_RETRY_WAIT;
+
+/// How early a delivery may start before its turn among the starts themselves, at least
+/// (about two ticks of Tokio's millisecond timer); see [`Gcra::space`].
+const SPACING_TOLERANCE: Duration = Duration::from_millis(2);
 
 /// The rate-limit layer: one GCRA per limited task the worker runs.
 #[derive(Debug)]
@@ -104,17 +115,23 @@ impl Layer for RateLimiter {
         };
         let interval = limit.interval().min(MAX_INTERVAL);
         match self.reserve(&call.signature.name, gcra, interval).await {
-            Turn::Now => Admit::Run,
+            Turn::Now => {}
             Turn::In(wait) => {
                 trace!(?wait, %limit, "rate limit: waiting for its start, without a slot");
                 slot.released(tokio::time::sleep(wait)).await;
-                Admit::Run
             }
             Turn::Later(wait) => {
                 debug!(?wait, %limit, "rate limit: its start is too far; sending it back to arrive then");
-                Admit::Later(wait)
+                return Admit::Later(wait);
             }
         }
+        // Deliveries that woke late together (the process was stalled, or waited for a slot)
+        // still start an interval apart.
+        while let Some(wait) = gcra.space(Instant::now(), interval) {
+            trace!(?wait, %limit, "rate limit: woke with another; spacing them");
+            slot.released(tokio::time::sleep(wait)).await;
+        }
+        Admit::Run
     }
 }
 
@@ -149,6 +166,8 @@ struct GcraState {
     next: Option<Instant>,
     /// Where the next delivery sent back is told to arrive (advice, not a reservation).
     deferred: Option<Instant>,
+    /// The next start that [`Gcra::space`] lets through without waiting.
+    admitted: Option<Instant>,
 }
 
 impl Gcra {
@@ -166,6 +185,25 @@ impl Gcra {
         }
     }
 
+    /// Lets a delivery whose start has come through at `now`, unless that would put it
+    /// closer than an interval (less a tolerance) to the ones let through before: then how
+    /// much longer it waits. Reserved starts are an interval apart, but their deliveries can
+    /// wake late and together (the process was stalled, or they waited for a slot); this is a
+    /// second GCRA, over the starts themselves. Its tolerance, half an interval and at least
+    /// [`SPACING_TOLERANCE`], absorbs the timers' jitter, so that punctual deliveries never
+    /// wait here; it lets at most one start more into any window.
+    fn space(&self, now: Instant, interval: Duration) -> Option<Duration> {
+        let tolerance = (interval / 2).max(SPACING_TOLERANCE);
+        let mut state = lock(&self.0);
+        let next = state.admitted.map_or(now, |next| next.max(now));
+        if next - now <= tolerance {
+            state.admitted = Some(next + interval);
+            None
+        } else {
+            Some(next - tolerance - now)
+        }
+    }
+
     /// Notes a start reserved elsewhere: the next free one is not before `next`.
     #[cfg(feature = "redis")]
     fn follow(&self, next: Instant) {
@@ -173,7 +211,8 @@ impl Gcra {
         state.next = Some(state.next.map_or(next, |mine| mine.max(next)));
     }
 
-    /// The delay of a delivery sent back when the next free start (elsewhere) is `next`.
+    /// The delay of a delivery sent back when the next free start (in Redis) is `next`.
+    #[cfg(feature = "redis")]
     fn defer(&self, now: Instant, next: Instant, interval: Duration) -> Duration {
         lock(&self.0).defer(now, next, interval)
     }
@@ -446,6 +485,22 @@ mod tests {
         // The first one sent back arrives at 1200 ms and finds the next start at 1600 ms.
         let t2 = t0 + 1200 * MS;
         assert_eq!(gcra.reserve(t2, interval, MAX_WAIT), Turn::In(400 * MS));
+    }
+
+    #[test]
+    fn deliveries_that_wake_together_start_an_interval_apart() {
+        let gcra = Gcra::default();
+        let t0 = Instant::now();
+        assert_eq!(gcra.space(t0, 50 * MS), None);
+        // A little late, then on time: both go through.
+        assert_eq!(gcra.space(t0 + 52 * MS, 50 * MS), None);
+        assert_eq!(gcra.space(t0 + 100 * MS, 50 * MS), None);
+        // Three woke together, 60 ms late: the second waits half an interval, the third one.
+        let late = t0 + 210 * MS;
+        assert_eq!(gcra.space(late, 50 * MS), None);
+        assert_eq!(gcra.space(late, 50 * MS), Some(25 * MS));
+        assert_eq!(gcra.space(late + 25 * MS, 50 * MS), None);
+        assert_eq!(gcra.space(late + 25 * MS, 50 * MS), Some(50 * MS));
     }
 
     #[test]
