@@ -154,7 +154,7 @@ impl WorkerBuilder {
     /// [`DEFAULT_MAX_RETRY_LATER`](crate::options::DEFAULT_MAX_RETRY_LATER).
     ///
     /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::open("docs", "machinery_tasks", "machinery_task")), None);
     /// let builder = server.worker().max_retry_later(10);
     /// ```
     pub fn max_retry_later(mut self, count: u32) -> Self {
@@ -166,7 +166,7 @@ impl WorkerBuilder {
     /// `rate_limit`. The limit is `"100/s"`, `"10/m"`, `"1/h"` or `"N/<duration>"`.
     ///
     /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::open("docs", "machinery_tasks", "machinery_task")), None);
     /// let builder = server.worker().rate_limit("send_email", "10/s".parse().unwrap());
     /// ```
     pub fn rate_limit(mut self, name: impl Into<String>, limit: RateLimit) -> Self {
@@ -182,7 +182,7 @@ impl WorkerBuilder {
     /// own (and logs it once); the tasks never fail for it. Go has no rate limits.
     ///
     /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::open("docs", "machinery_tasks", "machinery_task")), None);
     /// let builder = server.worker().cluster_rate_limits("redis://127.0.0.1:6379/");
     /// ```
     #[cfg(feature = "redis")]
@@ -195,7 +195,7 @@ impl WorkerBuilder {
     /// `SetPreTaskHandler`). A handler that panics is logged; the task runs as usual.
     ///
     /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::open("docs", "machinery_tasks", "machinery_task")), None);
     /// let builder = server.worker().pre_task_handler(|sig| println!("running {}", sig.uuid));
     /// ```
     pub fn pre_task_handler(
@@ -210,7 +210,7 @@ impl WorkerBuilder {
     /// `SetPostTaskHandler`). A handler that panics is logged; the outcome is recorded as usual.
     ///
     /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::open("docs", "machinery_tasks", "machinery_task")), None);
     /// let builder = server
     ///     .worker()
     ///     .post_task_handler(|sig, outcome| println!("{} ok: {}", sig.uuid, outcome.is_ok()));
@@ -227,7 +227,7 @@ impl WorkerBuilder {
     /// `SetErrorHandler`, which Go calls from `taskFailed`). A handler that panics is logged.
     ///
     /// ```
-    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::new()), None);
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::open("docs", "machinery_tasks", "machinery_task")), None);
     /// let builder = server
     ///     .worker()
     ///     .error_handler(|sig, err| eprintln!("{} failed: {err}", sig.name));
