@@ -415,3 +415,16 @@ async fn without_redis_a_worker_keeps_its_own_limit() {
     assert!(most <= 11, "{most} starts in one second");
     worker.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_bad_cluster_url_fails_the_build_without_showing_the_password() {
+    let server = memory_server("bad-url");
+    let err = server
+        .worker()
+        .tasks([rl_cluster::NAME])
+        .cluster_rate_limits("http://secret@127.0.0.1:6379/")
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), machinery::ErrorKind::Config);
+    assert!(!err.to_string().contains("secret"), "{err}");
+}
