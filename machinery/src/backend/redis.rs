@@ -1083,6 +1083,16 @@ impl Pieces {
     }
 }
 
+/// A client for `url` (read as Go Machinery reads it; nothing is dialled yet) and the URL as
+/// messages show it, without the password. For the worker's cluster-wide rate limits.
+pub(crate) fn client(url: &str) -> Result<(redis::Client, String)> {
+    let parsed = RedisUrl::parse(url)?;
+    let display = parsed.display();
+    let client = redis::Client::open(parsed.connection_info()?)
+        .map_err(|e| backend_error(format!("invalid Redis settings for {display}"), e))?;
+    Ok((client, display))
+}
+
 /// A Redis URL read as Go Machinery reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RedisUrl {

@@ -34,7 +34,7 @@ use crate::task::TaskOutcome;
 use crate::wire::Signature;
 use crate::TaskError;
 pub use layers::HARD_LIMIT_EXIT_CODE;
-use layers::{Hooks, InFlight, Layer, Layers, Revoke, Slot, TimeLimits};
+use layers::{Hooks, InFlight, Layer, Layers, RateLimiter, Revoke, Slot, TimeLimits};
 use policy::SettlePolicy;
 use store::Store;
 
@@ -70,6 +70,9 @@ pub struct WorkerBuilder {
     defaults: WorkerDefaults,
     hard_time_limit: Option<Duration>,
     hooks: Hooks,
+    /// Redis URL of the cluster-wide rate limits.
+    #[cfg(feature = "redis")]
+    cluster_rate_limits: Option<String>,
 }
 
 impl WorkerBuilder {
@@ -83,6 +86,8 @@ impl WorkerBuilder {
             defaults: WorkerDefaults::default(),
             hard_time_limit: None,
             hooks: Hooks::default(),
+            #[cfg(feature = "redis")]
+            cluster_rate_limits: None,
         }
     }
 
@@ -171,6 +176,23 @@ impl WorkerBuilder {
         self
     }
 
+    /// Keeps the rate limits of this worker's tasks in the Redis server at `url` (read as the
+    /// Redis result backend reads it; often the same server), so that all workers using it
+    /// share each task's limit: N workers together start a `"100/s"` task at most 100 times a
+    /// second. Each task's next free start is kept under the key `machinery_rate_<task name>`,
+    /// on Redis's clock. While Redis does not answer, each worker keeps to the limits on its
+    /// own (and logs it once); the tasks never fail for it. Go has no rate limits.
+    ///
+    /// ```
+    /// # let server = machinery::Server::from_parts(machinery::Config::default(), std::sync::Arc::new(machinery::broker::memory::MemoryBroker::open("docs", "machinery_tasks", "machinery_task")), None);
+    /// let builder = server.worker().cluster_rate_limits("redis://127.0.0.1:6379/");
+    /// ```
+    #[cfg(feature = "redis")]
+    pub fn cluster_rate_limits(mut self, url: impl Into<String>) -> Self {
+        self.cluster_rate_limits = Some(url.into());
+        self
+    }
+
     /// Calls `handler` with the signature just before each task body runs (Go's
     /// `SetPreTaskHandler`). A handler that panics is logged; the task runs as usual.
     ///
@@ -243,6 +265,24 @@ impl WorkerBuilder {
         };
         let store = Store::new(self.server.backend().cloned(), config.store_retry_timeout);
         let mut others: Vec<Arc<dyn Layer>> = Vec::new();
+        // Rate limits: a layer only when a task this worker runs has one.
+        let limited: Vec<&'static str> = registry
+            .names()
+            .into_iter()
+            .filter(|name| {
+                self.defaults.rate_limits.contains_key(*name)
+                    || registry
+                        .get(name)
+                        .is_some_and(|task| task.options.get_rate_limit().is_some())
+            })
+            .collect();
+        if !limited.is_empty() {
+            others.push(Arc::new(RateLimiter::new(
+                limited,
+                #[cfg(feature = "redis")]
+                self.cluster_rate_limits.as_deref(),
+            )?));
+        }
         if !self.hooks.is_empty() {
             others.push(Arc::new(self.hooks));
         }

@@ -19,6 +19,7 @@
 
 mod eta;
 mod hooks;
+mod rate;
 mod revoke;
 mod time_limit;
 
@@ -38,6 +39,7 @@ use crate::task::{Runner, TaskDescriptor, TaskError, TaskOutcome};
 use crate::wire::{Arg, Signature};
 
 pub(crate) use hooks::Hooks;
+pub(crate) use rate::RateLimiter;
 pub(crate) use revoke::{watch as watch_revokes, InFlight, Revoke};
 pub(crate) use time_limit::TimeLimits;
 pub use time_limit::HARD_LIMIT_EXIT_CODE;
@@ -177,7 +179,6 @@ pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 
 /// A delivery's share of the worker's concurrency.
 #[derive(Debug)]
-#[allow(dead_code)] // Read by `released`.
 pub(crate) struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     permits: Arc<Semaphore>,
@@ -193,7 +194,6 @@ impl Slot {
 
     /// Gives the slot up while `wait` runs (another delivery may use it), then takes one
     /// again.
-    #[allow(dead_code)] // The rate-limit layer's.
     pub(crate) async fn released<F: Future>(&mut self, wait: F) -> F::Output {
         self.permit = None;
         let output = wait.await;
