@@ -239,9 +239,21 @@ fn decode_dynamic(results: &[TaskResult]) -> Result<Vec<TaskResult>> {
 fn decode_json(results: &[TaskResult]) -> Result<serde_json::Value> {
     Ok(match results {
         [] => serde_json::Value::Null,
-        [one] => one.value.clone(),
-        several => several.iter().map(|r| r.value.clone()).collect(),
+        [one] => plain(one),
+        several => several.iter().map(plain).collect(),
     })
+}
+
+/// A result's value as plain JSON. A Go float is written without a fraction when it is whole
+/// (`2`, as Go's encoder writes it): it is read back as a float (`2.0`), as its type says.
+fn plain(result: &TaskResult) -> serde_json::Value {
+    match (result.type_name.as_str(), &result.value) {
+        ("float64" | "float32", serde_json::Value::Number(n)) => n
+            .as_f64()
+            .and_then(serde_json::Number::from_f64)
+            .map_or_else(|| result.value.clone(), serde_json::Value::Number),
+        _ => result.value.clone(),
+    }
 }
 
 impl<O> fmt::Debug for AsyncResult<O> {
