@@ -351,7 +351,9 @@ impl WorkerDefaults {
     /// limit for a task overrides the task's (rate limits protect what the worker calls).
     pub(crate) fn resolve(&self, signature: &Signature, task: &TaskOptions) -> Resolved {
         Resolved {
+            // A zero from the wire does not switch the task's or the worker's limit off.
             timeout: header_u64(signature, TIMEOUT_HEADER)
+                .filter(|ms| *ms > 0)
                 .map(Duration::from_millis)
                 .or(task.timeout)
                 .or(self.timeout)

@@ -604,3 +604,28 @@ fn a_hard_limit_ends_the_process() {
         started.elapsed()
     );
 }
+
+/// A rate-limited delivery gives its slot up while it waits; it gets one back even when no
+/// other message arrives (the worker's intake must not sit on the freed slot).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_task_gets_its_slot_back_when_the_queue_is_empty() {
+    let server = server("rate-slot").await;
+    let worker = spawn(
+        server
+            .worker()
+            .concurrency(1)
+            .rate_limit("ctl_nap", "2/s".parse().unwrap()),
+    )
+    .await;
+    let a = server
+        .send(ctl_nap::signature("rate-slot".into(), 1))
+        .await
+        .unwrap();
+    let b = server
+        .send(ctl_nap::signature("rate-slot".into(), 2))
+        .await
+        .unwrap();
+    assert_eq!(a.get_timeout(Duration::from_secs(5)).await.unwrap(), 1);
+    assert_eq!(b.get_timeout(Duration::from_secs(5)).await.unwrap(), 2);
+    worker.shutdown().await.unwrap();
+}

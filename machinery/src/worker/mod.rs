@@ -228,7 +228,8 @@ impl WorkerBuilder {
     }
 
     /// Calls `handler` with the signature and the error of each task body that fails (Go's
-    /// `SetErrorHandler`, which Go calls from `taskFailed`). A handler that panics is logged.
+    /// `SetErrorHandler`). It is called for every failed run, a retried one too (Go calls it only
+    /// when the task fails for good, from `taskFailed`). A handler that panics is logged.
     ///
     /// ```no_run
     /// # async fn doc(server: machinery::Server) {
@@ -512,6 +513,8 @@ impl Worker {
             "worker started"
         );
         let permits = Arc::new(Semaphore::new(self.concurrency));
+        // A call that gave its slot up while it waited (a rate limit) asks for one back here.
+        let reclaim = Arc::new(tokio::sync::Notify::new());
         // The bytes of message bodies in flight (MAX_INFLIGHT_BYTES).
         let budget_bytes = self
             .ctx
@@ -551,6 +554,11 @@ impl Worker {
             let next = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                // Yield the slot held for the next message to the call that wants it back.
+                () = reclaim.notified() => {
+                    drop(permit);
+                    continue;
+                }
                 next = consumer.next() => next,
             };
             match next {
@@ -570,7 +578,7 @@ impl Worker {
                         },
                     };
                     let ctx = self.ctx.clone();
-                    let slot = Slot::new(permit, permits.clone());
+                    let slot = Slot::new(permit, permits.clone(), reclaim.clone());
                     // Tasks live in the set: if the worker is aborted, so are they, and their
                     // unsettled deliveries go back to the queue.
                     while in_flight.try_join_next().is_some() {}

@@ -182,13 +182,22 @@ pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 pub(crate) struct Slot {
     permit: Option<OwnedSemaphorePermit>,
     permits: Arc<Semaphore>,
+    /// Tells the worker's intake that a call wants its slot back: the intake gives up the
+    /// permit it holds while it waits for a message (the semaphore is fair, so the call gets
+    /// it).
+    reclaim: Arc<tokio::sync::Notify>,
 }
 
 impl Slot {
-    pub(crate) fn new(permit: OwnedSemaphorePermit, permits: Arc<Semaphore>) -> Self {
+    pub(crate) fn new(
+        permit: OwnedSemaphorePermit,
+        permits: Arc<Semaphore>,
+        reclaim: Arc<tokio::sync::Notify>,
+    ) -> Self {
         Slot {
             permit: Some(permit),
             permits,
+            reclaim,
         }
     }
 
@@ -199,7 +208,13 @@ impl Slot {
         let output = wait.await;
         // The semaphore is closed only when the worker is gone; the call then runs without
         // a slot, as it would have with one.
-        self.permit = self.permits.clone().acquire_owned().await.ok();
+        self.permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                self.reclaim.notify_one();
+                self.permits.clone().acquire_owned().await.ok()
+            }
+        };
         output
     }
 }
@@ -212,7 +227,7 @@ mod tests {
     async fn a_waiting_call_frees_its_slot() {
         let permits = Arc::new(Semaphore::new(1));
         let permit = permits.clone().acquire_owned().await.unwrap();
-        let mut slot = Slot::new(permit, permits.clone());
+        let mut slot = Slot::new(permit, permits.clone(), Arc::default());
         assert_eq!(permits.available_permits(), 0);
         let seen = slot.released(async { permits.available_permits() }).await;
         assert_eq!(seen, 1, "the slot is free while the call waits");

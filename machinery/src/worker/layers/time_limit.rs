@@ -49,19 +49,25 @@ impl TimeLimits {
     }
 
     /// Runs a blocking body on Tokio's blocking pool, watched by the hard limit if one is set.
+    ///
+    /// A body abandoned (time limit, revoke) before the pool started it never starts: its
+    /// handle is aborted when dropped. The hard limit counts from the body's start, not from
+    /// its wait for a thread.
     pub(crate) fn blocking(
         &self,
         call: &Call<'_>,
         body: impl FnOnce() -> TaskOutcome + Send + 'static,
     ) -> Body {
-        let watch = self.watch(call);
-        let handle = tokio::task::spawn_blocking(move || {
+        let watch = self.watch_from_start(call);
+        let handle = AbortOnDrop(tokio::task::spawn_blocking(move || {
+            let watched = watch.map(|start| start());
             let outcome = body();
-            drop(watch);
+            drop(watched);
             outcome
-        });
+        }));
         Box::pin(async move {
-            match handle.await {
+            let mut handle = handle;
+            match (&mut handle.0).await {
                 Ok(outcome) => outcome,
                 Err(e) if e.is_panic() => Err(TaskError::panicked(panic_message(e.into_panic()))),
                 Err(_) => Err(TaskError::new("the task was cancelled")),
@@ -72,12 +78,33 @@ impl TimeLimits {
     /// Registers the call with the watchdog, when a hard limit applies to it; the entry goes
     /// when the returned guard is dropped (the body ended).
     fn watch(&self, call: &Call<'_>) -> Option<Watched> {
+        self.watch_from_start(call).map(|start| start())
+    }
+
+    /// What registers the call with the watchdog when its body starts, if a hard limit applies.
+    fn watch_from_start(&self, call: &Call<'_>) -> Option<impl FnOnce() -> Watched + Send> {
         let (Some(grace), Some(limit)) = (self.hard, call.options.timeout) else {
             return None;
         };
-        let deadline = Instant::now() + limit + grace;
+        let span = limit.saturating_add(grace);
         let label = format!("{} ({})", call.signature.name, call.signature.uuid);
-        Some(self.watchdog.watch(deadline, label))
+        let watchdog = self.watchdog.clone();
+        Some(move || {
+            // Beyond what an `Instant` holds, the deadline is never reached.
+            let deadline = Instant::now()
+                .checked_add(span)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600));
+            watchdog.watch(deadline, label)
+        })
+    }
+}
+
+/// Aborts a blocking task that has not started yet when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
