@@ -34,7 +34,7 @@ use crate::backend::is_revoked;
 use crate::broker::{Delivery, Message};
 use crate::error::{Error, Result};
 use crate::options::{header_u64, Resolved, RETRY_LATER_HEADER};
-use crate::task::{TaskDescriptor, TaskError, TaskErrorKind, REVOKED};
+use crate::task::{TaskDescriptor, TaskError, TaskErrorKind};
 use crate::wire::{self, Arg, GoTime, Signature, State, TaskResult, TaskState};
 
 /// The longest a task's retry waits (`RetryTimeout` is clamped to it), a week: far beyond any
@@ -133,7 +133,7 @@ async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt, slot: &mut Sl
         stored => stored,
     };
     match stored {
-        Some(State::Failure) if previous.as_ref().is_some_and(|p| p.error == REVOKED) => {
+        Some(State::Failure) if previous.as_ref().is_some_and(is_revoked) => {
             info!("the task was revoked; not running it");
             Outcome::Done
         }

@@ -19,6 +19,10 @@ pub(crate) struct Eta {
 
 #[async_trait]
 impl Layer for Eta {
+    fn admits(&self) -> bool {
+        true
+    }
+
     async fn admit(&self, call: &Call<'_>, _slot: &mut Slot) -> Admit {
         match too_early(call.signature, self.tolerance) {
             Some(wait) => {

@@ -67,6 +67,12 @@ pub(crate) enum Admit {
 /// A control around the task call. Every method has a default that does nothing.
 #[async_trait]
 pub(crate) trait Layer: Send + Sync + fmt::Debug {
+    /// Whether this layer implements [`admit`](Self::admit). Only those are asked, so a layer
+    /// that never holds a call back costs no future per delivery.
+    fn admits(&self) -> bool {
+        false
+    }
+
     /// Decides, before RECEIVED is recorded, whether the call runs now. A layer that waits
     /// releases `slot` while it waits ([`Slot::released`]).
     async fn admit(&self, call: &Call<'_>, slot: &mut Slot) -> Admit {
@@ -95,6 +101,8 @@ pub(crate) trait Layer: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Layers {
     layers: Vec<Arc<dyn Layer>>,
+    /// The layers that [`admit`](Layer::admit) calls, in order.
+    admitting: Vec<Arc<dyn Layer>>,
     /// Also among `layers`; runs blocking bodies.
     limits: TimeLimits,
 }
@@ -112,12 +120,17 @@ impl Layers {
         })];
         layers.extend(others);
         layers.push(Arc::new(limits.clone()));
-        Layers { layers, limits }
+        let admitting = layers.iter().filter(|l| l.admits()).cloned().collect();
+        Layers {
+            layers,
+            admitting,
+            limits,
+        }
     }
 
     /// The first layer that does not admit the call decides; a later one is not asked.
     pub(crate) async fn admit(&self, call: &Call<'_>, slot: &mut Slot) -> Admit {
-        for layer in &self.layers {
+        for layer in &self.admitting {
             if let Admit::Later(wait) = layer.admit(call, slot).await {
                 return Admit::Later(wait);
             }

@@ -106,6 +106,10 @@ impl RateLimiter {
 
 #[async_trait]
 impl Layer for RateLimiter {
+    fn admits(&self) -> bool {
+        true
+    }
+
     async fn admit(&self, call: &Call<'_>, slot: &mut Slot) -> Admit {
         let Some(limit) = call.options.rate_limit else {
             return Admit::Run;
