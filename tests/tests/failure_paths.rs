@@ -215,11 +215,13 @@ async fn a_lost_ack_neither_reruns_the_task_nor_its_follow_up() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // A body that ran again would record its SUCCESS again (each delivery writes STARTED,
+    // which the stored SUCCESS refuses).
     for uuid in &uuids {
         assert_eq!(
-            rig.backend.writes(uuid, State::Started),
+            rig.backend.writes(uuid, State::Success),
             1,
-            "{uuid} started twice"
+            "{uuid} ran twice"
         );
     }
     assert!(rig.memory.dead_letters(QUEUE).is_empty());
@@ -825,4 +827,32 @@ async fn a_finished_task_dead_lettered_still_sends_its_follow_ups() {
     );
     assert_eq!(LATE_FOLLOW_UPS.load(Ordering::SeqCst) - before, 1);
     worker.shutdown().await.unwrap();
+}
+
+/// The drain's store cost: a task takes two state writes, STARTED (which also reads what was
+/// stored before, to tell a duplicate) and SUCCESS. RECEIVED is not written (see the README,
+/// "differs on purpose"): Go's readers treat it as STARTED, and the round trip was a third of
+/// the worker's store traffic.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_takes_two_state_writes_started_and_success() {
+    let rig = rig("two-writes", |c| c);
+    let worker = rig
+        .server
+        .worker()
+        .tasks([fp_good::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    let handle = rig
+        .server
+        .send(fp_good::signature("two-writes".to_owned(), 3))
+        .await
+        .unwrap();
+    let uuid = handle.task_uuid().to_owned();
+    assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 3);
+    worker.shutdown().await.unwrap();
+    assert_eq!(rig.backend.writes(&uuid, State::Received), 0);
+    assert_eq!(rig.backend.writes(&uuid, State::Started), 1);
+    assert_eq!(rig.backend.writes(&uuid, State::Success), 1);
+    assert_eq!(rig.backend.calls(BackendOp::Transition), 2);
 }

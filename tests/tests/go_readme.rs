@@ -240,7 +240,7 @@ async fn readme_messages_run_on_rabbitmq() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_readme_message_sent_again_keeps_its_assigned_uuid() {
-    // The result store fails when the worker records RECEIVED, longer than the worker retries
+    // The result store fails when the worker records STARTED, longer than the worker retries
     // it: the message goes back to the broker, re-encoded with the UUID it was given (its
     // body has none), so it runs once, under that one id.
     let _serial = SERIAL.lock().await;
@@ -268,7 +268,7 @@ async fn a_readme_message_sent_again_keeps_its_assigned_uuid() {
     let id = assigned().await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while backend.calls(BackendOp::Transition) < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "no RECEIVED write");
+        assert!(tokio::time::Instant::now() < deadline, "no STARTED write");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -48,7 +48,7 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     /// Records a state transition as [`set_state`](Self::set_state) does, and returns the
     /// state stored before it, in one atomic step where the backend allows.
     ///
-    /// The worker records RECEIVED with it: the previous state tells a first delivery from a
+    /// The worker records STARTED with it: the previous state tells a first delivery from a
     /// redelivery of a task that already finished (which must not run again) or a duplicate of
     /// a message another worker is running.
     ///

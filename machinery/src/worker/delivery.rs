@@ -1,7 +1,7 @@
 //! One delivery, from its bytes to its settlement.
 //!
 //! [`process`] decodes the message, counts the [`Attempt`], handles it to an [`Outcome`] and
-//! settles it as the [`SettlePolicy`] decides. Handling records RECEIVED with
+//! settles it as the [`SettlePolicy`] decides. Handling records STARTED with
 //! [`ResultBackend::transition`](crate::backend::ResultBackend::transition), which also returns
 //! what was stored before:
 //!
@@ -123,13 +123,16 @@ async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt, slot: &mut Sl
     if let Admit::Later(wait) = ctx.layers.admit(&call, slot).await {
         return Outcome::Early(wait);
     }
-    let (previous, retried) = match ctx.store.transition(&signature, State::Received).await {
+    // STARTED is recorded in the same atomic step that reads what was stored before, so one
+    // round trip both claims the task and tells a duplicate; RECEIVED is not written (README,
+    // "differs on purpose": Go's v2/worker.go `Process` writes RECEIVED, then STARTED).
+    let (previous, retried) = match ctx.store.transition(&signature, State::Started).await {
         Ok(found) => found,
         Err(e) => return Outcome::Failed(e),
     };
     let stored = match previous.as_ref().map(|s| s.state) {
-        // A retried write may have landed the first time: the RECEIVED we read can be our own.
-        Some(State::Received) if retried => None,
+        // A retried write may have landed the first time: the STARTED we read can be our own.
+        Some(State::Started) if retried => None,
         stored => stored,
     };
     match stored {
@@ -176,19 +179,6 @@ async fn execute(
     task: &'static TaskDescriptor,
     options: Resolved,
 ) -> Outcome {
-    // STARTED with a transition too: another copy may have finished meanwhile.
-    match ctx.store.transition(&signature, State::Started).await {
-        Ok((Some(previous), _)) if is_revoked(&previous) => {
-            info!("the task was revoked; not running it");
-            return Outcome::Done;
-        }
-        Ok((Some(previous), _)) if previous.state.is_final() => {
-            warn!(state = %previous.state, "another copy of this task finished meanwhile; not running it");
-            return Outcome::Duplicate;
-        }
-        Ok(_) => {}
-        Err(e) => return Outcome::Failed(e),
-    }
     // A task that may be retried keeps its arguments for the retry.
     let args = if signature.retry_count > 0 || options.max_retry_later > 0 {
         signature.args.clone()

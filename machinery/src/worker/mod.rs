@@ -1,7 +1,7 @@
 //! The worker: consumes task messages, runs the tasks, records their outcome.
 //!
-//! Per delivery: decode the signature, find the task, record RECEIVED then STARTED, run the
-//! body (blocking bodies on Tokio's blocking pool, so they never stall the runtime), record
+//! Per delivery: decode the signature, find the task, record STARTED (Go records RECEIVED
+//! first; see the README), run the body (blocking bodies on Tokio's blocking pool, so they never stall the runtime), record
 //! SUCCESS with the results or FAILURE with the error (or RETRY and republish it later), send
 //! the follow-ups (`OnSuccess` with the results appended unless the task is `Immutable`;
 //! `OnError` with the error message prepended), and only then acknowledge the message.
@@ -582,10 +582,12 @@ impl Worker {
                     // Tasks live in the set: if the worker is aborted, so are they, and their
                     // unsettled deliveries go back to the queue.
                     while in_flight.try_join_next().is_some() {}
-                    in_flight.spawn(async move {
+                    // Boxed: the delivery's future is several KiB, and the runtime would copy it
+                    // into the task and again on each change of stage.
+                    in_flight.spawn(Box::pin(async move {
                         delivery::process(&ctx, delivery, slot).await;
                         drop(bytes);
-                    });
+                    }));
                 }
                 Some(Err(e)) => {
                     // The consumer already tried to reconnect for `reconnect_timeout`.

@@ -5,7 +5,7 @@
 //! → task → worker). Each [`Layer`] may act at four points, in the style of tower's and
 //! apalis's layers:
 //!
-//! 1. [`admit`](Layer::admit), before RECEIVED is recorded: run now, or not yet
+//! 1. [`admit`](Layer::admit), before STARTED is recorded: run now, or not yet
 //!    ([`Admit::Later`]: the message is sent again to arrive later, which is not an attempt).
 //!    The ETA and rate limits decide here. A layer that waits gives up its concurrency
 //!    [`Slot`] while it waits.
@@ -73,7 +73,7 @@ pub(crate) trait Layer: Send + Sync + fmt::Debug {
         false
     }
 
-    /// Decides, before RECEIVED is recorded, whether the call runs now. A layer that waits
+    /// Decides, before STARTED is recorded, whether the call runs now. A layer that waits
     /// releases `slot` while it waits ([`Slot::released`]).
     async fn admit(&self, call: &Call<'_>, slot: &mut Slot) -> Admit {
         let _ = (call, slot);

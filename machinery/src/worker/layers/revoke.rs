@@ -1,7 +1,7 @@
 //! Revoking a running task ([`Server::revoke`](crate::Server::revoke)).
 //!
 //! A task revoked before it starts never runs: the worker finds FAILURE "revoked" when it
-//! records RECEIVED (see [`delivery`](super::super::delivery)). This layer handles the tasks
+//! records STARTED (see [`delivery`](super::super::delivery)). This layer handles the tasks
 //! already running. Its [`wrap`](Layer::wrap) races each body with a signal; the [`watch`]er,
 //! one per worker, reads the states of every task in flight in one
 //! [`get_states`](crate::backend::ResultBackend::get_states) call (Redis: one `MGET`) every
