@@ -23,16 +23,23 @@
 //! and are all told to go at once. Each records, at the start of each task body, the latency
 //! since enqueue in a histogram, and the time of its last start. Printed per cell:
 //!
-//! - tasks/s: depth / (last start in any worker − go), and its ratio to the raw consume rate;
-//! - p50/p99 latency from enqueue to the start of the body (with a pre-filled queue it is
-//!   mostly the time a message waited in the queue);
-//! - the worker processes' peak RSS (`VmHWM` of each, the largest shown, and their sum);
+//! - tasks/s: depth / (last start in any worker − go), and its ratio to the raw consume rate
+//!   (one lapin consumer);
+//! - p50/p99 latency from enqueue to the start of the body (`p50ms`, `p99ms`). With a
+//!   pre-filled queue it is mostly the time the message waited: the rest of the fill, the gap
+//!   from the end of the fill to the go (`gapms`), then its place in the queue. `gp50ms` and
+//!   `gp99ms` count from `max(enqueue, go)`: the part the drain itself causes;
+//! - the worker processes' peak RSS (`VmHWM` of each: the largest, `wRSSmx`, and their sum);
 //! - RabbitMQ's memory: the queue process's `memory` from `rabbitmqctl list_queues` when the
-//!   queue is full (from a depth of 100,000 on: the call takes about half a second, which
-//!   would dominate a small depth's latency; the gap between fill and go is printed), and the beam process's RSS (`VmRSS`, sampled every 200 ms) before the fill
-//!   and its peak during fill and drain;
-//! - where the CPU goes during the drain (go to the last start), in cores: the beam's, the
-//!   worker processes' together and the Redis server's (`/proc/<pid>/stat`, 100 ticks/s);
+//!   queue is full (`qMiB`; from a depth of 100,000 on, as the call takes about half a second,
+//!   which would dominate a small depth's latency), and the beam process's RSS (`VmRSS`,
+//!   sampled every 200 ms) before the fill (`beam0`) and its peak during fill and drain
+//!   (`beamPk`), in MiB;
+//! - where the CPU goes during the drain (go to the last start), in cores: the beam's
+//!   (`bCPU`), the worker processes' together (`wCPU`) and the Redis server's (`rCPU`), from
+//!   `/proc/<pid>/stat` at 100 ticks/s;
+//! - the fill rate (`fill/s`, `send_all` in batches of 1,000, PENDING states included with
+//!   Redis);
 //! - the load average (`/proc/loadavg`) before the cell, since the machine is shared.
 //!
 //! With the Redis backend the results expire after 300 s (`results_expire_in`), so the shared
@@ -503,17 +510,27 @@ struct Proc {
     stdin: ChildStdin,
 }
 
-/// One cell: fill a fresh queue with `depth` tasks, then drain it with `workers` processes.
-async fn cell(
-    tag: &str,
-    depth: usize,
-    workers: usize,
-    redis: bool,
+/// What every cell shares.
+struct Setup {
+    /// Tasks at once per worker process, and its prefetch.
     concurrency: usize,
+    /// Queues declared with `x-queue-mode: lazy`.
     lazy: bool,
+    /// The pid of RabbitMQ's beam process.
     beam: Option<String>,
+    /// The pid of the Redis server.
     redis_server: Option<String>,
-) -> Cell {
+}
+
+/// One cell: fill a fresh queue with `depth` tasks, then drain it with `workers` processes.
+async fn cell(tag: &str, depth: usize, workers: usize, redis: bool, setup: &Setup) -> Cell {
+    let Setup {
+        concurrency,
+        lazy,
+        beam,
+        redis_server,
+    } = setup;
+    let (concurrency, lazy) = (*concurrency, *lazy);
     let config = config(tag, redis, concurrency, lazy);
     let queue = config.default_queue.clone();
     let beam_before_kib = beam
@@ -778,6 +795,12 @@ async fn main() {
         "run", "depth", "backend", "w", "tasks/s", "xraw", "p50ms", "p99ms", "gp50ms", "gp99ms",
         "gapms", "wRSSmx", "wRSSsm", "qMiB", "beam0", "beamPk", "bCPU", "wCPU", "fill/s", "rCPU"
     );
+    let setup = Setup {
+        concurrency,
+        lazy,
+        beam,
+        redis_server,
+    };
     let payload = stamp::signature(now_us() as i64)
         .as_wire()
         .to_json()
@@ -801,17 +824,7 @@ async fn main() {
                     n += 1;
                     let tag = format!("{}_{n}", std::process::id());
                     let load = loadavg();
-                    let c = cell(
-                        &tag,
-                        depth,
-                        w,
-                        redis,
-                        concurrency,
-                        lazy,
-                        beam.clone(),
-                        redis_server.clone(),
-                    )
-                    .await;
+                    let c = cell(&tag, depth, w, redis, &setup).await;
                     println!(
                         "{run:<3} {depth:>7} {:>7} {w:>2} {:>7.0} {:>5.2} {:>8.1} {:>8.1} {:>7.1} {:>7.1} {:>5.0} {:>6.1} {:>6.1} {:>6.1} {:>6.0} {:>6.0} {:>5.2} {:>5.2} {:>6.0} {:>5.2}  {load}",
                         if redis { "redis" } else { "none" },
