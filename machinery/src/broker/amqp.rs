@@ -45,7 +45,19 @@
 //! - [`ErrorKind::Broker`]: a nack, a lost connection: retryable.
 //!
 //! On a quorum queue (`x-queue-type: quorum`), RabbitMQ counts deliveries: a delivery carries
-//! that count ([`Delivery::delivery_count`]), from the `x-delivery-count` header.
+//! that count ([`Delivery::delivery_count`]), from the `x-delivery-count` header, and the
+//! queue's `x-delivery-limit`, if it has one ([`Delivery::delivery_limit`]), on which the worker
+//! dead-letters the broker's last delivery. Its dead-letter queue is a quorum queue too; delay
+//! queues stay classic, as Go declares them.
+//!
+//! # Clusters
+//!
+//! `broker` may list the nodes of a cluster, split by `multiple_broker_separator`
+//! ([`Config::broker_urls`]; Go: `AMQPConnector.Connect` in v2/common/amqp.go, which dials them
+//! in order). The broker connects to the first node that answers. When its connection drops, it
+//! goes on with the next node, round robin, at once, and publishers and consumers resume there;
+//! only after a whole round of failed nodes does it pause, with the capped backoff, until
+//! `reconnect_timeout`. [`AmqpBroker::node`] says which node it is on.
 //!
 //! Consumers use manual acknowledgements and the prefetch count; acknowledgements leave the
 //! consume loop for a per-channel task that coalesces contiguous delivery tags into one
