@@ -584,7 +584,7 @@ impl Config {
             )));
         }
         if let Some(limit) = self.amqp.queue_declare_args.get("x-delivery-limit") {
-            if !limit.as_u64().is_some_and(|n| u32::try_from(n).is_ok()) {
+            if limit.as_u64().is_none_or(|n| u32::try_from(n).is_err()) {
                 return Err(Error::config(format!(
                     "x-delivery-limit must be a whole number from 0 to {} (got {limit})",
                     u32::MAX
