@@ -83,8 +83,8 @@ pub struct Config {
     /// a lock within this process only; see [`periodic`](crate::periodic).
     pub lock: Option<String>,
     /// Go's `multiple_broker_separator` (env `MULTIPLE_BROKEN_SEPARATOR`, Go's spelling, or
-    /// `MULTIPLE_BROKER_SEPARATOR`): the separator of several broker URLs in `broker`. Read and
-    /// kept, **not used yet**: `broker` is one URL.
+    /// `MULTIPLE_BROKER_SEPARATOR`): the separator of several broker URLs in `broker`, the
+    /// nodes of one RabbitMQ cluster; see [`Config::broker_urls`].
     pub multiple_broker_separator: Option<String>,
     /// Redis settings (Go's `redis:` block); see [`RedisConfig`] for which are used.
     pub redis: RedisConfig,
@@ -295,6 +295,7 @@ impl Config {
         }
         if self.broker.starts_with("amqp://") || self.broker.starts_with("amqps://") {
             self.validate_amqp_names()?;
+            self.validate_cluster()?;
         }
         Ok(())
     }
@@ -490,6 +491,129 @@ fn parse_table(name: &str, v: &str) -> Result<Map<String, Value>> {
     Ok(map)
 }
 
+/// The arguments RabbitMQ refuses on a quorum queue (`PRECONDITION_FAILED - invalid arg`,
+/// measured on 3.10): they only mean something to a classic queue.
+pub const CLASSIC_ONLY_QUEUE_ARGS: &[&str] = &["x-max-priority", "x-queue-mode"];
+
+/// Several broker URLs (a RabbitMQ cluster) and quorum queues.
+impl Config {
+    /// The broker URLs: `broker` split by [`multiple_broker_separator`](Self::multiple_broker_separator)
+    /// (Go: `AMQPConnector.Connect` in v2/common/amqp.go, `strings.Split(urls, urlSeparator)`),
+    /// or `broker` alone without a separator. Unlike Go, blanks around each URL are trimmed and
+    /// empty items skipped (Go would try to dial `""`).
+    ///
+    /// ```
+    /// let config = machinery::Config::builder()
+    ///     .broker("amqp://u:p@r1:5672/ | amqp://u:p@r2:5672/ |")
+    ///     .multiple_broker_separator("|")
+    ///     .build()?;
+    /// assert_eq!(config.broker_urls(), ["amqp://u:p@r1:5672/", "amqp://u:p@r2:5672/"]);
+    /// # Ok::<(), machinery::Error>(())
+    /// ```
+    pub fn broker_urls(&self) -> Vec<&str> {
+        match self.multiple_broker_separator.as_deref() {
+            Some(separator) if !separator.is_empty() => self
+                .broker
+                .split(separator)
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .collect(),
+            _ => vec![self.broker.as_str()],
+        }
+    }
+
+    /// `broker` for logs and errors: every URL of [`broker_urls`](Self::broker_urls) with its
+    /// password masked ([`mask_url`]), joined by the separator.
+    ///
+    /// ```
+    /// let config = machinery::Config::builder()
+    ///     .broker("amqp://u:one@r1/,amqp://u:two@r2/")
+    ///     .multiple_broker_separator(",")
+    ///     .build()?;
+    /// assert_eq!(config.masked_broker(), "amqp://u:***@r1/,amqp://u:***@r2/");
+    /// # Ok::<(), machinery::Error>(())
+    /// ```
+    pub fn masked_broker(&self) -> String {
+        let separator = self.multiple_broker_separator.as_deref().unwrap_or("");
+        self.broker_urls()
+            .into_iter()
+            .map(mask_url)
+            .collect::<Vec<_>>()
+            .join(separator)
+    }
+
+    /// Whether the queues are declared quorum queues (`x-queue-type: quorum` among the
+    /// declare arguments).
+    ///
+    /// ```
+    /// let config = machinery::Config::builder().queue_declare_arg("x-queue-type", "quorum").build()?;
+    /// assert!(config.quorum_queues());
+    /// # Ok::<(), machinery::Error>(())
+    /// ```
+    pub fn quorum_queues(&self) -> bool {
+        self.amqp.queue_declare_args.get("x-queue-type") == Some(&Value::from("quorum"))
+    }
+
+    /// Every broker URL is an AMQP one; a quorum queue gets no argument RabbitMQ refuses on it
+    /// ([`CLASSIC_ONLY_QUEUE_ARGS`]), and a delivery limit that is a count. (The properties
+    /// quorum queues refuse, exclusive, auto-delete and non-durable, machinery never declares.)
+    fn validate_cluster(&self) -> Result<()> {
+        let urls = self.broker_urls();
+        if urls.is_empty() {
+            return Err(Error::config("the broker URL list is empty"));
+        }
+        if let Some(url) = urls
+            .iter()
+            .find(|url| !(url.starts_with("amqp://") || url.starts_with("amqps://")))
+        {
+            return Err(Error::config(format!(
+                "every broker URL of a list must be amqp:// or amqps:// (got `{}`)",
+                mask_url(url)
+            )));
+        }
+        if !self.quorum_queues() {
+            return Ok(());
+        }
+        if let Some(arg) = CLASSIC_ONLY_QUEUE_ARGS
+            .iter()
+            .find(|arg| self.amqp.queue_declare_args.contains_key(**arg))
+        {
+            return Err(Error::config(format!(
+                "RabbitMQ refuses `{arg}` on a quorum queue (x-queue-type: quorum); remove it \
+                 from the queue declare arguments"
+            )));
+        }
+        if let Some(limit) = self.amqp.queue_declare_args.get("x-delivery-limit") {
+            if limit.as_u64().is_none_or(|n| u32::try_from(n).is_err()) {
+                return Err(Error::config(format!(
+                    "x-delivery-limit must be a whole number from 0 to {} (got {limit})",
+                    u32::MAX
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The queue's own delivery limit (`x-delivery-limit` among the declare arguments of a
+    /// quorum queue): RabbitMQ drops (or dead-letters) a message returned more often than that.
+    ///
+    /// ```
+    /// let config = machinery::Config::builder()
+    ///     .queue_declare_arg("x-queue-type", "quorum")
+    ///     .queue_declare_arg("x-delivery-limit", 3)
+    ///     .build()?;
+    /// assert_eq!(config.delivery_limit(), Some(3));
+    /// # Ok::<(), machinery::Error>(())
+    /// ```
+    pub fn delivery_limit(&self) -> Option<u32> {
+        if !self.quorum_queues() {
+            return None;
+        }
+        let limit = self.amqp.queue_declare_args.get("x-delivery-limit")?;
+        u32::try_from(limit.as_u64()?).ok()
+    }
+}
+
 /// A URL with its password replaced by `***`, for logs and errors.
 ///
 /// ```
@@ -521,7 +645,7 @@ pub fn mask_url(url: &str) -> String {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
-            .field("broker", &mask_url(&self.broker))
+            .field("broker", &self.masked_broker())
             .field("default_queue", &self.default_queue)
             .field("result_backend", &mask_url(&self.result_backend))
             .field("results_expire_in", &self.results_expire_in)
@@ -635,6 +759,23 @@ impl ConfigBuilder {
     /// ```
     pub fn lock(mut self, url: impl Into<String>) -> Self {
         self.config.lock = Some(url.into());
+        self
+    }
+
+    /// The separator of several broker URLs in `broker` (Go's `multiple_broker_separator`);
+    /// see [`Config::broker_urls`].
+    ///
+    /// ```
+    /// let config = machinery::Config::builder()
+    ///     .broker("amqp://a:5672/,amqp://b:5672/")
+    ///     .multiple_broker_separator(",")
+    ///     .build()?;
+    /// assert_eq!(config.broker_urls(), ["amqp://a:5672/", "amqp://b:5672/"]);
+    /// # Ok::<(), machinery::Error>(())
+    /// ```
+    pub fn multiple_broker_separator(mut self, separator: impl Into<String>) -> Self {
+        let separator = separator.into();
+        self.config.multiple_broker_separator = (!separator.is_empty()).then_some(separator);
         self
     }
 

@@ -448,7 +448,7 @@ async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>> {
         ErrorKind::Config,
         format!(
             "unsupported broker URL `{}` (supported: amqp://, amqps://, memory://)",
-            mask_url(&config.broker)
+            config.masked_broker()
         ),
     ))
 }

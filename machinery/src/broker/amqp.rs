@@ -45,7 +45,19 @@
 //! - [`ErrorKind::Broker`]: a nack, a lost connection: retryable.
 //!
 //! On a quorum queue (`x-queue-type: quorum`), RabbitMQ counts deliveries: a delivery carries
-//! that count ([`Delivery::delivery_count`]), from the `x-delivery-count` header.
+//! that count ([`Delivery::delivery_count`]), from the `x-delivery-count` header, and the
+//! queue's `x-delivery-limit`, if it has one ([`Delivery::delivery_limit`]), on which the worker
+//! dead-letters the broker's last delivery. Its dead-letter queue is a quorum queue too; delay
+//! queues stay classic, as Go declares them.
+//!
+//! # Clusters
+//!
+//! `broker` may list the nodes of a cluster, split by `multiple_broker_separator`
+//! ([`Config::broker_urls`]; Go: `AMQPConnector.Connect` in v2/common/amqp.go, which dials them
+//! in order). The broker connects to the first node that answers. When its connection drops, it
+//! goes on with the next node, round robin, at once, and publishers and consumers resume there;
+//! only after a whole round of failed nodes does it pause, with the capped backoff, until
+//! `reconnect_timeout`. [`AmqpBroker::node`] says which node it is on.
 //!
 //! Consumers use manual acknowledgements and the prefetch count; acknowledgements leave the
 //! consume loop for a per-channel task that coalesces contiguous delivery tags into one
@@ -69,7 +81,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,8 +136,12 @@ pub struct AmqpBroker {
 }
 
 struct Inner {
-    url: String,
+    /// The nodes of the cluster (`broker` split by `multiple_broker_separator`), one or more.
+    nodes: Vec<Node>,
+    /// Every node's URL, masked, for errors that are not about one node.
     masked_url: String,
+    /// The node the current connection is to, or the next one tried: an index into `nodes`.
+    node: AtomicUsize,
     exchange: String,
     exchange_kind: ExchangeKind,
     binding_key: String,
@@ -135,6 +151,8 @@ struct Inner {
     binding_args: FieldTable,
     /// Queues are declared quorum queues (`x-queue-type: quorum`), which count deliveries.
     quorum: bool,
+    /// The quorum queue's `x-delivery-limit`: deliveries carry it ([`Delivery::with_delivery_limit`]).
+    delivery_limit: Option<u32>,
     /// Let lapin log whole frames (the login frame included) at TRACE; see the module docs.
     trace_frames: bool,
     reconnect_timeout: Duration,
@@ -246,6 +264,16 @@ struct Link {
     connection: Arc<Connection>,
     channel: Channel,
     generation: u64,
+    /// The node it is connected to (an index into `Inner::nodes`).
+    node: usize,
+}
+
+/// One node of the cluster.
+struct Node {
+    /// Its URL, as lapin reads it ([`amqp_uri`]).
+    url: String,
+    /// Its URL with the password masked, for logs and errors.
+    masked: String,
 }
 
 impl AmqpBroker {
@@ -263,8 +291,16 @@ impl AmqpBroker {
         };
         let broker = AmqpBroker {
             inner: Arc::new(Inner {
-                url: amqp_uri(&config.broker),
-                masked_url: mask_url(&config.broker),
+                nodes: config
+                    .broker_urls()
+                    .into_iter()
+                    .map(|url| Node {
+                        url: amqp_uri(url),
+                        masked: mask_url(url),
+                    })
+                    .collect(),
+                masked_url: config.masked_broker(),
+                node: AtomicUsize::new(0),
                 exchange: config.amqp.exchange.clone(),
                 exchange_kind,
                 binding_key: config.amqp.binding_key.clone(),
@@ -272,8 +308,8 @@ impl AmqpBroker {
                 default_routing_key: config.default_routing_key().to_owned(),
                 queue_args: field_table(&config.amqp.queue_declare_args)?,
                 binding_args: field_table(&config.amqp.queue_binding_args)?,
-                quorum: config.amqp.queue_declare_args.get("x-queue-type")
-                    == Some(&Value::from("quorum")),
+                quorum: config.quorum_queues(),
+                delivery_limit: config.delivery_limit(),
                 trace_frames: std::env::var(TRACE_FRAMES_ENV).is_ok_and(|v| v == "1"),
                 reconnect_timeout: config.reconnect_timeout,
                 link: tokio::sync::Mutex::new(None),
@@ -293,6 +329,25 @@ impl AmqpBroker {
             .generation
             .load(Ordering::SeqCst)
             .saturating_sub(1)
+    }
+
+    /// The node the broker is connected to (or, while it reconnects, the one it tries next),
+    /// its URL with the password masked. With one URL, that URL.
+    ///
+    /// ```no_run
+    /// # async fn f() -> machinery::Result<()> {
+    /// let config = machinery::Config::builder()
+    ///     .broker("amqp://guest:guest@127.0.0.1:5701/,amqp://guest:guest@127.0.0.1:5702/")
+    ///     .multiple_broker_separator(",")
+    ///     .build()?;
+    /// let broker = machinery::broker::amqp::AmqpBroker::connect(&config).await?;
+    /// println!("connected to {}", broker.node()); // amqp://guest:***@127.0.0.1:5701/
+    /// # Ok(()) }
+    /// ```
+    pub fn node(&self) -> String {
+        self.inner
+            .node_url(self.inner.node.load(Ordering::SeqCst))
+            .to_owned()
     }
 
     /// The longest hop a delayed message makes through a delay queue: 2^31 - 1 ms (24.8 days).
@@ -321,11 +376,28 @@ impl Inner {
         err: impl std::error::Error + Send + Sync + 'static,
     ) -> Error {
         // lapin's errors carry no credentials; the URL we add is masked.
-        Error::with_source(
-            ErrorKind::Broker,
-            format!("{what} ({}): {err}", self.masked_url),
-            err,
-        )
+        let node = self.node_url(self.node.load(Ordering::SeqCst));
+        Error::with_source(ErrorKind::Broker, format!("{what} ({node}): {err}"), err)
+    }
+
+    /// The masked URL of node `index`.
+    fn node_url(&self, index: usize) -> &str {
+        self.nodes
+            .get(index)
+            .map_or(self.masked_url.as_str(), |node| node.masked.as_str())
+    }
+
+    /// Moves on from node `from` to the next one, round robin (unless another caller moved on
+    /// already); returns the node to try now.
+    fn next_node(&self, from: usize) -> usize {
+        let next = (from + 1) % self.nodes.len().max(1);
+        match self
+            .node
+            .compare_exchange(from, next, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => next,
+            Err(current) => current,
+        }
     }
 
     /// An error from a declaration: [`ErrorKind::Rejected`] when the broker refuses it for
@@ -365,30 +437,38 @@ impl Inner {
             if link.connection.status().connected() {
                 // The broker closed the publishing channel only (a channel error): open another
                 // one on the same connection.
-                warn!(broker = %self.masked_url, "publishing channel closed by the broker; reopening it");
-                match self.open_publisher(link.connection.clone()).await {
+                warn!(node = %self.node_url(link.node), "publishing channel closed by the broker; reopening it");
+                match self
+                    .open_publisher(link.connection.clone(), link.node)
+                    .await
+                {
                     Ok(link) => {
                         *current = Some(link.clone());
                         return Ok(link);
                     }
                     Err(e) if e.is_permanent() => return Err(e),
                     Err(e) => {
-                        warn!(broker = %self.masked_url, error = %e.message(), "cannot reopen the publishing channel; reconnecting");
+                        warn!(node = %self.node_url(link.node), error = %e.message(), "cannot reopen the publishing channel; reconnecting");
                     }
                 }
             } else {
-                warn!(broker = %self.masked_url, "connection to the broker lost; reconnecting");
+                // A cluster: go on with the next node, round robin; the lost one may be down.
+                let next = self.next_node(link.node);
+                warn!(node = %self.node_url(link.node), next = %self.node_url(next), "connection to the broker lost; reconnecting");
             }
         }
         *current = None;
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         let mut refusals = 0;
+        // Attempts in this round through the nodes; the backoff pause comes after each round.
+        let mut tried = 0;
         loop {
-            match self.connect_once().await {
+            let node = self.node.load(Ordering::SeqCst);
+            match self.connect_once(node).await {
                 Ok(link) => {
                     if started.elapsed() > Duration::from_millis(1) && link.generation > 1 {
-                        info!(broker = %self.masked_url, generation = link.generation, "reconnected to the broker");
+                        info!(node = %self.node_url(node), generation = link.generation, reconnected_in = ?started.elapsed(), "reconnected to the broker");
                     }
                     *current = Some(link.clone());
                     return Ok(link);
@@ -416,6 +496,13 @@ impl Inner {
                 }
                 Err((e, refused)) => {
                     refusals = if refused { refusals + 1 } else { 0 };
+                    let next = self.next_node(node);
+                    tried += 1;
+                    if tried < self.nodes.len() {
+                        warn!(node = %self.node_url(node), next = %self.node_url(next), error = %e.message(), "cannot reach this broker node; trying the next one");
+                        continue;
+                    }
+                    tried = 0;
                     warn!(broker = %self.masked_url, error = %e.message(), retry_in = ?pause, "cannot reach the broker");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
@@ -424,14 +511,18 @@ impl Inner {
         }
     }
 
-    /// Connects once; the flag says whether the broker refused us (bad credentials) rather
-    /// than being unreachable.
-    async fn connect_once(&self) -> std::result::Result<Link, (Error, bool)> {
+    /// Connects once to node `node`; the flag says whether the broker refused us (bad
+    /// credentials) rather than being unreachable.
+    async fn connect_once(&self, node: usize) -> std::result::Result<Link, (Error, bool)> {
+        let Some(url) = self.nodes.get(node).map(|n| n.url.as_str()) else {
+            let error = Error::config("no broker URL");
+            return Err((error, false));
+        };
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("machinery-{}", std::process::id()),
         ));
         let connected = if self.trace_frames {
-            Connection::connect(&self.url, properties).await
+            Connection::connect(url, properties).await
         } else {
             let handle = tokio::runtime::Handle::try_current().map_err(|e| {
                 let error = Error::with_source(
@@ -441,7 +532,7 @@ impl Inner {
                 );
                 (error, false)
             })?;
-            quiet::connect(&self.url, properties, handle).await
+            quiet::connect(url, properties, handle).await
         };
         let connection = connected.map_err(|e| {
             // Only refusals that a restart cannot cure: bad credentials. (A vhost that is
@@ -464,13 +555,14 @@ impl Inner {
         })?;
         // Side queues are declared anew on a new connection (the broker may have restarted).
         lock(&self.declared).clear();
-        self.open_publisher(Arc::new(connection))
+        self.open_publisher(Arc::new(connection), node)
             .await
             .map_err(|e| (e, false))
     }
 
-    /// Opens the publishing channel on `connection` and declares the topology on it.
-    async fn open_publisher(&self, connection: Arc<Connection>) -> Result<Link> {
+    /// Opens the publishing channel on `connection` (to node `node`) and declares the topology
+    /// on it.
+    async fn open_publisher(&self, connection: Arc<Connection>, node: usize) -> Result<Link> {
         let channel = connection
             .create_channel()
             .await
@@ -481,11 +573,12 @@ impl Inner {
             .map_err(|e| self.broker_error("cannot enable publisher confirms", e))?;
         self.declare_queue(&channel, &self.default_queue).await?;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        debug!(broker = %self.masked_url, generation, "connected");
+        debug!(node = %self.node_url(node), generation, "connected");
         Ok(Link {
             connection,
             channel,
             generation,
+            node,
         })
     }
 
@@ -530,6 +623,17 @@ impl Inner {
             )
             .await
             .map_err(|e| self.declare_error(&format!("bind queue `{queue}`"), e))
+    }
+
+    /// The arguments of a dead-letter queue: a quorum queue beside a quorum queue, replicated
+    /// like it (and with no delivery limit: nothing consumes it but an operator), else a
+    /// classic queue.
+    fn dead_letter_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if self.quorum {
+            args.insert("x-queue-type".into(), long_string("quorum"));
+        }
+        args
     }
 
     /// Whether `queue` was declared on this connection and its declaration still holds.
@@ -1034,7 +1138,7 @@ impl AmqpConsumer {
             .map_err(|e| b.broker_error(&format!("cannot consume queue `{}`", self.queue), e))?;
         let (acks, rx) = mpsc::unbounded_channel();
         let settler = tokio::spawn(settle_loop(channel.clone(), rx));
-        info!(queue = %self.queue, prefetch = self.prefetch, "consuming");
+        info!(queue = %self.queue, prefetch = self.prefetch, node = %b.node_url(link.node), "consuming");
         self.state = Some(ConsumerState {
             channel,
             stream,
@@ -1077,6 +1181,9 @@ impl Consumer for AmqpConsumer {
                         .or(self.broker.quorum.then_some(0));
                     if let Some(count) = count {
                         handed = handed.with_delivery_count(count);
+                    }
+                    if let Some(limit) = self.broker.delivery_limit {
+                        handed = handed.with_delivery_limit(limit);
                     }
                     return Some(Ok(handed));
                 }
@@ -1240,7 +1347,7 @@ impl AmqpAcker {
         let queue = AmqpBroker::dead_letter_queue(&self.queue);
         let link = self.broker.link().await?;
         self.broker
-            .declare_side_queue(&link, &queue, FieldTable::default(), None, false)
+            .declare_side_queue(&link, &queue, self.broker.dead_letter_args(), None, false)
             .await?;
         let mut headers = FieldTable::default();
         headers.insert("x-machinery-source-queue".into(), long_string(&self.queue));

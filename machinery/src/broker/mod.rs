@@ -133,6 +133,7 @@ pub struct Delivery {
     body: Bytes,
     redelivered: bool,
     delivery_count: Option<u32>,
+    delivery_limit: Option<u32>,
     acker: Box<dyn Acker>,
 }
 
@@ -143,6 +144,7 @@ impl Delivery {
             body,
             redelivered,
             delivery_count: None,
+            delivery_limit: None,
             acker,
         }
     }
@@ -160,6 +162,36 @@ impl Delivery {
     pub(crate) fn forget_delivery_count(mut self) -> Delivery {
         self.delivery_count = None;
         self
+    }
+
+    /// Records the broker's own limit on [`delivery_count`](Self::delivery_count): a RabbitMQ
+    /// quorum queue's `x-delivery-limit`, past which the broker drops the message (or
+    /// dead-letters it, if the queue has a dead-letter exchange) instead of delivering it. The
+    /// worker dead-letters a message on the last delivery the broker allows, never running it
+    /// into the broker's drop; see [`delivery_limit`](Self::delivery_limit).
+    ///
+    /// ```
+    /// # use machinery::broker::{Acker, Delivery, Rejection};
+    /// # #[derive(Debug)] struct NoAck;
+    /// # #[async_trait::async_trait] impl Acker for NoAck {
+    /// #     async fn ack(&self) -> machinery::Result<()> { Ok(()) }
+    /// #     async fn reject(&self, _: Rejection) -> machinery::Result<()> { Ok(()) }
+    /// # }
+    /// let delivery = Delivery::new("{}".into(), true, Box::new(NoAck))
+    ///     .with_delivery_count(2)
+    ///     .with_delivery_limit(2);
+    /// assert_eq!(delivery.delivery_limit(), Some(2));
+    /// ```
+    #[must_use]
+    pub fn with_delivery_limit(mut self, limit: u32) -> Delivery {
+        self.delivery_limit = Some(limit);
+        self
+    }
+
+    /// The broker's limit on [`delivery_count`](Self::delivery_count), if it has one: once the
+    /// count reaches it, this is the last delivery the broker makes.
+    pub fn delivery_limit(&self) -> Option<u32> {
+        self.delivery_limit
     }
 
     /// How many times the broker delivered this message before, if it counts; `None` when it

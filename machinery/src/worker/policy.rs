@@ -40,6 +40,11 @@ pub(crate) struct Attempt {
     pub(crate) uncounted: bool,
     /// The broker delivered it before (counted or not).
     pub(crate) redelivered: bool,
+    /// The last delivery number the broker makes of this copy, where it has a limit (a quorum
+    /// queue's `x-delivery-limit`): the deliveries carried, plus the limit. `None`: no limit.
+    pub(crate) ceiling: Option<u32>,
+    /// The broker's limit itself, for the dead-letter reason.
+    pub(crate) delivery_limit: Option<u32>,
 }
 
 impl Attempt {
@@ -52,6 +57,12 @@ impl Attempt {
     /// The attempt, given the deliveries `carried` in the message itself.
     pub(crate) fn by_broker(delivery: &Delivery, carried: u32) -> Attempt {
         Attempt {
+            // Returned more than `limit` times, the broker drops the message: the delivery with
+            // count `limit` is its last (number carried + limit + 1), which must not run.
+            ceiling: delivery
+                .delivery_limit()
+                .map(|limit| carried.saturating_add(limit)),
+            delivery_limit: delivery.delivery_limit(),
             number: carried
                 .saturating_add(delivery.delivery_count().unwrap_or(0))
                 .saturating_add(1),
@@ -135,13 +146,19 @@ pub(crate) struct SettlePolicy {
 
 impl SettlePolicy {
     /// Whether this delivery is past the limit before anything is done with it (a message
-    /// whose worker died on every delivery).
+    /// whose worker died on every delivery): past `max_deliveries`, or the last delivery the
+    /// broker makes before it drops the message (a quorum queue's `x-delivery-limit`; Go has
+    /// no such limit).
     pub(crate) fn exhausted(&self, attempt: Attempt) -> Option<Settlement> {
-        (attempt.number > self.max_deliveries).then(|| Settlement::DeadLetter {
+        let limit = self.max_deliveries.min(attempt.ceiling.unwrap_or(u32::MAX));
+        (attempt.number > limit).then(|| Settlement::DeadLetter {
             reason: format!(
-                "delivered {} times without being settled (max_deliveries {})",
+                "delivered {} times without being settled (max_deliveries {}{})",
                 attempt.number - 1,
-                self.max_deliveries
+                self.max_deliveries,
+                attempt.delivery_limit.map_or(String::new(), |l| format!(
+                    ", the queue's x-delivery-limit {l}"
+                )),
             ),
             record_failure: true,
         })
@@ -220,6 +237,8 @@ mod tests {
             number,
             uncounted: false,
             redelivered: number > 1,
+            ceiling: None,
+            delivery_limit: None,
         }
     }
 
@@ -287,6 +306,48 @@ mod tests {
                 last_error: None
             }
         );
+    }
+
+    #[derive(Debug)]
+    struct NoAck;
+
+    #[async_trait::async_trait]
+    impl crate::broker::Acker for NoAck {
+        async fn ack(&self) -> crate::Result<()> {
+            Ok(())
+        }
+        async fn reject(&self, _: crate::broker::Rejection) -> crate::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_brokers_delivery_limit_caps_max_deliveries() {
+        // A quorum queue with x-delivery-limit 2 drops a message returned a third time: the
+        // delivery with x-delivery-count 2 is the last one, so it is dead-lettered there, as a
+        // delivery past max_deliveries is, instead of running into the broker's drop.
+        let delivery = |count: u32| {
+            Delivery::new(bytes::Bytes::new(), count > 0, Box::new(NoAck))
+                .with_delivery_count(count)
+                .with_delivery_limit(2)
+        };
+        let p = policy();
+        assert!(p.exhausted(Attempt::by_broker(&delivery(1), 0)).is_none());
+        let Some(Settlement::DeadLetter { reason, .. }) =
+            p.exhausted(Attempt::by_broker(&delivery(2), 0))
+        else {
+            panic!("the broker's last delivery must be dead-lettered");
+        };
+        assert!(reason.contains("x-delivery-limit 2"), "{reason}");
+        // A copy sent again starts a new count at the broker; the deliveries it carries count
+        // against max_deliveries as before.
+        assert!(p.exhausted(Attempt::by_broker(&delivery(1), 3)).is_none());
+        assert!(p.exhausted(Attempt::by_broker(&delivery(2), 3)).is_some());
+        assert!(p.exhausted(Attempt::by_broker(&delivery(0), 5)).is_some());
+        // Above max_deliveries, the broker's limit changes nothing.
+        let high = |count: u32| delivery(count).with_delivery_limit(20);
+        assert!(p.exhausted(Attempt::by_broker(&high(4), 0)).is_none());
+        assert!(p.exhausted(Attempt::by_broker(&high(5), 0)).is_some());
     }
 
     #[test]
