@@ -176,7 +176,11 @@ impl Raw {
         let raw = if on_redis() {
             Raw::Redis(RedisBroker::connect(&config(name)).await.unwrap())
         } else {
-            Raw::Memory(MemoryBroker::open(name, "machinery_tasks", "machinery_task"))
+            Raw::Memory(MemoryBroker::open(
+                name,
+                "machinery_tasks",
+                "machinery_task",
+            ))
         };
         (raw, queue(name))
     }
@@ -668,11 +672,7 @@ async fn unregistered_tasks_follow_ignore_when_task_not_registered() {
     full.shutdown().await.unwrap();
     let deadline = Instant::now() + WAIT;
     while broker.depth(&q).await != (0, 0) {
-        assert!(
-            Instant::now() < deadline,
-            "{:?}",
-            broker.depth(&q).await
-        );
+        assert!(Instant::now() < deadline, "{:?}", broker.depth(&q).await);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(broker.dead_letters(&q).await.is_empty());

@@ -70,10 +70,10 @@ use crate::lock;
 use crate::wire::Signature;
 
 /// How often a consumer refreshes its heartbeat and looks for dead consumers' messages.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// How long a consumer's heartbeat lives: a consumer silent this long is taken for dead, and
 /// its processing list goes back to the queue.
-pub const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
 /// Go's default `delayed_tasks_key` (`defaultRedisDelayedTasksKey`).
 pub const DEFAULT_DELAYED_TASKS_KEY: &str = "delayed_tasks";
 
