@@ -60,7 +60,10 @@ fn config(tag: &str) -> Config {
 async fn connection() -> redis::aio::MultiplexedConnection {
     redis::Client::open(redis_url())
         .expect("url")
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(
+            // A loaded machine can take longer than the default 500 ms for a pipeline.
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
         .await
         .expect("Redis on 127.0.0.1:6379 (tests/services.sh)")
 }
