@@ -59,7 +59,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{Script, Value};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, trace, warn};
 
@@ -110,14 +110,24 @@ end
 return out
 ";
 
-/// Ack: removes the body from the processing list and forgets its count.
+/// Acks, several at once: removes each body (`ARGV`) from the processing list and forgets its
+/// count. Returns 1 or 0 per body (0: no longer there).
 const ACK_LUA: &str = r"
-local n = redis.call('LREM', KEYS[1], 1, ARGV[1])
-if n == 1 and redis.call('HLEN', KEYS[2]) > 0 then
-  redis.call('HDEL', KEYS[2], redis.sha1hex(ARGV[1]))
+local out = {}
+local counted = redis.call('HLEN', KEYS[2]) > 0
+for i, body in ipairs(ARGV) do
+  local n = redis.call('LREM', KEYS[1], 1, body)
+  if n == 1 and counted then redis.call('HDEL', KEYS[2], redis.sha1hex(body)) end
+  out[i] = n
 end
-return n
+return out
 ";
+
+/// How many acks one script call settles at most.
+const ACK_BATCH: usize = 256;
+
+/// An ack waiting for the consumer's ack flusher: the body, and where its outcome goes.
+type AckRequest = (Bytes, oneshot::Sender<Result<i64>>);
 
 /// Requeue: back to the head of the queue; `ARGV[2] == '1'` counts the delivery.
 const REQUEUE_LUA: &str = r"
@@ -739,6 +749,9 @@ impl Broker for RedisBroker {
                 }
             }
         });
+        let (acks, requests) = mpsc::unbounded_channel();
+        // Ends when the consumer and all its deliveries are gone.
+        tokio::spawn(flush_acks(self.shared.clone(), keys.clone(), requests));
         debug!(queue, consumer = %keys.id, prefetch, "consuming from Redis");
         Ok(Box::new(RedisConsumer {
             shared: self.shared.clone(),
@@ -748,7 +761,46 @@ impl Broker for RedisBroker {
             buffer: VecDeque::new(),
             cancelled: false,
             heartbeat: Some(heartbeat),
+            acks,
         }))
+    }
+}
+
+/// Settles the acks of one consumer, as many as are waiting (up to [`ACK_BATCH`]) in one
+/// script call: acks from concurrent tasks share round trips.
+async fn flush_acks(
+    shared: Arc<Shared>,
+    keys: Arc<Keys>,
+    mut requests: mpsc::UnboundedReceiver<AckRequest>,
+) {
+    let mut batch = Vec::with_capacity(ACK_BATCH);
+    while requests.recv_many(&mut batch, ACK_BATCH).await > 0 {
+        let mut invocation = shared.ack.key(&keys.processing);
+        invocation.key(&keys.deliveries);
+        for (body, _) in &batch {
+            invocation.arg(&body[..]);
+        }
+        let outcome: Result<Vec<i64>> = shared.script(&invocation, "acknowledge messages").await;
+        match outcome {
+            Ok(moved) if moved.len() == batch.len() => {
+                for ((_, reply), n) in batch.drain(..).zip(moved) {
+                    let _ = reply.send(Ok(n));
+                }
+            }
+            Ok(_) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(Error::new(
+                        ErrorKind::Broker,
+                        "the ack script returned an unexpected reply",
+                    )));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(Error::new(ErrorKind::Broker, e.to_string())));
+                }
+            }
+        }
     }
 }
 
@@ -807,6 +859,7 @@ struct RedisConsumer {
     buffer: VecDeque<Taken>,
     cancelled: bool,
     heartbeat: Option<JoinHandle<()>>,
+    acks: mpsc::UnboundedSender<AckRequest>,
 }
 
 impl fmt::Debug for RedisConsumer {
@@ -910,6 +963,7 @@ impl RedisConsumer {
             body: taken.body.clone(),
             settled: AtomicBool::new(false),
             _permit: taken.permit,
+            acks: self.acks.clone(),
         };
         Delivery::new(taken.body, taken.deliveries > 0, Box::new(acker))
             .with_delivery_count(taken.deliveries)
@@ -1014,6 +1068,7 @@ struct RedisAcker {
     body: Bytes,
     settled: AtomicBool,
     _permit: OwnedSemaphorePermit,
+    acks: mpsc::UnboundedSender<AckRequest>,
 }
 
 impl fmt::Debug for RedisAcker {
@@ -1054,18 +1109,12 @@ impl RedisAcker {
 #[async_trait]
 impl Acker for RedisAcker {
     async fn ack(&self) -> Result<()> {
-        let k = &self.keys;
-        let moved: i64 = self
-            .shared
-            .script(
-                self.shared
-                    .ack
-                    .key(&k.processing)
-                    .key(&k.deliveries)
-                    .arg(&self.body[..]),
-                "acknowledge a message",
-            )
-            .await?;
+        let gone = || Error::new(ErrorKind::Broker, "the Redis consumer's acks stopped");
+        let (tx, rx) = oneshot::channel();
+        self.acks
+            .send((self.body.clone(), tx))
+            .map_err(|_| gone())?;
+        let moved = rx.await.map_err(|_| gone())??;
         self.settled(moved);
         Ok(())
     }
