@@ -23,7 +23,8 @@
 //! `BLMOVE <queue> <queue> LEFT LEFT` (which takes nothing: it returns once a message is
 //! there) for at most `normal_tasks_poll_period` (Go's `BLPOP` timeout), then takes again.
 //!
-//! - **ack**: `LREM` from the processing list;
+//! - **ack**: `LREM` from the processing list (a consumer's concurrent acks share one script
+//!   call, up to 256);
 //! - **requeue**: moved back to the head of the queue, its delivery counted;
 //! - **dead-letter**: moved to the list `<queue>.dead_letter` (the AMQP broker's dead-letter
 //!   queue name, [`RedisBroker::dead_letter_list`]) with the reason in the hash
