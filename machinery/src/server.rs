@@ -430,6 +430,14 @@ fn memory_name(url: &str) -> Option<&str> {
     Some(if name.is_empty() { "default" } else { name })
 }
 
+/// Whether `url` names a Redis server (`redis://`, `rediss://`, any case), Go's Redis broker.
+#[cfg(feature = "redis")]
+fn is_redis_url(url: &str) -> bool {
+    url.split_once("://").is_some_and(|(scheme, _)| {
+        matches!(scheme.to_ascii_lowercase().as_str(), "redis" | "rediss")
+    })
+}
+
 async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>> {
     if let Some(name) = memory_name(&config.broker) {
         return Ok(Arc::new(MemoryBroker::open(
@@ -444,10 +452,16 @@ async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>> {
             crate::broker::amqp::AmqpBroker::connect(config).await?,
         ));
     }
+    #[cfg(feature = "redis")]
+    if is_redis_url(&config.broker) {
+        return Ok(Arc::new(
+            crate::broker::redis::RedisBroker::connect(config).await?,
+        ));
+    }
     Err(Error::new(
         ErrorKind::Config,
         format!(
-            "unsupported broker URL `{}` (supported: amqp://, amqps://, memory://)",
+            "unsupported broker URL `{}` (supported: amqp://, amqps://, redis://, rediss://, memory://)",
             config.masked_broker()
         ),
     ))

@@ -56,3 +56,9 @@ async fn long_task(id: i64, ms: u64) -> i64 {
     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     id
 }
+
+/// Kills the worker process that runs it, as a crash would: a poison message.
+#[machinery::task]
+fn kill_worker() -> i64 {
+    std::process::abort()
+}

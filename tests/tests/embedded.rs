@@ -1,5 +1,9 @@
 //! The whole path on the embedded broker: Go Machinery's suite cases, chains, callbacks,
 //! retries, bad input and concurrency. Each test uses its own broker.
+//!
+//! `embedded_redis.rs` runs this same file as a module against the Redis broker
+//! (`redis://`, each test on its own queue, results in the embedded backend): see
+//! [`on_redis`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -7,6 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use machinery::broker::memory::MemoryBroker;
+use machinery::broker::redis::RedisBroker;
 use machinery::wire::{self, State};
 use machinery::{task, Config, ErrorKind, Group, Server, TaskError, WorkerHandle};
 
@@ -125,12 +130,87 @@ fn blocking_sleepy(ms: u64) -> u64 {
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Whether this file runs as `embedded_redis`'s module: then every test runs on the Redis
+/// broker instead of the embedded one.
+fn on_redis() -> bool {
+    module_path!().starts_with("embedded_redis")
+}
+
+/// The queue of test `name`: Go's default on the embedded broker (one broker per test), a
+/// name of its own on Redis (unique per run, so nothing left from another run is read).
+fn queue(name: &str) -> String {
+    if on_redis() {
+        static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let run = RUN.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..10].to_owned());
+        format!("embedded_{name}_{run}")
+    } else {
+        "machinery_tasks".to_owned()
+    }
+}
+
 fn config(name: &str) -> Config {
-    Config::builder()
-        .broker(format!("memory://{name}"))
-        .requeue_delay(Duration::from_millis(50))
-        .build()
-        .unwrap()
+    let builder = Config::builder().requeue_delay(Duration::from_millis(50));
+    let builder = if on_redis() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+        builder
+            .broker(url)
+            .result_backend(format!("memory://{name}"))
+            .default_queue(queue(name))
+    } else {
+        builder.broker(format!("memory://{name}"))
+    };
+    let mut config = builder.build().unwrap();
+    // Delayed messages of this test only.
+    config.redis.delayed_tasks_key = format!("{}.delayed", queue(name));
+    config
+}
+
+/// The broker of test `name`, for putting raw bytes in its queue and looking at it.
+enum Raw {
+    Memory(MemoryBroker),
+    Redis(RedisBroker),
+}
+
+impl Raw {
+    async fn open(name: &str) -> (Raw, String) {
+        let raw = if on_redis() {
+            Raw::Redis(RedisBroker::connect(&config(name)).await.unwrap())
+        } else {
+            Raw::Memory(MemoryBroker::open(
+                name,
+                "machinery_tasks",
+                "machinery_task",
+            ))
+        };
+        (raw, queue(name))
+    }
+
+    async fn push_raw(&self, queue: &str, body: Vec<u8>) {
+        match self {
+            Raw::Memory(b) => b.push_raw(queue, body),
+            Raw::Redis(b) => b.push_raw(queue, body).await.unwrap(),
+        }
+    }
+
+    async fn depth(&self, queue: &str) -> (usize, usize) {
+        match self {
+            Raw::Memory(b) => b.depth(queue),
+            Raw::Redis(b) => b.depth(queue).await.unwrap(),
+        }
+    }
+
+    async fn dead_letters(&self, queue: &str) -> Vec<bytes::Bytes> {
+        match self {
+            Raw::Memory(b) => b.dead_letters(queue),
+            Raw::Redis(b) => b
+                .dead_letters(queue)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(body, _)| body)
+                .collect(),
+        }
+    }
 }
 
 async fn setup(name: &str) -> (Server, WorkerHandle) {
@@ -426,7 +506,7 @@ async fn early_message_is_delayed_again_by_the_worker() {
     // A message that reaches the queue before its ETA (a Go producer on another broker, clock
     // skew): the worker must not run it early.
     let server = Server::new(config("early")).await.unwrap();
-    let broker = MemoryBroker::open("early", "machinery_tasks", "machinery_task");
+    let (broker, q) = Raw::open("early").await;
     let mut sig = wire::Signature::new("add_pair");
     sig.args = vec![
         machinery::value::encode_arg(&1i64).unwrap(),
@@ -435,7 +515,7 @@ async fn early_message_is_delayed_again_by_the_worker() {
     let eta = chrono::Utc::now() + chrono::Duration::milliseconds(800);
     sig.eta = Some(eta.into());
     let uuid = sig.uuid.clone();
-    broker.push_raw("machinery_tasks", sig.to_json().unwrap());
+    broker.push_raw(&q, sig.to_json().unwrap()).await;
     let worker = server.worker().spawn().await.unwrap();
     let state = final_state(&server, &uuid).await;
     assert_eq!(state.state, State::Success);
@@ -458,8 +538,8 @@ async fn shutdown_finishes_in_flight_tasks() {
         slow_sync.state().await.unwrap().unwrap().state,
         State::Success
     );
-    let broker = MemoryBroker::open("graceful", "machinery_tasks", "machinery_task");
-    assert_eq!(broker.depth("machinery_tasks"), (0, 0), "everything acked");
+    let (broker, q) = Raw::open("graceful").await;
+    assert_eq!(broker.depth(&q).await, (0, 0), "everything acked");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -490,7 +570,7 @@ async fn blocking_tasks_do_not_stall_the_runtime() {
 #[tokio::test(flavor = "multi_thread")]
 async fn undecodable_bodies_are_dead_lettered() {
     let (server, worker) = setup("garbage").await;
-    let broker = MemoryBroker::open("garbage", "machinery_tasks", "machinery_task");
+    let (broker, q) = Raw::open("garbage").await;
     let bodies: Vec<&[u8]> = vec![
         b"not json",
         b"[1,2,3]",
@@ -499,20 +579,20 @@ async fn undecodable_bodies_are_dead_lettered() {
         b"\xff\xfe",
     ];
     for body in &bodies {
-        broker.push_raw("machinery_tasks", body.to_vec());
+        broker.push_raw(&q, body.to_vec()).await;
     }
     // An oversized body (over max_message_size).
     let big = vec![b' '; server.config().max_message_size + 1];
-    broker.push_raw("machinery_tasks", big);
+    broker.push_raw(&q, big).await;
     let deadline = Instant::now() + WAIT;
-    while broker.dead_letters("machinery_tasks").len() < bodies.len() + 1 {
+    while broker.dead_letters(&q).await.len() < bodies.len() + 1 {
         assert!(
             Instant::now() < deadline,
             "not all bad messages were dead-lettered"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(broker.depth("machinery_tasks"), (0, 0));
+    assert_eq!(broker.depth(&q).await, (0, 0));
     // And the worker keeps consuming.
     let r = server.send(add::signature(vec![1, 2])).await.unwrap();
     assert_eq!(r.get_timeout(WAIT).await.unwrap(), 3);
@@ -572,7 +652,7 @@ async fn args_that_do_not_fit_are_failures_with_clear_errors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unregistered_tasks_follow_ignore_when_task_not_registered() {
     let server = Server::new(config("unregistered")).await.unwrap();
-    let broker = MemoryBroker::open("unregistered", "machinery_tasks", "machinery_task");
+    let (broker, q) = Raw::open("unregistered").await;
     // A worker that only has add_pair.
     let narrow = server.worker().tasks(["add_pair"]).spawn().await.unwrap();
 
@@ -591,15 +671,11 @@ async fn unregistered_tasks_follow_ignore_when_task_not_registered() {
     narrow.shutdown().await.unwrap();
     full.shutdown().await.unwrap();
     let deadline = Instant::now() + WAIT;
-    while broker.depth("machinery_tasks") != (0, 0) {
-        assert!(
-            Instant::now() < deadline,
-            "{:?}",
-            broker.depth("machinery_tasks")
-        );
+    while broker.depth(&q).await != (0, 0) {
+        assert!(Instant::now() < deadline, "{:?}", broker.depth(&q).await);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(broker.dead_letters("machinery_tasks").is_empty());
+    assert!(broker.dead_letters(&q).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,6 +18,8 @@
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::fmt;
 use std::time::Duration;

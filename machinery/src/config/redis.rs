@@ -6,9 +6,10 @@ use std::time::Duration;
 
 /// Redis settings, with Go's keys and defaults (`defaultCnf.Redis` in v2/config/config.go).
 ///
-/// They are read so that a Go configuration loads unchanged; most of them tune Go's Redis
-/// *broker* and its redigo pool, which machinery does not have, and are kept but **not used**
-/// (each field says so). The result backend's URL is [`Config::result_backend`](super::Config);
+/// They are read so that a Go configuration loads unchanged. The poll periods and the delayed
+/// tasks key tune the Redis broker ([`crate::broker::redis`]); the pool settings tune Go's
+/// redigo pool, which machinery does not have, and are kept but **not used** (each field says
+/// so). The result backend's URL is [`Config::result_backend`](super::Config);
 /// the periodic-task lock's is [`Config::lock`](super::Config).
 ///
 /// ```
@@ -43,15 +44,16 @@ pub struct RedisConfig {
     /// Timeout for connecting (`connect_timeout` in seconds, `REDIS_CONNECT_TIMEOUT`, default
     /// 15 s). Not used yet: the Redis backend connects within 15 s, Go's default.
     pub connect_timeout: Duration,
-    /// How often Go's Redis broker polls for tasks (`normal_tasks_poll_period` in
-    /// milliseconds, `REDIS_NORMAL_TASKS_POLL_PERIOD`, default 1000 ms). Not used: there is no
-    /// Redis broker.
+    /// How long the Redis broker's consumer waits for a message in one `BLMOVE` before it
+    /// looks again (`normal_tasks_poll_period` in milliseconds,
+    /// `REDIS_NORMAL_TASKS_POLL_PERIOD`, default 1000 ms; Go's `BLPOP` timeout).
     pub normal_tasks_poll_period: Duration,
-    /// How often Go's Redis broker polls for delayed tasks (`delayed_tasks_poll_period` in
-    /// milliseconds, `REDIS_DELAYED_TASKS_POLL_PERIOD`, default 500 ms). Not used.
+    /// How often the Redis broker moves due delayed tasks to their queues
+    /// (`delayed_tasks_poll_period` in milliseconds, `REDIS_DELAYED_TASKS_POLL_PERIOD`,
+    /// default 500 ms).
     pub delayed_tasks_poll_period: Duration,
-    /// The sorted set of Go's Redis broker's delayed tasks (`delayed_tasks_key`,
-    /// `REDIS_DELAYED_TASKS_KEY`). Not used.
+    /// The sorted set of the Redis broker's delayed tasks (`delayed_tasks_key`,
+    /// `REDIS_DELAYED_TASKS_KEY`; empty means Go's `delayed_tasks`).
     pub delayed_tasks_key: String,
     /// The client name Go sets on its connections (`client_name`, `REDIS_CLIENT_NAME`). Not
     /// used.

@@ -1,0 +1,644 @@
+//! The Redis broker (`BROKER=redis://...`) against the Redis on 127.0.0.1:6379, in Go
+//! Machinery's layout (Go: v2/brokers/redis/redis.go): Go-format messages `RPUSH`ed and
+//! `ZADD`ed by hand run; a worker killed with -9 loses nothing; ETA tasks run once each with
+//! two workers; a message that kills its worker is dead-lettered after the delivery limit; the
+//! fault-injection doubles show that a lost ack or a failing store loses nothing.
+//!
+//! Each test has its own queue and delayed-tasks key, and deletes them when it ends.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{redis_url, WorkerProcess, WAIT};
+use machinery::backend::redis::RedisBackend;
+use machinery::backend::ResultBackend;
+use machinery::broker::redis::{RedisBroker, HEARTBEAT_TTL};
+use machinery::broker::Broker;
+use machinery::testing::{BackendOp, BrokerOp, Fault, FaultyBackend, FaultyBroker};
+use machinery::wire::State;
+use machinery::{Config, Server};
+
+include!("../src/tasks.rs");
+
+/// Runs of `rb_count` by id, with the time of each.
+static RUNS: Mutex<Option<HashMap<String, Vec<chrono::DateTime<chrono::Utc>>>>> = Mutex::new(None);
+
+#[machinery::task]
+fn rb_count(tag: String, id: i64) -> i64 {
+    RUNS.lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .entry(format!("{tag}/{id}"))
+        .or_default()
+        .push(chrono::Utc::now());
+    id
+}
+
+fn runs(tag: &str) -> HashMap<i64, Vec<chrono::DateTime<chrono::Utc>>> {
+    let prefix = format!("{tag}/");
+    RUNS.lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(&prefix)?.parse().ok()?, v.clone())))
+        .collect()
+}
+
+/// A queue, delayed-tasks key and Redis result backend of this test's own.
+fn config(tag: &str) -> Config {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let queue = format!("rb_{tag}_{}", &id[..10]);
+    let mut config = Config::builder()
+        .broker(redis_url())
+        .result_backend(redis_url())
+        .default_queue(&queue)
+        .requeue_delay(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    config.redis.delayed_tasks_key = format!("{queue}.delayed");
+    config.redis.delayed_tasks_poll_period = Duration::from_millis(100);
+    config
+}
+
+async fn redis() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Deletes the keys of the test's queue (its processing lists and heartbeats too).
+async fn cleanup(config: &Config) {
+    let mut conn = redis().await;
+    let q = &config.default_queue;
+    let consumers: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(format!("{q}.consumers"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = [
+        "",
+        ".consumers",
+        ".deliveries",
+        ".dead_letter",
+        ".dead_letter.reasons",
+        ".delayed",
+    ]
+    .iter()
+    .map(|suffix| format!("{q}{suffix}"))
+    .collect();
+    for id in consumers {
+        keys.push(format!("{q}.processing.{id}"));
+        keys.push(format!("{q}.heartbeat.{id}"));
+    }
+    let _: i64 = redis::cmd("DEL")
+        .arg(keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+async fn broker(config: &Config) -> RedisBroker {
+    RedisBroker::connect(config).await.unwrap()
+}
+
+async fn wait_depth_zero(broker: &RedisBroker, queue: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let depth = broker.depth(queue).await.unwrap();
+        if depth == (0, 0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "queue not drained: {depth:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A golden body Go's `json.Marshal` wrote (machinery/tests/golden), with its UUIDs made
+/// unique and its routing key set to `queue`.
+fn golden(file: &str, queue: &str, tag: &str) -> String {
+    let path = format!(
+        "{}/../machinery/tests/golden/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .replace("\"task_", &format!("\"{tag}_task_"))
+        .replace(
+            "\"RoutingKey\":\"machinery_task\"",
+            &format!("\"RoutingKey\":\"{queue}\""),
+        )
+}
+
+async fn final_state(server: &Server, uuid: &str) -> machinery::wire::TaskState {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    server
+        .backend()
+        .unwrap()
+        .wait_final(uuid, Some(deadline))
+        .await
+        .unwrap()
+}
+
+// ---- Go's format ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn go_format_messages_pushed_with_rpush_run() {
+    // Go: Publish in v2/brokers/redis/redis.go is `RPUSH <routing key> <signature JSON>`.
+    let config = config("gopush");
+    let q = config.default_queue.clone();
+    let server = Server::new(config.clone()).await.unwrap();
+    let worker = server.worker().concurrency(4).spawn().await.unwrap();
+    let tag = &q[3..];
+    let task = golden("task.json", &q, tag);
+    let chain = golden("chain.json", &q, &format!("{tag}c"));
+    let mut conn = redis().await;
+    for body in [&task, &chain] {
+        let _: i64 = redis::cmd("RPUSH")
+            .arg(&q)
+            .arg(body.as_str())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // task.json is add(1, 1).
+    let state = final_state(&server, &format!("{tag}_task_1")).await;
+    assert_eq!(state.state, State::Success, "{state:?}");
+    assert_eq!(serde_json::to_value(&state.results).unwrap()[0]["Value"], 2);
+    // chain.json is add(1, 1) -> add(5, 6) -> multiply(4): (1 + 1 + 5 + 6) * 4 = 52.
+    let state = final_state(&server, &format!("{tag}c_task_3")).await;
+    assert_eq!(state.state, State::Success, "{state:?}");
+    assert_eq!(
+        serde_json::to_value(&state.results).unwrap()[0]["Value"],
+        52
+    );
+    let raw = broker(&config).await;
+    wait_depth_zero(&raw, &q).await;
+    worker.shutdown().await.unwrap();
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn go_format_delayed_task_in_delayed_tasks_runs_on_time() {
+    // Go: a future ETA is `ZADD delayed_tasks <ETA in Unix ns> <signature JSON>`; Go's own
+    // key name here (other tests use keys of their own).
+    let mut config = config("godelay");
+    config.redis.delayed_tasks_key = String::new();
+    let q = config.default_queue.clone();
+    let server = Server::new(config.clone()).await.unwrap();
+    let raw = broker(&config).await;
+    assert_eq!(raw.delayed_tasks_key(), "delayed_tasks");
+    let worker = server.worker().spawn().await.unwrap();
+    let tag = &q[3..];
+    let eta = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+    let body = golden("task.json", &q, tag).replace(
+        "\"ETA\":null,\"GroupUUID\":\"\",\"GroupTaskCount\":0,\"Args\":[{\"Name\":\"\",\"Type\":\"int64\",\"Value\":1}",
+        &format!(
+            "\"ETA\":\"{}\",\"GroupUUID\":\"\",\"GroupTaskCount\":0,\"Args\":[{{\"Name\":\"\",\"Type\":\"int64\",\"Value\":1}}",
+            eta.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        ),
+    );
+    assert!(body.contains(&eta.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)));
+    let mut conn = redis().await;
+    let _: i64 = redis::cmd("ZADD")
+        .arg("delayed_tasks")
+        .arg(eta.timestamp_nanos_opt().unwrap())
+        .arg(&body)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let uuid = format!("{tag}_task_1");
+    let delayed = raw.delayed_tasks().await.unwrap();
+    assert!(
+        delayed.iter().any(|s| s.uuid == uuid),
+        "GetDelayedTasks lists it"
+    );
+    let state = final_state(&server, &uuid).await;
+    let done = chrono::Utc::now();
+    assert_eq!(state.state, State::Success, "{state:?}");
+    assert!(done >= eta, "ran before its ETA");
+    assert!(
+        done - eta < chrono::Duration::milliseconds(1500),
+        "ran {:?} after its ETA",
+        done - eta
+    );
+    worker.shutdown().await.unwrap();
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pending_and_delayed_tasks_read_go_s_layout() {
+    let config = config("inspect");
+    let q = config.default_queue.clone();
+    let server = Server::new(config.clone()).await.unwrap();
+    let raw = broker(&config).await;
+    let now = server.send(add::signature(vec![1, 2])).await.unwrap();
+    let eta = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let later = server
+        .send(add::signature(vec![3]).with_eta(eta))
+        .await
+        .unwrap();
+    let pending = raw.pending_tasks(&q).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].uuid, now.task_uuid());
+    assert_eq!(
+        pending[0].routing_key, q,
+        "Go's AdjustRoutingKey: the default queue"
+    );
+    assert_eq!(
+        raw.pending_tasks("").await.unwrap().len(),
+        1,
+        "empty: the default queue"
+    );
+    let delayed = raw.delayed_tasks().await.unwrap();
+    assert_eq!(delayed.len(), 1);
+    assert_eq!(delayed[0].uuid, later.task_uuid());
+    // Scored by the ETA in Unix nanoseconds.
+    let mut conn = redis().await;
+    let scores: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(raw.delayed_tasks_key())
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let off = (scores[0].1 - eta.timestamp_nanos_opt().unwrap() as f64).abs();
+    assert!(off < 50e6, "score {} is {off} ns from the ETA", scores[0].1);
+    cleanup(&config).await;
+}
+
+// ---- reliability ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_consumer_s_messages_are_recovered_and_counted() {
+    let config = config("recover");
+    let q = config.default_queue.clone();
+    let raw = broker(&config).await;
+    raw.push_raw(&q, b"m1".to_vec()).await.unwrap();
+    let mut a = raw.consume(&q, 1).await.unwrap();
+    let first = a.next().await.unwrap().unwrap();
+    assert_eq!(&first.body()[..], b"m1");
+    assert_eq!(first.delivery_count(), Some(0));
+    assert!(!first.redelivered());
+    assert_eq!(
+        raw.depth(&q).await.unwrap(),
+        (0, 1),
+        "in A's processing list"
+    );
+    // A dies holding it: nothing settles it, its heartbeat stops and expires.
+    std::mem::forget(first);
+    drop(a);
+    let mut conn = redis().await;
+    let consumers: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(format!("{q}.consumers"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let beats: Vec<String> = consumers
+        .iter()
+        .map(|id| format!("{q}.heartbeat.{id}"))
+        .collect();
+    assert_eq!(beats.len(), 1);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&beats[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= HEARTBEAT_TTL.as_millis() as i64, "{ttl}");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&beats[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // B's first heartbeat recovers A's list: the message comes again, counted.
+    let mut b = raw.consume(&q, 1).await.unwrap();
+    let again = tokio::time::timeout(WAIT, b.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(&again.body()[..], b"m1");
+    assert_eq!(again.delivery_count(), Some(1));
+    assert!(again.redelivered());
+    again.ack().await.unwrap();
+    assert_eq!(raw.depth(&q).await.unwrap(), (0, 0));
+    let counts: HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(format!("{q}.deliveries"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        counts.is_empty(),
+        "the count is forgotten with the ack: {counts:?}"
+    );
+    b.cancel().await.unwrap();
+    b.close().await.unwrap();
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_5000_tasks_then_restart_loses_nothing() {
+    const TASKS: i64 = 5_000;
+    let config = config("kill9");
+    let producer = Server::new(config.clone()).await.unwrap();
+    let env = [
+        (
+            "REDIS_DELAYED_TASKS_KEY",
+            config.redis.delayed_tasks_key.as_str(),
+        ),
+        ("WORKER_CONCURRENCY", "32"),
+    ];
+    let mut worker = WorkerProcess::start(&config, &env);
+    let mut handles = Vec::new();
+    for start in (0..TASKS).step_by(100) {
+        handles.extend(
+            producer
+                .send_all((start..start + 100).map(|i| long_task::signature(i, 2)))
+                .await
+                .unwrap(),
+        );
+    }
+    // Kill it mid-run.
+    let done_before = loop {
+        let done = count_success(&producer, &handles).await;
+        if done >= 500 {
+            break done;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    worker.kill9();
+    let raw = broker(&config).await;
+    let (_, held) = raw.depth(&config.default_queue).await.unwrap();
+    assert!(
+        done_before < TASKS as usize && held > 0,
+        "the kill must happen mid-run ({done_before} done, {held} held)"
+    );
+    let _worker = WorkerProcess::start(&config, &env);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for (i, handle) in handles.iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert_eq!(
+            handle.get_timeout(left).await.unwrap(),
+            i as i64,
+            "task {i}"
+        );
+    }
+    wait_depth_zero(&raw, &config.default_queue).await;
+    assert!(raw
+        .dead_letters(&config.default_queue)
+        .await
+        .unwrap()
+        .is_empty());
+    eprintln!(
+        "kill -9 after {done_before} of {TASKS} done, {held} held by the dead worker: 0 lost"
+    );
+    cleanup(&config).await;
+}
+
+async fn count_success(server: &Server, handles: &[machinery::AsyncResult<i64>]) -> usize {
+    let uuids: Vec<String> = handles.iter().map(|h| h.task_uuid().to_owned()).collect();
+    server
+        .backend()
+        .unwrap()
+        .get_states(&uuids)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.as_ref().is_some_and(|s| s.state == State::Success))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eta_tasks_run_on_time_once_each_with_two_workers() {
+    const TASKS: i64 = 200;
+    let config = config("eta2");
+    let tag = config.default_queue.clone();
+    let a = Server::new(config.clone()).await.unwrap();
+    let b = Server::new(config.clone()).await.unwrap();
+    let workers = [
+        a.worker().concurrency(8).spawn().await.unwrap(),
+        b.worker().concurrency(8).spawn().await.unwrap(),
+    ];
+    let eta = chrono::Utc::now() + chrono::Duration::milliseconds(2000);
+    let handles = a
+        .send_all((0..TASKS).map(|i| rb_count::signature(tag.clone(), i).with_eta(eta)))
+        .await
+        .unwrap();
+    for h in &handles {
+        h.get_timeout(WAIT).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs = runs(&tag);
+    assert_eq!(runs.len(), TASKS as usize);
+    let mut latest = chrono::Duration::zero();
+    for (id, times) in &runs {
+        assert_eq!(times.len(), 1, "task {id} ran {} times", times.len());
+        assert!(times[0] >= eta, "task {id} ran before its ETA");
+        latest = latest.max(times[0] - eta);
+    }
+    assert!(
+        latest < chrono::Duration::milliseconds(1500),
+        "the last ran {latest:?} after the ETA"
+    );
+    let raw = broker(&config).await;
+    assert!(raw.delayed_tasks().await.unwrap().is_empty());
+    for w in workers {
+        w.shutdown().await.unwrap();
+    }
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_kills_its_worker_is_dead_lettered_after_the_limit() {
+    // MAX_DELIVERIES 2: two workers die running it; the third delivery is past the limit.
+    let config = config("poison");
+    let q = config.default_queue.clone();
+    let server = Server::new(config.clone()).await.unwrap();
+    let env = [
+        (
+            "REDIS_DELAYED_TASKS_KEY",
+            config.redis.delayed_tasks_key.as_str(),
+        ),
+        ("MAX_DELIVERIES", "2"),
+    ];
+    let poison = server.send(kill_worker::signature()).await.unwrap();
+    let mut deaths = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let state = loop {
+        assert!(
+            Instant::now() < deadline,
+            "not dead-lettered after {deaths} deaths"
+        );
+        let mut worker = WorkerProcess::start(&config, &env);
+        // It runs until the poison message kills it, or for good once it is dead-lettered.
+        let until = Instant::now() + HEARTBEAT_TTL + Duration::from_secs(5);
+        while Instant::now() < until && worker.child.try_wait().unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let state = poison.state().await.unwrap().unwrap();
+        if state.state.is_final() {
+            break state;
+        }
+        if worker.child.try_wait().unwrap().is_some() {
+            deaths += 1;
+        }
+    };
+    assert_eq!(deaths, 2, "dead-lettered after the limit, not before");
+    assert_eq!(state.state, State::Failure);
+    assert!(state.error.contains("delivered 2 times"), "{}", state.error);
+    let raw = broker(&config).await;
+    let dead = raw.dead_letters(&q).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        String::from_utf8_lossy(&dead[0].0).contains(poison.task_uuid()),
+        "the body, unchanged"
+    );
+    assert!(
+        dead[0].1.contains("delivered 2 times"),
+        "reason: {}",
+        dead[0].1
+    );
+    // The worker that took it last runs on.
+    let _worker = WorkerProcess::start(&config, &env);
+    let good = server.send(add::signature(vec![20, 22])).await.unwrap();
+    assert_eq!(good.get_timeout(WAIT).await.unwrap(), 42);
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_bodies_are_dead_lettered_with_their_reason() {
+    let config = config("garbage");
+    let q = config.default_queue.clone();
+    let server = Server::new(config.clone()).await.unwrap();
+    let raw = broker(&config).await;
+    raw.push_raw(&q, b"not json".to_vec()).await.unwrap();
+    raw.push_raw(&q, vec![b' '; config.max_message_size + 1])
+        .await
+        .unwrap();
+    let worker = server.worker().spawn().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let dead = loop {
+        let dead = raw.dead_letters(&q).await.unwrap();
+        if dead.len() == 2 {
+            break dead;
+        }
+        assert!(Instant::now() < deadline, "{} dead letters", dead.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("larger than max_message_size")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().all(|r| !r.is_empty()), "{reasons:?}");
+    wait_depth_zero(&raw, &q).await;
+    worker.shutdown().await.unwrap();
+    cleanup(&config).await;
+}
+
+// ---- fault injection ----
+
+async fn faulty_server(config: &Config) -> (Server, Arc<FaultyBroker>, Arc<FaultyBackend>) {
+    let broker = Arc::new(FaultyBroker::new(Arc::new(
+        RedisBroker::connect(config).await.unwrap(),
+    )));
+    let backend = Arc::new(FaultyBackend::new(Arc::new(
+        RedisBackend::connect(&config.result_backend, Duration::from_secs(600))
+            .await
+            .unwrap(),
+    )));
+    let server = Server::from_parts(
+        config.clone(),
+        broker.clone(),
+        Some(backend.clone() as Arc<dyn ResultBackend>),
+    );
+    (server, broker, backend)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_ack_loses_nothing_and_runs_nothing_twice() {
+    let config = config("lostack");
+    let tag = config.default_queue.clone();
+    let (server, faulty, _) = faulty_server(&config).await;
+    faulty.arm(BrokerOp::Ack, Fault::once());
+    let worker = server.worker().spawn().await.unwrap();
+    let handle = server
+        .send(rb_count::signature(tag.clone(), 7))
+        .await
+        .unwrap();
+    assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 7);
+    // The ack never reached Redis: the delivery went back and came again, then was acked.
+    let raw = broker(&config).await;
+    wait_depth_zero(&raw, &tag).await;
+    assert!(
+        faulty.calls(BrokerOp::Ack) >= 2,
+        "{}",
+        faulty.calls(BrokerOp::Ack)
+    );
+    assert_eq!(runs(&tag)[&7].len(), 1, "ran once");
+    worker.shutdown().await.unwrap();
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_store_loses_nothing() {
+    let config = config("store");
+    let tag = config.default_queue.clone();
+    let (server, _, backend) = faulty_server(&config).await;
+    backend.arm(
+        BackendOp::SetState,
+        Fault::times(3).on_state(State::Success),
+    );
+    let worker = server.worker().spawn().await.unwrap();
+    let handle = server
+        .send(rb_count::signature(tag.clone(), 9))
+        .await
+        .unwrap();
+    assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 9);
+    let raw = broker(&config).await;
+    wait_depth_zero(&raw, &tag).await;
+    assert!(raw.dead_letters(&tag).await.unwrap().is_empty());
+    assert_eq!(runs(&tag)[&9].len(), 1, "ran once");
+    worker.shutdown().await.unwrap();
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_gives_back_messages_taken_but_not_handed_out() {
+    // prefetch 64, concurrency 1: the consumer takes a batch; on shutdown the rest go back.
+    let config = config("giveback");
+    let q = config.default_queue.clone();
+    let server = Server::new(config.clone()).await.unwrap();
+    let handles = server
+        .send_all((0..20).map(|i| long_task::signature(i, 50)))
+        .await
+        .unwrap();
+    let worker = server.worker().concurrency(1).spawn().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    worker.shutdown().await.unwrap();
+    let raw = broker(&config).await;
+    let (ready, held) = raw.depth(&q).await.unwrap();
+    assert_eq!(held, 0, "nothing left in a processing list");
+    assert!(ready > 0 && ready < 20, "{ready} back in the queue");
+    // Given back uncounted: a new worker runs them all.
+    let worker = server.worker().spawn().await.unwrap();
+    for h in &handles {
+        h.get_timeout(WAIT).await.unwrap();
+    }
+    let counts: HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(format!("{q}.deliveries"))
+        .query_async(&mut redis().await)
+        .await
+        .unwrap();
+    assert!(counts.is_empty(), "{counts:?}");
+    worker.shutdown().await.unwrap();
+    cleanup(&config).await;
+}
