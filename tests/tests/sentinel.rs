@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::{cleanup, unique_config};
 use machinery::backend::ResultBackend;
+use machinery::config::RedisConfig;
 use machinery::periodic::{PeriodicLock, RedisLock};
 use machinery::wire::{GroupMeta, State, TaskState};
-use machinery::config::RedisConfig;
 use machinery::{task, Config, Server};
 
 const MASTER_NAME: &str = "machinery-sentinel";
@@ -204,14 +204,23 @@ async fn a_sentinel_failover_during_2000_tasks_loses_nothing() {
     let finished_at = ran();
     assert!(!worker.is_finished(), "the worker stopped");
     let uuids: Vec<String> = handles.iter().map(|h| h.task_uuid().to_owned()).collect();
-    let states = producer.backend().unwrap().get_states(&uuids).await.unwrap();
+    let states = producer
+        .backend()
+        .unwrap()
+        .get_states(&uuids)
+        .await
+        .unwrap();
     let missing: Vec<&String> = uuids
         .iter()
         .zip(&states)
         .filter(|(_, s)| !s.as_ref().is_some_and(|s| s.state == State::Success))
         .map(|(u, _)| u)
         .collect();
-    assert!(missing.is_empty(), "{} results are not SUCCESS: {missing:?}", missing.len());
+    assert!(
+        missing.is_empty(),
+        "{} results are not SUCCESS: {missing:?}",
+        missing.len()
+    );
     let runs = RUNS.lock().unwrap().clone().unwrap();
     assert_eq!(runs.len(), usize::try_from(TASKS).unwrap());
     let twice = runs.values().filter(|n| **n > 1).count();
