@@ -10,7 +10,8 @@
 #
 # Redis nodes 6390 and 6391 (either may be the master: failovers swap them), password
 # `redis-secret`; sentinels 26390-26392, password `sentinel-secret`, master name
-# `machinery-sentinel`. No data is saved. Every wait is bounded. Idempotent.
+# `machinery-sentinel`. No data is saved; DEBUG is allowed from loopback (a test stalls the
+# replica with DEBUG SLEEP). Every wait is bounded. Idempotent.
 set -euo pipefail
 
 MASTER_NAME=machinery-sentinel
@@ -53,7 +54,7 @@ start_node() {
   local args=(--port "$port" --bind 127.0.0.1 --daemonize yes --save '' --appendonly no
     --dir "$DIR" --pidfile "$DIR/redis-$port.pid" --logfile "$DIR/redis-$port.log"
     --requirepass "$REDIS_PASS" --masterauth "$REDIS_PASS"
-    --repl-diskless-sync yes --repl-diskless-sync-delay 0)
+    --repl-diskless-sync yes --repl-diskless-sync-delay 0 --enable-debug-command local)
   if [ -n "$master" ] && [ "$master" != "$port" ]; then
     args+=(--replicaof 127.0.0.1 "$master")
   fi
@@ -124,12 +125,14 @@ start() {
 }
 
 stop() {
-  local p
+  local p pidfile
   for p in "${SENTINELS[@]}" "${NODES[@]}"; do
     port_open "$p" || continue
     log "stopping $p"
-    redis-cli --no-auth-warning -p "$p" -a "$SENTINEL_PASS" SHUTDOWN NOSAVE >/dev/null 2>&1 ||
-      redis-cli --no-auth-warning -p "$p" -a "$REDIS_PASS" SHUTDOWN NOSAVE >/dev/null 2>&1 || true
+    pidfile="$DIR/redis-$p.pid"
+    [ -f "$pidfile" ] || pidfile="$DIR/sentinel-$p.pid"
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    for _ in $(seq 1 100); do port_open "$p" || break; sleep 0.05; done
   done
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::{cleanup, unique_config};
+use machinery::backend::redis::RedisBackend;
 use machinery::backend::ResultBackend;
 use machinery::config::RedisConfig;
 use machinery::periodic::{PeriodicLock, RedisLock};
@@ -203,13 +204,15 @@ async fn a_sentinel_failover_during_2000_tasks_loses_nothing() {
     }
     let finished_at = ran();
     assert!(!worker.is_finished(), "the worker stopped");
-    let uuids: Vec<String> = handles.iter().map(|h| h.task_uuid().to_owned()).collect();
-    let states = producer
-        .backend()
-        .unwrap()
-        .get_states(&uuids)
+    worker.shutdown().await.unwrap();
+    // Read the results only once the old master has rejoined as a replica and resynced (a
+    // write that only the old master had is gone then), through a fresh connection.
+    script("start");
+    let reader = RedisBackend::connect_with(SENTINEL_URL, Duration::from_secs(60), &redis_config())
         .await
         .unwrap();
+    let uuids: Vec<String> = handles.iter().map(|h| h.task_uuid().to_owned()).collect();
+    let states = reader.get_states(&uuids).await.unwrap();
     let missing: Vec<&String> = uuids
         .iter()
         .zip(&states)
@@ -237,10 +240,7 @@ async fn a_sentinel_failover_during_2000_tasks_loses_nothing() {
          first failure to first success after: {outage}; tasks run twice (redelivered): {twice}; \
          ran at the end: {finished_at}"
     );
-    worker.shutdown().await.unwrap();
     cleanup(&config).await;
-    // Leave the deployment ready for the next test (the old master resyncs as a replica).
-    script("start");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -284,4 +284,118 @@ async fn the_periodic_lock_works_through_sentinel_and_after_a_failover() {
         "the lock taken before the failover was lost"
     );
     script("start");
+}
+
+/// A `redis-cli`-like connection to one node of the deployment.
+async fn node(port: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://:redis-secret@127.0.0.1:{port}/0"))
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_no_replica_acknowledges_is_a_retryable_error() {
+    let _serial = SERIAL.lock().await;
+    script("start");
+    let backend =
+        RedisBackend::connect_with(SENTINEL_URL, Duration::from_secs(60), &redis_config())
+            .await
+            .unwrap();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let uuid = format!("task_sentinel_{id}");
+    backend
+        .set_state(TaskState::new(&uuid, State::Pending))
+        .await
+        .unwrap();
+    // The replica stops for 3 s: it acknowledges nothing within WAIT's 1 s (read_timeout / 2).
+    let master = script("master");
+    let replica = if master == "6390" { "6391" } else { "6390" };
+    let mut replica_conn = node(replica).await;
+    let sleeping = tokio::spawn(async move {
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(3)
+            .query_async(&mut replica_conn)
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let e = backend
+        .set_state(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap_err();
+    eprintln!("unconfirmed write: {e}");
+    assert!(e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("replica"), "{e}");
+    sleeping.await.unwrap();
+    // Once the replica is back, the same write is confirmed (the worker's retry).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match backend
+            .set_state(TaskState::new(&uuid, State::Started))
+            .await
+        {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "never confirmed: {e}"),
+        }
+    }
+    let mut replica_conn = node(replica).await;
+    let stored: Option<String> = redis::cmd("GET")
+        .arg(&uuid)
+        .query_async(&mut replica_conn)
+        .await
+        .unwrap();
+    assert!(stored.unwrap().contains("\"STARTED\""));
+}
+
+static RATE_STARTS: Mutex<usize> = Mutex::new(0);
+
+#[task(rate_limit = "50/s")]
+fn sentinel_rate_limited() -> i64 {
+    *RATE_STARTS.lock().unwrap() += 1;
+    1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_rate_limits_are_kept_on_the_master_sentinel_names() {
+    let _serial = SERIAL.lock().await;
+    script("start");
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut config = Config::builder()
+        .broker(format!("memory://sentinel-rate-{id}"))
+        .build()
+        .unwrap();
+    config.redis = redis_config();
+    let server = Server::new(config).await.unwrap();
+    let worker = server
+        .worker()
+        .tasks([sentinel_rate_limited::NAME])
+        .cluster_rate_limits(SENTINEL_URL)
+        .spawn()
+        .await
+        .unwrap();
+    let mut handles = Vec::new();
+    for _ in 0..5 {
+        handles.push(
+            server
+                .send(sentinel_rate_limited::signature())
+                .await
+                .unwrap(),
+        );
+    }
+    for handle in handles {
+        handle.get_timeout(Duration::from_secs(10)).await.unwrap();
+    }
+    let mut master = node(&script("master")).await;
+    let next: Option<i64> = redis::cmd("GET")
+        .arg(format!("machinery_rate_{}", sentinel_rate_limited::NAME))
+        .query_async(&mut master)
+        .await
+        .unwrap();
+    assert!(next.is_some_and(|n| n > 1_600_000_000_000_000), "{next:?}");
+    worker.shutdown().await.unwrap();
 }
