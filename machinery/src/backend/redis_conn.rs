@@ -741,9 +741,11 @@ mod tests {
     use super::*;
 
     fn sentinel(url: &str, master: &str) -> Result<RedisTarget> {
-        let mut redis = RedisConfig::default();
-        redis.master_name = master.to_owned();
-        redis.sentinel_password = "s3cret".to_owned();
+        let redis = RedisConfig {
+            master_name: master.to_owned(),
+            sentinel_password: "s3cret".to_owned(),
+            ..RedisConfig::default()
+        };
         RedisTarget::parse(url, &redis)
     }
 
@@ -801,8 +803,10 @@ mod tests {
 
     #[test]
     fn no_sentinel_password_sends_none() {
-        let mut redis = RedisConfig::default();
-        redis.master_name = "m".to_owned();
+        let redis = RedisConfig {
+            master_name: "m".to_owned(),
+            ..RedisConfig::default()
+        };
         let target = RedisTarget::parse("redis://h1:1,h2:2", &redis).unwrap();
         let s = sentinels(&target);
         assert!(lock(&s.addrs).iter().all(|a| a.password.is_none()));
@@ -811,9 +815,11 @@ mod tests {
 
     #[test]
     fn timeouts_come_from_the_redis_block() {
-        let mut redis = RedisConfig::default();
-        redis.connect_timeout = Duration::from_secs(2);
-        redis.read_timeout = Duration::from_secs(3);
+        let redis = RedisConfig {
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(3),
+            ..RedisConfig::default()
+        };
         let target = RedisTarget::parse("redis://127.0.0.1:6379", &redis).unwrap();
         assert_eq!(target.connect_timeout, Duration::from_secs(2));
         assert_eq!(target.response_timeout(), Duration::from_secs(3));
@@ -830,8 +836,10 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Config);
         assert!(e.to_string().contains("master_name"), "{e}");
         assert!(!e.to_string().contains("secret"), "{e}");
-        let mut redis = RedisConfig::default();
-        redis.cluster_enabled = true;
+        let redis = RedisConfig {
+            cluster_enabled: true,
+            ..RedisConfig::default()
+        };
         let e = RedisTarget::parse("redis://h1:1", &redis).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Config);
     }
