@@ -153,8 +153,8 @@ impl RedisTarget {
     }
 
     /// One connection to the server, or to the master the sentinels name now, with
-    /// `config`'s timeouts; the whole of it bounded by `config`'s connection timeout (or the
-    /// target's). For the rate limiter, which keeps it until it fails.
+    /// `config`'s timeouts, the whole of it (sentinels asked, master checked) within `bound`.
+    /// For the rate limiter, which keeps it until it fails.
     pub(crate) async fn dial(
         &self,
         config: &AsyncConnectionConfig,
