@@ -487,7 +487,8 @@ async fn open_backend(config: &Config) -> Result<Option<Arc<dyn ResultBackend>>>
             .split_once("://")
             .map(|(scheme, _)| scheme.to_ascii_lowercase());
         if matches!(scheme.as_deref(), Some("redis" | "rediss")) {
-            let backend = crate::backend::redis::RedisBackend::connect(url, ttl).await?;
+            let backend =
+                crate::backend::redis::RedisBackend::connect_with(url, ttl, &config.redis).await?;
             return Ok(Some(Arc::new(backend)));
         }
     }

@@ -3,6 +3,8 @@
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "redis")]
+pub(crate) mod redis_conn;
 
 use std::fmt;
 use std::time::Duration;

@@ -22,6 +22,19 @@
 //!
 //! The password never appears in errors, logs or [`Debug`](fmt::Debug) output.
 //!
+//! # Redis Sentinel
+//!
+//! With [`RedisConfig::master_name`] set (Go's `master_name`, `REDIS_MASTER_NAME`), the URL
+//! lists the sentinels as Go's does, `redis://[[user]:password@]s1:port,s2:port,.../db`: the
+//! password (and user) on the first address are the master's, the database follows the last,
+//! and [`RedisConfig::sentinel_password`] (`REDIS_SENTINEL_PASSWORD`) is the sentinels'. The
+//! backend asks the sentinels for the master, and asks again when the master connection fails
+//! or the server turns read-only (a failover). A write that fails meanwhile is an error the
+//! worker retries (`store_retry_timeout`), never a silent loss: when the sentinels know a live
+//! replica, each batch of writes is confirmed with `WAIT 1` before it counts (Go does not
+//! wait; a write only the old master had would be lost in a failover). Use
+//! [`RedisBackend::connect_with`]; [`Server::new`](crate::Server::new) does.
+//!
 //! # Guarded writes, carrying the task name and creation time forward
 //!
 //! Every write ([`set_state`](ResultBackend::set_state), [`set_states`](ResultBackend::set_states),
@@ -61,30 +74,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
+use super::redis_conn::{log_target, RedisConn, RedisTarget};
 use super::{is_revoked, revoked_over, revoked_state, timeout, ResultBackend};
+use crate::config::RedisConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock;
 use crate::wire::{GoTime, GroupMeta, State, TaskState};
 
 /// Go Machinery's `DefaultResultsExpireIn`, used when the configured expiry is zero.
 const DEFAULT_EXPIRY_SECS: u64 = 3600;
-
-/// How long one connection attempt may take (Go Machinery's default `ConnectTimeout`).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// How long a command may wait for its reply (Go Machinery's default `ReadTimeout`); also the
-/// bound on a whole operation, reconnecting included.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// How many times the connection is re-dialled, 100 ms, 200 ms, 400 ms apart at most, before a
-/// command fails (go-redis's `MaxRetries`, 3, with which Go Machinery's backend fails fast).
-const RECONNECT_RETRIES: usize = 3;
 
 /// The most keys one `MGET` asks for; longer lists are read with several, pipelined in one
 /// round trip, so that no single command holds the server for long.
@@ -215,10 +218,12 @@ return 1
 /// Cheap to clone; clones share one multiplexed connection, which reconnects by itself.
 #[derive(Clone)]
 pub struct RedisBackend {
-    conn: ConnectionManager,
+    conn: RedisConn,
     expiry_secs: u64,
     /// The URL without its password, for messages.
     display: String,
+    /// How long one operation may take (Go's `read_timeout`, default 15 s).
+    response_timeout: Duration,
     write_states_script: Script,
     trigger_chord_script: Script,
     /// Everyone waiting in [`wait_final`](ResultBackend::wait_final), shared by clones.
@@ -232,34 +237,48 @@ impl RedisBackend {
     /// Fails with [`ErrorKind::Config`] for a URL it cannot read and [`ErrorKind::Backend`]
     /// when the server cannot be reached or refuses the credentials.
     pub async fn connect(url: &str, ttl: Duration) -> Result<RedisBackend> {
-        let parsed = RedisUrl::parse(url)?;
-        let display = parsed.display();
-        let client = redis::Client::open(parsed.connection_info()?)
-            .map_err(|e| backend_error(format!("invalid Redis settings for {display}"), e))?;
-        let cannot_connect = |e| backend_error(format!("cannot connect to Redis at {display}"), e);
-        // One attempt first, so that a refused password or an unreachable server fails at
-        // once; the manager retries every failure, these too, for seconds.
-        let probe = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        drop(
-            client
-                .get_multiplexed_async_connection_with_config(&probe)
-                .await
-                .map_err(cannot_connect)?,
-        );
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(RECONNECT_RETRIES)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(cannot_connect)?;
+        RedisBackend::connect_with(url, ttl, &RedisConfig::default()).await
+    }
+
+    /// Like [`connect`](Self::connect), with the settings of Go's `redis:` block: a Redis
+    /// Sentinel deployment when [`master_name`](RedisConfig::master_name) is set (the URL
+    /// then lists the sentinels, see [Redis Sentinel](self#redis-sentinel)), and its
+    /// `connect_timeout` and `read_timeout`. [`Server::new`](crate::Server::new) connects
+    /// with [`Config::redis`](crate::Config).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use machinery::backend::redis::RedisBackend;
+    /// use machinery::config::RedisConfig;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// let mut redis = RedisConfig::default();
+    /// redis.master_name = "mymaster".into();
+    /// redis.sentinel_password = "sentinel-secret".into();
+    /// let backend = RedisBackend::connect_with(
+    ///     "redis://secret@10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/0",
+    ///     Duration::from_secs(3600),
+    ///     &redis,
+    /// )
+    /// .await?;
+    /// # drop(backend);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_with(
+        url: &str,
+        ttl: Duration,
+        redis: &RedisConfig,
+    ) -> Result<RedisBackend> {
+        let target = RedisTarget::parse(url, redis)?;
+        log_target(&target, "result backend");
+        let conn = target.connect("Redis").await?;
         Ok(RedisBackend {
             conn,
             expiry_secs: expiry_secs(ttl),
-            display,
+            display: target.display().to_owned(),
+            response_timeout: target.response_timeout(),
             write_states_script: Script::new(WRITE_STATES_LUA),
             trigger_chord_script: Script::new(TRIGGER_CHORD_LUA),
             waiters: Arc::default(),
@@ -344,9 +363,10 @@ impl RedisBackend {
         }
         let mut conn = self.conn.clone();
         let run = async {
-            match pipe.query_async::<Vec<Vec<redis::Value>>>(&mut conn).await {
-                // A server that restarted (or ran SCRIPT FLUSH) has forgotten the script:
-                // load it and run the batch again (the writes are idempotent).
+            let replies = match pipe.query_async::<Vec<Vec<redis::Value>>>(&mut conn).await {
+                // A server that restarted (or ran SCRIPT FLUSH), or a replica promoted by
+                // Sentinel, has not got the script: load it and run the batch again (the
+                // writes are idempotent).
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                 {
@@ -357,7 +377,10 @@ impl RedisBackend {
                     pipe.query_async::<Vec<Vec<redis::Value>>>(&mut conn).await
                 }
                 other => other,
-            }
+            }?;
+            // Under Sentinel: a replica has them, or the writes fail (see RedisConn::confirm).
+            conn.confirm().await?;
+            Ok(replies)
         };
         let replies: Vec<redis::Value> = self
             .bounded(what, run)
@@ -435,13 +458,13 @@ impl RedisBackend {
         what: &str,
         op: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(RESPONSE_TIMEOUT, op).await {
+        match tokio::time::timeout(self.response_timeout, op).await {
             Ok(outcome) => outcome.map_err(|e| self.error(what, e)),
             Err(_) => Err(Error::new(
                 ErrorKind::Backend,
                 format!(
-                    "Redis at {}: cannot {what}: no reply within {RESPONSE_TIMEOUT:?}",
-                    self.display
+                    "Redis at {}: cannot {what}: no reply within {:?}",
+                    self.display, self.response_timeout
                 ),
             )),
         }
@@ -992,15 +1015,17 @@ impl ResultBackend for RedisBackend {
         };
         let json = crate::wire::to_go_string(&meta)
             .map_err(|e| Error::encode(format!("group {group_uuid}: {e}")))?;
-        self.query::<()>(
-            redis::cmd("SET")
-                .arg(group_uuid)
-                .arg(json)
-                .arg("EX")
-                .arg(self.expiry_secs),
-            "store group",
-        )
-        .await
+        let mut conn = self.conn.clone();
+        let mut set = redis::cmd("SET");
+        set.arg(group_uuid)
+            .arg(json)
+            .arg("EX")
+            .arg(self.expiry_secs);
+        let write = async {
+            let () = set.query_async(&mut conn).await?;
+            conn.confirm().await
+        };
+        self.bounded("store group", write).await
     }
 
     async fn group_meta(&self, group_uuid: &str) -> Result<Option<GroupMeta>> {
@@ -1083,25 +1108,15 @@ impl Pieces {
     }
 }
 
-/// A client for `url` (read as Go Machinery reads it; nothing is dialled yet) and the URL as
-/// messages show it, without the password. For the worker's cluster-wide rate limits.
-pub(crate) fn client(url: &str) -> Result<(redis::Client, String)> {
-    let parsed = RedisUrl::parse(url)?;
-    let display = parsed.display();
-    let client = redis::Client::open(parsed.connection_info()?)
-        .map_err(|e| backend_error(format!("invalid Redis settings for {display}"), e))?;
-    Ok((client, display))
-}
-
 /// A Redis URL read as Go Machinery reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RedisUrl {
-    tls: bool,
-    host: String,
-    port: u16,
-    db: i64,
-    username: Option<String>,
-    password: Option<String>,
+    pub(crate) tls: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) db: i64,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
 }
 
 impl RedisUrl {

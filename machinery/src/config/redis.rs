@@ -7,9 +7,12 @@ use std::time::Duration;
 /// Redis settings, with Go's keys and defaults (`defaultCnf.Redis` in v2/config/config.go).
 ///
 /// They are read so that a Go configuration loads unchanged. The poll periods and the delayed
-/// tasks key tune the Redis broker ([`crate::broker::redis`]); the pool settings tune Go's
-/// redigo pool, which machinery does not have, and are kept but **not used** (each field says
-/// so). The result backend's URL is [`Config::result_backend`](super::Config);
+/// tasks key tune the Redis broker ([`crate::broker::redis`]). The result backend, the
+/// periodic-task lock and the worker's cluster-wide rate limits use `master_name`,
+/// `sentinel_password`, `connect_timeout` and `read_timeout` (Redis Sentinel: see
+/// [`RedisBackend::connect_with`](crate::backend::redis::RedisBackend::connect_with)). The pool
+/// settings tune Go's redigo pool, which machinery does not have, and are kept but **not used**
+/// (each field says so). The result backend's URL is [`Config::result_backend`](super::Config);
 /// the periodic-task lock's is [`Config::lock`](super::Config).
 ///
 /// ```
@@ -35,14 +38,16 @@ pub struct RedisConfig {
     pub idle_timeout: Duration,
     /// Whether Go's pool waits for a free connection (`wait`, `REDIS_WAIT`). Not used.
     pub wait: bool,
-    /// Timeout for one reply (`read_timeout` in seconds, `REDIS_READ_TIMEOUT`, default 15 s).
-    /// Not used yet: the Redis backend waits 15 s for a reply, Go's default.
+    /// Timeout for one reply (`read_timeout` in seconds, `REDIS_READ_TIMEOUT`, default 15 s):
+    /// the result backend's, the lock's and their connections' response timeout, also the
+    /// bound on one backend operation; under Sentinel, `WAIT` waits half of it.
     pub read_timeout: Duration,
     /// Timeout for writing one command (`write_timeout` in seconds, `REDIS_WRITE_TIMEOUT`,
-    /// default 15 s). Not used yet (see `read_timeout`).
+    /// default 15 s). Not used: the `redis` crate has no write timeout; sending a command
+    /// counts against `read_timeout`.
     pub write_timeout: Duration,
     /// Timeout for connecting (`connect_timeout` in seconds, `REDIS_CONNECT_TIMEOUT`, default
-    /// 15 s). Not used yet: the Redis backend connects within 15 s, Go's default.
+    /// 15 s): dialling a Redis server, or finding the master through the sentinels.
     pub connect_timeout: Duration,
     /// How long the Redis broker's consumer waits for a message in one `BLMOVE` before it
     /// looks again (`normal_tasks_poll_period` in milliseconds,
@@ -58,14 +63,15 @@ pub struct RedisConfig {
     /// The client name Go sets on its connections (`client_name`, `REDIS_CLIENT_NAME`). Not
     /// used.
     pub client_name: String,
-    /// A Sentinel master name (`master_name`, `REDIS_MASTER_NAME`). Not used: Sentinel is not
-    /// supported.
+    /// A Sentinel master name (`master_name`, `REDIS_MASTER_NAME`). When set, the addresses
+    /// of the Redis URLs (result backend, lock, cluster rate limits) are sentinels, asked for
+    /// this master, as Go's go-redis failover client does.
     pub master_name: String,
-    /// Cluster mode (`cluster_enabled`, `REDIS_CLUSTER_ENABLED`). Not used: Redis Cluster is
-    /// not supported.
+    /// Cluster mode (`cluster_enabled`, `REDIS_CLUSTER_ENABLED`). Redis Cluster is not
+    /// supported: `true` is a configuration error when a Redis URL is opened.
     pub cluster_enabled: bool,
-    /// The Sentinel password (`sentinel_password`, `REDIS_SENTINEL_PASSWORD`). Not used; never
-    /// printed by `Debug`.
+    /// The sentinels' password (`sentinel_password`, `REDIS_SENTINEL_PASSWORD`); the URL's
+    /// password is the master's. Never printed by `Debug`.
     pub sentinel_password: String,
 }
 

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -220,7 +219,7 @@ pub(crate) fn set_nx_command(key: &str, value: i64, now: i64) -> redis::Cmd {
 #[cfg(feature = "redis")]
 #[derive(Clone)]
 pub struct RedisLock {
-    conn: redis::aio::ConnectionManager,
+    conn: crate::backend::redis_conn::RedisConn,
     display: String,
 }
 
@@ -231,8 +230,9 @@ const LOCK_RETRIES: usize = 3;
 #[cfg(feature = "redis")]
 impl RedisLock {
     /// Connects to the Redis server at `url`: `redis://[password@]host[:port][/db]` (Go's
-    /// `LOCK` form; `rediss://` with the `redis-tls` feature). Go's list of several addresses
-    /// (a cluster) is refused.
+    /// `LOCK` form; `rediss://` with the `redis-tls` feature), with Go's default `redis:`
+    /// settings. Go's list of several addresses is refused: it needs
+    /// [`connect_with`](Self::connect_with) and a Sentinel master name.
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")]
@@ -243,35 +243,42 @@ impl RedisLock {
     /// # }
     /// ```
     pub async fn connect(url: &str) -> Result<RedisLock> {
-        if url.contains(',') {
-            return Err(Error::config(
-                "a lock URL with several Redis addresses (a Redis cluster) is not supported",
-            ));
-        }
-        let parsed = crate::backend::redis::RedisUrl::parse(url)?;
-        let display = parsed.display();
-        let client = redis::Client::open(parsed.connection_info()?).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Backend,
-                format!("invalid Redis settings for {display}"),
-                e,
-            )
-        })?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(15)))
-            .set_response_timeout(Some(Duration::from_secs(15)))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = redis::aio::ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Backend,
-                    format!("cannot connect to the lock's Redis at {display}"),
-                    e,
-                )
-            })?;
-        Ok(RedisLock { conn, display })
+        RedisLock::connect_with(url, &crate::config::RedisConfig::default()).await
+    }
+
+    /// Like [`connect`](Self::connect), with the settings of Go's `redis:` block, as Go's
+    /// `LockFactory` passes them (Go: v2/locks/redis/redis.go, `New`): with
+    /// [`master_name`](crate::config::RedisConfig::master_name) set, `url` lists the
+    /// sentinels (`redis://password@s1:port,s2:port,.../db`, the password the master's;
+    /// [`sentinel_password`](crate::config::RedisConfig::sentinel_password) the sentinels'),
+    /// and the lock asks them for the master again after a failover; `connect_timeout` and
+    /// `read_timeout` bound each call. Under Sentinel, a lock taken counts only once a replica
+    /// has it (`WAIT 1`), so that a failover does not hand the same tick to a second
+    /// scheduler. Several addresses without `master_name` (Go's Redis Cluster client) are
+    /// refused. The scheduler connects with [`Config::redis`](crate::Config).
+    ///
+    /// ```no_run
+    /// use machinery::config::RedisConfig;
+    /// use machinery::periodic::RedisLock;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// let mut redis = RedisConfig::default();
+    /// redis.master_name = "mymaster".into();
+    /// let lock =
+    ///     RedisLock::connect_with("redis://secret@10.0.0.1:26379,10.0.0.2:26379", &redis).await?;
+    /// # drop(lock);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_with(url: &str, redis: &crate::config::RedisConfig) -> Result<RedisLock> {
+        let target = crate::backend::redis_conn::RedisTarget::parse(url, redis)?;
+        crate::backend::redis_conn::log_target(&target, "periodic lock");
+        let conn = target.connect("the lock's Redis").await?;
+        Ok(RedisLock {
+            conn,
+            display: target.display().to_owned(),
+        })
     }
 
     /// One attempt: Go's `Lock`.
@@ -290,6 +297,7 @@ impl RedisLock {
             .await
             .map_err(|e| error("SET NX", e))?;
         if set.is_some() {
+            conn.confirm().await.map_err(|e| error("WAIT", e))?;
             return Ok(true);
         }
         let held: Option<String> = redis::cmd("GET")
@@ -316,6 +324,7 @@ impl RedisLock {
                     .await
                     .map(|_: i64| ())
                     .map_err(|e| error("EXPIRE", e))?;
+                conn.confirm().await.map_err(|e| error("WAIT", e))?;
                 return Ok(true);
             }
         }
@@ -364,7 +373,10 @@ impl fmt::Debug for RedisLock {
 /// `rediss://` are [`RedisLock`]; none, empty or `eager...` the process-wide [`MemoryLock`].
 /// Go falls back to the eager lock for any other value; a typo here would silently stop
 /// processes from sharing ticks, so it is an error instead.
-pub(crate) async fn from_config(url: Option<&str>) -> Result<Arc<dyn PeriodicLock>> {
+pub(crate) async fn from_config(
+    url: Option<&str>,
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))] redis: &crate::config::RedisConfig,
+) -> Result<Arc<dyn PeriodicLock>> {
     let url = url.unwrap_or_default();
     if url.is_empty() || url.starts_with("eager") {
         return Ok(MemoryLock::shared());
@@ -374,7 +386,7 @@ pub(crate) async fn from_config(url: Option<&str>) -> Result<Arc<dyn PeriodicLoc
         .map(|(scheme, _)| scheme.to_ascii_lowercase());
     #[cfg(feature = "redis")]
     if matches!(scheme.as_deref(), Some("redis" | "rediss")) {
-        return Ok(Arc::new(RedisLock::connect(url).await?));
+        return Ok(Arc::new(RedisLock::connect_with(url, redis).await?));
     }
     let _ = scheme;
     Err(Error::config(format!(

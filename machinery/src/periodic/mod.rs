@@ -484,7 +484,10 @@ impl Scheduler {
     pub async fn spawn(&self) -> Result<SchedulerHandle> {
         let lock = match &self.lock {
             Some(lock) => lock.clone(),
-            None => lock::from_config(self.server.config().lock.as_deref()).await?,
+            None => {
+                let config = self.server.config();
+                lock::from_config(config.lock.as_deref(), &config.redis).await?
+            }
         };
         if self.shared.running.swap(true, Ordering::SeqCst) {
             return Err(Error::config("this scheduler is already running"));

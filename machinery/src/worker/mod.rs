@@ -281,7 +281,9 @@ impl WorkerBuilder {
             others.push(Arc::new(RateLimiter::new(
                 limited,
                 #[cfg(feature = "redis")]
-                self.cluster_rate_limits.as_deref(),
+                self.cluster_rate_limits
+                    .as_deref()
+                    .map(|url| (url, &config.redis)),
             )?));
         }
         if !self.hooks.is_empty() {

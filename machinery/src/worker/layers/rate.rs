@@ -67,7 +67,7 @@ impl RateLimiter {
     /// worker's); the limits are kept in Redis at `cluster` when it is given.
     pub(crate) fn new(
         limited: impl IntoIterator<Item = &'static str>,
-        #[cfg(feature = "redis")] cluster: Option<&str>,
+        #[cfg(feature = "redis")] cluster: Option<(&str, &crate::config::RedisConfig)>,
     ) -> Result<RateLimiter> {
         Ok(RateLimiter {
             tasks: limited
@@ -76,7 +76,9 @@ impl RateLimiter {
                 .collect(),
             max_wait: MAX_WAIT,
             #[cfg(feature = "redis")]
-            cluster: cluster.map(cluster::Cluster::new).transpose()?,
+            cluster: cluster
+                .map(|(url, redis)| cluster::Cluster::new(url, redis))
+                .transpose()?,
         })
     }
 
@@ -251,6 +253,8 @@ pub(crate) mod cluster {
     use tokio::time::Instant;
     use tracing::{info, warn};
 
+    use crate::backend::redis_conn::RedisTarget;
+    use crate::config::RedisConfig;
     use crate::error::Result;
     use crate::lock;
 
@@ -294,7 +298,8 @@ return {1, wait}
 
     /// The connection to the Redis server that keeps the limits.
     pub(crate) struct Cluster {
-        client: redis::Client,
+        /// One server, or the master Redis Sentinel names (asked again on every dial).
+        target: RedisTarget,
         /// The URL without its password.
         display: String,
         script: redis::Script,
@@ -328,12 +333,13 @@ return {1, wait}
     }
 
     impl Cluster {
-        /// Reads `url` (as the Redis result backend reads it); nothing is dialled yet.
-        pub(crate) fn new(url: &str) -> Result<Cluster> {
-            let (client, display) = crate::backend::redis::client(url)?;
+        /// Reads `url` with Go's `redis:` settings (as the Redis result backend reads them:
+        /// one server, or Redis Sentinel with `master_name`); nothing is dialled yet.
+        pub(crate) fn new(url: &str, redis: &RedisConfig) -> Result<Cluster> {
+            let target = RedisTarget::parse(url, redis)?;
             Ok(Cluster {
-                client,
-                display,
+                display: target.display().to_owned(),
+                target,
                 script: redis::Script::new(RATE_LUA),
                 link: Mutex::default(),
                 dial: tokio::sync::Mutex::new(()),
@@ -399,24 +405,15 @@ return {1, wait}
             let config = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(CALL_TIMEOUT))
                 .set_response_timeout(Some(CALL_TIMEOUT));
-            let dialled = tokio::time::timeout(
-                CALL_TIMEOUT,
-                self.client
-                    .get_multiplexed_async_connection_with_config(&config),
-            )
-            .await;
+            let dialled = self.target.dial(&config, CALL_TIMEOUT).await;
             let mut link = lock(&self.link);
             match dialled {
-                Ok(Ok(conn)) => {
+                Ok(conn) => {
                     link.conn = Some(conn.clone());
                     Some(conn)
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     self.failed(&mut link, &e.to_string());
-                    None
-                }
-                Err(_) => {
-                    self.failed(&mut link, "cannot connect in time");
                     None
                 }
             }
