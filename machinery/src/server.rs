@@ -477,6 +477,16 @@ async fn open_backend(config: &Config) -> Result<Option<Arc<dyn ResultBackend>>>
             return Ok(Some(Arc::new(backend)));
         }
     }
+    #[cfg(feature = "amqp")]
+    {
+        let scheme = url
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        if matches!(scheme.as_deref(), Some("amqp" | "amqps")) {
+            let backend = crate::backend::amqp::AmqpBackend::connect(config).await?;
+            return Ok(Some(Arc::new(backend)));
+        }
+    }
     let supported = if cfg!(feature = "redis") {
         "memory://, redis://, rediss://"
     } else {

@@ -1,5 +1,7 @@
 //! Result backends: where task states and results are kept.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
