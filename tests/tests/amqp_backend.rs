@@ -107,6 +107,28 @@ async fn get_of_a_task_a_chain_a_group_and_a_chord() {
     ]);
     let r = server.send_group(group).await.unwrap();
     assert_eq!(r.get_timeout(WAIT).await.unwrap(), [2, 4, 6]);
+    // Go's markTaskCompleted layout: each member's final state in the group's queue, which
+    // Go's GroupCompleted counts.
+    let backend = AmqpBackend::connect(&config).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !backend.group_completed(r.group_uuid(), 3).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the group queue never held 3 states"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_conn, channel) = raw_channel().await;
+    for _ in 0..3 {
+        let got = channel
+            .basic_get(r.group_uuid().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+            .expect("a member's state in the group queue");
+        let member: TaskState = serde_json::from_slice(&got.delivery.data).unwrap();
+        assert_eq!(member.state, State::Success);
+    }
+    drop(channel);
 
     let chord = Group::new([add::signature(vec![1, 1]), add::signature(vec![2, 2])])
         .chord(multiply::signature(vec![]));

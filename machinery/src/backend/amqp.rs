@@ -835,6 +835,20 @@ impl ResultBackend for AmqpBackend {
             .await
     }
 
+    /// Go's `markTaskCompleted`: see [`AmqpBackend::mark_completed`]. Like Go, only for a
+    /// signature with a group UUID and a `GroupTaskCount`.
+    async fn mark_group_member(
+        &self,
+        group_uuid: &str,
+        group_task_count: usize,
+        state: &TaskState,
+    ) -> Result<()> {
+        if group_uuid.is_empty() || group_task_count == 0 || !state.state.is_final() {
+            return Ok(());
+        }
+        self.mark_completed(group_uuid, state).await
+    }
+
     /// Declares Go's `<group UUID>_chord_triggered` queue if it does not exist, under a lock:
     /// `true` to the one caller that declared it. Go's `TriggerChord` reads the same queue
     /// (and never declares it, so that Go alone may trigger a chord twice).
