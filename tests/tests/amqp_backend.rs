@@ -259,6 +259,67 @@ async fn states_are_read_and_written_in_gos_exact_layout() {
     cleanup(&config).await;
 }
 
+/// What a Go worker leaves in a state queue: one message per state, as `SetStatePending`,
+/// `SetStateReceived`, `SetStateStarted` and `SetStateSuccess` publish them (only PENDING
+/// names the task; Go's `NewReceivedTaskState` and the rest carry no name and a zero time).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_go_workers_sequence_of_states_reads_as_its_latest_and_is_guarded() {
+    let config = config("ab_goseq", 600);
+    let backend = AmqpBackend::connect(&config).await.expect("RabbitMQ");
+    let exchange = config.amqp.exchange.clone();
+    let (_conn, channel) = raw_channel().await;
+    channel.confirm_select(Default::default()).await.unwrap();
+    let uuid = task_uuid();
+    go_declare(&channel, &exchange, &uuid, 600_000).await;
+    let zero = "0001-01-01T00:00:00Z";
+    let bodies = [
+        format!(
+            r#"{{"TaskUUID":"{uuid}","TaskName":"add","State":"PENDING","Results":null,"Error":"","CreatedAt":"2026-11-29T20:17:52.337696883Z","TTL":0}}"#
+        ),
+        format!(
+            r#"{{"TaskUUID":"{uuid}","TaskName":"","State":"RECEIVED","Results":null,"Error":"","CreatedAt":"{zero}","TTL":0}}"#
+        ),
+        format!(
+            r#"{{"TaskUUID":"{uuid}","TaskName":"","State":"STARTED","Results":null,"Error":"","CreatedAt":"{zero}","TTL":0}}"#
+        ),
+        "not a task state".to_owned(),
+        format!(
+            r#"{{"TaskUUID":"{uuid}","TaskName":"","State":"SUCCESS","Results":[{{"Type":"int64","Value":8}}],"Error":"","CreatedAt":"{zero}","TTL":0}}"#
+        ),
+    ];
+    for body in &bodies {
+        channel
+            .basic_publish(
+                exchange.as_str().into(),
+                uuid.as_str().into(),
+                Default::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let state = backend.get_state(&uuid).await.unwrap().expect("a state");
+    assert_eq!(state.state, State::Success);
+    assert_eq!(state.task_name, "add", "carried forward from PENDING");
+    assert!(!state.created_at.is_zero(), "carried forward from PENDING");
+    // A read leaves every message in place, in order.
+    let depth = common::queue_depth(&channel, &uuid).await;
+    assert_eq!(depth, 5);
+    // A redelivery's RECEIVED sees SUCCESS and writes nothing.
+    let previous = backend
+        .transition(TaskState::new(&uuid, State::Received))
+        .await
+        .unwrap();
+    assert_eq!(previous.map(|p| p.state), Some(State::Success));
+    assert_eq!(common::queue_depth(&channel, &uuid).await, 5);
+    cleanup(&config).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn guarded_transitions_and_revoke_hold_on_amqp() {
     let config = config("ab_guard", 600);

@@ -580,10 +580,17 @@ impl Inner {
             last_tag: None,
         };
         for _ in 0..MAX_MESSAGES {
-            let got = channel
+            let got = match channel
                 .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
                 .await
-                .map_err(|e| self.error(&format!("cannot read the queue `{queue}`"), e))?;
+            {
+                Ok(got) => got,
+                // The queue expired (x-expires) since it was seen: nothing more to read.
+                Err(e) if matches!(soft_error(&e), Some(AMQPSoftError::NOTFOUND)) => {
+                    return Ok(taken);
+                }
+                Err(e) => return Err(self.error(&format!("cannot read the queue `{queue}`"), e)),
+            };
             let Some(message) = got else {
                 return Ok(taken);
             };
