@@ -482,3 +482,36 @@ async fn a_failed_final_write_is_not_acked_and_the_result_is_not_lost() {
     worker.shutdown().await.unwrap();
     cleanup(&config).await;
 }
+
+/// Not a check, a figure: tasks/s end to end (send 500, `get` each) with results in RabbitMQ
+/// against results in Redis, on the same RabbitMQ broker, in the same run.
+///
+/// `cargo test -p machinery-tests --test amqp_backend --release -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement; run it with --ignored --nocapture"]
+async fn drain_rate_against_redis_results() {
+    const TASKS: i64 = 500;
+    for backend in ["amqp", "redis"] {
+        let mut config = config("ab_rate", 600);
+        if backend == "redis" {
+            config.result_backend = common::redis_url();
+        }
+        let server = Server::new(config.clone()).await.unwrap();
+        let worker = server.worker().concurrency(16).spawn().await.unwrap();
+        let started = std::time::Instant::now();
+        let mut handles = Vec::new();
+        for i in 0..TASKS {
+            handles.push(server.send(add::signature(vec![i, 1])).await.unwrap());
+        }
+        for (i, handle) in (0..TASKS).zip(handles) {
+            assert_eq!(handle.get_timeout(WAIT * 4).await.unwrap(), i + 1);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "{backend} results: {TASKS} tasks in {secs:.2} s = {:.0} tasks/s",
+            TASKS as f64 / secs
+        );
+        worker.shutdown().await.unwrap();
+        cleanup(&config).await;
+    }
+}

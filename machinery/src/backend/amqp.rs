@@ -690,7 +690,7 @@ impl Inner {
                     state.task_name.clone_from(&previous.task_name);
                 }
                 if state.created_at.is_zero() {
-                    state.created_at = previous.created_at.clone();
+                    state.created_at = previous.created_at;
                 }
             }
             self.publish(&locked.channel, &queue, &encode_state(&state)?)
@@ -727,7 +727,7 @@ fn latest(states: &[TaskState]) -> Option<TaskState> {
             latest.task_name.clone_from(&earlier.task_name);
         }
         if latest.created_at.is_zero() && !earlier.created_at.is_zero() {
-            latest.created_at = earlier.created_at.clone();
+            latest.created_at = earlier.created_at;
         }
     }
     Some(latest)
