@@ -25,8 +25,9 @@
 //! queue without acknowledging it, and:
 //!
 //! - a read ([`get_state`](ResultBackend::get_state)) returns the latest state and gives every
-//!   message back (the channel closes with them unacknowledged; RabbitMQ puts them back in
-//!   their places), so the state stays readable, by Go readers too;
+//!   message back before it releases the lock (`basic.nack` with requeue, then a passive
+//!   declaration of the queue, whose reply RabbitMQ sends after the requeue: RabbitMQ puts
+//!   them back in their places), so the state stays readable, by Go readers too;
 //! - a write ([`transition`](ResultBackend::transition), [`set_state`](ResultBackend::set_state))
 //!   checks the guard against the latest state, publishes the new state (with the task name and
 //!   creation time carried forward) and waits for its confirm, and only then acknowledges the
@@ -57,7 +58,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
@@ -88,8 +89,9 @@ const CHORD_TRIGGERED_SUFFIX: &str = "_chord_triggered";
 /// The suffix of the queue holding a group's member list.
 const GROUP_META_SUFFIX: &str = "_meta";
 
-/// How long an unused lock queue is kept (it is auto-delete once consumed).
-const LOCK_QUEUE_EXPIRY_MS: i32 = 60_000;
+/// How long an unused lock queue is kept (`x-expires`). Not auto-delete: creating and
+/// deleting a queue per operation would cost more than the operation.
+const LOCK_QUEUE_EXPIRY_MS: i32 = 10_000;
 
 /// The most messages one operation reads from a queue.
 const MAX_MESSAGES: usize = 1_000;
@@ -145,8 +147,23 @@ struct Locked {
 }
 
 impl Locked {
+    /// Releases the lock: sends `channel.close` without waiting for the broker's reply (the
+    /// broker handles what was sent on the channel before the close first).
     async fn release(self) {
-        let _ = self.channel.close(200, "done".into()).await;
+        let Locked { channel, _consumer } = self;
+        close_soon(channel);
+    }
+}
+
+/// Closes `channel` in the background: the caller does not wait for the broker's reply.
+fn close_soon(channel: Channel) {
+    let close = async move {
+        let _ = channel.close(200, "done".into()).await;
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn(close)),
+        // No runtime: the channel closes when lapin sees its last handle dropped.
+        Err(_) => drop(close),
     }
 }
 
@@ -263,6 +280,10 @@ impl AmqpBackend {
                         .publish(&locked.channel, &queue, &encode_state(state)?)
                         .await?;
                 }
+                // The other members' states stay.
+                inner
+                    .give_back(&locked.channel, &queue, taken.last_tag)
+                    .await;
                 locked.release().await;
                 Ok(())
             })
@@ -415,7 +436,9 @@ impl Inner {
                         lock_queue.clone(),
                         QueueDeclareOptions {
                             durable: false,
-                            auto_delete: true,
+                            auto_delete: false,
+                            // A refusal closes the channel: the consume below reports it.
+                            nowait: true,
                             ..QueueDeclareOptions::default()
                         },
                         args,
@@ -487,6 +510,9 @@ impl Inner {
                 QueueDeclareOptions {
                     durable: false,
                     auto_delete: true,
+                    // A refusal (a queue declared with other arguments) closes the channel:
+                    // the next call that waits for a reply reports it.
+                    nowait: true,
                     ..QueueDeclareOptions::default()
                 },
                 self.result_queue_args(),
@@ -499,7 +525,7 @@ impl Inner {
                     queue.clone(),
                     short("exchange name", &self.exchange)?,
                     queue.clone(),
-                    QueueBindOptions::default(),
+                    QueueBindOptions { nowait: true },
                     FieldTable::default(),
                 )
                 .await
@@ -594,6 +620,7 @@ impl Inner {
             let Some(message) = got else {
                 return Ok(taken);
             };
+            let last = message.message_count == 0;
             let delivery = message.delivery;
             taken.last_tag = Some(delivery.delivery_tag);
             if delivery.data.len() > self.max_message_size {
@@ -605,6 +632,11 @@ impl Inner {
                 Err(e) => {
                     warn!(queue = %queue, error = %e, "a message in a result queue does not decode; skipped");
                 }
+            }
+            if last {
+                // The queue had nothing left behind it (a message published since is newer
+                // than this operation).
+                return Ok(taken);
             }
         }
         Err(Error::new(
@@ -663,6 +695,34 @@ impl Inner {
         }
     }
 
+    /// Puts every message taken (up to `last_tag`) back in `queue`, in their places, and
+    /// returns once the queue has them: the `basic.nack` (requeue) and the passive
+    /// declaration that follows it go from this channel to the queue in order, so the
+    /// declaration's reply comes after the requeue. Only then may the lock be released: the
+    /// next holder (or a Go reader) sees the messages. If this fails, closing the channel still
+    /// requeues them, without that ordering.
+    async fn give_back(&self, channel: &Channel, queue: &ShortString, last_tag: Option<u64>) {
+        let Some(tag) = last_tag else {
+            return;
+        };
+        let requeued = channel
+            .basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            )
+            .await;
+        let synced = match requeued {
+            Ok(()) => self.exists_on(channel, queue).await.map(drop),
+            Err(e) => Err(self.error("cannot give messages back", e)),
+        };
+        if let Err(e) = synced {
+            warn!(queue = %queue, error = %e, "cannot confirm that read messages are back in their queue; closing the channel gives them back");
+        }
+    }
+
     /// Acknowledges every message taken, up to `last_tag`.
     async fn ack_all(&self, channel: &Channel, last_tag: Option<u64>) -> Result<()> {
         if let Some(tag) = last_tag {
@@ -698,6 +758,8 @@ impl Inner {
             self.ack_all(&locked.channel, taken.last_tag).await?;
         } else {
             debug!(task = %state.task_uuid, state = %state.state, previous = ?previous.as_ref().map(|p| p.state), "refused a backward transition");
+            self.give_back(&locked.channel, &queue, taken.last_tag)
+                .await;
         }
         locked.release().await;
         Ok(previous)
@@ -707,12 +769,11 @@ impl Inner {
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
         let queue = short("task UUID", task_uuid)?;
         let locked = self.lock(task_uuid).await?;
-        // A read never creates the queue: a missing one is no state (the channel, and the
-        // lock with it, closes).
-        if !self.exists_on(&locked.channel, &queue).await? {
-            return Ok(None);
-        }
+        // A read never creates the queue: `basic.get` on a missing one is no state (the
+        // broker closes the channel, and the lock with it).
         let taken: Taken<TaskState> = self.take_all(&locked.channel, &queue).await?;
+        self.give_back(&locked.channel, &queue, taken.last_tag)
+            .await;
         locked.release().await;
         Ok(latest(&taken.items))
     }
@@ -830,6 +891,9 @@ impl ResultBackend for AmqpBackend {
                     return Ok(None);
                 }
                 let taken: Taken<GroupMeta> = inner.take_all(&locked.channel, &queue).await?;
+                inner
+                    .give_back(&locked.channel, &queue, taken.last_tag)
+                    .await;
                 locked.release().await;
                 let Some(mut meta) = taken.items.into_iter().last() else {
                     return Ok(None);
