@@ -143,27 +143,35 @@ struct Inner {
 /// channel, which releases the lock and gives back every message not acknowledged.
 struct Locked {
     channel: Channel,
-    _consumer: lapin::Consumer,
+    /// The lock itself; `None` once handed to the closing task.
+    consumer: Option<lapin::Consumer>,
 }
 
 impl Locked {
-    /// Releases the lock: sends `channel.close` without waiting for the broker's reply (the
-    /// broker handles what was sent on the channel before the close first).
+    /// Releases the lock (see [`Drop`]).
     async fn release(self) {
-        let Locked { channel, _consumer } = self;
-        close_soon(channel);
+        drop(self);
     }
 }
 
-/// Closes `channel` in the background: the caller does not wait for the broker's reply.
-fn close_soon(channel: Channel) {
-    let close = async move {
-        let _ = channel.close(200, "done".into()).await;
-    };
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => drop(runtime.spawn(close)),
-        // No runtime: the channel closes when lapin sees its last handle dropped.
-        Err(_) => drop(close),
+impl Drop for Locked {
+    /// Sends `channel.close` without waiting for the broker's reply (the broker handles what
+    /// was sent on the channel before the close first), on every path, errors included. The
+    /// consumer is dropped only after the close completes: dropping it earlier makes lapin
+    /// send a `basic.cancel` for its channel number, which a new channel may have taken by
+    /// then.
+    fn drop(&mut self) {
+        let channel = self.channel.clone();
+        let consumer = self.consumer.take();
+        let close = async move {
+            let _ = channel.close(200, "done".into()).await;
+            drop(consumer);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(close)),
+            // No runtime (a backend used outside one cannot get here: its calls need one).
+            Err(_) => drop(close),
+        }
     }
 }
 
@@ -270,7 +278,8 @@ impl AmqpBackend {
                 let queue = short("group queue", group_uuid)?;
                 let locked = inner.lock(group_uuid).await?;
                 inner.declare_result_queue(&locked.channel, &queue).await?;
-                let taken: Taken<TaskState> = inner.take_all(&locked.channel, &queue).await?;
+                let taken: Taken<TaskState> =
+                    inner.take_all(&locked.channel, &queue, false).await?;
                 if !taken
                     .items
                     .iter()
@@ -427,10 +436,12 @@ impl Inner {
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let channel = self.channel().await?;
+            let connection = self.connection().await?;
+            let channel = connection.create_channel().await;
             let mut args = FieldTable::default();
             args.insert("x-expires".into(), AMQPValue::LongInt(LOCK_QUEUE_EXPIRY_MS));
             let attempt = async {
+                let channel = channel?;
                 channel
                     .queue_declare(
                         lock_queue.clone(),
@@ -456,17 +467,19 @@ impl Inner {
                         FieldTable::default(),
                     )
                     .await
+                    .map(|consumer| (channel, consumer))
             }
             .await;
             match attempt {
-                Ok(consumer) => {
+                Ok((channel, consumer)) => {
                     return Ok(Locked {
                         channel,
-                        _consumer: consumer,
+                        consumer: Some(consumer),
                     })
                 }
-                // Held by another channel (ACCESS_REFUSED), or deleted between the declaration
-                // and the consume by the holder's release (NOT_FOUND): try again.
+                // Held by another channel (ACCESS_REFUSED, which closes this channel; lapin
+                // may report it on the next channel it opens, or find that channel closing):
+                // try again on a new channel.
                 Err(e)
                     if matches!(
                         soft_error(&e),
@@ -475,7 +488,7 @@ impl Inner {
                                 | AMQPSoftError::NOTFOUND
                                 | AMQPSoftError::RESOURCELOCKED
                         )
-                    ) =>
+                    ) || matches!(e.kind(), lapin::ErrorKind::InvalidChannelState(..)) =>
                 {
                     if started.elapsed() > LOCK_WAIT {
                         return Err(Error::new(
@@ -596,10 +609,14 @@ impl Inner {
 
     /// Takes every message of `queue` without acknowledging it, decoding those that are a `T`
     /// and no larger than `max_message_size` (the others are skipped with a warning).
+    ///
+    /// `missing_is_empty`: a queue that does not exist (or expired since it was seen) has
+    /// nothing to read; otherwise (the caller has just declared it) that is an error.
     async fn take_all<T: DeserializeOwned>(
         &self,
         channel: &Channel,
         queue: &ShortString,
+        missing_is_empty: bool,
     ) -> Result<Taken<T>> {
         let mut taken = Taken {
             items: Vec::new(),
@@ -612,7 +629,10 @@ impl Inner {
             {
                 Ok(got) => got,
                 // The queue expired (x-expires) since it was seen: nothing more to read.
-                Err(e) if matches!(soft_error(&e), Some(AMQPSoftError::NOTFOUND)) => {
+                Err(e)
+                    if missing_is_empty
+                        && matches!(soft_error(&e), Some(AMQPSoftError::NOTFOUND)) =>
+                {
                     return Ok(taken);
                 }
                 Err(e) => return Err(self.error(&format!("cannot read the queue `{queue}`"), e)),
@@ -741,7 +761,7 @@ impl Inner {
         let queue = short("task UUID", &state.task_uuid)?;
         let locked = self.lock(&state.task_uuid).await?;
         self.declare_result_queue(&locked.channel, &queue).await?;
-        let taken: Taken<TaskState> = self.take_all(&locked.channel, &queue).await?;
+        let taken: Taken<TaskState> = self.take_all(&locked.channel, &queue, false).await?;
         let previous = latest(&taken.items);
         if allowed(previous.as_ref(), &state) {
             let mut state = state;
@@ -771,7 +791,7 @@ impl Inner {
         let locked = self.lock(task_uuid).await?;
         // A read never creates the queue: `basic.get` on a missing one is no state (the
         // broker closes the channel, and the lock with it).
-        let taken: Taken<TaskState> = self.take_all(&locked.channel, &queue).await?;
+        let taken: Taken<TaskState> = self.take_all(&locked.channel, &queue, true).await?;
         self.give_back(&locked.channel, &queue, taken.last_tag)
             .await;
         locked.release().await;
@@ -890,7 +910,7 @@ impl ResultBackend for AmqpBackend {
                 if !inner.exists_on(&locked.channel, &queue).await? {
                     return Ok(None);
                 }
-                let taken: Taken<GroupMeta> = inner.take_all(&locked.channel, &queue).await?;
+                let taken: Taken<GroupMeta> = inner.take_all(&locked.channel, &queue, true).await?;
                 inner
                     .give_back(&locked.channel, &queue, taken.last_tag)
                     .await;
