@@ -275,7 +275,7 @@ impl AmqpBackend {
         let inner = &self.inner;
         inner
             .bounded("record a group member", async {
-                let queue = short("group queue", group_uuid)?;
+                let queue = queue_name("group queue", group_uuid)?;
                 let locked = inner.lock(group_uuid).await?;
                 inner.declare_result_queue(&locked.channel, &queue).await?;
                 let taken: Taken<TaskState> =
@@ -432,7 +432,7 @@ impl Inner {
     /// Takes the lock on `name`: an exclusive consumer on `<name>.lock`, waiting (up to
     /// [`LOCK_WAIT`]) while another channel, of any process, holds it.
     async fn lock(&self, name: &str) -> Result<Locked> {
-        let lock_queue = short("lock queue", &format!("{name}{LOCK_SUFFIX}"))?;
+        let lock_queue = queue_name("lock queue", &format!("{name}{LOCK_SUFFIX}"))?;
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
@@ -555,7 +555,7 @@ impl Inner {
 
     /// The number of ready messages in `queue`, `None` when it does not exist.
     async fn message_count(&self, queue: &str) -> Result<Option<u32>> {
-        let name = short("queue name", queue)?;
+        let name = queue_name("queue name", queue)?;
         let channel = self.channel().await?;
         let declared = channel
             .queue_declare(
@@ -597,7 +597,7 @@ impl Inner {
     }
 
     async fn delete_queue(&self, queue: &str) -> Result<()> {
-        let name = short("queue name", queue)?;
+        let name = queue_name("queue name", queue)?;
         let channel = self.channel().await?;
         channel
             .queue_delete(name, QueueDeleteOptions::default())
@@ -758,7 +758,7 @@ impl Inner {
     /// would move the task backwards publishes the new state (carrying the name and creation
     /// time forward), then acknowledges the older messages. Returns the previous state.
     async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let queue = short("task UUID", &state.task_uuid)?;
+        let queue = queue_name("task UUID", &state.task_uuid)?;
         let locked = self.lock(&state.task_uuid).await?;
         self.declare_result_queue(&locked.channel, &queue).await?;
         let taken: Taken<TaskState> = self.take_all(&locked.channel, &queue, false).await?;
@@ -787,7 +787,7 @@ impl Inner {
 
     /// Reads the latest state under the task's lock and gives every message back.
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
-        let queue = short("task UUID", task_uuid)?;
+        let queue = queue_name("task UUID", task_uuid)?;
         let locked = self.lock(task_uuid).await?;
         // A read never creates the queue: `basic.get` on a missing one is no state (the
         // broker closes the channel, and the lock with it).
@@ -816,6 +816,22 @@ fn latest(states: &[TaskState]) -> Option<TaskState> {
 
 fn encode_state(state: &TaskState) -> Result<Vec<u8>> {
     state.to_json()
+}
+
+/// `name` as a queue name: an [`ErrorKind::Encode`] error naming `what` when it is empty
+/// (`""` means "the last queue declared on this channel" to RabbitMQ), starts with the reserved
+/// `amq.` (which RabbitMQ refuses) or is longer than AMQP's 255 bytes. Names come from the
+/// wire (task and group UUIDs): they are checked before RabbitMQ or lapin sees them.
+fn queue_name(what: &str, name: &str) -> Result<ShortString> {
+    if name.is_empty() {
+        return Err(Error::encode(format!("the {what} is empty")));
+    }
+    if name.starts_with("amq.") {
+        return Err(Error::encode(format!(
+            "the {what} `{name}` starts with `amq.`, which RabbitMQ reserves"
+        )));
+    }
+    short(what, name)
 }
 
 /// The AMQP soft error (a channel-level refusal) behind `err`, if any.
@@ -886,7 +902,7 @@ impl ResultBackend for AmqpBackend {
         };
         let body = crate::wire::to_go_string(&meta)
             .map_err(|e| Error::encode(format!("group {group_uuid}: {e}")))?;
-        let queue = short("group queue", &AmqpBackend::group_meta_queue(group_uuid))?;
+        let queue = queue_name("group queue", &AmqpBackend::group_meta_queue(group_uuid))?;
         inner
             .bounded("store group", async {
                 let channel = inner.channel().await?;
@@ -903,7 +919,7 @@ impl ResultBackend for AmqpBackend {
     async fn group_meta(&self, group_uuid: &str) -> Result<Option<GroupMeta>> {
         let inner = &self.inner;
         let name = AmqpBackend::group_meta_queue(group_uuid);
-        let queue = short("group queue", &name)?;
+        let queue = queue_name("group queue", &name)?;
         inner
             .bounded("read group", async {
                 let locked = inner.lock(&name).await?;
@@ -946,7 +962,7 @@ impl ResultBackend for AmqpBackend {
     async fn trigger_chord(&self, group_uuid: &str) -> Result<bool> {
         let inner = &self.inner;
         let name = AmqpBackend::chord_triggered_queue(group_uuid);
-        let queue = short("chord queue", &name)?;
+        let queue = queue_name("chord queue", &name)?;
         inner
             .bounded("trigger chord", async {
                 let locked = inner.lock(&name).await?;
@@ -980,6 +996,15 @@ impl ResultBackend for AmqpBackend {
 mod tests {
     use super::*;
     use crate::wire::State;
+
+    #[test]
+    fn queue_names_from_the_wire_are_checked() {
+        assert!(queue_name("task UUID", "task_1").is_ok());
+        for bad in [String::new(), "amq.gen-1".to_owned(), "x".repeat(256)] {
+            let err = queue_name("task UUID", &bad).err().map(|e| e.kind());
+            assert_eq!(err, Some(ErrorKind::Encode), "{bad}");
+        }
+    }
 
     #[test]
     fn expiry_is_gos_int32_milliseconds() {
