@@ -38,7 +38,8 @@ pub struct Config {
     pub broker: String,
     /// The queue workers consume by default (`DEFAULT_QUEUE`).
     pub default_queue: String,
-    /// Result backend URL: `redis://` or `memory://[name]`; empty for none (`RESULT_BACKEND`).
+    /// Result backend URL: `redis://`, `amqp://` (Go's AMQP layout, the `amqp` feature) or
+    /// `memory://[name]`; empty for none (`RESULT_BACKEND`).
     /// With a `memory://` broker and no backend set, the memory backend of the same name is used.
     pub result_backend: String,
     /// Seconds a task state is kept (`RESULTS_EXPIRE_IN`).

@@ -492,10 +492,21 @@ async fn open_backend(config: &Config) -> Result<Option<Arc<dyn ResultBackend>>>
             return Ok(Some(Arc::new(backend)));
         }
     }
-    let supported = if cfg!(feature = "redis") {
-        "memory://, redis://, rediss://"
-    } else {
-        "memory:// (redis:// needs the `redis` feature)"
+    #[cfg(feature = "amqp")]
+    {
+        let scheme = url
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        if matches!(scheme.as_deref(), Some("amqp" | "amqps")) {
+            let backend = crate::backend::amqp::AmqpBackend::connect(config).await?;
+            return Ok(Some(Arc::new(backend)));
+        }
+    }
+    let supported = match (cfg!(feature = "redis"), cfg!(feature = "amqp")) {
+        (true, true) => "memory://, redis://, rediss://, amqp://, amqps://",
+        (true, false) => "memory://, redis://, rediss:// (amqp:// needs the `amqp` feature)",
+        (false, true) => "memory://, amqp://, amqps:// (redis:// needs the `redis` feature)",
+        (false, false) => "memory:// (redis:// and amqp:// need their features)",
     };
     Err(Error::new(
         ErrorKind::Config,

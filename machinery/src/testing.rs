@@ -356,6 +356,17 @@ impl ResultBackend for FaultyBackend {
         let lost = self.check(BackendOp::TriggerChord, None)?;
         lose(lost, self.inner.trigger_chord(group_uuid).await)
     }
+
+    async fn mark_group_member(
+        &self,
+        group_uuid: &str,
+        group_task_count: usize,
+        state: &TaskState,
+    ) -> Result<()> {
+        self.inner
+            .mark_group_member(group_uuid, group_task_count, state)
+            .await
+    }
 }
 
 /// The reply of a call that went through, or the error that replaced it.

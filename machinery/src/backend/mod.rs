@@ -1,5 +1,7 @@
 //! Result backends: where task states and results are kept.
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -141,6 +143,34 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     async fn trigger_chord(&self, group_uuid: &str) -> Result<bool> {
         let _ = group_uuid;
         Err(unsupported_groups(self))
+    }
+
+    /// Records that a member of a group (of `group_task_count` tasks, as its signature says)
+    /// reached its final `state`, for backends that count a group's completion apart from the
+    /// member states. Go's AMQP backend does (`markTaskCompleted`, whose queue Go's
+    /// `GroupCompleted` counts); the default does nothing, since the other backends read the
+    /// members' states. A worker calls it after recording the state, and again on a
+    /// redelivery of a finished member, so it must not count one member twice.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// use machinery::backend::{memory::MemoryBackend, ResultBackend};
+    /// use machinery::wire::{State, TaskState};
+    ///
+    /// let backend = MemoryBackend::open("mark-docs", std::time::Duration::from_secs(60));
+    /// backend.mark_group_member("group_1", 2, &TaskState::new("task_1", State::Success)).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn mark_group_member(
+        &self,
+        group_uuid: &str,
+        group_task_count: usize,
+        state: &TaskState,
+    ) -> Result<()> {
+        let _ = (group_uuid, group_task_count, state);
+        Ok(())
     }
 }
 

@@ -923,7 +923,7 @@ impl Inner {
 
 /// Go's AMQP client reads `amqp://host/` (or no path) as the default vhost `/`; lapin reads it
 /// as the vhost named "". Spell the default vhost out so Go's URLs mean the same here.
-fn amqp_uri(url: &str) -> String {
+pub(crate) fn amqp_uri(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
@@ -950,7 +950,7 @@ fn interrupted(err: &Error, link: &Link) -> bool {
 
 /// `s` as an AMQP short string; an error of kind [`ErrorKind::Encode`] naming `what` if it is
 /// longer than 255 bytes (amq-protocol would panic on it).
-fn short(what: &str, s: &str) -> Result<ShortString> {
+pub(crate) fn short(what: &str, s: &str) -> Result<ShortString> {
     ShortString::try_new(s).map_err(|_| Error::encode(overlong(what, s)))
 }
 
@@ -1427,7 +1427,7 @@ impl Drop for AmqpAcker {
 /// rather than the caller's. So the connection is given a runtime of ours: every task lapin
 /// spawns, and the I/O thread (from the first future it blocks on there), run with a
 /// dispatcher that forwards everything to the caller's dispatcher except those events.
-mod quiet {
+pub(crate) mod quiet {
     use std::cell::RefCell;
     use std::future::Future;
 
@@ -1450,7 +1450,7 @@ mod quiet {
 
     /// Connects like [`Connection::connect`], with lapin's frame-level events hidden from the
     /// caller's dispatcher.
-    pub(super) async fn connect(
+    pub(crate) async fn connect(
         uri: &str,
         properties: ConnectionProperties,
         handle: tokio::runtime::Handle,

@@ -394,6 +394,27 @@ async fn follow_up(
     again: bool,
     outgoing: Option<Vec<Outgoing>>,
 ) -> Result<()> {
+    let group_task_count = usize::try_from(signature.group_task_count).unwrap_or(0);
+    if !signature.group_uuid.is_empty() && group_task_count > 0 {
+        // Go's AMQP backend counts a group's finished members apart (markTaskCompleted).
+        let member = match &done {
+            Final::Success(results) => super::store::task_state(
+                &signature,
+                State::Success,
+                Some(results.clone()),
+                String::new(),
+            ),
+            Final::Failure(message) => {
+                super::store::task_state(&signature, State::Failure, None, message.clone())
+            }
+        };
+        let (group, count) = (signature.group_uuid.as_str(), group_task_count);
+        ctx.store
+            .call("record a finished group member", |b| {
+                b.mark_group_member(group, count, &member)
+            })
+            .await?;
+    }
     if signature.chord_callback.is_some() {
         let error = match &done {
             Final::Success(_) => None,
