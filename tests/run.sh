@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/services.sh start
+# The Sentinel tests start their own Redis deployment (tests/sentinel.sh); stop it afterwards.
+trap 'tests/sentinel.sh stop >/dev/null 2>&1 || true' EXIT
 cargo test --workspace --locked "$@"

@@ -585,9 +585,13 @@ impl Config {
             )));
         }
         if let Some(limit) = self.amqp.queue_declare_args.get("x-delivery-limit") {
-            if limit.as_u64().is_none_or(|n| u32::try_from(n).is_err()) {
+            // 0 would dead-letter every message on its first delivery.
+            if limit
+                .as_u64()
+                .is_none_or(|n| n == 0 || u32::try_from(n).is_err())
+            {
                 return Err(Error::config(format!(
-                    "x-delivery-limit must be a whole number from 0 to {} (got {limit})",
+                    "x-delivery-limit must be a whole number from 1 to {} (got {limit})",
                     u32::MAX
                 )));
             }

@@ -469,7 +469,7 @@ async fn a_message_that_kills_its_worker_is_dead_lettered_after_the_limit() {
     ];
     let poison = server.send(kill_worker::signature()).await.unwrap();
     let mut deaths = 0;
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(180);
     let state = loop {
         assert!(
             Instant::now() < deadline,
@@ -622,7 +622,23 @@ async fn shutdown_gives_back_messages_taken_but_not_handed_out() {
         .await
         .unwrap();
     let worker = server.worker().concurrency(1).spawn().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    // Until the first task runs (a fixed sleep is too short on a loaded machine).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut started = false;
+        for h in &handles {
+            started |= h
+                .state()
+                .await
+                .unwrap()
+                .is_some_and(|s| s.state != State::Pending);
+        }
+        if started {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no task started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     worker.shutdown().await.unwrap();
     let raw = broker(&config).await;
     let (ready, held) = raw.depth(&q).await.unwrap();

@@ -323,7 +323,26 @@ async fn a_write_no_replica_acknowledges_is_a_retryable_error() {
             .await
             .unwrap();
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Until the replica stops answering (a fixed pause is too short on a loaded machine).
+    let mut probe = node(replica).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ping = redis::cmd("PING");
+        if tokio::time::timeout(
+            Duration::from_millis(200),
+            ping.query_async::<String>(&mut probe),
+        )
+        .await
+        .is_err()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never slept"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let e = backend
         .set_state(TaskState::new(&uuid, State::Started))
         .await

@@ -1108,6 +1108,16 @@ impl Pieces {
     }
 }
 
+/// A client for one Redis server named by `url` (the Redis broker's; it does not go through
+/// Sentinel), and the URL as messages show it, without its password.
+pub(crate) fn client(url: &str) -> Result<(redis::Client, String)> {
+    let parsed = RedisUrl::parse(url)?;
+    let display = parsed.display();
+    let client = redis::Client::open(parsed.connection_info()?)
+        .map_err(|e| backend_error(format!("invalid Redis settings for {display}"), e))?;
+    Ok((client, display))
+}
+
 /// A Redis URL read as Go Machinery reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RedisUrl {

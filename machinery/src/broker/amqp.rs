@@ -625,15 +625,11 @@ impl Inner {
             .map_err(|e| self.declare_error(&format!("bind queue `{queue}`"), e))
     }
 
-    /// The arguments of a dead-letter queue: a quorum queue beside a quorum queue, replicated
-    /// like it (and with no delivery limit: nothing consumes it but an operator), else a
-    /// classic queue.
+    /// The arguments of a dead-letter queue: a classic queue, also beside a quorum queue.
+    /// Earlier releases declared it classic, and a queue's type cannot change: declaring it
+    /// quorum on an existing deployment would fail every dead-letter (PRECONDITION_FAILED).
     fn dead_letter_args(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        if self.quorum {
-            args.insert("x-queue-type".into(), long_string("quorum"));
-        }
-        args
+        FieldTable::default()
     }
 
     /// Whether `queue` was declared on this connection and its declaration still holds.

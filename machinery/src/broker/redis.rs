@@ -73,8 +73,10 @@ use crate::wire::Signature;
 /// How often a consumer refreshes its heartbeat and looks for dead consumers' messages.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// How long a consumer's heartbeat lives: a consumer silent this long is taken for dead, and
-/// its processing list goes back to the queue.
-pub const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
+/// its processing list goes back to the queue. Twice the reply timeout of the connection the
+/// heartbeat is sent on, so a stalled Redis reply does not make a live consumer's running tasks
+/// run again elsewhere.
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(30);
 /// Go's default `delayed_tasks_key` (`defaultRedisDelayedTasksKey`).
 pub const DEFAULT_DELAYED_TASKS_KEY: &str = "delayed_tasks";
 
@@ -281,6 +283,13 @@ impl RedisBroker {
     /// # }
     /// ```
     pub async fn connect(config: &Config) -> Result<RedisBroker> {
+        if !config.redis.master_name.is_empty() || config.redis.cluster_enabled {
+            // The URL would name sentinels (or cluster nodes) and be dialled as one server.
+            return Err(Error::config(
+                "the Redis broker does not support Redis Sentinel or Cluster \
+                 (redis.master_name, redis.cluster_enabled); they are for the result backend",
+            ));
+        }
         let (client, display) = crate::backend::redis::client(&config.broker)?;
         let cannot = |e| broker_error(format!("cannot connect to Redis at {display}"), e);
         let probe = redis::AsyncConnectionConfig::new()
