@@ -6,6 +6,8 @@ pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "redis")]
+mod redis_batch;
+#[cfg(feature = "redis")]
 pub(crate) mod redis_conn;
 
 use std::fmt;
