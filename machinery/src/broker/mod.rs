@@ -89,6 +89,19 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
 
     /// Starts consuming `queue` with at most `prefetch` unsettled deliveries at a time.
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>>;
+
+    /// How many messages wait in `queue`, as the broker reports it: RabbitMQ's count from a
+    /// passive declare, the Redis list's length, the embedded queue's length. `None`: this
+    /// broker cannot say. Workers sample it for their `machinery_queue_depth` metric.
+    async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
+        let _ = queue;
+        Ok(None)
+    }
+
+    /// How many times the broker had to open its connection again since it was opened.
+    fn reconnects(&self) -> u64 {
+        0
+    }
 }
 
 /// A stream of deliveries from one queue.
