@@ -314,8 +314,8 @@ macro_rules! task_span {
             attempt = $t.attempt,
             queue = %$t.queue,
             worker = %$t.worker,
-            group = $t.group,
-            chain = $t.chain,
+            group = $t.group.map(tracing::field::display),
+            chain = $t.chain.map(tracing::field::display),
             trace_id = tracing::field::Empty,
         )
     };
