@@ -9,6 +9,15 @@
 //! with `multiple = true` every 32 deliveries), machinery's send rate and a worker's drain rate of
 //! no-op tasks without a result backend and with Redis results, the ratios machinery/raw, the
 //! time a worker takes to be ready, and a worker's RSS while 100,000 tasks wait in its queue.
+//!
+//! ```sh
+//! cargo run --release --example amqp_bench obs [tasks]   # overhead of spans + metrics
+//! ```
+//!
+//! `obs` measures the drain without a result backend with observability off (no subscriber, no
+//! metrics listener) and on (an INFO `tracing` subscriber formatting every span and event into
+//! a sink, and the Prometheus listener on), each in a fresh process, interleaved, three times
+//! each with a raw lapin consume beside; prints the medians, the overhead and the ratios.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -147,6 +156,11 @@ async fn raw(tasks: usize, payload: &[u8]) -> (f64, f64) {
 
 /// machinery: send `tasks` no-op tasks, then let a worker drain them.
 async fn machinery_rates(tasks: usize, redis: bool) -> (f64, f64, Duration) {
+    machinery_rates_with(tasks, redis, false).await
+}
+
+/// [`machinery_rates`], with the worker's metrics listener on if `metrics`.
+async fn machinery_rates_with(tasks: usize, redis: bool, metrics: bool) -> (f64, f64, Duration) {
     let config = config(if redis { "redis" } else { "plain" }, redis);
     let server = Server::new(config.clone()).await.expect("server");
     let started = Instant::now();
@@ -165,12 +179,11 @@ async fn machinery_rates(tasks: usize, redis: bool) -> (f64, f64, Duration) {
     tokio::pin!(finished);
     finished.as_mut().enable();
     let ready_started = Instant::now();
-    let worker = server
-        .worker()
-        .concurrency(256)
-        .spawn()
-        .await
-        .expect("worker");
+    let mut builder = server.worker().concurrency(256);
+    if metrics {
+        builder = builder.metrics_addr("127.0.0.1:0".parse().expect("address"));
+    }
+    let worker = builder.spawn().await.expect("worker");
     let ready = ready_started.elapsed();
     let started = Instant::now();
     finished.await;
@@ -230,6 +243,25 @@ async fn main() {
         rss_worker(&args[2]).await;
         return;
     }
+    if args.get(1).map(String::as_str) == Some("drain-child") {
+        let on = args[2] == "on";
+        let tasks: usize = args[3].parse().expect("tasks");
+        if on {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_subscriber::filter::LevelFilter::INFO)
+                .with(tracing_subscriber::fmt::layer().with_writer(std::io::sink));
+            tracing::subscriber::set_global_default(subscriber).expect("subscriber");
+        }
+        let (_, drain, _) = machinery_rates_with(tasks, false, on).await;
+        println!("drain={drain}");
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("obs") {
+        let tasks: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+        observability_overhead(tasks).await;
+        return;
+    }
     let tasks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50_000);
     let payload = noop::signature(1).as_wire().to_json().expect("encode");
 
@@ -286,4 +318,55 @@ async fn main() {
         rss as f64 / 1024.0
     );
     cleanup(&config).await;
+}
+
+/// Runs `drain-child on|off` in a fresh process; its drain rate.
+fn drain_child(on: bool, tasks: usize) -> f64 {
+    let out = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args(["drain-child", if on { "on" } else { "off" }, &tasks.to_string()])
+        .output()
+        .expect("drain child");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("drain="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no drain rate: {text} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The drain with spans + metrics off and on, interleaved, medians of 3.
+async fn observability_overhead(tasks: usize) {
+    let payload = noop::signature(1).as_wire().to_json().expect("encode");
+    let (mut raws, mut offs, mut ons) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=3 {
+        let (_, raw_consume) = raw(tasks, &payload).await;
+        let off = drain_child(false, tasks);
+        let on = drain_child(true, tasks);
+        println!(
+            "round {round}: raw consume {raw_consume:>8.0} msg/s, drain off {off:>8.0} tasks/s, on {on:>8.0} tasks/s"
+        );
+        raws.push(raw_consume);
+        offs.push(off);
+        ons.push(on);
+    }
+    let (raw, off, on) = (median(raws), median(offs), median(ons));
+    println!("medians of 3, {tasks} tasks, no result backend:");
+    println!("raw lapin consume:                        {raw:>8.0} msg/s");
+    println!(
+        "drain, spans + metrics off:               {off:>8.0} tasks/s  = {:.2}x raw consume",
+        off / raw
+    );
+    println!(
+        "drain, spans (INFO) + metrics on:         {on:>8.0} tasks/s  = {:.2}x raw consume",
+        on / raw
+    );
+    println!(
+        "on / off: {:.3}  (overhead {:.1}%, target < 5%)",
+        on / off,
+        (1.0 - on / off) * 100.0
+    );
 }
