@@ -154,6 +154,7 @@ async fn a_chain_runs_in_info_spans_and_is_one_trace() {
     let server = server("spans-chain").await;
     let worker = server
         .worker()
+        .success_level(tracing::Level::INFO)
         .name("spans-worker")
         .tasks([sp_first::NAME, sp_second::NAME])
         .spawn()
@@ -342,6 +343,9 @@ async fn the_span_can_be_made_by_the_application() {
     let handle = server.send(sp_first::signature(1)).await.unwrap();
     assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 2);
     worker.shutdown().await.unwrap();
+    // A success logs at DEBUG by default: nothing at INFO.
+    let uuid = handle.task_uuid();
+    assert!(lines_with(uuid).is_empty(), "{:?}", lines_with(uuid));
 }
 
 /// A message as Go Machinery's producer writes it (v2/tasks/signature.go: `Headers` is a
@@ -352,6 +356,7 @@ async fn a_go_message_with_a_traceparent_continues_its_trace() {
     let server = server("spans-go").await;
     let worker = server
         .worker()
+        .success_level(tracing::Level::INFO)
         .tasks([sp_first::NAME])
         .spawn()
         .await

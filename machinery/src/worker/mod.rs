@@ -83,6 +83,8 @@ pub struct WorkerBuilder {
     hard_time_limit: Option<Duration>,
     hooks: Hooks,
     tracing: trace::Tracing,
+    /// The outcome events.
+    log: LogOutcome,
     /// Where the Prometheus metrics are served (over `METRICS_ADDR`).
     metrics_addr: Option<std::net::SocketAddr>,
     /// Redis URL of the cluster-wide rate limits.
@@ -102,6 +104,7 @@ impl WorkerBuilder {
             hard_time_limit: None,
             hooks: Hooks::default(),
             tracing: trace::Tracing::default(),
+            log: LogOutcome::default(),
             metrics_addr: None,
             #[cfg(feature = "redis")]
             cluster_rate_limits: None,
@@ -110,7 +113,7 @@ impl WorkerBuilder {
 
     /// Makes the span each execution of a task runs in (default: [`DefaultMakeSpan`], an INFO
     /// span `task` with `task.name`, `task.id`, `attempt`, `queue`, `worker`, and `group`,
-    /// `chain` and `trace_id` where present), as tower-http's `MakeSpan` makes a request's.
+    /// `chain` where present, and `trace_id`), as tower-http's `MakeSpan` makes a request's.
     ///
     /// ```no_run
     /// # async fn doc(server: machinery::Server) {
@@ -119,12 +122,27 @@ impl WorkerBuilder {
     /// let builder = server.worker().make_span(DefaultMakeSpan::new().level(tracing::Level::DEBUG));
     /// // Or a span of your own:
     /// let builder = server.worker().make_span(|task: &TaskSpan<'_>| {
-    ///     tracing::info_span!("job", job = task.name, id = task.id, trace_id = tracing::field::Empty)
+    ///     tracing::info_span!("job", job = task.name, id = task.id, trace_id = %task.trace.trace_id_display())
     /// });
     /// # }
     /// ```
     pub fn make_span(mut self, make_span: impl MakeSpan) -> Self {
         self.tracing.make_span = Box::new(make_span);
+        self
+    }
+
+    /// The level of the `task succeeded` event each successful execution logs (default DEBUG,
+    /// as tower-http's `DefaultOnResponse`: a line per task at INFO costs a formatting
+    /// subscriber about as much as the span itself); failures log at WARN (retried) and ERROR
+    /// (failed for good, dead-lettered), whatever this says.
+    ///
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) {
+    /// let builder = server.worker().success_level(tracing::Level::INFO);
+    /// # }
+    /// ```
+    pub fn success_level(mut self, level: tracing::Level) -> Self {
+        self.log.success = level;
         self
     }
 
@@ -317,7 +335,7 @@ impl WorkerBuilder {
             backoff: config.requeue_delay,
         };
         #[cfg_attr(not(feature = "metrics"), allow(unused_mut))]
-        let mut observers: Vec<Arc<dyn Observer>> = vec![Arc::new(LogOutcome)];
+        let mut observers: Vec<Arc<dyn Observer>> = vec![Arc::new(self.log)];
         let metrics_addr = self.metrics_addr.or(config.metrics_addr);
         #[cfg(feature = "metrics")]
         let metrics = metrics_addr.map(|addr| {

@@ -16,7 +16,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn, Level};
 
 use super::trace::{Next, Report, Settled};
 
@@ -111,15 +111,38 @@ impl Count {
 
 /// Logs one event per settled delivery, inside the task's span: the outcome, its duration,
 /// and for a failure the error and what happens next.
-#[derive(Debug, Default)]
-pub(crate) struct LogOutcome;
+#[derive(Debug)]
+pub(crate) struct LogOutcome {
+    /// The level of `task succeeded` (failures have their own: WARN, ERROR).
+    pub(crate) success: Level,
+}
+
+impl Default for LogOutcome {
+    fn default() -> Self {
+        LogOutcome {
+            success: DEFAULT_SUCCESS_LEVEL,
+        }
+    }
+}
+
+/// The default level of the `task succeeded` event: DEBUG, as tower-http's
+/// `DefaultOnResponse`. At INFO, a formatting subscriber spends about as much on that one line
+/// per task as on the rest of the span (amqp_bench `obs`: +11% drain time at INFO, none at
+/// DEBUG); failures are always logged at WARN or ERROR.
+pub(crate) const DEFAULT_SUCCESS_LEVEL: Level = Level::DEBUG;
 
 impl Observer for LogOutcome {
     fn settled(&self, _task: &'static str, report: &Report, settled: &Settled) {
         let duration_ms = report.ran.map(|r| millis(r.elapsed));
         let error = report.error.as_deref();
         match (Count::of(report, settled), settled, &report.next) {
-            (Count::Succeeded, _, _) => info!(duration_ms, "task succeeded"),
+            (Count::Succeeded, _, _) => match self.success {
+                Level::ERROR => error!(duration_ms, "task succeeded"),
+                Level::WARN => warn!(duration_ms, "task succeeded"),
+                Level::INFO => info!(duration_ms, "task succeeded"),
+                Level::DEBUG => debug!(duration_ms, "task succeeded"),
+                _ => trace!(duration_ms, "task succeeded"),
+            },
             (Count::DeadLettered, Settled::DeadLettered { reason }, _) => error!(
                 duration_ms,
                 error,

@@ -141,6 +141,18 @@ impl TraceContext {
         self.flags & 1 == 1
     }
 
+    /// The trace id as 32 lower-case hex digits, formatted only when displayed (for span
+    /// fields: `trace_id = %cx.trace_id_display()`).
+    pub fn trace_id_display(&self) -> impl fmt::Display + Send + Sync + 'static {
+        struct Hex(u128);
+        impl fmt::Display for Hex {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:032x}", self.0)
+            }
+        }
+        Hex(self.trace)
+    }
+
     /// The trace id as a number.
     pub fn trace_id_u128(&self) -> u128 {
         self.trace
@@ -238,6 +250,11 @@ pub struct TaskSpan<'a> {
     pub group: Option<&'a str>,
     /// The chain id: the UUID of the task that started the workflow, for a follow-up.
     pub chain: Option<&'a str>,
+    /// The execution's trace context: the message's trace, and a span id of the execution's
+    /// own. (With the `opentelemetry` feature and a message that carries no `traceparent`, the
+    /// exported span starts a trace of its own; its id is then recorded in the span's
+    /// `trace_id` field, if the span declares one.)
+    pub trace: TraceContext,
     /// The whole signature, for fields of your own.
     pub signature: &'a Signature,
 }
@@ -246,8 +263,7 @@ pub struct TaskSpan<'a> {
 /// request's. Set it with [`WorkerBuilder::make_span`](crate::WorkerBuilder::make_span); a
 /// closure `Fn(&TaskSpan) -> Span` is one.
 ///
-/// A span that declares the field `trace_id` (empty) gets the execution's W3C trace id
-/// recorded in it.
+/// [`TaskSpan::trace`] gives the execution's W3C trace id for a `trace_id` field.
 ///
 /// ```
 /// use machinery::worker::TaskSpan;
@@ -316,7 +332,7 @@ macro_rules! task_span {
             worker = %$t.worker,
             group = $t.group.map(tracing::field::display),
             chain = $t.chain.map(tracing::field::display),
-            trace_id = tracing::field::Empty,
+            trace_id = %$t.trace.trace_id_display(),
         )
     };
 }
@@ -437,6 +453,7 @@ pub(crate) fn start(
         .get(ROOT_HEADER)
         .and_then(Value::as_str)
         .filter(|r| !r.is_empty() && r.len() <= MAX_ROOT);
+    let own = parent.map_or_else(TraceContext::new_root, TraceContext::child);
     let span = tracing.make_span.make_span(&TaskSpan {
         name: &signature.name,
         id: &signature.uuid,
@@ -445,13 +462,14 @@ pub(crate) fn start(
         worker,
         group: (!signature.group_uuid.is_empty()).then_some(signature.group_uuid.as_str()),
         chain: root,
+        trace: own,
         signature,
     });
-    let context = context_of(&span, parent, tracestate.as_deref());
-    if !span.is_disabled() {
+    let context = context_of(&span, own, parent, tracestate.as_deref());
+    if context.trace != own.trace {
         span.record(
             "trace_id",
-            tracing::field::display(format_args!("{:032x}", context.trace)),
+            tracing::field::display(context.trace_id_display()),
         );
     }
     let execution = Execution {
@@ -465,14 +483,19 @@ pub(crate) fn start(
 }
 
 /// The execution's own context: the OpenTelemetry span's ids when the span is exported,
-/// else the parent's trace with a new span id (or a new trace).
+/// else `own` (the parent's trace with a new span id, or a new trace).
 #[cfg_attr(not(feature = "opentelemetry"), allow(unused_variables))]
-fn context_of(span: &Span, parent: Option<TraceContext>, tracestate: Option<&str>) -> TraceContext {
+fn context_of(
+    span: &Span,
+    own: TraceContext,
+    parent: Option<TraceContext>,
+    tracestate: Option<&str>,
+) -> TraceContext {
     #[cfg(feature = "opentelemetry")]
     if let Some(cx) = super::otel::parent_span(span, parent, tracestate) {
         return cx;
     }
-    parent.map_or_else(TraceContext::new_root, TraceContext::child)
+    own
 }
 
 /// Runs `future` as the execution `execution` (see [`Execution`]).
