@@ -11,7 +11,7 @@
 //! time a worker takes to be ready, and a worker's RSS while 100,000 tasks wait in its queue.
 //!
 //! ```sh
-//! cargo run --release --example amqp_bench obs [tasks]   # overhead of spans + metrics
+//! cargo run --release --example amqp_bench obs [tasks] [rounds]   # overhead of spans + metrics
 //! ```
 //!
 //! `obs` measures the drain without a result backend with observability off (no subscriber, no
@@ -298,7 +298,8 @@ async fn main() {
     }
     if args.get(1).map(String::as_str) == Some("obs") {
         let tasks: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-        observability_overhead(tasks).await;
+        let rounds: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(3);
+        observability_overhead(tasks, rounds).await;
         return;
     }
     let tasks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50_000);
@@ -384,12 +385,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The drain with spans + metrics off and on, interleaved, medians of 3.
-async fn observability_overhead(tasks: usize) {
+/// The drain with spans + metrics off and on, interleaved, medians of `rounds` (3 by default).
+async fn observability_overhead(tasks: usize, rounds: usize) {
     let payload = noop::signature(1).as_wire().to_json().expect("encode");
     let (mut raws, mut offs, mut ons) = (Vec::new(), Vec::new(), Vec::new());
     let (mut cpu_offs, mut cpu_ons) = (Vec::new(), Vec::new());
-    for round in 1..=3 {
+    for round in 1..=rounds {
         let (_, raw_consume) = raw(tasks, &payload).await;
         let (off, cpu_off) = drain_child(false, tasks);
         let (on, cpu_on) = drain_child(true, tasks);
@@ -402,9 +403,19 @@ async fn observability_overhead(tasks: usize) {
         cpu_offs.push(cpu_off);
         cpu_ons.push(cpu_on);
     }
+    // Each round's off and on run back to back, under the same load from other processes: the
+    // median of the per-round ratios is steadier than the ratio of the medians.
+    let pair_ratio = median(ons.iter().zip(&offs).map(|(on, off)| on / off).collect());
+    let pair_cpu = median(
+        cpu_ons
+            .iter()
+            .zip(&cpu_offs)
+            .map(|(on, off)| on / off)
+            .collect(),
+    );
     let (raw, off, on) = (median(raws), median(offs), median(ons));
     let (cpu_off, cpu_on) = (median(cpu_offs), median(cpu_ons));
-    println!("medians of 3, {tasks} tasks, no result backend:");
+    println!("medians of {rounds}, {tasks} tasks, no result backend:");
     println!("raw lapin consume:                        {raw:>8.0} msg/s");
     println!(
         "drain, spans + metrics off:               {off:>8.0} tasks/s  = {:.2}x raw consume",
@@ -422,5 +433,9 @@ async fn observability_overhead(tasks: usize) {
     println!(
         "worker CPU per task: off {cpu_off:.1} us, on {cpu_on:.1} us  (+{:.1}%; the load of other processes does not enter it)",
         (cpu_on / cpu_off - 1.0) * 100.0
+    );
+    println!(
+        "median of the per-round ratios: drain on/off {pair_ratio:.3} (overhead {:.1}%), CPU per task on/off {pair_cpu:.3}",
+        (1.0 - pair_ratio) * 100.0
     );
 }
