@@ -93,6 +93,16 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// How many messages wait in `queue`, as the broker reports it: RabbitMQ's count from a
     /// passive declare, the Redis list's length, the embedded queue's length. `None`: this
     /// broker cannot say. Workers sample it for their `machinery_queue_depth` metric.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// use machinery::broker::{memory::MemoryBroker, Broker};
+    /// let broker = MemoryBroker::open("depth-docs", "machinery_tasks", "machinery_task");
+    /// broker.push_raw("machinery_tasks", &b"{}"[..]);
+    /// assert_eq!(broker.queue_depth("machinery_tasks").await?, Some(1));
+    /// # Ok(()) }
+    /// ```
     async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
         let _ = queue;
         Ok(None)

@@ -454,6 +454,13 @@ impl WorkerHandle {
     /// Where the worker serves its Prometheus metrics, if it does
     /// ([`WorkerBuilder::metrics_addr`], `METRICS_ADDR`): the bound address, with the port
     /// picked when 0 was asked for.
+    ///
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
+    /// let worker = server.worker().spawn().await?;
+    /// assert_eq!(worker.metrics_addr(), None); // neither METRICS_ADDR nor the builder asked
+    /// # Ok(()) }
+    /// ```
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics_addr
     }

@@ -43,6 +43,15 @@ use tracing::{Level, Span};
 use crate::wire::Signature;
 
 /// The `Headers` key of the W3C trace context's parent (`00-<trace id>-<span id>-<flags>`).
+///
+/// A producer that is itself traced can set it; machinery keeps it:
+///
+/// ```
+/// # #[machinery::task] fn add(a: i64, b: i64) -> i64 { a + b }
+/// use machinery::worker::TRACEPARENT_HEADER;
+/// let signature = add::signature(1, 2)
+///     .with_header(TRACEPARENT_HEADER, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+/// ```
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// The `Headers` key of the W3C vendor trace state, carried on when present.
 pub const TRACESTATE_HEADER: &str = "tracestate";
@@ -233,6 +242,21 @@ pub(crate) fn extract(headers: &Map<String, Value>) -> (Option<TraceContext>, Op
 }
 
 /// What a task span is made from; see [`MakeSpan`].
+///
+/// ```
+/// use machinery::worker::TaskSpan;
+/// fn make(task: &TaskSpan<'_>) -> tracing::Span {
+///     tracing::info_span!(
+///         "task",
+///         task.name = task.name,
+///         attempt = task.attempt,
+///         group = task.group,
+///         trace_id = %task.trace.trace_id_display(),
+///     )
+/// }
+/// # fn takes(_: impl machinery::worker::MakeSpan) {}
+/// # takes(make);
+/// ```
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct TaskSpan<'a> {
