@@ -362,9 +362,10 @@ impl ResultBackend for FaultyBackend {
         group_uuid: &str,
         group_task_count: usize,
         state: &TaskState,
+        again: bool,
     ) -> Result<()> {
         self.inner
-            .mark_group_member(group_uuid, group_task_count, state)
+            .mark_group_member(group_uuid, group_task_count, state, again)
             .await
     }
 }

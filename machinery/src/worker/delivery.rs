@@ -438,7 +438,7 @@ async fn follow_up(
         let (group, count) = (signature.group_uuid.as_str(), group_task_count);
         ctx.store
             .call("record a finished group member", |b| {
-                b.mark_group_member(group, count, &member)
+                b.mark_group_member(group, count, &member, again)
             })
             .await?;
     }
