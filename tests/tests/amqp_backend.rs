@@ -559,8 +559,15 @@ async fn a_group_of_more_than_a_thousand_members_is_counted_once_each() {
     // The check held the queue's messages for a moment (a reader counting then sees fewer):
     // once they are back, the count is the same.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !backend.group_completed(r.group_uuid(), n as usize).await.unwrap() {
-        assert!(tokio::time::Instant::now() < deadline, "counted twice, or lost");
+    while !backend
+        .group_completed(r.group_uuid(), n as usize)
+        .await
+        .unwrap()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "counted twice, or lost"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     worker.shutdown().await.unwrap();
