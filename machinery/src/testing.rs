@@ -452,6 +452,14 @@ impl Broker for FaultyBroker {
         self.inner.validate(message)
     }
 
+    async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
+        self.inner.queue_depth(queue).await
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.inner.reconnects()
+    }
+
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>> {
         Self::check(&self.faults, BrokerOp::Consume, None)?;
         let inner = self.inner.consume(queue, prefetch).await?;

@@ -1091,6 +1091,39 @@ impl Broker for AmqpBroker {
         &self.inner.default_routing_key
     }
 
+    /// A passive declare's message count, on a channel of its own (a missing queue closes
+    /// the channel that asked).
+    async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
+        let name = short("queue name", queue)?;
+        let link = self.inner.link().await?;
+        let channel = link.connection.create_channel().await.map_err(|e| {
+            self.inner
+                .broker_error("cannot open a channel to read a queue's depth", e)
+        })?;
+        let declared = channel
+            .queue_declare(
+                name,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "depth read".into()).await;
+        }
+        let declared = declared.map_err(|e| {
+            self.inner
+                .broker_error(&format!("cannot read the depth of queue `{queue}`"), e)
+        })?;
+        Ok(Some(u64::from(declared.message_count())))
+    }
+
+    fn reconnects(&self) -> u64 {
+        AmqpBroker::reconnects(self)
+    }
+
     async fn publish(&self, message: Message) -> Result<()> {
         self.inner.publish_one(&message).await
     }

@@ -662,6 +662,15 @@ impl Broker for RedisBroker {
         &self.shared.default_queue
     }
 
+    /// The queue list's length (`LLEN`).
+    async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
+        let ready: u64 = self
+            .shared
+            .query(redis::cmd("LLEN").arg(queue), "read a queue length")
+            .await?;
+        Ok(Some(ready))
+    }
+
     fn validate(&self, message: &Message) -> Result<()> {
         if message.routing_key.is_empty() {
             return Err(Error::encode(
