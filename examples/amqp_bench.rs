@@ -9,6 +9,15 @@
 //! with `multiple = true` every 32 deliveries), machinery's send rate and a worker's drain rate of
 //! no-op tasks without a result backend and with Redis results, the ratios machinery/raw, the
 //! time a worker takes to be ready, and a worker's RSS while 100,000 tasks wait in its queue.
+//!
+//! ```sh
+//! cargo run --release --example amqp_bench obs [tasks] [rounds]   # overhead of spans + metrics
+//! ```
+//!
+//! `obs` measures the drain without a result backend with observability off (no subscriber, no
+//! metrics listener) and on (an INFO `tracing` subscriber formatting every span and event into
+//! a sink, and the Prometheus listener on), each in a fresh process, interleaved, three times
+//! each with a raw lapin consume beside; prints the medians, the overhead and the ratios.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -147,6 +156,40 @@ async fn raw(tasks: usize, payload: &[u8]) -> (f64, f64) {
 
 /// machinery: send `tasks` no-op tasks, then let a worker drain them.
 async fn machinery_rates(tasks: usize, redis: bool) -> (f64, f64, Duration) {
+    machinery_rates_with(tasks, redis, false).await
+}
+
+/// [`machinery_rates`], with the worker's metrics listener on if `metrics`.
+async fn machinery_rates_with(tasks: usize, redis: bool, metrics: bool) -> (f64, f64, Duration) {
+    let (send, drain, ready, _) = machinery_rates_cpu(tasks, redis, metrics).await;
+    (send, drain, ready)
+}
+
+/// The CPU time this process's live threads have run so far, in seconds: the sum of each
+/// thread's run time in `/proc/self/task/*/schedstat` (nanoseconds; `/proc/self/stat` counts in
+/// ticks of 10 ms, too coarse for a drain of a second).
+fn cpu_seconds() -> f64 {
+    let Ok(threads) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let nanos: u64 = threads
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum();
+    nanos as f64 / 1e9
+}
+
+/// [`machinery_rates_with`], and the CPU seconds the process spent during the drain.
+async fn machinery_rates_cpu(
+    tasks: usize,
+    redis: bool,
+    metrics: bool,
+) -> (f64, f64, Duration, f64) {
     let config = config(if redis { "redis" } else { "plain" }, redis);
     let server = Server::new(config.clone()).await.expect("server");
     let started = Instant::now();
@@ -165,19 +208,24 @@ async fn machinery_rates(tasks: usize, redis: bool) -> (f64, f64, Duration) {
     tokio::pin!(finished);
     finished.as_mut().enable();
     let ready_started = Instant::now();
-    let worker = server
-        .worker()
-        .concurrency(256)
-        .spawn()
-        .await
-        .expect("worker");
+    let mut builder = server.worker().concurrency(256);
+    // `BENCH_SUCCESS_INFO=1`: the `task succeeded` event at INFO (default DEBUG).
+    if std::env::var("BENCH_SUCCESS_INFO").is_ok() {
+        builder = builder.success_level(tracing::Level::INFO);
+    }
+    if metrics {
+        builder = builder.metrics_addr("127.0.0.1:0".parse().expect("address"));
+    }
+    let worker = builder.spawn().await.expect("worker");
     let ready = ready_started.elapsed();
     let started = Instant::now();
+    let cpu_before = cpu_seconds();
     finished.await;
     let drain = tasks as f64 / started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
     worker.shutdown().await.expect("shutdown");
     cleanup(&config).await;
-    (send, drain, ready)
+    (send, drain, ready, cpu)
 }
 
 async fn cleanup(config: &Config) {
@@ -228,6 +276,30 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("rss-worker") {
         rss_worker(&args[2]).await;
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("drain-child") {
+        let on = args[2] == "on";
+        let tasks: usize = args[3].parse().expect("tasks");
+        // For a breakdown: `BENCH_OBS=spans` or `BENCH_OBS=metrics` turns on only that part.
+        let part = std::env::var("BENCH_OBS").unwrap_or_default();
+        let (spans, metrics) = (on && part != "metrics", on && part != "spans");
+        if spans {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_subscriber::filter::LevelFilter::INFO)
+                .with(tracing_subscriber::fmt::layer().with_writer(std::io::sink));
+            tracing::subscriber::set_global_default(subscriber).expect("subscriber");
+        }
+        let (_, drain, _, cpu) = machinery_rates_cpu(tasks, false, metrics).await;
+        println!("drain={drain}");
+        println!("cpu_us_per_task={}", cpu * 1e6 / tasks as f64);
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("obs") {
+        let tasks: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+        let rounds: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(3);
+        observability_overhead(tasks, rounds).await;
         return;
     }
     let tasks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50_000);
@@ -286,4 +358,84 @@ async fn main() {
         rss as f64 / 1024.0
     );
     cleanup(&config).await;
+}
+
+/// Runs `drain-child on|off` in a fresh process; its drain rate and CPU µs per task.
+fn drain_child(on: bool, tasks: usize) -> (f64, f64) {
+    let out = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "drain-child",
+            if on { "on" } else { "off" },
+            &tasks.to_string(),
+        ])
+        .output()
+        .expect("drain child");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |key: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}: {text} {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    (value("drain="), value("cpu_us_per_task="))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The drain with spans + metrics off and on, interleaved, medians of `rounds` (3 by default).
+async fn observability_overhead(tasks: usize, rounds: usize) {
+    let payload = noop::signature(1).as_wire().to_json().expect("encode");
+    let (mut raws, mut offs, mut ons) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_offs, mut cpu_ons) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let (_, raw_consume) = raw(tasks, &payload).await;
+        let (off, cpu_off) = drain_child(false, tasks);
+        let (on, cpu_on) = drain_child(true, tasks);
+        println!(
+            "round {round}: raw consume {raw_consume:>8.0} msg/s, drain off {off:>8.0} tasks/s ({cpu_off:.1} CPU us/task), on {on:>8.0} tasks/s ({cpu_on:.1} CPU us/task)"
+        );
+        raws.push(raw_consume);
+        offs.push(off);
+        ons.push(on);
+        cpu_offs.push(cpu_off);
+        cpu_ons.push(cpu_on);
+    }
+    // Each round's off and on run back to back, under the same load from other processes: the
+    // median of the per-round ratios is steadier than the ratio of the medians.
+    let pair_ratio = median(ons.iter().zip(&offs).map(|(on, off)| on / off).collect());
+    let pair_cpu = median(
+        cpu_ons
+            .iter()
+            .zip(&cpu_offs)
+            .map(|(on, off)| on / off)
+            .collect(),
+    );
+    let (raw, off, on) = (median(raws), median(offs), median(ons));
+    let (cpu_off, cpu_on) = (median(cpu_offs), median(cpu_ons));
+    println!("medians of {rounds}, {tasks} tasks, no result backend:");
+    println!("raw lapin consume:                        {raw:>8.0} msg/s");
+    println!(
+        "drain, spans + metrics off:               {off:>8.0} tasks/s  = {:.2}x raw consume",
+        off / raw
+    );
+    println!(
+        "drain, spans (INFO) + metrics on:         {on:>8.0} tasks/s  = {:.2}x raw consume",
+        on / raw
+    );
+    println!(
+        "on / off: {:.3}  (overhead {:.1}%, target < 5%)",
+        on / off,
+        (1.0 - on / off) * 100.0
+    );
+    println!(
+        "worker CPU per task: off {cpu_off:.1} us, on {cpu_on:.1} us  (+{:.1}%; the load of other processes does not enter it)",
+        (cpu_on / cpu_off - 1.0) * 100.0
+    );
+    println!(
+        "median of the per-round ratios: drain on/off {pair_ratio:.3} (overhead {:.1}%), CPU per task on/off {pair_cpu:.3}",
+        (1.0 - pair_ratio) * 100.0
+    );
 }

@@ -29,7 +29,12 @@ async fn run(tasks: usize, registry: Option<&str>) -> f64 {
         None => config.registry.enabled = false,
     }
     let server = Server::new(config).await.expect("server");
-    let worker = server.worker().concurrency(64).spawn().await.expect("worker");
+    let worker = server
+        .worker()
+        .concurrency(64)
+        .spawn()
+        .await
+        .expect("worker");
     let started = Instant::now();
     let mut handles = Vec::with_capacity(tasks);
     for chunk in (0..tasks).collect::<Vec<_>>().chunks(1000) {
@@ -40,7 +45,10 @@ async fn run(tasks: usize, registry: Option<&str>) -> f64 {
         handles.extend(server.send_all(sigs).await.expect("send"));
     }
     for handle in handles {
-        handle.get_timeout(Duration::from_secs(120)).await.expect("result");
+        handle
+            .get_timeout(Duration::from_secs(120))
+            .await
+            .expect("result");
     }
     let secs = started.elapsed().as_secs_f64();
     worker.shutdown().await.expect("shutdown");

@@ -101,6 +101,10 @@ pub struct Config {
     /// operators (machinery's own `REGISTRY*` and `RECENT_*` variables); see
     /// [`RegistryConfig`].
     pub registry: RegistryConfig,
+    /// Where each worker serves its Prometheus metrics on `/metrics` (`METRICS_ADDR`, such as
+    /// `127.0.0.1:9090`; default none: no listener). Needs the `metrics` feature; see the
+    /// README's "Operate it" for the metrics.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The longest `results_expire_in` accepted: 100 years.
@@ -153,6 +157,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             revoke_poll: Duration::from_secs(1),
             registry: RegistryConfig::default(),
+            metrics_addr: None,
         }
     }
 }
@@ -186,7 +191,7 @@ impl Config {
     /// `AMQP_QUEUE_DECLARE_ARGS`, `AMQP_QUEUE_BINDING_ARGS`, `NO_UNIX_SIGNALS`, and
     /// machinery's own `MAX_MESSAGE_SIZE`, `ETA_TOLERANCE_MS`, `REQUEUE_DELAY_MS`,
     /// `RECONNECT_TIMEOUT_MS`, `MAX_DELIVERIES`, `MAX_INFLIGHT_BYTES`,
-    /// `STORE_RETRY_TIMEOUT_MS`; and Go's `LOCK` (the lock of periodic tasks),
+    /// `STORE_RETRY_TIMEOUT_MS`, `METRICS_ADDR`; and Go's `LOCK` (the lock of periodic tasks),
     /// `MULTIPLE_BROKEN_SEPARATOR`, `AMQP_AUTO_DELETE`, `AMQP_DELAYED_QUEUE` and `REDIS_*` (see
     /// [`RedisConfig`]).
     pub fn from_env() -> Result<Config> {
@@ -256,6 +261,13 @@ impl Config {
         }
         if let Some(v) = parsed(&lookup, "REVOKE_POLL_MS")? {
             c.revoke_poll = Duration::from_millis(v);
+        }
+        if let Some(v) = lookup("METRICS_ADDR").filter(|v| !v.trim().is_empty()) {
+            c.metrics_addr = Some(v.trim().parse().map_err(|e| {
+                Error::config(format!(
+                    "METRICS_ADDR={v:?} is not an address such as 127.0.0.1:9090: {e}"
+                ))
+            })?);
         }
         if let Some(v) = lookup("NO_UNIX_SIGNALS") {
             c.no_unix_signals = parse_bool("NO_UNIX_SIGNALS", &v)?;
@@ -677,6 +689,7 @@ impl fmt::Debug for Config {
             .field("redis", &self.redis)
             .field("revoke_poll", &self.revoke_poll)
             .field("registry", &self.registry)
+            .field("metrics_addr", &self.metrics_addr)
             .finish()
     }
 }
@@ -761,6 +774,8 @@ impl ConfigBuilder {
         store_retry_timeout: Duration => store_retry_timeout;
         /// How often a worker looks for revoked tasks among those it runs (`0`: never).
         revoke_poll: Duration => revoke_poll;
+        /// Where workers serve their Prometheus metrics (`METRICS_ADDR`).
+        metrics_addr: Option<std::net::SocketAddr> => metrics_addr;
     }
 
     /// The lock URL of periodic tasks (Go's `lock`): `redis://[password@]host[:port]`, or

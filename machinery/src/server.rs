@@ -364,6 +364,8 @@ impl Server {
         if signature.routing_key.is_empty() {
             signature.routing_key = self.routing_key(&signature);
         }
+        // W3C trace context: a new trace, or a child of the task that sends it.
+        crate::worker::inject_trace_context(&mut signature);
         let body = signature.to_json()?;
         if body.len() > self.inner.config.max_message_size {
             return Err(Error::encode(format!(

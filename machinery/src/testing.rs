@@ -362,9 +362,10 @@ impl ResultBackend for FaultyBackend {
         group_uuid: &str,
         group_task_count: usize,
         state: &TaskState,
+        again: bool,
     ) -> Result<()> {
         self.inner
-            .mark_group_member(group_uuid, group_task_count, state)
+            .mark_group_member(group_uuid, group_task_count, state, again)
             .await
     }
 }
@@ -449,6 +450,14 @@ impl Broker for FaultyBroker {
 
     fn validate(&self, message: &Message) -> Result<()> {
         self.inner.validate(message)
+    }
+
+    async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
+        self.inner.queue_depth(queue).await
+    }
+
+    fn reconnects(&self) -> u64 {
+        self.inner.reconnects()
     }
 
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>> {

@@ -761,6 +761,42 @@ async fn quorum_queue_redeliveries_carry_their_count() {
     cleanup(&config).await;
 }
 
+#[tokio::test]
+async fn each_unroutable_message_of_a_window_fails_itself() {
+    // RabbitMQ acknowledges a run of publishes at once (`multiple`), and lapin hands a returned
+    // message to whichever confirm of the run it completes first: each return must still be
+    // reported for the message that was returned, and no other.
+    let config = unique_config("returns");
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    let key = config.amqp.binding_key.clone();
+    let (_c, channel) = raw_channel().await;
+    let unroutable = |i: usize| i % 37 == 5;
+    let messages: Vec<Message> = (0..3000)
+        .map(|i| {
+            let body = format!("{{\"n\":{i}}}").into_bytes();
+            if unroutable(i) {
+                Message::new(format!("nobody_listens_{i}"), body)
+            } else {
+                Message::new(key.clone(), body)
+            }
+        })
+        .collect();
+    let outcomes = broker.publish_many(messages).await;
+    let wrong: Vec<usize> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(i, outcome)| match outcome {
+            Err(e) => !unroutable(*i) || e.kind() != ErrorKind::Rejected,
+            Ok(()) => unroutable(*i),
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert!(wrong.is_empty(), "misreported: {wrong:?}");
+    let routed = (0..3000).filter(|i| !unroutable(*i)).count() as u32;
+    assert_eq!(queue_depth(&channel, &config.default_queue).await, routed);
+    cleanup(&config).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn publish_many_reports_each_message() {
     // One outcome per message, in order: the ones the broker cannot take fail alone, in any

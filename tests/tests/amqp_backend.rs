@@ -515,3 +515,61 @@ async fn drain_rate_against_redis_results() {
         cleanup(&config).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_more_than_a_thousand_members_is_counted_once_each() {
+    // Each member's final state goes to the group's queue (Go's markTaskCompleted) without
+    // reading the queue first; only a redelivered member reads it, so that it is not counted
+    // twice. Reading it on every finish bounded groups to 1,000 members, and cost N² reads.
+    let config = config("ab_big", 600);
+    let server = Server::new(config.clone()).await.unwrap();
+    let worker = server.worker().concurrency(32).spawn().await.unwrap();
+    let n = 1_200;
+    let group = Group::new((0..n).map(|i| add::signature(vec![i, 1])));
+    let r = server.send_group(group).await.unwrap();
+    // Not `r.get()`: waiting on 1,200 members at once opens a channel per read and reaches
+    // the connection's channel limit (a known limit of this backend, see the README).
+    let backend = AmqpBackend::connect(&config).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !backend
+        .group_completed(r.group_uuid(), n as usize)
+        .await
+        .unwrap()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the group queue never held {n} states"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let uuids: Vec<String> = r
+        .members()
+        .iter()
+        .map(|m| m.task_uuid().to_owned())
+        .collect();
+    for state in backend.get_states(&uuids).await.unwrap() {
+        assert_eq!(state.unwrap().state, State::Success);
+    }
+    // A redelivered member marks again: it finds itself and adds nothing.
+    let member = TaskState::new(r.members()[7].task_uuid(), State::Success);
+    backend
+        .mark_group_member(r.group_uuid(), n as usize, &member, true)
+        .await
+        .unwrap();
+    // The check held the queue's messages for a moment (a reader counting then sees fewer):
+    // once they are back, the count is the same.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !backend
+        .group_completed(r.group_uuid(), n as usize)
+        .await
+        .unwrap()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "counted twice, or lost"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.shutdown().await.unwrap();
+    backend.purge_group_meta(r.group_uuid()).await.unwrap();
+}

@@ -1397,6 +1397,106 @@ async fn concurrent_writers_never_undo_a_final_state() {
     }
 }
 
+/// Single writes made at the same time (a worker's tasks each recording STARTED, then SUCCESS)
+/// share runs of the write script, as a worker's acknowledgements share frames; each still
+/// gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_writes_share_script_runs() {
+    let redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let ids: Vec<String> = (0..400).map(|_| task_uuid()).collect();
+    b.set_states(ids.iter().map(|id| pending(id)).collect())
+        .await
+        .unwrap();
+
+    let started = futures_util::future::join_all(
+        ids.iter()
+            .map(|id| b.transition(TaskState::new(id, State::Started))),
+    );
+    let (previous, commands) = commands_during(&redis, started).await;
+    for p in previous {
+        assert_eq!(p.unwrap().unwrap().state, State::Pending);
+    }
+    let runs = commands.get("evalsha").copied().unwrap_or(0);
+    assert!(
+        runs <= 40,
+        "400 transitions took {runs} script runs: {commands:?}"
+    );
+    assert_eq!(commands.get("set").copied(), Some(400), "{commands:?}");
+
+    // A mix of transitions and plain writes, each with its own outcome: a refused one refused.
+    b.set_state(success(&ids[0])).await.unwrap();
+    let mixed = futures_util::future::join_all(ids.iter().enumerate().map(|(i, id)| {
+        let b = &b;
+        async move {
+            if i % 2 == 0 {
+                b.transition(success(id)).await.map(|p| p.map(|p| p.state))
+            } else {
+                b.set_state(success(id)).await.map(|()| None)
+            }
+        }
+    }));
+    let (outcomes, commands) = commands_during(&redis, mixed).await;
+    assert_eq!(outcomes[0].as_ref().unwrap(), &Some(State::Success));
+    for (i, outcome) in outcomes.iter().enumerate().skip(1) {
+        let expected = (i % 2 == 0).then_some(State::Started);
+        assert_eq!(outcome.as_ref().unwrap(), &expected, "write {i}");
+    }
+    let runs = commands.get("evalsha").copied().unwrap_or(0);
+    assert!(
+        runs <= 40,
+        "400 writes took {runs} script runs: {commands:?}"
+    );
+    for state in b.get_states(&ids).await.unwrap() {
+        assert_eq!(state.unwrap().state, State::Success);
+    }
+}
+
+/// Writes queue behind those in flight; when a write in flight is abandoned (its caller
+/// dropped it), the queued ones are still written and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_queued_behind_an_abandoned_write_are_still_made() {
+    use std::future::Future;
+    let redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let ids: Vec<String> = (0..52).map(|_| task_uuid()).collect();
+    b.set_states(ids.iter().map(|id| pending(id)).collect())
+        .await
+        .unwrap();
+
+    // Two writes in flight, polled once and then left alone: the queue's room is taken.
+    let mut first = Box::pin(b.transition(TaskState::new(&ids[0], State::Started)));
+    let mut second = Box::pin(b.transition(TaskState::new(&ids[1], State::Started)));
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    assert!(second.as_mut().poll(&mut cx).is_pending());
+
+    let queued: Vec<_> = ids[2..]
+        .iter()
+        .map(|id| {
+            let b = b.clone();
+            let id = id.clone();
+            tokio::spawn(async move { b.transition(TaskState::new(&id, State::Started)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(queued.iter().all(|q| !q.is_finished()), "the writes queue");
+
+    drop((first, second));
+    for q in queued {
+        let previous = tokio::time::timeout(Duration::from_secs(5), q)
+            .await
+            .expect("a queued write is answered")
+            .unwrap()
+            .unwrap();
+        assert_eq!(previous.unwrap().state, State::Pending);
+    }
+    for state in b.get_states(&ids[2..]).await.unwrap() {
+        assert_eq!(state.unwrap().state, State::Started);
+    }
+}
+
 #[tokio::test]
 async fn writes_are_one_round_trip() {
     let redis = common::PrivateRedis::start();

@@ -658,3 +658,43 @@ async fn shutdown_gives_back_messages_taken_but_not_handed_out() {
     worker.shutdown().await.unwrap();
     cleanup(&config).await;
 }
+
+/// The worker drops a waiting `next()` when a call wants its slot back (a rate limit that
+/// waits): messages whose take was on the wire then are handed out by the next `next()`, not
+/// stranded in the processing list until the worker stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_take_cut_short_by_a_dropped_next_is_not_stranded() {
+    use std::future::Future;
+    let config = config("cut");
+    let q = config.default_queue.clone();
+    let raw = broker(&config).await;
+    let mut consumer = raw.consume(&q, 4).await.unwrap();
+    raw.push_raw(&q, b"m1".to_vec()).await.unwrap();
+    {
+        let mut next = Box::pin(consumer.next());
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(
+            next.as_mut().poll(&mut cx).is_pending(),
+            "the take is on the wire"
+        );
+    }
+    // The take ran: the message is in this consumer's processing list.
+    let deadline = Instant::now() + WAIT;
+    while raw.depth(&q).await.unwrap() != (0, 1) {
+        assert!(Instant::now() < deadline, "the take never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+        .await
+        .expect("the taken message is handed out")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&delivery.body()[..], b"m1");
+    assert_eq!(delivery.delivery_count(), Some(0));
+    delivery.ack().await.unwrap();
+    assert_eq!(raw.depth(&q).await.unwrap(), (0, 0));
+    consumer.cancel().await.unwrap();
+    consumer.close().await.unwrap();
+    cleanup(&config).await;
+}

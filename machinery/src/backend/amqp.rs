@@ -263,23 +263,35 @@ impl AmqpBackend {
     /// does, unless a state of that task is there already (so a redelivery does not count it
     /// twice). Go's [`group_completed`](Self::group_completed) counts these messages.
     ///
+    /// This reads the group's queue (up to `group_task_count` and 1,000 more messages) under
+    /// the group's lock; a worker does so only for a member that may have been recorded
+    /// before, and otherwise only publishes (see
+    /// [`mark_group_member`](ResultBackend::mark_group_member)).
+    ///
     /// ```no_run
     /// # async fn f(backend: machinery::backend::amqp::AmqpBackend) -> machinery::Result<()> {
     /// use machinery::wire::{State, TaskState};
-    /// backend.mark_completed("group_1", &TaskState::new("task_1", State::Success)).await?;
+    /// backend.mark_completed("group_1", 2, &TaskState::new("task_1", State::Success)).await?;
     /// assert!(!backend.group_completed("group_1", 2).await?);
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn mark_completed(&self, group_uuid: &str, state: &TaskState) -> Result<()> {
+    pub async fn mark_completed(
+        &self,
+        group_uuid: &str,
+        group_task_count: usize,
+        state: &TaskState,
+    ) -> Result<()> {
         let inner = &self.inner;
         inner
             .bounded("record a group member", async {
                 let queue = queue_name("group queue", group_uuid)?;
                 let locked = inner.lock(group_uuid).await?;
                 inner.declare_result_queue(&locked.channel, &queue).await?;
-                let taken: Taken<TaskState> =
-                    inner.take_all(&locked.channel, &queue, false).await?;
+                let limit = group_task_count.saturating_add(MAX_MESSAGES);
+                let taken: Taken<TaskState> = inner
+                    .take_all(&locked.channel, &queue, false, limit)
+                    .await?;
                 if !taken
                     .items
                     .iter()
@@ -294,6 +306,24 @@ impl AmqpBackend {
                     .give_back(&locked.channel, &queue, taken.last_tag)
                     .await;
                 locked.release().await;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Publishes a group member's final state to the group's queue, as Go's
+    /// `markTaskCompleted` does (no read, no lock).
+    async fn publish_member(&self, group_uuid: &str, state: &TaskState) -> Result<()> {
+        let inner = &self.inner;
+        inner
+            .bounded("record a group member", async {
+                let queue = queue_name("group queue", group_uuid)?;
+                let channel = inner.channel().await?;
+                inner.declare_result_queue(&channel, &queue).await?;
+                inner
+                    .publish(&channel, &queue, &encode_state(state)?)
+                    .await?;
+                let _ = channel.close(200, "done".into()).await;
                 Ok(())
             })
             .await
@@ -617,12 +647,13 @@ impl Inner {
         channel: &Channel,
         queue: &ShortString,
         missing_is_empty: bool,
+        limit: usize,
     ) -> Result<Taken<T>> {
         let mut taken = Taken {
             items: Vec::new(),
             last_tag: None,
         };
-        for _ in 0..MAX_MESSAGES {
+        for _ in 0..limit {
             let got = match channel
                 .basic_get(queue.clone(), BasicGetOptions { no_ack: false })
                 .await
@@ -661,7 +692,7 @@ impl Inner {
         }
         Err(Error::new(
             ErrorKind::Backend,
-            format!("the result queue `{queue}` holds more than {MAX_MESSAGES} messages"),
+            format!("the result queue `{queue}` holds more than {limit} messages"),
         ))
     }
 
@@ -761,7 +792,9 @@ impl Inner {
         let queue = queue_name("task UUID", &state.task_uuid)?;
         let locked = self.lock(&state.task_uuid).await?;
         self.declare_result_queue(&locked.channel, &queue).await?;
-        let taken: Taken<TaskState> = self.take_all(&locked.channel, &queue, false).await?;
+        let taken: Taken<TaskState> = self
+            .take_all(&locked.channel, &queue, false, MAX_MESSAGES)
+            .await?;
         let previous = latest(&taken.items);
         if allowed(previous.as_ref(), &state) {
             let mut state = state;
@@ -791,7 +824,9 @@ impl Inner {
         let locked = self.lock(task_uuid).await?;
         // A read never creates the queue: `basic.get` on a missing one is no state (the
         // broker closes the channel, and the lock with it).
-        let taken: Taken<TaskState> = self.take_all(&locked.channel, &queue, true).await?;
+        let taken: Taken<TaskState> = self
+            .take_all(&locked.channel, &queue, true, MAX_MESSAGES)
+            .await?;
         self.give_back(&locked.channel, &queue, taken.last_tag)
             .await;
         locked.release().await;
@@ -926,7 +961,9 @@ impl ResultBackend for AmqpBackend {
                 if !inner.exists_on(&locked.channel, &queue).await? {
                     return Ok(None);
                 }
-                let taken: Taken<GroupMeta> = inner.take_all(&locked.channel, &queue, true).await?;
+                let taken: Taken<GroupMeta> = inner
+                    .take_all(&locked.channel, &queue, true, MAX_MESSAGES)
+                    .await?;
                 inner
                     .give_back(&locked.channel, &queue, taken.last_tag)
                     .await;
@@ -942,18 +979,26 @@ impl ResultBackend for AmqpBackend {
             .await
     }
 
-    /// Go's `markTaskCompleted`: see [`AmqpBackend::mark_completed`]. Like Go, only for a
-    /// signature with a group UUID and a `GroupTaskCount`.
+    /// Go's `markTaskCompleted`: the member's final state is published to the group's queue.
+    /// `again` (a redelivery): first checked against the queue, see
+    /// [`AmqpBackend::mark_completed`]. Like Go, only for a signature with a group UUID and a
+    /// `GroupTaskCount`.
     async fn mark_group_member(
         &self,
         group_uuid: &str,
         group_task_count: usize,
         state: &TaskState,
+        again: bool,
     ) -> Result<()> {
         if group_uuid.is_empty() || group_task_count == 0 || !state.state.is_final() {
             return Ok(());
         }
-        self.mark_completed(group_uuid, state).await
+        if again {
+            self.mark_completed(group_uuid, group_task_count, state)
+                .await
+        } else {
+            self.publish_member(group_uuid, state).await
+        }
     }
 
     /// Declares Go's `<group UUID>_chord_triggered` queue if it does not exist, under a lock:

@@ -6,6 +6,8 @@ pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "redis")]
+mod redis_batch;
+#[cfg(feature = "redis")]
 pub(crate) mod redis_conn;
 
 use std::fmt;
@@ -149,8 +151,9 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     /// reached its final `state`, for backends that count a group's completion apart from the
     /// member states. Go's AMQP backend does (`markTaskCompleted`, whose queue Go's
     /// `GroupCompleted` counts); the default does nothing, since the other backends read the
-    /// members' states. A worker calls it after recording the state, and again on a
-    /// redelivery of a finished member, so it must not count one member twice.
+    /// members' states. A worker calls it after recording the state, with `again` false, and
+    /// on a redelivery of a finished member with `again` true: the member may have been
+    /// recorded already, and must not be counted twice.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -159,7 +162,8 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     /// use machinery::wire::{State, TaskState};
     ///
     /// let backend = MemoryBackend::open("mark-docs", std::time::Duration::from_secs(60));
-    /// backend.mark_group_member("group_1", 2, &TaskState::new("task_1", State::Success)).await?;
+    /// let member = TaskState::new("task_1", State::Success);
+    /// backend.mark_group_member("group_1", 2, &member, false).await?;
     /// # Ok(())
     /// # }
     /// ```
@@ -168,8 +172,9 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
         group_uuid: &str,
         group_task_count: usize,
         state: &TaskState,
+        again: bool,
     ) -> Result<()> {
-        let _ = (group_uuid, group_task_count, state);
+        let _ = (group_uuid, group_task_count, state, again);
         Ok(())
     }
 }

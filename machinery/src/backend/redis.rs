@@ -59,6 +59,11 @@
 //! exactly those of the wire format. A stored value that is not a JSON object, or whose
 //! `State` is none of the six, counts as no record: it is replaced, as Go replaces it.
 //!
+//! Single writes ([`set_state`](ResultBackend::set_state), [`transition`](ResultBackend::transition))
+//! made at the same time, by the tasks a worker runs at once, share runs of the script: at
+//! most two writes or batches are in flight per backend (and its clones), and the writes made
+//! meanwhile go together in the next run, each with its own answer.
+//!
 //! # Waiting
 //!
 //! Redis has no change notification that Go writers trigger, so
@@ -79,6 +84,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
+use super::redis_batch::Batcher;
 use super::redis_conn::{log_target, RedisConn, RedisTarget};
 use super::{is_revoked, revoked_over, revoked_state, timeout, ResultBackend};
 use crate::config::RedisConfig;
@@ -228,6 +234,8 @@ pub struct RedisBackend {
     trigger_chord_script: Script,
     /// Everyone waiting in [`wait_final`](ResultBackend::wait_final), shared by clones.
     waiters: Arc<Waiters>,
+    /// Single state writes waiting to share a script run, shared by clones.
+    batcher: Arc<Batcher>,
 }
 
 impl RedisBackend {
@@ -282,6 +290,7 @@ impl RedisBackend {
             write_states_script: Script::new(WRITE_STATES_LUA),
             trigger_chord_script: Script::new(TRIGGER_CHORD_LUA),
             waiters: Arc::default(),
+            batcher: Arc::default(),
         })
     }
 
@@ -327,6 +336,20 @@ impl RedisBackend {
         keep: bool,
         what: &str,
     ) -> Result<Vec<redis::Value>> {
+        let encoded = states
+            .iter()
+            .map(Encoded::new)
+            .collect::<Result<Vec<_>>>()?;
+        self.write_encoded(&encoded, keep, what).await
+    }
+
+    /// [`write_states`](Self::write_states) of states already encoded.
+    pub(super) async fn write_encoded(
+        &self,
+        states: &[Encoded],
+        keep: bool,
+        what: &str,
+    ) -> Result<Vec<redis::Value>> {
         if states.is_empty() {
             return Ok(Vec::new());
         }
@@ -337,28 +360,18 @@ impl RedisBackend {
                 .arg(self.write_states_script.get_hash())
                 .arg(chunk.len());
             for state in chunk {
-                cmd.arg(&state.task_uuid);
+                cmd.arg(&state.uuid);
             }
             cmd.arg(self.expiry_secs).arg(if keep { "1" } else { "0" });
             for state in chunk {
-                let p = Pieces::new(state)?;
-                let carry = match (state.task_name.is_empty(), state.created_at.is_zero()) {
-                    (true, true) => "11",
-                    (true, false) => "10",
-                    (false, true) => "01",
-                    (false, false) => "00",
-                };
-                cmd.arg(p.head)
-                    .arg(p.name)
-                    .arg(p.mid)
-                    .arg(p.created)
-                    .arg(p.tail)
-                    .arg(if is_revoked(state) {
-                        "REVOKED"
-                    } else {
-                        state.state.as_str()
-                    })
-                    .arg(carry);
+                let p = &state.pieces;
+                cmd.arg(&p.head)
+                    .arg(&p.name)
+                    .arg(&p.mid)
+                    .arg(&p.created)
+                    .arg(&p.tail)
+                    .arg(state.next)
+                    .arg(state.carry);
             }
         }
         let mut conn = self.conn.clone();
@@ -424,7 +437,7 @@ impl RedisBackend {
         }
     }
 
-    fn unexpected_reply(&self, what: &str) -> Error {
+    pub(super) fn unexpected_reply(&self, what: &str) -> Error {
         Error::new(
             ErrorKind::Backend,
             format!("Redis at {}: cannot {what}: unexpected reply", self.display),
@@ -884,9 +897,11 @@ impl fmt::Debug for RedisBackend {
 
 #[async_trait]
 impl ResultBackend for RedisBackend {
-    /// One run of the guarded write script (see the [module docs](self)): one round trip.
+    /// The guarded write script (see the [module docs](self)), in a run shared with the
+    /// writes made at the same time by other tasks: one round trip.
     async fn set_state(&self, state: TaskState) -> Result<()> {
-        self.write_states(std::slice::from_ref(&state), false, "store task state")
+        self.batcher
+            .write(self, Encoded::new(&state)?)
             .await
             .map(drop)
     }
@@ -899,20 +914,13 @@ impl ResultBackend for RedisBackend {
             .map(drop)
     }
 
-    /// The guarded write script, which also returns the stored record: one round trip. A
+    /// The guarded write script, which also returns the stored record, in a run shared with
+    /// the writes made at the same time by other tasks: one round trip. A
     /// stored record that the script counted as no record (not JSON, an unknown state) is
     /// returned as `None`; one whose state it read but which does not decode as a state is
     /// returned with only its UUID and state.
     async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let mut replies = self
-            .write_states(std::slice::from_ref(&state), true, "record task state")
-            .await?
-            .into_iter();
-        let (Some(written), Some(old), Some(stored)) =
-            (replies.next(), replies.next(), replies.next())
-        else {
-            return Err(self.unexpected_reply("record task state"));
-        };
+        let [written, old, stored] = self.batcher.write(self, Encoded::new(&state)?).await?;
         let uuid = &state.task_uuid;
         let previous = self.previous(uuid, old, stored, "record task state")?;
         if written == redis::Value::Int(0) {
@@ -1104,6 +1112,37 @@ impl Pieces {
             ),
             created: json(uuid, &state.created_at)?,
             tail: format!(",\"TTL\":{}}}", state.ttl),
+        })
+    }
+}
+
+/// A state ready for [`WRITE_STATES_LUA`]: its key, its pieces, the state name the guard
+/// reads and the carry flags.
+#[derive(Debug)]
+pub(super) struct Encoded {
+    uuid: String,
+    pieces: Pieces,
+    next: &'static str,
+    carry: &'static str,
+}
+
+impl Encoded {
+    pub(super) fn new(state: &TaskState) -> Result<Encoded> {
+        let carry = match (state.task_name.is_empty(), state.created_at.is_zero()) {
+            (true, true) => "11",
+            (true, false) => "10",
+            (false, true) => "01",
+            (false, false) => "00",
+        };
+        Ok(Encoded {
+            uuid: state.task_uuid.clone(),
+            pieces: Pieces::new(state)?,
+            next: if is_revoked(state) {
+                "REVOKED"
+            } else {
+                state.state.as_str()
+            },
+            carry,
         })
     }
 }

@@ -813,20 +813,39 @@ impl Inner {
 
     /// Waits for the confirm of a started publish.
     async fn confirmed(&self, link: &Link, started: Started, message: &Message) -> Attempt {
-        let confirmation = match started.confirm.await {
-            Ok(confirmation) => confirmation,
-            Err(e) => {
-                let err = self.broker_error("publisher confirm failed", e);
-                return if link_alive(link) {
-                    Attempt::Done(Err(err))
-                } else {
-                    // Lost with the connection or the channel: the broker may not have it.
-                    Attempt::Again(err)
-                };
+        let delay_queue = started.delay_queue.clone();
+        match self.confirmation(link, started).await {
+            Ok(confirmation) => self.resolve(confirmation, delay_queue, message),
+            Err(again) => again,
+        }
+    }
+
+    /// The confirm of a started publish, or the attempt's end when it never came.
+    async fn confirmation(
+        &self,
+        link: &Link,
+        started: Started,
+    ) -> std::result::Result<Confirmation, Attempt> {
+        started.confirm.await.map_err(|e| {
+            let err = self.broker_error("publisher confirm failed", e);
+            if link_alive(link) {
+                Attempt::Done(Err(err))
+            } else {
+                // Lost with the connection or the channel: the broker may not have it.
+                Attempt::Again(err)
             }
-        };
+        })
+    }
+
+    /// What a confirm means for `message`.
+    fn resolve(
+        &self,
+        confirmation: Confirmation,
+        delay_queue: Option<String>,
+        message: &Message,
+    ) -> Attempt {
         let outcome = self.check_confirmation(confirmation, &message.routing_key);
-        match (outcome, started.delay_queue) {
+        match (outcome, delay_queue) {
             (Err(e), Some(queue)) if e.kind() == ErrorKind::Rejected => {
                 // The delay queue was deleted since we declared it: declare it again.
                 lock(&self.declared).remove(&queue);
@@ -900,16 +919,61 @@ impl Inner {
                 Err(e) => started.push(Some(Err(e))),
             }
         }
+        // Every confirm first: lapin hands a returned (unroutable) message to whichever
+        // confirm of the acknowledged range it completes first, not always the confirm of the
+        // message returned (lapin 4 `Acknowledgements::complete_pending`, a `multiple` ack
+        // walks a HashMap). So returns are matched to the window's messages by body.
+        let mut confirms = Vec::with_capacity(window.len());
+        for start in started {
+            confirms.push(match start {
+                Some(Ok(started)) => {
+                    let delay_queue = started.delay_queue.clone();
+                    Some(Ok((self.confirmation(link, started).await, delay_queue)))
+                }
+                Some(Err(e)) => Some(Err(e)),
+                None => None,
+            });
+        }
+        let mut returned = Vec::new();
+        for (carrier, confirm) in confirms.iter_mut().enumerate() {
+            if let Some(Ok((Ok(Confirmation::Ack(carried)), _))) = confirm {
+                if let Some(message) = carried.take() {
+                    returned.push((carrier, message));
+                }
+            }
+        }
+        let mut owner: Vec<Option<usize>> = vec![None; returned.len()];
+        for (at, message) in window.iter().enumerate() {
+            let free = returned.iter().enumerate().position(|(r, (_, back))| {
+                owner[r].is_none() && back.delivery.data[..] == message.body[..]
+            });
+            if let Some(r) = free {
+                owner[r] = Some(at);
+            }
+        }
+        for ((carrier, message), owner) in returned.into_iter().zip(owner) {
+            // One that matches no message stays with the confirm that carried it.
+            let at = owner.unwrap_or(carrier);
+            if let Some(Some(Ok((Ok(Confirmation::Ack(slot)), _)))) = confirms.get_mut(at) {
+                *slot = Some(message);
+            }
+        }
         let mut outcomes = Vec::with_capacity(window.len());
-        for (message, start) in window.iter().zip(started) {
-            let outcome = match start {
-                Some(Ok(started)) => match self.confirmed(link, started, message).await {
-                    Attempt::Done(outcome) => outcome,
-                    Attempt::Again(e) => {
-                        debug!(error = %e.message(), "publishing again");
-                        self.publish_one(message).await
+        for (message, confirm) in window.iter().zip(confirms) {
+            let outcome = match confirm {
+                Some(Ok((confirmation, delay_queue))) => {
+                    let attempt = match confirmation {
+                        Ok(confirmation) => self.resolve(confirmation, delay_queue, message),
+                        Err(attempt) => attempt,
+                    };
+                    match attempt {
+                        Attempt::Done(outcome) => outcome,
+                        Attempt::Again(e) => {
+                            debug!(error = %e.message(), "publishing again");
+                            self.publish_one(message).await
+                        }
                     }
-                },
+                }
                 Some(Err(e)) => Err(e),
                 None => self.publish_one(message).await,
             };
@@ -1027,6 +1091,39 @@ impl fmt::Debug for AmqpBroker {
 impl Broker for AmqpBroker {
     fn default_routing_key(&self) -> &str {
         &self.inner.default_routing_key
+    }
+
+    /// A passive declare's message count, on a channel of its own (a missing queue closes
+    /// the channel that asked).
+    async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
+        let name = short("queue name", queue)?;
+        let link = self.inner.link().await?;
+        let channel = link.connection.create_channel().await.map_err(|e| {
+            self.inner
+                .broker_error("cannot open a channel to read a queue's depth", e)
+        })?;
+        let declared = channel
+            .queue_declare(
+                name,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "depth read".into()).await;
+        }
+        let declared = declared.map_err(|e| {
+            self.inner
+                .broker_error(&format!("cannot read the depth of queue `{queue}`"), e)
+        })?;
+        Ok(Some(u64::from(declared.message_count())))
+    }
+
+    fn reconnects(&self) -> u64 {
+        AmqpBroker::reconnects(self)
     }
 
     async fn publish(&self, message: Message) -> Result<()> {

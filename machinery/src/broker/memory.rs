@@ -228,6 +228,11 @@ impl Broker for MemoryBroker {
         &self.default_routing_key
     }
 
+    /// The messages ready in the queue.
+    async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
+        Ok(Some(u64::try_from(self.depth(queue).0).unwrap_or(u64::MAX)))
+    }
+
     async fn publish(&self, message: Message) -> Result<()> {
         match message.delay {
             Some(delay) if !delay.is_zero() => {

@@ -89,6 +89,29 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
 
     /// Starts consuming `queue` with at most `prefetch` unsettled deliveries at a time.
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Box<dyn Consumer>>;
+
+    /// How many messages wait in `queue`, as the broker reports it: RabbitMQ's count from a
+    /// passive declare, the Redis list's length, the embedded queue's length. `None`: this
+    /// broker cannot say. Workers sample it for their `machinery_queue_depth` metric.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// use machinery::broker::{memory::MemoryBroker, Broker};
+    /// let broker = MemoryBroker::open("depth-docs", "machinery_tasks", "machinery_task");
+    /// broker.push_raw("machinery_tasks", &b"{}"[..]);
+    /// assert_eq!(broker.queue_depth("machinery_tasks").await?, Some(1));
+    /// # Ok(()) }
+    /// ```
+    async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
+        let _ = queue;
+        Ok(None)
+    }
+
+    /// How many times the broker had to open its connection again since it was opened.
+    fn reconnects(&self) -> u64 {
+        0
+    }
 }
 
 /// A stream of deliveries from one queue.

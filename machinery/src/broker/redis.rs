@@ -664,6 +664,15 @@ impl Broker for RedisBroker {
         &self.shared.default_queue
     }
 
+    /// The queue list's length (`LLEN`).
+    async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
+        let ready: u64 = self
+            .shared
+            .query(redis::cmd("LLEN").arg(queue), "read a queue length")
+            .await?;
+        Ok(Some(ready))
+    }
+
     fn validate(&self, message: &Message) -> Result<()> {
         if message.routing_key.is_empty() {
             return Err(Error::encode(
@@ -774,6 +783,7 @@ impl Broker for RedisBroker {
             cancelled: false,
             heartbeat: Some(heartbeat),
             acks,
+            taking: None,
         }))
     }
 }
@@ -872,7 +882,12 @@ struct RedisConsumer {
     cancelled: bool,
     heartbeat: Option<JoinHandle<()>>,
     acks: mpsc::UnboundedSender<AckRequest>,
+    /// A take whose reply is not buffered yet (see [`RedisConsumer::take`]).
+    taking: Option<JoinHandle<TakeReply>>,
 }
+
+/// The take script's reply, and the permits it was given.
+type TakeReply = (Result<Vec<Value>>, Vec<OwnedSemaphorePermit>);
 
 impl fmt::Debug for RedisConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -893,27 +908,52 @@ impl Drop for RedisConsumer {
     }
 }
 
+/// Runs the take script: up to `n` messages moved from the queue into the processing list.
+async fn take_script(shared: &Shared, k: &Keys, n: usize) -> Result<Vec<Value>> {
+    shared
+        .script(
+            shared
+                .take
+                .key(&k.queue)
+                .key(&k.processing)
+                .key(&k.deliveries)
+                .key(&k.dead_letter)
+                .key(&k.reasons)
+                .arg(n)
+                .arg(shared.max_message_size),
+            "take messages",
+        )
+        .await
+}
+
 impl RedisConsumer {
     /// Takes up to `permits.len()` messages; returns how many.
-    async fn take(&mut self, mut permits: Vec<OwnedSemaphorePermit>) -> Result<usize> {
-        let k = &self.keys;
-        let reply: Vec<Value> = self
-            .shared
-            .script(
-                self.shared
-                    .take
-                    .key(&k.queue)
-                    .key(&k.processing)
-                    .key(&k.deliveries)
-                    .key(&k.dead_letter)
-                    .key(&k.reasons)
-                    .arg(permits.len())
-                    .arg(self.shared.max_message_size),
-                "take messages",
+    ///
+    /// The take script runs in a task of its own, kept in `self.taking` until its reply is
+    /// buffered: if this future is dropped meanwhile (the worker dropped `next()` to give a
+    /// slot back), the messages the script moved into the processing list are not stranded
+    /// there, the next call picks up the reply.
+    async fn take(&mut self, permits: Option<Vec<OwnedSemaphorePermit>>) -> Result<usize> {
+        if let Some(permits) = permits {
+            let (shared, keys) = (self.shared.clone(), self.keys.clone());
+            self.taking = Some(tokio::spawn(async move {
+                let reply = take_script(&shared, &keys, permits.len()).await;
+                (reply, permits)
+            }));
+        }
+        let Some(taking) = self.taking.as_mut() else {
+            return Ok(0);
+        };
+        let joined = taking.await;
+        self.taking = None;
+        let (reply, mut permits) = joined.map_err(|e| {
+            Error::new(
+                ErrorKind::Broker,
+                format!("Redis at {}: the take stopped: {e}", self.shared.display),
             )
-            .await?;
+        })?;
         let mut taken = 0;
-        let mut reply = reply.into_iter();
+        let mut reply = reply?.into_iter();
         while let (Some(body), Some(count)) = (reply.next(), reply.next()) {
             let (Value::BulkString(body), Value::Int(count)) = (body, count) else {
                 return Err(Error::new(
@@ -983,6 +1023,10 @@ impl RedisConsumer {
 
     /// One step of taking: `Ok(true)` when something is buffered.
     async fn fill(&mut self) -> Result<bool> {
+        if self.taking.is_some() {
+            // A take cut short: its reply first.
+            return Ok(self.take(None).await? > 0);
+        }
         let first = self
             .unsettled
             .clone()
@@ -996,7 +1040,7 @@ impl RedisConsumer {
                 Err(_) => break,
             }
         }
-        if self.take(permits).await? > 0 {
+        if self.take(Some(permits)).await? > 0 {
             return Ok(true);
         }
         self.wait().await?;
@@ -1031,10 +1075,11 @@ impl Consumer for RedisConsumer {
 
     async fn cancel(&mut self) -> Result<()> {
         self.cancelled = true;
+        // A take cut short is finished first: its messages are given back with the rest.
+        let mut outcome = self.take(None).await.map(drop);
         // Messages taken but never handed out go back to the head of the queue, in order and
         // not counted as deliveries.
         let k = &self.keys;
-        let mut outcome = Ok(());
         while let Some(taken) = self.buffer.pop_back() {
             let released: Result<i64> = self
                 .shared

@@ -20,15 +20,17 @@
 //! reached the task (it sat in a prefetch buffer when a worker restarted) is not held against
 //! the message: the stored state, not the broker's flag, says whether a body ran.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::Utc;
 use tracing::{debug, error, info, warn, Instrument as _};
 
 use super::layers::{Admit, Call, Slot};
+use super::observe::UNDECODABLE;
 use super::policy::{Attempt, Outcome, Settlement, ATTEMPTS_HEADER, LAST_ERROR_HEADER};
 use super::store::Revoked;
+use super::trace::{self, Next, Ran, Report, Settled};
 use super::Ctx;
 use crate::backend::is_revoked;
 use crate::broker::{Delivery, Message};
@@ -50,23 +52,18 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery, mut slot: Slot) {
             "message of {size} bytes is larger than max_message_size ({} bytes)",
             config.max_message_size
         );
-        error!(
-            size,
-            limit = config.max_message_size,
-            "message too large; dead-lettering it"
-        );
         return poison(ctx, delivery, reason).await;
     }
     let mut signature = match Signature::from_json(delivery.body()) {
         Ok(sig) if sig.name.is_empty() => {
-            error!(task.id = %sig.uuid, "message has no task name; dead-lettering it");
+            // (The UUID is not quoted: it is untrusted and unbounded.)
             let reason = "message has no task name".to_owned();
             return poison(ctx, delivery, reason).await;
         }
         Ok(sig) => sig,
         Err(e) => {
-            error!(error = %e, size, "message is not a task signature; dead-lettering it");
-            return poison(ctx, delivery, e.to_string()).await;
+            let reason = format!("message of {size} bytes is not a task signature: {e}");
+            return poison(ctx, delivery, reason).await;
         }
     };
     // Go runs a message without a UUID (Go Machinery's README shows one) and stores its state
@@ -79,29 +76,37 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery, mut slot: Slot) {
         signature.clone()
     });
     let attempt = Attempt::of(&delivery, &signature);
-    let span = tracing::debug_span!(
-        "task",
-        task.name = %signature.name,
-        task.id = %signature.uuid,
-        attempt = attempt.number
+    let label = ctx.label(&signature.name);
+    let (span, execution) = trace::start(
+        &ctx.tracing,
+        &signature,
+        attempt.number,
+        &ctx.queue,
+        &ctx.name,
     );
-    async move {
-        if let Some(settlement) = ctx.policy.exhausted(attempt) {
-            return settle(ctx, delivery, Some(signature), attempt, settlement).await;
-        }
-        let outcome = handle(ctx, signature, attempt, &mut slot).await;
-        let settlement = ctx.policy.decide(outcome, attempt);
-        settle(ctx, delivery, assigned, attempt, settlement).await;
-    }
-    .instrument(span)
-    .await;
+    ctx.observers.received(label);
+    let work = async move {
+        let settled = match ctx.policy.exhausted(attempt) {
+            Some(settlement) => settle(ctx, delivery, Some(signature), attempt, settlement).await,
+            None => {
+                let outcome = handle(ctx, signature, attempt, &mut slot).await;
+                let settlement = ctx.policy.decide(outcome, attempt);
+                settle(ctx, delivery, assigned, attempt, settlement).await
+            }
+        };
+        trace::with_report(|report| ctx.observers.settled(label, report, &settled));
+    };
+    trace::scope(execution, work.instrument(span)).await;
 }
 
 /// A message that is no task at all: settled without a signature.
 async fn poison(ctx: &Ctx, delivery: Delivery, reason: String) {
+    ctx.observers.received(UNDECODABLE);
     let attempt = Attempt::by_broker(&delivery, 0);
     let settlement = ctx.policy.decide(Outcome::Poison(reason), attempt);
-    settle(ctx, delivery, None, attempt, settlement).await;
+    let settled = settle(ctx, delivery, None, attempt, settlement).await;
+    ctx.observers
+        .settled(UNDECODABLE, &Report::default(), &settled);
 }
 
 async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt, slot: &mut Slot) -> Outcome {
@@ -190,7 +195,18 @@ async fn execute(
         task,
         options,
     };
+    ctx.observers.started(task.name);
+    let started = Instant::now();
     let outcome = ctx.layers.call(&call, args).await;
+    let ran = Ran {
+        elapsed: started.elapsed(),
+        ok: outcome.is_ok(),
+    };
+    ctx.observers.finished(task.name, ran.elapsed, ran.ok);
+    trace::note(|report| {
+        report.ran = Some(ran);
+        report.error = outcome.as_ref().err().map(ToString::to_string);
+    });
     let recorded = match outcome {
         Ok(results) => succeeded(ctx, signature, results).await,
         // Failures are the rare path: keep their state out of every task's future.
@@ -246,7 +262,13 @@ async fn failed(
     let mut message = err.message().to_owned();
     match retry_of(&mut signature, &err, max_retry_later) {
         Retry::After { wait, note } => {
-            warn!(error = %err, retries_left = signature.retry_count, ?wait, "task failed; retrying");
+            trace::note(|report| {
+                report.error = Some(err.to_string());
+                report.next = Next::Retry {
+                    wait,
+                    retries_left: signature.retry_count,
+                };
+            });
             let stored = ctx
                 .store
                 .record(&signature, State::Retry, None, format!("{message}{note}"))
@@ -275,14 +297,19 @@ async fn failed(
     }
     if err.kind() == TaskErrorKind::Revoked {
         // Cancelled by the revoke layer: the revoke is the stored FAILURE already.
-        info!("the task was revoked while it ran");
+        trace::note(|report| report.next = Next::Revoked);
         return ctx
             .store
             .record(&signature, State::Failure, None, message)
             .await
             .map(drop);
     }
-    error!(error = %message, "task failed");
+    trace::note(|report| {
+        report.error = Some(message.clone());
+        report.next = Next::Failure {
+            on_error: signature.on_error.len(),
+        };
+    });
     let stored = ctx
         .store
         .record(&signature, State::Failure, None, message.clone())
@@ -422,7 +449,7 @@ async fn follow_up(
         let (group, count) = (signature.group_uuid.as_str(), group_task_count);
         ctx.store
             .call("record a finished group member", |b| {
-                b.mark_group_member(group, count, &member)
+                b.mark_group_member(group, count, &member, again)
             })
             .await?;
     }
@@ -639,16 +666,26 @@ async fn settle(
     signature: Option<Signature>,
     attempt: Attempt,
     settlement: Settlement,
-) {
+) -> Settled {
     match settlement {
-        Settlement::Ack => log_settle(delivery.ack().await),
+        Settlement::Ack => {
+            log_settle(delivery.ack().await);
+            Settled::Acked
+        }
         Settlement::Republish {
             delay,
             attempted,
             last_error,
         } => {
             let carried = attempt.carried(attempted);
-            republish(ctx, delivery, signature, delay, carried, last_error).await;
+            let settled = Settled::Republished {
+                delay,
+                attempted,
+                reason: last_error.clone(),
+            };
+            republish(ctx, delivery, signature, delay, carried, last_error)
+                .await
+                .unwrap_or(settled)
         }
         Settlement::DeadLetter {
             reason,
@@ -659,15 +696,14 @@ async fn settle(
             } else {
                 None
             };
-            error!(reason = %reason, "dead-lettering the message");
-            dead_letter(ctx, delivery, signature, reason).await;
+            dead_letter(ctx, delivery, signature, reason).await
         }
     }
 }
 
 /// Sends the message again, carrying `carried` earlier deliveries, and acknowledges this
 /// delivery. If the broker does not take it now, hands the delivery back after a pause; if it
-/// never can, dead-letters it.
+/// never can, dead-letters it. `None`: sent again.
 async fn republish(
     ctx: &Ctx,
     delivery: Delivery,
@@ -675,7 +711,7 @@ async fn republish(
     delay: Duration,
     carried: u32,
     last_error: Option<String>,
-) {
+) -> Option<Settled> {
     let message = match signature.map_or_else(|| Signature::from_json(delivery.body()), Ok) {
         Ok(mut signature) => {
             if carried > 0 {
@@ -705,21 +741,26 @@ async fn republish(
         Err(e) => Err(e),
     };
     match published {
-        Ok(()) => log_settle(delivery.ack().await),
+        Ok(()) => {
+            log_settle(delivery.ack().await);
+            None
+        }
         Err(e) if e.is_permanent() => {
             // It can never be sent as it is (a header key the broker cannot carry, ...).
             let reason = format!("cannot be sent again: {e}");
-            error!(reason = %reason, "dead-lettering the message");
             let signature = Signature::from_json(delivery.body()).ok();
-            dead_letter(ctx, delivery, signature, reason).await;
+            Some(dead_letter(ctx, delivery, signature, reason).await)
         }
         Err(e) => {
-            warn!(error = %e, "cannot send the message again; handing it back to the broker after a pause");
+            // Logged by the outcome event.
             let pause = ctx.server.config().requeue_delay;
             tokio::spawn(async move {
                 tokio::time::sleep(pause).await;
                 log_settle(delivery.requeue().await);
             });
+            Some(Settled::HandedBack {
+                error: format!("cannot send the message again: {e}"),
+            })
         }
     }
 }
@@ -729,14 +770,23 @@ async fn republish(
 /// is already SUCCESS or FAILURE (a finished task keeps its outcome, and a message that comes
 /// back after a failed move does not send its callbacks twice). The store is tried once, not
 /// through an outage: it may be why the message is dead.
-async fn dead_letter(ctx: &Ctx, delivery: Delivery, signature: Option<Signature>, reason: String) {
+async fn dead_letter(
+    ctx: &Ctx,
+    delivery: Delivery,
+    signature: Option<Signature>,
+    reason: String,
+) -> Settled {
     if let Err(e) = delivery.dead_letter(reason.clone()).await {
         // The broker hands it back (after a pause); it is recorded when the move succeeds.
-        warn!(error = %e, "settling the message with the broker failed");
-        return;
+        return Settled::HandedBack {
+            error: format!("dead-lettering it failed ({reason}): {e}"),
+        };
     }
+    let settled = Settled::DeadLettered {
+        reason: reason.clone(),
+    };
     let (Some(signature), Some(backend)) = (signature, ctx.store.backend()) else {
-        return;
+        return settled;
     };
     let finish = async {
         match backend.get_state(&signature.uuid).await? {
@@ -753,6 +803,7 @@ async fn dead_letter(ctx: &Ctx, delivery: Delivery, signature: Option<Signature>
     if let Err(e) = Box::pin(finish).await {
         warn!(error = %e, "cannot record the dead-lettered task as FAILURE");
     }
+    settled
 }
 
 fn log_settle(result: Result<()>) {

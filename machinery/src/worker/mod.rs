@@ -14,10 +14,16 @@
 mod chord;
 mod delivery;
 mod layers;
+#[cfg(feature = "metrics")]
+mod metrics;
+mod observe;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod policy;
 #[cfg(feature = "redis")]
 mod registry;
 mod store;
+mod trace;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,9 +45,15 @@ use crate::TaskError;
 pub(crate) use delivery::{derived_uuid, will_retry};
 pub use layers::HARD_LIMIT_EXIT_CODE;
 use layers::{Hooks, InFlight, Layer, Layers, RateLimiter, Revoke, Slot, TimeLimits};
+use observe::{LogOutcome, Observer, Observers};
 use policy::SettlePolicy;
 pub(crate) use policy::{ATTEMPTS_HEADER, LAST_ERROR_HEADER};
 use store::Store;
+pub(crate) use trace::inject as inject_trace_context;
+pub use trace::{
+    DefaultMakeSpan, MakeSpan, TaskSpan, TraceContext, ROOT_HEADER, TRACEPARENT_HEADER,
+    TRACESTATE_HEADER,
+};
 
 /// Runs a worker configured from the environment ([`Config::from_env`](crate::Config::from_env))
 /// with every task compiled into the binary, until SIGINT or SIGTERM.
@@ -75,6 +87,11 @@ pub struct WorkerBuilder {
     defaults: WorkerDefaults,
     hard_time_limit: Option<Duration>,
     hooks: Hooks,
+    tracing: trace::Tracing,
+    /// The outcome events.
+    log: LogOutcome,
+    /// Where the Prometheus metrics are served (over `METRICS_ADDR`).
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Redis URL of the cluster-wide rate limits.
     #[cfg(feature = "redis")]
     cluster_rate_limits: Option<String>,
@@ -91,9 +108,62 @@ impl WorkerBuilder {
             defaults: WorkerDefaults::default(),
             hard_time_limit: None,
             hooks: Hooks::default(),
+            tracing: trace::Tracing::default(),
+            log: LogOutcome::default(),
+            metrics_addr: None,
             #[cfg(feature = "redis")]
             cluster_rate_limits: None,
         }
+    }
+
+    /// Makes the span each execution of a task runs in (default: [`DefaultMakeSpan`], an INFO
+    /// span `task` with `task.name`, `task.id`, `attempt`, `queue`, `worker`, and `group`,
+    /// `chain` where present, and `trace_id`), as tower-http's `MakeSpan` makes a request's.
+    ///
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) {
+    /// use machinery::worker::{DefaultMakeSpan, TaskSpan};
+    /// // The default span, at DEBUG:
+    /// let builder = server.worker().make_span(DefaultMakeSpan::new().level(tracing::Level::DEBUG));
+    /// // Or a span of your own:
+    /// let builder = server.worker().make_span(|task: &TaskSpan<'_>| {
+    ///     tracing::info_span!("job", job = task.name, id = task.id, trace_id = %task.trace.trace_id_display())
+    /// });
+    /// # }
+    /// ```
+    pub fn make_span(mut self, make_span: impl MakeSpan) -> Self {
+        self.tracing.make_span = Box::new(make_span);
+        self
+    }
+
+    /// The level of the `task succeeded` event each successful execution logs (default DEBUG,
+    /// as tower-http's `DefaultOnResponse`: a line per task at INFO costs a formatting
+    /// subscriber about as much as the span itself); failures log at WARN (retried) and ERROR
+    /// (failed for good, dead-lettered), whatever this says.
+    ///
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) {
+    /// let builder = server.worker().success_level(tracing::Level::INFO);
+    /// # }
+    /// ```
+    pub fn success_level(mut self, level: tracing::Level) -> Self {
+        self.log.success = level;
+        self
+    }
+
+    /// Serves this worker's Prometheus metrics on `addr` (`/metrics`), replacing the config's
+    /// `METRICS_ADDR`; port 0 picks a free port ([`WorkerHandle::metrics_addr`] says which).
+    /// Needs the `metrics` feature: without it, [`build`](Self::build) fails.
+    ///
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
+    /// let worker = server.worker().metrics_addr(([127, 0, 0, 1], 9090).into()).spawn().await?;
+    /// println!("metrics on http://{}/metrics", worker.metrics_addr().unwrap());
+    /// # Ok(()) }
+    /// ```
+    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
     }
 
     /// The worker's name (its consumer tag); default `machinery-<pid>-<n>`.
@@ -269,7 +339,24 @@ impl WorkerBuilder {
             max_deliveries: config.max_deliveries,
             backoff: config.requeue_delay,
         };
-        let store = Store::new(self.server.backend().cloned(), config.store_retry_timeout);
+        #[cfg_attr(not(feature = "metrics"), allow(unused_mut))]
+        let mut observers: Vec<Arc<dyn Observer>> = vec![Arc::new(self.log)];
+        let metrics_addr = self.metrics_addr.or(config.metrics_addr);
+        #[cfg(feature = "metrics")]
+        let metrics = metrics_addr.map(|addr| {
+            let metrics = Arc::new(metrics::Metrics::new(self.concurrency));
+            observers.push(metrics.clone());
+            (addr, metrics)
+        });
+        #[cfg(not(feature = "metrics"))]
+        if let Some(addr) = metrics_addr {
+            return Err(Error::config(format!(
+                "metrics are asked for on {addr} (METRICS_ADDR), but machinery was built without its `metrics` feature"
+            )));
+        }
+        let observers = Observers::new(observers);
+        let store = Store::new(self.server.backend().cloned(), config.store_retry_timeout)
+            .observed_by(observers.clone());
         let mut others: Vec<Arc<dyn Layer>> = Vec::new();
         // The worker registry and recent-task index: a census layer feeding a writer.
         #[cfg(feature = "redis")]
@@ -326,6 +413,11 @@ impl WorkerBuilder {
         Ok(Worker {
             ctx: Arc::new(Ctx {
                 registry,
+                queue: queue.clone(),
+                tracing: self.tracing,
+                observers,
+                #[cfg(feature = "metrics")]
+                metrics,
                 name,
                 policy,
                 store,
@@ -347,12 +439,18 @@ impl WorkerBuilder {
     /// consumed: tasks sent from now on reach it.
     pub async fn spawn(self) -> Result<WorkerHandle> {
         let worker = self.build()?;
+        let metrics = worker.serve_metrics().await?;
         let consumer = worker.consume().await?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let join = tokio::spawn(worker.serve(consumer, async move {
+        let metrics_addr = metrics.as_ref().map(|m| m.addr);
+        let join = tokio::spawn(worker.serve(consumer, metrics, async move {
             let _ = stopped.await;
         }));
-        Ok(WorkerHandle { stop, join })
+        Ok(WorkerHandle {
+            stop,
+            join,
+            metrics_addr,
+        })
     }
 }
 
@@ -365,9 +463,24 @@ impl WorkerBuilder {
 pub struct WorkerHandle {
     stop: oneshot::Sender<()>,
     join: JoinHandle<Result<()>>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl WorkerHandle {
+    /// Where the worker serves its Prometheus metrics, if it does
+    /// ([`WorkerBuilder::metrics_addr`], `METRICS_ADDR`): the bound address, with the port
+    /// picked when 0 was asked for.
+    ///
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
+    /// let worker = server.worker().spawn().await?;
+    /// assert_eq!(worker.metrics_addr(), None); // neither METRICS_ADDR nor the builder asked
+    /// # Ok(()) }
+    /// ```
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
+    }
+
     /// Stops taking messages, waits for the tasks in flight and returns the worker's result.
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.stop.send(());
@@ -434,6 +547,13 @@ struct Ctx {
     registry: Registry,
     server: Server,
     name: String,
+    /// The queue the worker consumes.
+    queue: String,
+    tracing: trace::Tracing,
+    observers: Observers,
+    /// The metrics, and where to serve them.
+    #[cfg(feature = "metrics")]
+    metrics: Option<(std::net::SocketAddr, Arc<metrics::Metrics>)>,
     policy: SettlePolicy,
     store: Store,
     groups: chord::GroupCache,
@@ -464,7 +584,47 @@ impl Drop for AbortOnDrop {
     }
 }
 
+impl Ctx {
+    /// The label a task name is counted under: a registered task's own name, else
+    /// [`observe::UNREGISTERED`] (names from the wire are not labels).
+    fn label(&self, name: &str) -> &'static str {
+        self.registry
+            .get(name)
+            .map_or(observe::UNREGISTERED, |task| task.name)
+    }
+}
+
+/// The metrics listener of a running worker; stops with it.
+struct MetricsServer {
+    addr: std::net::SocketAddr,
+    _tasks: Vec<AbortOnDrop>,
+}
+
 impl Worker {
+    /// Binds the metrics listener, when metrics are on, and starts sampling the queue's depth.
+    #[cfg(feature = "metrics")]
+    async fn serve_metrics(&self) -> Result<Option<MetricsServer>> {
+        let Some((addr, metrics)) = &self.ctx.metrics else {
+            return Ok(None);
+        };
+        let (addr, server) = metrics::serve(*addr, metrics.clone()).await?;
+        let sampler = tokio::spawn(metrics::sample(
+            metrics.clone(),
+            self.ctx.server.broker().clone(),
+            self.queue.clone(),
+        ));
+        info!(worker = %self.ctx.name, %addr, "serving metrics on /metrics");
+        Ok(Some(MetricsServer {
+            addr,
+            _tasks: vec![AbortOnDrop(server), AbortOnDrop(sampler)],
+        }))
+    }
+
+    #[cfg(not(feature = "metrics"))]
+    async fn serve_metrics(&self) -> Result<Option<MetricsServer>> {
+        Ok(None)
+    }
+
     /// The names of the tasks this worker runs.
     pub fn task_names(&self) -> Vec<&'static str> {
         self.ctx.registry.names()
@@ -504,8 +664,9 @@ impl Worker {
     /// Runs until `shutdown` completes, then stops taking messages, finishes the tasks in
     /// flight and returns.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let metrics = self.serve_metrics().await?;
         let consumer = self.consume().await?;
-        self.serve(consumer, shutdown).await
+        self.serve(consumer, metrics, shutdown).await
     }
 
     async fn consume(&self) -> Result<Box<dyn Consumer>> {
@@ -524,8 +685,11 @@ impl Worker {
     async fn serve(
         self,
         mut consumer: Box<dyn Consumer>,
+        metrics: Option<MetricsServer>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()> {
+        // Served until the worker stops.
+        let _metrics = metrics;
         info!(
             worker = %self.ctx.name,
             queue = %self.queue,

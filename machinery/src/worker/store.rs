@@ -27,6 +27,8 @@ pub(crate) struct Store {
     backend: Option<Arc<dyn ResultBackend>>,
     up: watch::Sender<bool>,
     retry_timeout: Duration,
+    /// Told of every failed call (the result-store error count).
+    observers: super::observe::Observers,
 }
 
 impl Store {
@@ -35,7 +37,14 @@ impl Store {
             backend,
             up: watch::Sender::new(true),
             retry_timeout,
+            observers: super::observe::Observers::default(),
         }
+    }
+
+    /// Tells `observers` of every failed call.
+    pub(crate) fn observed_by(mut self, observers: super::observe::Observers) -> Store {
+        self.observers = observers;
+        self
     }
 
     pub(crate) fn backend(&self) -> Option<&Arc<dyn ResultBackend>> {
@@ -85,12 +94,14 @@ impl Store {
                     return Ok(Some((value, retried)));
                 }
                 Err(e) if e.is_retryable() && started.elapsed() + pause < self.retry_timeout => {
+                    self.observers.store_error();
                     self.mark(false, Some(&e), what);
                     retried = true;
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(MAX_PAUSE);
                 }
                 Err(e) => {
+                    self.observers.store_error();
                     // Giving up hands the message to the settle policy; the next delivery
                     // probes the store again (a gate left closed would never reopen).
                     self.mark(true, None, what);

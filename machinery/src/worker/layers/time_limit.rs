@@ -59,7 +59,10 @@ impl TimeLimits {
         body: impl FnOnce() -> TaskOutcome + Send + 'static,
     ) -> Body {
         let watch = self.watch_from_start(call);
+        // The body runs inside the task's span, on its pool thread too.
+        let span = tracing::Span::current();
         let handle = AbortOnDrop(tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
             let watched = watch.map(|start| start());
             let outcome = body();
             drop(watched);

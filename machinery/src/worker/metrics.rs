@@ -1,0 +1,270 @@
+//! A worker's Prometheus metrics (the `metrics` feature): an [`Observer`] that counts, and the
+//! HTTP listener that serves them on `/metrics`.
+//!
+//! Counts come from the delivery path's observer points only (see [`observe`](super::observe)),
+//! read through the same [`Count`] as the outcome log events; the queue depth and the broker's
+//! reconnects are sampled every [`SAMPLE_EVERY`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::observe::{Count, Observer};
+use super::trace::{Report, Settled};
+use crate::broker::Broker;
+use crate::error::{Error, ErrorKind, Result};
+
+/// How often the queue's depth and the broker's reconnects are read.
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+/// The OpenMetrics text format's content type, which Prometheus reads.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabel {
+    task: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: String,
+}
+
+type Durations = Family<TaskLabel, Histogram, fn() -> Histogram>;
+
+/// One worker's metrics.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    received: Family<TaskLabel, Counter>,
+    succeeded: Family<TaskLabel, Counter>,
+    failed: Family<TaskLabel, Counter>,
+    retried: Family<TaskLabel, Counter>,
+    dead_lettered: Family<TaskLabel, Counter>,
+    durations: Durations,
+    in_flight: Gauge,
+    running: Gauge,
+    reconnects: Counter<u64, AtomicU64>,
+    store_errors: Counter,
+    queue_depth: Family<QueueLabel, Gauge>,
+}
+
+fn durations() -> Histogram {
+    // 0.5 ms to about 65 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+impl Metrics {
+    pub(crate) fn new(concurrency: usize) -> Metrics {
+        let mut registry = Registry::with_prefix("machinery");
+        let received = Family::<TaskLabel, Counter>::default();
+        let succeeded = Family::<TaskLabel, Counter>::default();
+        let failed = Family::<TaskLabel, Counter>::default();
+        let retried = Family::<TaskLabel, Counter>::default();
+        let dead_lettered = Family::<TaskLabel, Counter>::default();
+        let durations: Durations = Family::new_with_constructor(durations);
+        let in_flight = Gauge::default();
+        let running = Gauge::default();
+        let limit = Gauge::<i64>::default();
+        limit.set(i64::try_from(concurrency).unwrap_or(i64::MAX));
+        let reconnects = Counter::<u64, AtomicU64>::default();
+        let store_errors = Counter::default();
+        let queue_depth = Family::<QueueLabel, Gauge>::default();
+        registry.register(
+            "tasks_received",
+            "Deliveries received, by task",
+            received.clone(),
+        );
+        registry.register(
+            "tasks_succeeded",
+            "Tasks whose body succeeded and whose outcome is recorded, by task",
+            succeeded.clone(),
+        );
+        registry.register(
+            "tasks_failed",
+            "Tasks that failed for good (FAILURE stored, error callbacks sent), by task",
+            failed.clone(),
+        );
+        registry.register(
+            "tasks_retried",
+            "Tasks that run again: a RETRY, or a delivery sent again after it could not be settled, by task",
+            retried.clone(),
+        );
+        registry.register(
+            "tasks_dead_lettered",
+            "Messages moved to the dead-letter queue, by task",
+            dead_lettered.clone(),
+        );
+        registry.register(
+            "task_duration_seconds",
+            "How long task bodies ran, by task",
+            durations.clone(),
+        );
+        registry.register(
+            "tasks_in_flight",
+            "Deliveries received and not yet settled",
+            in_flight.clone(),
+        );
+        registry.register(
+            "concurrency_in_use",
+            "Task bodies running now",
+            running.clone(),
+        );
+        registry.register(
+            "concurrency_limit",
+            "The most task bodies the worker runs at once",
+            limit,
+        );
+        registry.register(
+            "broker_reconnects",
+            "Times the broker's connection was opened again",
+            reconnects.clone(),
+        );
+        registry.register(
+            "result_store_errors",
+            "Calls to the result store that failed",
+            store_errors.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Messages waiting in the queue, as the broker reports it",
+            queue_depth.clone(),
+        );
+        Metrics {
+            registry,
+            received,
+            succeeded,
+            failed,
+            retried,
+            dead_lettered,
+            durations,
+            in_flight,
+            running,
+            reconnects,
+            store_errors,
+            queue_depth,
+        }
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub(crate) fn render(&self) -> String {
+        let mut text = String::with_capacity(4096);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            warn!(error = %e, "cannot encode the metrics");
+        }
+        text
+    }
+}
+
+impl Observer for Metrics {
+    fn received(&self, task: &'static str) {
+        self.received.get_or_create(&TaskLabel { task }).inc();
+        self.in_flight.inc();
+    }
+
+    fn started(&self, _task: &'static str) {
+        self.running.inc();
+    }
+
+    fn finished(&self, task: &'static str, elapsed: Duration, _ok: bool) {
+        self.running.dec();
+        self.durations
+            .get_or_create(&TaskLabel { task })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn settled(&self, task: &'static str, report: &Report, settled: &Settled) {
+        self.in_flight.dec();
+        let family = match Count::of(report, settled) {
+            Count::Succeeded => &self.succeeded,
+            Count::Failed => &self.failed,
+            Count::Retried => &self.retried,
+            Count::DeadLettered => &self.dead_lettered,
+            Count::Other => return,
+        };
+        family.get_or_create(&TaskLabel { task }).inc();
+    }
+
+    fn store_error(&self) {
+        self.store_errors.inc();
+    }
+}
+
+/// Binds `addr` and serves the metrics on `/metrics` until the returned task is aborted.
+///
+/// axum (with `http1` and `tokio` only) rather than a hand-written responder: the request
+/// parsing of a listener that may face a network is hyper's, and the dashboard uses the same
+/// axum, so the two share one dependency tree.
+pub(crate) async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::Config,
+            format!("cannot listen for metrics on {addr}: {e}"),
+            e,
+        )
+    })?;
+    let bound = listener.local_addr().map_err(|e| {
+        Error::with_source(
+            ErrorKind::Config,
+            format!("cannot read the metrics listener's address: {e}"),
+            e,
+        )
+    })?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "the metrics listener stopped");
+        }
+    });
+    Ok((bound, server))
+}
+
+/// Reads the queue's depth and the broker's reconnects every [`SAMPLE_EVERY`].
+pub(crate) async fn sample(metrics: Arc<Metrics>, broker: Arc<dyn Broker>, queue: String) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = 0;
+    let label = QueueLabel {
+        queue: queue.clone(),
+    };
+    loop {
+        tick.tick().await;
+        let reconnects = broker.reconnects();
+        if reconnects > seen {
+            metrics.reconnects.inc_by(reconnects - seen);
+            seen = reconnects;
+        }
+        match broker.queue_depth(&queue).await {
+            Ok(Some(n)) => {
+                let n = i64::try_from(n).unwrap_or(i64::MAX);
+                metrics.queue_depth.get_or_create(&label).set(n);
+            }
+            Ok(None) => {}
+            Err(e) => debug!(error = %e, queue = %queue, "cannot read the queue's depth"),
+        }
+    }
+}
