@@ -8,10 +8,12 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 
 mod redis;
+mod registry;
 #[cfg(feature = "yaml")]
 mod yaml;
 
 pub use self::redis::RedisConfig;
+pub use self::registry::RegistryConfig;
 
 /// Server and worker configuration.
 ///
@@ -95,6 +97,10 @@ pub struct Config {
     /// One read per interval for all of them (Redis: one `MGET`), and none while the worker
     /// runs nothing.
     pub revoke_poll: Duration,
+    /// The worker registry, recent-task index and throughput counters kept in Redis for
+    /// operators (machinery's own `REGISTRY*` and `RECENT_*` variables); see
+    /// [`RegistryConfig`].
+    pub registry: RegistryConfig,
 }
 
 /// The longest `results_expire_in` accepted: 100 years.
@@ -146,6 +152,7 @@ impl Default for Config {
             multiple_broker_separator: None,
             redis: RedisConfig::default(),
             revoke_poll: Duration::from_secs(1),
+            registry: RegistryConfig::default(),
         }
     }
 }
@@ -260,6 +267,7 @@ impl Config {
             c.amqp.queue_binding_args = parse_table("AMQP_QUEUE_BINDING_ARGS", &v)?;
         }
         c.apply_go_env(lookup)?;
+        c.registry.apply_env(lookup)?;
         Ok(())
     }
 
@@ -282,6 +290,7 @@ impl Config {
         if self.max_deliveries == 0 {
             return Err(Error::config("max_deliveries must be at least 1"));
         }
+        self.registry.validate()?;
         if self.max_inflight_bytes == 0 {
             return Err(Error::config("max_inflight_bytes must be positive"));
         }
@@ -667,6 +676,7 @@ impl fmt::Debug for Config {
             .field("multiple_broker_separator", &self.multiple_broker_separator)
             .field("redis", &self.redis)
             .field("revoke_poll", &self.revoke_poll)
+            .field("registry", &self.registry)
             .finish()
     }
 }

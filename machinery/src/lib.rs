@@ -51,6 +51,7 @@ mod server;
 mod signature;
 mod task;
 
+pub mod admin;
 pub mod backend;
 pub mod broker;
 pub mod config;

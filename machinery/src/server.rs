@@ -438,7 +438,7 @@ fn is_redis_url(url: &str) -> bool {
     })
 }
 
-async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>> {
+pub(crate) async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>> {
     if let Some(name) = memory_name(&config.broker) {
         return Ok(Arc::new(MemoryBroker::open(
             name,
@@ -467,7 +467,7 @@ async fn open_broker(config: &Config) -> Result<Arc<dyn Broker>> {
     ))
 }
 
-async fn open_backend(config: &Config) -> Result<Option<Arc<dyn ResultBackend>>> {
+pub(crate) async fn open_backend(config: &Config) -> Result<Option<Arc<dyn ResultBackend>>> {
     let ttl = Duration::from_secs(config.results_expire_in);
     let url = if config.result_backend.is_empty() {
         // The embedded broker comes with the embedded backend of the same name.

@@ -102,6 +102,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+mod admin;
+
 use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
 use crate::config::{mask_url, overlong, overlong_key, Config, AMQP_MAX_NAME, DEAD_LETTER_SUFFIX};
 use crate::error::{Error, ErrorKind, Result};

@@ -64,6 +64,8 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, trace, warn};
 
+mod admin;
+
 use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
 use crate::config::{Config, DEAD_LETTER_SUFFIX};
 use crate::error::{Error, ErrorKind, Result};

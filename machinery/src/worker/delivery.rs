@@ -371,6 +371,16 @@ fn retry_of(signature: &mut Signature, err: &TaskError, max_retry_later: u32) ->
     }
 }
 
+/// Whether a run that failed with `err` is retried ([`retry_of`], on a copy): for observers
+/// that name the outcome without changing the signature.
+pub(crate) fn will_retry(signature: &Signature, err: &TaskError, max_retry_later: u32) -> bool {
+    let mut copy = signature.clone();
+    matches!(
+        retry_of(&mut copy, err, max_retry_later),
+        Retry::After { .. }
+    )
+}
+
 /// After a redelivery of a finished task: sends what may not have been sent.
 async fn complete(ctx: &Ctx, signature: Signature, stored: TaskState) -> Result<()> {
     if is_revoked(&stored) {

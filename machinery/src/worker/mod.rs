@@ -15,6 +15,8 @@ mod chord;
 mod delivery;
 mod layers;
 mod policy;
+#[cfg(feature = "redis")]
+mod registry;
 mod store;
 
 use std::future::Future;
@@ -33,9 +35,11 @@ use crate::task::Registry;
 use crate::task::TaskOutcome;
 use crate::wire::Signature;
 use crate::TaskError;
+pub(crate) use delivery::{derived_uuid, will_retry};
 pub use layers::HARD_LIMIT_EXIT_CODE;
 use layers::{Hooks, InFlight, Layer, Layers, RateLimiter, Revoke, Slot, TimeLimits};
 use policy::SettlePolicy;
+pub(crate) use policy::{ATTEMPTS_HEADER, LAST_ERROR_HEADER};
 use store::Store;
 
 /// Runs a worker configured from the environment ([`Config::from_env`](crate::Config::from_env))
@@ -266,6 +270,15 @@ impl WorkerBuilder {
         };
         let store = Store::new(self.server.backend().cloned(), config.store_retry_timeout);
         let mut others: Vec<Arc<dyn Layer>> = Vec::new();
+        // The worker registry and recent-task index: a census layer feeding a writer.
+        #[cfg(feature = "redis")]
+        let census = registry::Registry::plan(config, &name, self.concurrency)?;
+        #[cfg(feature = "redis")]
+        if let Some(census) = &census {
+            others.push(Arc::new(layers::CensusLayer {
+                census: census.census(),
+            }));
+        }
         // Rate limits: a layer only when a task this worker runs has one.
         let limited: Vec<&'static str> = registry
             .names()
@@ -318,6 +331,8 @@ impl WorkerBuilder {
                 groups: chord::GroupCache::default(),
                 layers,
                 revokes,
+                #[cfg(feature = "redis")]
+                census,
                 defaults: self.defaults,
                 server: self.server,
             }),
@@ -424,6 +439,9 @@ struct Ctx {
     layers: Layers,
     /// The revoke watcher's part, when running tasks are watched for revokes.
     revokes: Option<RevokeWatcher>,
+    /// The worker registry, when it is on.
+    #[cfg(feature = "redis")]
+    census: Option<registry::Registry>,
     defaults: WorkerDefaults,
 }
 
@@ -532,6 +550,8 @@ impl Worker {
                 w.every,
             )))
         });
+        #[cfg(feature = "redis")]
+        let census = self.ctx.census.as_ref().map(|c| c.start(&self.queue));
         let mut outcome = Ok(());
         let mut in_flight = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
@@ -611,6 +631,10 @@ impl Worker {
         drop(permits);
         if let Err(e) = consumer.close().await {
             warn!(worker = %self.ctx.name, error = %e, "closing the consumer failed");
+        }
+        #[cfg(feature = "redis")]
+        if let Some(census) = census {
+            census.stop().await;
         }
         info!(worker = %self.ctx.name, "worker stopped");
         outcome

@@ -17,6 +17,8 @@
 //! The layers run in the order [`Layers::new`] lists them; `wrap` nests them so that the first
 //! layer is the outermost.
 
+#[cfg(feature = "redis")]
+mod census;
 mod eta;
 mod hooks;
 mod rate;
@@ -38,6 +40,8 @@ use crate::options::Resolved;
 use crate::task::{Runner, TaskDescriptor, TaskError, TaskOutcome};
 use crate::wire::{Arg, Signature};
 
+#[cfg(feature = "redis")]
+pub(crate) use census::CensusLayer;
 pub(crate) use hooks::Hooks;
 pub(crate) use rate::RateLimiter;
 pub(crate) use revoke::{watch as watch_revokes, InFlight, Revoke};
