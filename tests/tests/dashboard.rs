@@ -302,13 +302,13 @@ async fn stored_values_render_as_text() {
     state.task_name = format!("evil{XSS}");
     state.error = format!("boom {XSS}");
     backend.set_state(state).await.expect("store");
-    // Listed in the recent index as the workers list it (the admin module's key).
+    // Listed in the recent index as the workers list it (the admin module's key, scored in µs).
     let mut redis = redis::Client::open(config.result_backend.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = chrono::Utc::now().timestamp_micros();
     let _: () = redis::cmd("ZADD")
         .arg("machinery-rs:recent:failure")
         .arg(now)
@@ -363,7 +363,7 @@ async fn the_tasks_page_stays_one_page_with_100_000_tasks() {
         .unwrap();
     let _: () = redis::cmd("FLUSHDB").query_async(&mut redis).await.unwrap();
     let key = "machinery-rs:recent:success";
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = chrono::Utc::now().timestamp_micros();
     let filled = Instant::now();
     for batch in 0..10 {
         let mut zadd = redis::cmd("ZADD");

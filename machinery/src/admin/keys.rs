@@ -23,7 +23,7 @@ pub(crate) fn worker(id: &str) -> String {
 }
 
 /// ZSET of the task UUIDs that reached `state` (lower case: `started`, `success`, `failure`,
-/// `retry`), scored by the time (Unix ms); capped by count and by age.
+/// `retry`), scored by the time (Unix µs); capped by count and by age.
 pub(crate) fn recent(state: &str) -> String {
     format!("{PREFIX}recent:{state}")
 }

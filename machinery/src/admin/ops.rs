@@ -154,7 +154,7 @@ impl OpsStore {
         #[allow(clippy::cast_possible_truncation)]
         let page = page
             .into_iter()
-            .map(|(uuid, score)| (uuid, score as i64))
+            .map(|(uuid, score)| (uuid, score as i64 / 1000))
             .collect();
         Ok((page, total))
     }
@@ -173,7 +173,7 @@ impl OpsStore {
         let mut timeline: Vec<(State, i64)> = STATES
             .into_iter()
             .zip(scores)
-            .filter_map(|(state, score)| score.map(|s| (state, s as i64)))
+            .filter_map(|(state, score)| score.map(|s| (state, s as i64 / 1000)))
             .collect();
         timeline.sort_by_key(|(_, at)| *at);
         Ok(timeline)

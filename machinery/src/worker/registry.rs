@@ -43,7 +43,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// What the census layer has seen and the writer has not written yet.
 #[derive(Debug, Default)]
 struct Pending {
-    /// (state key, task UUID, Unix ms).
+    /// (state key, task UUID, Unix µs).
     recent: Vec<(&'static str, String, i64)>,
     shapes: Vec<Shape>,
     /// Bucket start → (processed, failed).
@@ -66,6 +66,12 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The index's scores: Unix µs (exact in a double until the year 2255), so that tasks ending
+/// in the same millisecond keep their order.
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
 impl Census {
     fn new(batch: usize) -> Census {
         Census {
@@ -83,7 +89,7 @@ impl Census {
             pending.dropped += 1;
             return;
         }
-        pending.recent.push((state, uuid.to_owned(), now_ms()));
+        pending.recent.push((state, uuid.to_owned(), now_us()));
         if pending.recent.len() == self.batch {
             self.wake.notify_one();
         }
@@ -378,7 +384,8 @@ impl Writer {
                 .or_default()
                 .push((*at, uuid.as_str()));
         }
-        let max_age = i64::try_from(self.settings.recent_max_age.as_millis()).unwrap_or(i64::MAX);
+        let max_age = i64::try_from(self.settings.recent_max_age.as_micros()).unwrap_or(i64::MAX);
+        let now_us = now.saturating_mul(1000);
         let keep = isize::try_from(self.settings.recent_max).unwrap_or(isize::MAX);
         for (state, entries) in by_state {
             let key = keys::recent(state);
@@ -391,7 +398,7 @@ impl Writer {
             pipe.cmd("ZREMRANGEBYSCORE")
                 .arg(&key)
                 .arg("-inf")
-                .arg(now.saturating_sub(max_age))
+                .arg(now_us.saturating_sub(max_age))
                 .ignore();
             pipe.cmd("ZREMRANGEBYRANK")
                 .arg(&key)
