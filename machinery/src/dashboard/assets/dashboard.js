@@ -44,7 +44,7 @@
     svg += "</svg>";
     box.innerHTML = svg;
     var total = document.getElementById("chart-total");
-    if (total) { total.textContent = (data.total_tasks || 0) + " tasks, " + (data.total_failures || 0) + " failures in the last 15 minutes"; }
+    if (total) { total.textContent = (data.total_tasks || 0) + " tasks, " + (data.total_failures || 0) + " failed in the last 15 minutes"; }
   }
 
   function refreshChart(box) {
