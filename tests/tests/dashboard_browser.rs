@@ -63,6 +63,8 @@ where
 async fn dead_letter_one(config: &Config, server: &Server, admin: &Admin) -> String {
     let mut faulty_config = config.clone();
     faulty_config.max_deliveries = 1;
+    // Gives up on the failing store at once instead of riding out an "outage".
+    faulty_config.store_retry_timeout = Duration::from_millis(100);
     let backend = FaultyBackend::new(server.backend().expect("a result backend").clone());
     backend.arm(BackendOp::Transition, Fault::always());
     backend.arm(BackendOp::SetState, Fault::always());
@@ -96,7 +98,9 @@ async fn the_dashboard_in_a_real_browser() {
     let config = config();
     let server = Server::new(config.clone()).await.expect("server");
     let admin = Admin::from_config(&config).await.expect("admin");
+    let started = Instant::now();
     let dead_uuid = dead_letter_one(&config, &server, &admin).await;
+    println!("dead-lettered {dead_uuid} in {:?}", started.elapsed());
 
     let worker = server
         .worker()
@@ -133,7 +137,9 @@ async fn the_dashboard_in_a_real_browser() {
     assert_eq!(chain.get_timeout(common::WAIT).await.expect("the chain"), 6);
     assert!(failing.get_timeout(common::WAIT).await.is_err());
 
+    let started = Instant::now();
     let browser = Browser::start().await;
+    println!("chromium session in {:?}", started.elapsed());
     let client = &browser.client;
 
     // The overview: the queue, the live worker, the chart drawn from the JSON endpoint.
