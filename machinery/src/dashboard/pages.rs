@@ -216,8 +216,11 @@ pub(crate) async fn workers_partial(State(state): State<AppState>) -> Html<Strin
 pub(crate) async fn throughput_json(State(state): State<AppState>) -> Response {
     match state.admin.throughput(WINDOW).await {
         Ok(buckets) => {
+            // The current bucket is still filling: its rate would read low.
+            let now_secs = chrono::Utc::now().timestamp();
             let points: Vec<serde_json::Value> = buckets
                 .iter()
+                .filter(|b| b.start + b.seconds <= now_secs)
                 .map(|b| {
                     serde_json::json!({
                         "t": (b.start + b.seconds) * 1000,
