@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use machinery::admin::Admin;
+use machinery::backend::ResultBackend;
 use machinery::dashboard::{Dashboard, DashboardHandle};
 use machinery::wire::{State, TaskState};
 use machinery::Config;
@@ -179,6 +180,24 @@ async fn every_post_needs_the_csrf_token() {
         purged.headers["location"].contains("done=Purged%200"),
         "{:?}",
         purged.headers
+    );
+    // The revoke button's POST, with the token: the task is revoked.
+    let victim = format!("task_{}", uuid::Uuid::new_v4());
+    let revoked = http(
+        addr,
+        "POST",
+        &format!("/tasks/{victim}/revoke"),
+        &[],
+        &format!("csrf={csrf}"),
+    )
+    .await;
+    assert_eq!(revoked.status, 303, "{}", revoked.body);
+    let page = http(addr, "GET", &format!("/tasks/{victim}"), &[], "").await;
+    assert!(
+        page.body
+            .contains("<pre id=\"task-error\" class=\"err\">revoked</pre>"),
+        "{}",
+        page.body
     );
     // State never changes on GET.
     let get = http(addr, "GET", "/dead-letters/purge", &[], "").await;
@@ -384,6 +403,20 @@ async fn the_tasks_page_stays_one_page_with_100_000_tasks() {
         "filled the index with 100,000 ids in {:?}",
         filled.elapsed()
     );
+    // The newest 100 have stored states, as after a real run (the rest read as expired).
+    let admin = Admin::from_config(&config).await.expect("admin");
+    let backend = admin.server().backend().expect("a result backend").clone();
+    let states = (99_900..100_000)
+        .map(|n| {
+            let mut state = TaskState::new(format!("task_{n:06}"), State::Success);
+            state.task_name = "dash_big".to_owned();
+            state
+        })
+        .collect();
+    backend
+        .set_states(states)
+        .await
+        .expect("store the newest states");
 
     let dashboard = start(&config, None).await;
     let addr = dashboard.local_addr();
@@ -400,6 +433,11 @@ async fn the_tasks_page_stays_one_page_with_100_000_tasks() {
     assert_eq!(page.status, 200, "{}", page.body);
     assert_eq!(page.body.matches("<tr><td><a href=\"/tasks/").count(), 50);
     assert!(page.body.contains("task_099999"), "newest first");
+    assert_eq!(
+        page.body.matches("<td>dash_big</td>").count(),
+        50,
+        "with their states"
+    );
     assert!(!page.body.contains("task_099949"), "only one page");
     assert!(page.body.contains("1–50 of 100000"), "{}", page.body);
     assert!(page

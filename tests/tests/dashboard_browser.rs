@@ -1,7 +1,8 @@
 //! The web dashboard in a real headless Chromium (Debian's `chromium` + `chromium-driver`,
 //! driven over WebDriver), against RabbitMQ and Redis (DB 13): send tasks, open the overview,
 //! find a task by UUID and read its state, follow a chain link, check a hostile error message
-//! renders as text, requeue a dead letter with its button and watch it reach SUCCESS. Each
+//! renders as text, requeue a dead letter with its button and watch it reach SUCCESS, purge
+//! another through the confirmation dialog. Each
 //! page's screenshot is saved under `target/screenshots/` (the paths are printed).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -60,7 +61,7 @@ where
 /// A dead letter that runs when requeued: a worker whose result store fails every write
 /// cannot settle the task, and with `max_deliveries` 1 dead-letters it at once; nothing is
 /// stored, so the requeued copy runs as a first delivery.
-async fn dead_letter_one(config: &Config, server: &Server, admin: &Admin) -> String {
+async fn dead_letter_one(config: &Config, server: &Server, admin: &Admin, nth: u64) -> String {
     let mut faulty_config = config.clone();
     faulty_config.max_deliveries = 1;
     // Gives up on the failing store at once instead of riding out an "outage".
@@ -86,7 +87,7 @@ async fn dead_letter_one(config: &Config, server: &Server, admin: &Admin) -> Str
         admin
             .queue(&config.default_queue)
             .await
-            .is_ok_and(|q| q.dead_letters >= 1)
+            .is_ok_and(|q| q.dead_letters >= nth)
     })
     .await;
     worker.shutdown().await.expect("stop the faulty worker");
@@ -99,8 +100,12 @@ async fn the_dashboard_in_a_real_browser() {
     let server = Server::new(config.clone()).await.expect("server");
     let admin = Admin::from_config(&config).await.expect("admin");
     let started = Instant::now();
-    let dead_uuid = dead_letter_one(&config, &server, &admin).await;
-    println!("dead-lettered {dead_uuid} in {:?}", started.elapsed());
+    let dead_uuid = dead_letter_one(&config, &server, &admin, 1).await;
+    let doomed_uuid = dead_letter_one(&config, &server, &admin, 2).await;
+    println!(
+        "dead-lettered {dead_uuid} and {doomed_uuid} in {:?}",
+        started.elapsed()
+    );
 
     let worker = server
         .worker()
@@ -259,6 +264,23 @@ async fn the_dashboard_in_a_real_browser() {
         .expect("requeue");
     let flash = browser.text("#flash", SHOW).await;
     assert_eq!(flash, "Requeued 1.");
+    // Purge asks first; dismissed, nothing happens; accepted, the other dead letter goes.
+    let doomed = format!("tr[data-id='{doomed_uuid}']");
+    browser.text(&doomed, SHOW).await;
+    let purge = client
+        .find(Locator::Css("#purge"))
+        .await
+        .expect("the purge button");
+    purge.clone().click().await.expect("purge");
+    client.dismiss_alert().await.expect("say no");
+    assert!(client.find(Locator::Css(&doomed)).await.is_ok());
+    purge.click().await.expect("purge");
+    client.accept_alert().await.expect("say yes");
+    assert_eq!(browser.text("#flash", SHOW).await, "Purged 1.");
+    assert!(browser
+        .text("#no-dead-letters", SHOW)
+        .await
+        .contains("No dead letters"));
     client
         .goto(&format!("{base}/tasks/{dead_uuid}"))
         .await
