@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use machinery::admin::Admin;
-use machinery::backend::ResultBackend;
 use machinery::dashboard::{Dashboard, DashboardHandle};
 use machinery::wire::{State, TaskState};
 use machinery::Config;
