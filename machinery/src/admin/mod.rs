@@ -405,9 +405,8 @@ impl Admin {
 
     /// Publishes dead letters of `queue` again, to the queue their signature names (its
     /// `RoutingKey`, else `queue`), with a fresh attempt count: the attempt and last-error
-    /// headers are dropped, and a stored state that is not final (RECEIVED, STARTED: the
-    /// message was dead-lettered while it ran) is replaced by PENDING so that the task runs
-    /// again. `progress` is called after each message. A message is removed from the
+    /// headers are dropped, and the stored state is replaced by PENDING so that the task runs
+    /// again, unless it is SUCCESS or revoked. `progress` is called after each message. A message is removed from the
     /// dead-letter queue only after it was published.
     pub async fn requeue(
         &self,
@@ -687,15 +686,16 @@ pub(crate) fn fresh_copy(queue: &str, mut signature: Signature) -> Signature {
 }
 
 impl Admin {
-    /// Sends a dead letter's signature again as a fresh task: a stored state that is not
-    /// final is reset first (the worker would take a first delivery of a task STARTED before
-    /// for a duplicate and not run it).
+    /// Sends a dead letter's signature again as a fresh task. Its stored state is reset first
+    /// unless it is SUCCESS (the task ran: the worker only completes its follow-ups) or a
+    /// revoke (which wins): a worker takes a first delivery of a task stored STARTED or
+    /// FAILURE (the FAILURE a dead-lettering records) for a duplicate and would not run it.
     pub(crate) async fn send_again(&self, queue: &str, signature: Signature) -> Result<()> {
         let signature = fresh_copy(queue, signature);
         if let Some(backend) = self.server.backend() {
             if !signature.uuid.is_empty() {
                 if let Some(stored) = backend.get_state(&signature.uuid).await? {
-                    if !stored.state.is_final() {
+                    if stored.state != State::Success && !crate::backend::is_revoked(&stored) {
                         backend.purge_state(&signature.uuid).await?;
                     }
                 }

@@ -119,7 +119,6 @@ struct SendArgs {
     /// The task's registered name.
     name: String,
     /// Its arguments.
-    #[arg(allow_hyphen_values = true)]
     args: Vec<String>,
     /// Wait for the result and print it.
     #[arg(long)]
@@ -501,20 +500,24 @@ fn progress_bar() -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-/// Asks on stderr and reads the answer from stdin, unless `yes`; refuses without a `y`.
+/// Asks on stderr (when stdin is a terminal) and reads the answer from stdin, unless `yes`;
+/// refuses without a `y`.
 fn confirm(yes: bool, question: &str) -> Result<(), Error> {
     if yes {
         return Ok(());
     }
+    let interactive = std::io::stdin().is_terminal();
     let mut stderr = std::io::stderr();
-    let _ = write!(stderr, "{question} [y/N] ");
-    let _ = stderr.flush();
+    if interactive {
+        let _ = write!(stderr, "{question} [y/N] ");
+        let _ = stderr.flush();
+    }
     let mut answer = String::new();
     let _ = std::io::stdin().lock().read_line(&mut answer);
     if matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
         return Ok(());
     }
-    if !answer.ends_with('\n') {
+    if interactive && !answer.ends_with('\n') {
         let _ = writeln!(stderr);
     }
     Err(usage(
