@@ -187,7 +187,7 @@ async fn the_dashboard_in_a_real_browser() {
         .click()
         .await
         .expect("search");
-    assert_eq!(browser.text("#task-uuid", SHOW).await, wanted);
+    browser.wait_text("#task-uuid", &wanted, SHOW).await;
     assert_eq!(browser.text("#task-state", SHOW).await, "SUCCESS");
     assert_eq!(browser.text("#task-results", SHOW).await, "int64:8");
     assert!(browser.text("#timeline", SHOW).await.contains("SUCCESS"));
@@ -209,7 +209,7 @@ async fn the_dashboard_in_a_real_browser() {
         .click()
         .await
         .expect("follow the link");
-    assert_eq!(browser.text("#task-uuid", SHOW).await, second);
+    browser.wait_text("#task-uuid", &second, SHOW).await;
     assert_eq!(browser.text("#task-state", SHOW).await, "SUCCESS");
     assert_eq!(browser.text("#task-results", SHOW).await, "int64:6");
 
@@ -262,8 +262,7 @@ async fn the_dashboard_in_a_real_browser() {
         .click()
         .await
         .expect("requeue");
-    let flash = browser.text("#flash", SHOW).await;
-    assert_eq!(flash, "Requeued 1.");
+    browser.wait_text("#flash", "Requeued 1.", SHOW).await;
     // Purge asks first; dismissed, nothing happens; accepted, the other dead letter goes.
     let doomed = format!("tr[data-id='{doomed_uuid}']");
     browser.text(&doomed, SHOW).await;
@@ -276,7 +275,7 @@ async fn the_dashboard_in_a_real_browser() {
     assert!(client.find(Locator::Css(&doomed)).await.is_ok());
     purge.click().await.expect("purge");
     client.accept_alert().await.expect("say yes");
-    assert_eq!(browser.text("#flash", SHOW).await, "Purged 1.");
+    browser.wait_text("#flash", "Purged 1.", SHOW).await;
     assert!(browser
         .text("#no-dead-letters", SHOW)
         .await

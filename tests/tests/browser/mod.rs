@@ -109,16 +109,39 @@ impl Browser {
         path
     }
 
-    /// The text of the element `css`, waiting up to `timeout` for it to appear.
+    /// The text of the element `css`, waiting up to `timeout` for it to appear. An element
+    /// replaced while it is read (a page that refreshes a part of itself, or navigates) is
+    /// looked up again.
     pub async fn text(&self, css: &str, timeout: Duration) -> String {
-        let element = self
-            .client
-            .wait()
-            .at_most(timeout)
-            .for_element(Locator::Css(css))
-            .await
-            .unwrap_or_else(|error| panic!("no element {css}: {error}"));
-        element.text().await.expect("element text")
+        let deadline = Instant::now() + timeout;
+        loop {
+            let read = match self.client.find(Locator::Css(css)).await {
+                Ok(element) => element.text().await.map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            match read {
+                Ok(text) => return text,
+                Err(error) if Instant::now() >= deadline => panic!("no element {css}: {error}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Waits until the element `css` shows exactly `want` (the page may still be loading).
+    pub async fn wait_text(&self, css: &str, want: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let shown = self.text(css, left).await;
+            if shown == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{css} shows {shown:?}, not {want:?}, after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Reloads the page until the element `css` shows `want`, up to `timeout`.
