@@ -484,6 +484,12 @@ pub(crate) async fn task(State(state): State<AppState>, Path(uuid): Path<String>
         name = Esc(&stored.task_name),
         state = badge(stored.state.as_str()),
     );
+    // Go's TaskState keeps no arguments, and neither does the recent index; a dead letter's
+    // row on the dead-letters page shows its signature's.
+    body.push_str(
+        "<dt>Args</dt><dd class=\"muted\" id=\"task-args\">not kept by the result store \
+         (a dead letter's are on the Dead letters page)</dd>",
+    );
     if let Some(results) = stored.results.as_deref().filter(|r| !r.is_empty()) {
         let _ = write!(
             body,
