@@ -202,6 +202,7 @@ async fn the_dashboard_in_a_real_browser() {
         .expect("open the chain");
     let tree = browser.text("#tree", SHOW).await;
     assert!(tree.contains("dash_double"), "{tree}");
+    browser.screenshot("chain").await;
     client
         .find(Locator::Css(&format!("#tree a[href='/tasks/{second}']")))
         .await

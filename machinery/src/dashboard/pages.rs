@@ -52,6 +52,13 @@ fn when(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// A Unix time in ms, to the millisecond.
+fn when_precise(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string())
+        .unwrap_or_default()
+}
+
 /// At most `max` characters of `s`, with an ellipsis when cut.
 fn cut(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
@@ -518,11 +525,19 @@ pub(crate) async fn task(State(state): State<AppState>, Path(uuid): Path<String>
     body.push_str("</section>");
     if !info.timeline.is_empty() {
         body.push_str("<section class=\"card\"><h2>Timeline</h2><table id=\"timeline\">");
+        if let Some(sent) = stored.created_at.datetime() {
+            let _ = write!(
+                body,
+                "<tr><td>{}</td><td>{} <span class=\"muted\">sent</span></td></tr>",
+                sent.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
+                badge("PENDING")
+            );
+        }
         for (name, at_ms) in &info.timeline {
             let _ = write!(
                 body,
                 "<tr><td>{}</td><td>{}</td></tr>",
-                when(*at_ms),
+                when_precise(*at_ms),
                 badge(name.as_str())
             );
         }
