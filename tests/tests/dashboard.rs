@@ -235,6 +235,10 @@ async fn a_token_guards_every_page() {
     )
     .await;
     assert_eq!(wrong.status, 303);
+    // The stylesheet and script are public (the login form uses them).
+    let script = http(addr, "GET", "/assets/dashboard.js", &[], "").await;
+    assert_eq!(script.status, 200);
+    assert!(script.headers["content-type"].starts_with("text/javascript"));
     // The header.
     let bearer = format!("Bearer {token}");
     let page = http(addr, "GET", "/", &[("Authorization", &bearer)], "").await;
@@ -352,6 +356,13 @@ async fn stored_values_render_as_text() {
     );
     assert!(!page.body.contains("<script>document"), "{}", page.body);
     assert!(!page.body.contains("<img src=x"), "{}", page.body);
+    // And should anything slip through, the browser runs no inline code and no frame shows it.
+    let policy = &page.headers["content-security-policy"];
+    assert!(policy.contains("default-src 'self'"), "{policy}");
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    assert!(!page.body.contains("<script>"), "no inline script");
+    assert_eq!(page.headers["x-frame-options"], "DENY");
+    assert_eq!(page.headers["referrer-policy"], "no-referrer");
     let list = http(addr, "GET", "/tasks?state=failure", &[], "").await;
     assert!(list.body.contains(&uuid), "{}", list.body);
     assert!(!list.body.contains("<script>document"), "{}", list.body);

@@ -53,8 +53,9 @@ pub(crate) enum Nav {
     None,
 }
 
-/// Wraps a page body in the common layout: head with the inline stylesheet, navigation with
-/// the UUID search box, and the script.
+/// Wraps a page body in the common layout: head with the stylesheet and the script (served
+/// by the dashboard itself: the Content-Security-Policy allows no inline code), navigation
+/// with the UUID search box.
 pub(crate) fn page(title: &str, nav: Nav, body: &str) -> String {
     let mut out = String::with_capacity(body.len() + 4096);
     let item = |out: &mut String, which: Nav, href: &str, label: &str| {
@@ -65,10 +66,12 @@ pub(crate) fn page(title: &str, nav: Nav, body: &str) -> String {
         out,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{} · machinery</title><style>{}</style></head><body><header>\
+         <title>{} · machinery</title><link rel=\"stylesheet\" href=\"{}\">\
+         <script src=\"{}\" defer></script></head><body><header>\
          <a class=\"brand\" href=\"/\">machinery</a><nav>",
         Esc(title),
-        super::assets::CSS
+        super::assets::CSS_PATH,
+        super::assets::JS_PATH,
     );
     item(&mut out, Nav::Overview, "/", "Overview");
     item(&mut out, Nav::Tasks, "/tasks", "Tasks");
@@ -78,8 +81,7 @@ pub(crate) fn page(title: &str, nav: Nav, body: &str) -> String {
         "</nav><form class=\"search\" method=\"get\" action=\"/tasks/search\">\
          <input id=\"search-uuid\" name=\"uuid\" placeholder=\"task UUID\" autocomplete=\"off\">\
          <button id=\"search-go\" type=\"submit\">Find</button></form></header><main>{body}</main>\
-         <script>{}</script></body></html>",
-        super::assets::JS
+         </body></html>"
     );
     out
 }

@@ -11,8 +11,9 @@
 //! - **Dead letters** (`/dead-letters`): each message with its reason, with buttons to
 //!   requeue one or all and to purge.
 //!
-//! Pages are HTML built in Rust with every stored value escaped, plus a few lines of inline
-//! JavaScript; no Node build step, no request leaves for a CDN.
+//! Pages are HTML built in Rust with every stored value escaped, plus one small script and
+//! stylesheet compiled into the binary and served by the dashboard; no Node build step, no
+//! request leaves for a CDN.
 //!
 //! # Security
 //!
@@ -246,8 +247,9 @@ fn check_settings(listen: SocketAddr, token: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// All routes: the login form outside the access check, everything else inside it; the CSRF
-/// check in front of every POST.
+/// All routes: the login form and the two static assets outside the access check, everything
+/// else inside it; the CSRF check in front of every POST; the security headers on every
+/// response.
 fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/", get(pages::overview))
@@ -267,12 +269,15 @@ fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/login", get(pages::login_form).post(pages::login))
+        .route(assets::CSS_PATH, get(assets::css))
+        .route(assets::JS_PATH, get(assets::js))
         .merge(protected)
         .fallback(pages::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_csrf,
         ))
+        .layer(axum::middleware::from_fn(auth::security_headers))
         .with_state(state)
 }
 

@@ -200,8 +200,8 @@ pub(crate) async fn overview(State(state): State<AppState>) -> Page200 {
     let body = format!(
         "<h1>Overview</h1>\
          <section class=\"card\"><h2>Throughput, last 15 minutes</h2>\
-         <div class=\"legend\"><span><i style=\"background:#12805c\"></i>tasks/s</span>\
-         <span><i style=\"background:#c4320a\"></i>failures/s</span>\
+         <div class=\"legend\"><span><i class=\"sw-tasks\"></i>tasks/s</span>\
+         <span><i class=\"sw-fail\"></i>failures/s</span>\
          <span id=\"chart-total\" class=\"muted\"></span></div><div id=\"chart\"></div></section>\
          <section class=\"card\"><h2>Queues</h2><div id=\"queues\" data-refresh=\"/partials/queues\">{queues}</div></section>\
          <section class=\"card\"><h2>Workers</h2><div id=\"workers\" data-refresh=\"/partials/workers\">{workers}</div></section>"
