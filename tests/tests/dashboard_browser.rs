@@ -2,7 +2,7 @@
 //! driven over WebDriver), against RabbitMQ and Redis (DB 13): send tasks, open the overview,
 //! find a task by UUID and read its state, follow a chain link, check a hostile error message
 //! renders as text, requeue a dead letter with its button and watch it reach SUCCESS, purge
-//! another through the confirmation dialog. Each
+//! another through the confirmation dialog; sign in with the token on the login form. Each
 //! page's screenshot is saved under `target/screenshots/` (the paths are printed).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -304,9 +304,86 @@ async fn the_dashboard_in_a_real_browser() {
         .await
         .expect("the chart");
     browser.screenshot("overview").await;
+    // The chart redraws itself (every 5 s) without a reload.
+    let drawn = client
+        .find(Locator::Css("#chart"))
+        .await
+        .expect("the chart")
+        .attr("data-drawn")
+        .await
+        .expect("its stamp");
+    let deadline = Instant::now() + SHOW;
+    loop {
+        let now = client
+            .find(Locator::Css("#chart"))
+            .await
+            .expect("the chart")
+            .attr("data-drawn")
+            .await
+            .expect("its stamp");
+        if now != drawn {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the chart was not redrawn");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     browser.close().await;
     dashboard.shutdown().await;
     worker.shutdown().await.expect("stop the worker");
+    common::cleanup(&config).await;
+}
+
+/// With a token, a browser signs in on the login form and then sees every page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_in_with_the_token() {
+    let config = config();
+    let admin = Admin::from_config(&config).await.expect("admin");
+    let token = "browser-test-token-0123456789";
+    let dashboard = Dashboard::new(admin)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .token(Some(token.to_owned()))
+        .spawn()
+        .await
+        .expect("dashboard");
+    let base = format!("http://{}", dashboard.local_addr());
+    let browser = Browser::start().await;
+    let client = &browser.client;
+    client.goto(&format!("{base}/tasks")).await.expect("open");
+    // Sent to the login form; a wrong token is refused.
+    let field = client
+        .wait()
+        .at_most(SHOW)
+        .for_element(Locator::Css("#token"))
+        .await
+        .expect("the login form");
+    field.send_keys("not-the-token").await.expect("type");
+    browser.screenshot("login").await;
+    client
+        .find(Locator::Css("#sign-in"))
+        .await
+        .expect("sign in")
+        .click()
+        .await
+        .expect("submit");
+    browser.wait_text("#error", "Wrong token.", SHOW).await;
+    let field = client
+        .find(Locator::Css("#token"))
+        .await
+        .expect("the field");
+    field.send_keys(token).await.expect("type");
+    client
+        .find(Locator::Css("#sign-in"))
+        .await
+        .expect("sign in")
+        .click()
+        .await
+        .expect("submit");
+    browser.wait_text("h1", "Overview", SHOW).await;
+    // The session cookie opens the other pages too.
+    client.goto(&format!("{base}/tasks")).await.expect("open");
+    browser.wait_text("h1", "Recent tasks", SHOW).await;
+    browser.close().await;
+    dashboard.shutdown().await;
     common::cleanup(&config).await;
 }
