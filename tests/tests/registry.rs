@@ -417,3 +417,107 @@ async fn a_chain_and_a_chord_are_recovered_as_trees() {
     assert_eq!(tree.children[2].uuid, handle.task_uuid());
     worker.shutdown().await.unwrap();
 }
+
+/// Sends `reg_add(2, 3)` with its attempts used up: the worker dead-letters it.
+async fn dead_letter_one(server: &Server) -> String {
+    let mut signature = machinery::wire::Signature::new("reg_add");
+    signature.uuid = format!("task_{}", uuid::Uuid::new_v4());
+    for n in [2, 3] {
+        signature.args.push(machinery::wire::Arg {
+            name: String::new(),
+            type_name: "int64".into(),
+            value: serde_json::json!(n),
+        });
+    }
+    signature
+        .headers
+        .insert("x-machinery-attempts".into(), serde_json::json!(100));
+    let uuid = signature.uuid.clone();
+    server.send_wire(signature).await.unwrap();
+    uuid
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_redis_brokers_queues_and_dead_letters_through_admin() {
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    let mut config = Config::builder()
+        .broker(redis_db(11))
+        .result_backend(redis_db(11))
+        .default_queue(format!("reg_redis_{id}_tasks"))
+        .build()
+        .unwrap();
+    config.registry.flush_every = Duration::from_millis(20);
+    let queue = config.default_queue.clone();
+    let server = Server::new(config.clone()).await.unwrap();
+    let worker = server.worker().spawn().await.unwrap();
+    let admin = Admin::from_config(&config).await.unwrap();
+    let broker = machinery::broker::redis::RedisBroker::connect(&config)
+        .await
+        .unwrap();
+
+    let uuid = dead_letter_one(&server).await;
+    broker
+        .push_raw(&queue, b"not a signature".to_vec())
+        .await
+        .unwrap();
+    let letters = wait_for("two dead letters", async || {
+        let listed = admin.dead_letters(None, Page::first(10)).await.unwrap();
+        (listed.total == Some(2)).then_some(listed)
+    })
+    .await;
+    let ids: Vec<&str> = letters.items.iter().map(|d| d.id.as_str()).collect();
+    assert!(ids.contains(&uuid.as_str()), "{ids:?}");
+    let garbage = letters
+        .items
+        .iter()
+        .find(|d| d.signature.is_none())
+        .unwrap();
+    assert!(garbage.id.starts_with("sha1:"));
+    assert_eq!(garbage.body_preview, "not a signature");
+    assert!(!garbage.reason.is_empty());
+    let ours = admin.dead_letter(None, &uuid).await.unwrap().unwrap();
+    assert!(ours.reason.contains("max_deliveries"), "{}", ours.reason);
+    // Pages of one.
+    let first = admin.dead_letters(None, Page::first(1)).await.unwrap();
+    assert_eq!(first.items.len(), 1);
+    assert_eq!(
+        first.next,
+        Some(Page {
+            offset: 1,
+            limit: 1
+        })
+    );
+
+    let info = admin.queue(&queue).await.unwrap();
+    assert_eq!(
+        (info.dead_letters, info.consumers, info.exists),
+        (2, 1, true)
+    );
+
+    // Requeue all: the task runs to SUCCESS, the garbage stays.
+    let mut seen = Vec::new();
+    let report = admin
+        .requeue(None, &machinery::admin::Selection::All, &mut |p| {
+            seen.push(p.done)
+        })
+        .await
+        .unwrap();
+    assert_eq!((report.requeued, report.skipped), (1, 1));
+    assert_eq!(seen, [1, 2]);
+    let state = machinery::AsyncResult::from_uuid(&server, uuid.clone())
+        .typed::<i64>()
+        .get_timeout(WAIT)
+        .await
+        .unwrap();
+    assert_eq!(state, 5);
+    assert_eq!(admin.purge_dead_letters(None).await.unwrap(), 1);
+    assert_eq!(admin.queue(&queue).await.unwrap().dead_letters, 0);
+
+    worker.shutdown().await.unwrap();
+    for _ in 0..3 {
+        broker.push_raw(&queue, b"x".to_vec()).await.unwrap();
+    }
+    assert_eq!(admin.queue(&queue).await.unwrap().depth, 3);
+    assert_eq!(admin.purge(&queue).await.unwrap(), 3);
+    assert_eq!(admin.queue(&queue).await.unwrap().depth, 0);
+}

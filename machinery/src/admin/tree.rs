@@ -55,8 +55,26 @@ pub enum NodeKind {
     Group,
 }
 
-/// A node of a task tree ([`Admin::tree`]); see the [module docs](self) for what can be
-/// recovered.
+/// A node of a task tree ([`Admin::tree`]).
+///
+/// A stored task state names no other task, so the structure comes from what workers record
+/// when a task with links runs: its `OnSuccess` and `OnError` signatures, nested as they are
+/// in the message (a chain's later links included, with the UUIDs the worker gives them), its
+/// chord callback and its group. A group's members come from the group record in the result
+/// backend (Go's `GroupMeta`).
+///
+/// What can be recovered:
+/// - from any task of a chain whose first task ran on a worker with the registry on: the
+///   whole chain from that first task;
+/// - from a member of a group or chord, or from the chord callback once a member ran: the
+///   group's members (from the backend's group record, on backends that keep one: Redis,
+///   memory) and the chord callback;
+/// - every member's current state (one batched read).
+///
+/// What cannot: links of tasks that no registry-writing worker has run yet (a chain still
+/// waiting for its first task shows as that task alone), tasks run by Go workers (they write
+/// no links), anything after the links expire (with the results, `results_expire_in`), and
+/// the tree without the registry's Redis (the task alone, with its state).
 ///
 /// ```
 /// use machinery::admin::{Link, NodeKind, TreeNode};
