@@ -473,3 +473,124 @@ async fn the_tasks_page_stays_one_page_with_100_000_tasks() {
     dashboard.shutdown().await;
     common::cleanup(&config).await;
 }
+
+/// The same pages on the Redis broker (Go's list layout): a message that is no task is
+/// dead-lettered by the worker, listed with its reason, left alone by a requeue (it would only
+/// be dead-lettered again), and purged.
+#[tokio::test]
+async fn the_pages_work_on_the_redis_broker() {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let queue = format!("dash_rb_{}", &id[..10]);
+    let redis_url = format!("{}{DB}", common::redis_url());
+    let mut config = Config::builder()
+        .broker(&redis_url)
+        .result_backend(&redis_url)
+        .default_queue(&queue)
+        .build()
+        .unwrap();
+    config.redis.delayed_tasks_key = format!("{queue}.delayed");
+    let server = machinery::Server::new(config.clone())
+        .await
+        .expect("server");
+    let worker = server
+        .worker()
+        .name("dash-rb-worker")
+        .spawn()
+        .await
+        .expect("worker");
+    let mut redis = redis::Client::open(redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(&queue)
+        .arg("<b>not a task</b>")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let admin = Admin::from_config(&config).await.expect("admin");
+    let deadline = Instant::now() + common::WAIT;
+    while admin
+        .queue(&queue)
+        .await
+        .map(|q| q.dead_letters)
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the message was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let dashboard = start(&config, None).await;
+    let addr = dashboard.local_addr();
+    let overview = http(addr, "GET", "/partials/queues", &[], "").await;
+    assert_eq!(overview.status, 200, "{}", overview.body);
+    assert!(
+        overview.body.contains(&format!("data-queue=\"{queue}\"")),
+        "{}",
+        overview.body
+    );
+    let page = http(
+        addr,
+        "GET",
+        &format!("/dead-letters?queue={queue}"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("&lt;b&gt;not a task&lt;/b&gt;"),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains("<b>not a task"), "{}", page.body);
+    let csrf = csrf_of(&page.body);
+    let requeued = http(
+        addr,
+        "POST",
+        "/dead-letters/requeue",
+        &[],
+        &format!("csrf={csrf}&queue={queue}"),
+    )
+    .await;
+    assert_eq!(requeued.status, 303, "{}", requeued.body);
+    assert!(
+        requeued.headers["location"].contains("Requeued%200.%20Left%201"),
+        "{:?}",
+        requeued.headers
+    );
+    let purged = http(
+        addr,
+        "POST",
+        "/dead-letters/purge",
+        &[],
+        &format!("csrf={csrf}&queue={queue}"),
+    )
+    .await;
+    assert!(
+        purged.headers["location"].contains("done=Purged%201."),
+        "{:?}",
+        purged.headers
+    );
+    assert_eq!(admin.queue(&queue).await.unwrap().dead_letters, 0);
+
+    dashboard.shutdown().await;
+    worker.shutdown().await.expect("stop the worker");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{queue}*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+}
