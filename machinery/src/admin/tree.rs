@@ -362,6 +362,7 @@ mod tests {
         let mut third = Signature::new("third");
         third.uuid = "task_3".into();
         let mut second = Signature::new("second");
+        second.uuid = String::new(); // left empty by its producer: the worker derives one
         second.on_success.push(third);
         first.on_success.push(second);
         let shape = Shape::of(&first);

@@ -373,6 +373,7 @@ fn retry_of(signature: &mut Signature, err: &TaskError, max_retry_later: u32) ->
 
 /// Whether a run that failed with `err` is retried ([`retry_of`], on a copy): for observers
 /// that name the outcome without changing the signature.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn will_retry(signature: &Signature, err: &TaskError, max_retry_later: u32) -> bool {
     let mut copy = signature.clone();
     matches!(

@@ -35,6 +35,7 @@ use crate::task::Registry;
 use crate::task::TaskOutcome;
 use crate::wire::Signature;
 use crate::TaskError;
+#[cfg_attr(not(feature = "redis"), allow(unused_imports))]
 pub(crate) use delivery::{derived_uuid, will_retry};
 pub use layers::HARD_LIMIT_EXIT_CODE;
 use layers::{Hooks, InFlight, Layer, Layers, RateLimiter, Revoke, Slot, TimeLimits};
