@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs RabbitMQ and Redis from Debian's packages when they are missing, and starts them bound
-# to 127.0.0.1 when they are not running. Idempotent; every wait is bounded. No systemd needed.
+# to 127.0.0.1 when they are not running. Also installs Debian's headless-capable Chromium and its
+# WebDriver (`chromium`, `chromium-driver`) for the dashboard's browser tests. Idempotent;
+# every wait is bounded. No systemd needed.
 #
 #   tests/services.sh          # install if needed, start if needed
 #   tests/services.sh stop     # stop both
@@ -25,13 +27,16 @@ install_missing() {
   local pkgs=()
   command -v rabbitmq-server >/dev/null || pkgs+=(rabbitmq-server)
   command -v redis-server >/dev/null || pkgs+=(redis-server)
+  [ -x /usr/bin/chromium ] || pkgs+=(chromium)
+  [ -x /usr/bin/chromedriver ] || pkgs+=(chromium-driver)
   if [ ${#pkgs[@]} -gt 0 ]; then
     log "installing ${pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
     as_root apt-get update -qq
     # The packages' init scripts cannot start a service without an init system; we start them below.
     as_root apt-get install -y -qq "${pkgs[@]}" >/dev/null || true
-    command -v rabbitmq-server >/dev/null && command -v redis-server >/dev/null || {
+    command -v rabbitmq-server >/dev/null && command -v redis-server >/dev/null \
+      && [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || {
       log "installation failed"; exit 1; }
   fi
   # The node name and address used by the server and by rabbitmqctl alike.

@@ -55,6 +55,8 @@ pub mod admin;
 pub mod backend;
 pub mod broker;
 pub mod config;
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 pub mod options;
 pub mod periodic;
 #[cfg(feature = "testing")]

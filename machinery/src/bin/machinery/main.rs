@@ -104,7 +104,14 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    // The `dashboard` subcommand goes here, behind `#[cfg(feature = "dashboard")]`.
+    /// Serve the web dashboard until Ctrl-C. Binds to loopback by default; a non-loopback
+    /// address needs the access token in the environment variable DASHBOARD_TOKEN.
+    #[cfg(feature = "dashboard")]
+    Dashboard {
+        /// The address to listen on.
+        #[arg(long, default_value = machinery::dashboard::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -306,7 +313,43 @@ async fn run(cli: Cli, out: &mut Out) -> Result<(), Error> {
             out.purged(&queue, purged);
             Ok(())
         }
+        #[cfg(feature = "dashboard")]
+        Command::Dashboard { listen } => serve_dashboard(admin, listen).await,
     }
+}
+
+/// Serves the dashboard until Ctrl-C or SIGTERM. The token is read from the environment only,
+/// never from the command line (which other users of the machine can read).
+#[cfg(feature = "dashboard")]
+async fn serve_dashboard(admin: Admin, listen: std::net::SocketAddr) -> Result<(), Error> {
+    let token = std::env::var("DASHBOARD_TOKEN").ok();
+    let dashboard = machinery::dashboard::Dashboard::new(admin)
+        .listen(listen)
+        .token(token)
+        .spawn()
+        .await?;
+    println!("machinery dashboard on http://{}/", dashboard.local_addr());
+    let _ = std::io::stdout().flush();
+    stop_signal().await;
+    dashboard.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+#[cfg(feature = "dashboard")]
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn send_task(admin: &Admin, send: SendArgs, out: &mut Out) -> Result<(), Error> {
