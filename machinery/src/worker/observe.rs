@@ -95,6 +95,9 @@ impl Count {
     pub(crate) fn of(report: &Report, settled: &Settled) -> Count {
         match (settled, &report.next) {
             (Settled::DeadLettered { .. }, _) => Count::DeadLettered,
+            // The broker gets the delivery back: it comes again, so whatever it did is not
+            // its outcome yet.
+            (Settled::HandedBack { .. }, _) => Count::Other,
             (_, Next::Retry { .. }) => Count::Retried,
             (
                 Settled::Republished {
@@ -136,6 +139,13 @@ impl Observer for LogOutcome {
         let duration_ms = report.ran.map(|r| millis(r.elapsed));
         let error = report.error.as_deref();
         match (Count::of(report, settled), settled, &report.next) {
+            (_, Settled::HandedBack { error: e }, _) => warn!(
+                duration_ms,
+                error = %e,
+                task_error = error,
+                next = "handed back to the broker",
+                "task not settled; the broker gets it back"
+            ),
             (Count::Succeeded, _, _) => match self.success {
                 Level::ERROR => error!(duration_ms, "task succeeded"),
                 Level::WARN => warn!(duration_ms, "task succeeded"),
@@ -173,12 +183,6 @@ impl Observer for LogOutcome {
                 "task failed"
             ),
             (_, _, Next::Revoked) => info!(duration_ms, "task revoked while it ran"),
-            (_, Settled::HandedBack { error: e }, _) => warn!(
-                duration_ms,
-                error = %e,
-                next = "handed back to the broker",
-                "task not settled; the broker gets it back"
-            ),
             _ => debug!(duration_ms, ?settled, "delivery settled"),
         }
     }
