@@ -178,6 +178,8 @@ pub enum BackendOp {
     GroupMeta,
     /// `trigger_chord`.
     TriggerChord,
+    /// `mark_group_member`.
+    MarkGroupMember,
 }
 
 /// The broker calls a [`FaultyBroker`] can fail.
@@ -364,9 +366,13 @@ impl ResultBackend for FaultyBackend {
         state: &TaskState,
         again: bool,
     ) -> Result<()> {
-        self.inner
-            .mark_group_member(group_uuid, group_task_count, state, again)
-            .await
+        let lost = self.check(BackendOp::MarkGroupMember, Some(state))?;
+        lose(
+            lost,
+            self.inner
+                .mark_group_member(group_uuid, group_task_count, state, again)
+                .await,
+        )
     }
 }
 

@@ -573,3 +573,44 @@ async fn a_group_of_more_than_a_thousand_members_is_counted_once_each() {
     worker.shutdown().await.unwrap();
     backend.purge_group_meta(r.group_uuid()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_mark_whose_reply_is_lost_is_not_counted_twice() {
+    // The mark lands but its reply is lost: the worker tries again, checking the group queue
+    // first, so Go's count (GroupCompleted: the queue's message count) stays exact.
+    let mut config = config("ab_marklost", 600);
+    config.store_retry_timeout = Duration::from_secs(10);
+    let backend = FaultyBackend::new(Arc::new(
+        AmqpBackend::connect(&config).await.expect("RabbitMQ"),
+    ));
+    let broker = machinery::broker::amqp::AmqpBroker::connect(&config)
+        .await
+        .expect("RabbitMQ");
+    let server = Server::from_parts(
+        config.clone(),
+        Arc::new(broker) as Arc<dyn Broker>,
+        Some(Arc::new(backend.clone()) as Arc<dyn ResultBackend>),
+    );
+    backend.arm(BackendOp::MarkGroupMember, Fault::times(3).reply_lost());
+    let worker = server.worker().concurrency(1).spawn().await.unwrap();
+    let group = Group::new([
+        add::signature(vec![1, 1]),
+        add::signature(vec![2, 2]),
+        add::signature(vec![3, 3]),
+    ]);
+    let r = server.send_group(group).await.unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), [2, 4, 6]);
+    let amqp = AmqpBackend::connect(&config).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !amqp.group_completed(r.group_uuid(), 3).await.unwrap() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the group queue never held exactly 3 states"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(backend.calls(BackendOp::MarkGroupMember) >= 6);
+    worker.shutdown().await.unwrap();
+    amqp.purge_group_meta(r.group_uuid()).await.unwrap();
+    cleanup(&config).await;
+}

@@ -447,8 +447,12 @@ async fn follow_up(
             }
         };
         let (group, count) = (signature.group_uuid.as_str(), group_task_count);
+        // A try after a failed one may follow a mark that landed (a lost confirm): it checks
+        // first, as a redelivery does.
+        let tried = std::sync::atomic::AtomicBool::new(again);
         ctx.store
             .call("record a finished group member", |b| {
+                let again = tried.swap(true, std::sync::atomic::Ordering::Relaxed);
                 b.mark_group_member(group, count, &member, again)
             })
             .await?;
