@@ -1497,6 +1497,50 @@ async fn writes_queued_behind_an_abandoned_write_are_still_made() {
     }
 }
 
+/// A task UUID that names a key of another type (a list, say the broker's queue) fails its
+/// own write, for good, and leaves the key alone; the writes that share its run succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uuid_naming_a_key_of_another_type_fails_alone() {
+    let redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let list = task_uuid();
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(&list)
+        .arg("a message")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..50).map(|_| task_uuid()).collect();
+    let all = ids.iter().chain(std::iter::once(&list));
+    let outcomes = futures_util::future::join_all(
+        all.map(|id| b.transition(TaskState::new(id, State::Started))),
+    )
+    .await;
+    let (bad, good) = outcomes.split_last().unwrap();
+    for outcome in good {
+        assert_eq!(outcome.as_ref().unwrap(), &None);
+    }
+    let err = bad.as_ref().unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert!(b
+        .set_state(TaskState::new(&list, State::Success))
+        .await
+        .is_err());
+    let kept: Vec<String> = redis::cmd("LRANGE")
+        .arg(&list)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, ["a message"]);
+}
+
 #[tokio::test]
 async fn writes_are_one_round_trip() {
     let redis = common::PrivateRedis::start();

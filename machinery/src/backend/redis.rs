@@ -116,7 +116,8 @@ const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// `CreatedAt` value (head, name, mid, created, tail), the new state's name, and two flags,
 /// `1` or `0`, to carry `TaskName` and `CreatedAt` forward (`10`: the name only).
 ///
-/// Returns, per key, `1` when it wrote and `0` when it refused; with `ARGV[2]` = `1`, also the
+/// Returns, per key, `1` when it wrote, `0` when it refused and `-1` when the key holds a value
+/// of another type than a string (left alone); with `ARGV[2]` = `1`, also the
 /// stored record (nil when none) and the state name the guard read from it (nil when there is
 /// no record, or it is not JSON or has a state that is none of the six).
 const WRITE_STATES_LUA: &str = r#"
@@ -157,7 +158,11 @@ local out = {}
 for i, key in ipairs(KEYS) do
   local a = 2 + (i - 1) * 7
   local name, created, nxt, carry = ARGV[a + 2], ARGV[a + 4], ARGV[a + 6], ARGV[a + 7]
-  local old = redis.call('GET', key)
+  local old = redis.pcall('GET', key)
+  -- A key of another type (a list, a hash) is no task state: this write fails alone and the
+  -- key is left as it is.
+  local wrong = type(old) == 'table' and old.err ~= nil
+  if wrong then old = false end
   local record, stored = nil, nil
   if old then
     local ok, decoded = pcall(cjson.decode, old)
@@ -181,6 +186,7 @@ for i, key in ipairs(KEYS) do
   elseif kind and nxt == 'PENDING' then
     allowed = kind == 'pending' or kind == 'retry'
   end
+  if wrong then allowed = false end
   if allowed then
     if record then
       if string.sub(carry, 1, 1) == '1' then name = carried(record, 'TaskName') or name end
@@ -189,7 +195,7 @@ for i, key in ipairs(KEYS) do
     redis.call('SET', key, ARGV[a + 1] .. name .. ARGV[a + 3] .. created .. ARGV[a + 5],
                'EX', expiry)
   end
-  out[#out + 1] = allowed and 1 or 0
+  out[#out + 1] = wrong and -1 or (allowed and 1 or 0)
   if keep then
     out[#out + 1] = old or false
     out[#out + 1] = stored or false
@@ -435,6 +441,21 @@ impl RedisBackend {
             },
             _ => Err(self.unexpected_reply(what)),
         }
+    }
+
+    /// An error for a write the script refused because `uuid` names a key of another type
+    /// (which no retry cures).
+    fn check_written(&self, uuid: &str, written: &redis::Value) -> Result<()> {
+        if *written != redis::Value::Int(-1) {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Rejected,
+            format!(
+                "Redis at {}: cannot store the state of task {uuid}: the key holds a value that is not a task state (another type)",
+                self.display
+            ),
+        ))
     }
 
     pub(super) fn unexpected_reply(&self, what: &str) -> Error {
@@ -900,10 +921,8 @@ impl ResultBackend for RedisBackend {
     /// The guarded write script (see the [module docs](self)), in a run shared with the
     /// writes made at the same time by other tasks: one round trip.
     async fn set_state(&self, state: TaskState) -> Result<()> {
-        self.batcher
-            .write(self, Encoded::new(&state)?)
-            .await
-            .map(drop)
+        let [written, _, _] = self.batcher.write(self, Encoded::new(&state)?).await?;
+        self.check_written(&state.task_uuid, &written)
     }
 
     /// Every state through the guarded write script, 500 per run, the runs pipelined: one
@@ -922,6 +941,7 @@ impl ResultBackend for RedisBackend {
     async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
         let [written, old, stored] = self.batcher.write(self, Encoded::new(&state)?).await?;
         let uuid = &state.task_uuid;
+        self.check_written(uuid, &written)?;
         let previous = self.previous(uuid, old, stored, "record task state")?;
         if written == redis::Value::Int(0) {
             debug!(task = %uuid, state = %state.state, previous = ?previous.as_ref().map(|p| p.state), "refused a backward transition");
@@ -1127,6 +1147,12 @@ pub(super) struct Encoded {
 }
 
 impl Encoded {
+    /// The bytes it sends.
+    pub(super) fn len(&self) -> usize {
+        let p = &self.pieces;
+        self.uuid.len() + p.head.len() + p.name.len() + p.mid.len() + p.created.len() + p.tail.len()
+    }
+
     pub(super) fn new(state: &TaskState) -> Result<Encoded> {
         let carry = match (state.task_name.is_empty(), state.created_at.is_zero()) {
             (true, true) => "11",

@@ -27,6 +27,10 @@ use crate::error::{Error, ErrorKind, Result};
 /// The most writes one batch carries (the script runs over them in chunks, pipelined).
 pub(super) const MAX_BATCH: usize = 1_000;
 
+/// The most bytes one batch carries (a write larger than this goes alone), so that a batch of
+/// large results stays far from the server's query buffer limit and within one reply timeout.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
 /// The most batches in flight at once.
 const FLUSHERS: usize = 2;
 
@@ -109,7 +113,15 @@ impl Batcher {
             queue.flushers = queue.flushers.saturating_sub(1);
             return None;
         }
-        let take = queue.pending.len().min(MAX_BATCH);
+        let mut take = 0;
+        let mut bytes = 0;
+        for job in queue.pending.iter().take(MAX_BATCH) {
+            bytes += job.state.len();
+            if take > 0 && bytes > MAX_BATCH_BYTES {
+                break;
+            }
+            take += 1;
+        }
         let rest = queue.pending.split_off(take);
         Some(std::mem::replace(&mut queue.pending, rest))
     }
@@ -130,14 +142,17 @@ impl Batcher {
         }
     }
 
-    /// Starts a flusher, already counted in.
+    /// Starts a flusher, already counted in. Outside a runtime (a write future dropped
+    /// there), it is counted out at once and fails what it would have flushed.
     fn spawn_flusher(self: &Arc<Self>, backend: &RedisBackend) {
         // Made before the task: if the runtime drops the task unstarted, it still counts out.
         let flusher = Flusher {
             batcher: Arc::clone(self),
             done: false,
         };
-        tokio::spawn(flush(backend.clone(), flusher));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            drop(runtime.spawn(flush(backend.clone(), flusher)));
+        }
     }
 }
 
@@ -158,8 +173,16 @@ impl Drop for Lead<'_> {
 /// Writes batches until the queue is empty.
 async fn flush(backend: RedisBackend, mut flusher: Flusher) {
     while let Some(jobs) = flusher.batcher.next_batch() {
-        let (states, replies): (Vec<Encoded>, Vec<_>) =
-            jobs.into_iter().map(|job| (job.state, job.reply)).unzip();
+        // A write whose caller stopped waiting is not made: like a write never sent, and so
+        // that it cannot land after a later write of the same task.
+        let (states, replies): (Vec<Encoded>, Vec<_>) = jobs
+            .into_iter()
+            .filter(|job| !job.reply.is_closed())
+            .map(|job| (job.state, job.reply))
+            .unzip();
+        if states.is_empty() {
+            continue;
+        }
         match backend.write_encoded(&states, true, WHAT).await {
             Ok(values) => {
                 let mut values = values.into_iter();
