@@ -19,9 +19,12 @@ async fn registry_noop(n: i64) -> i64 {
 }
 
 async fn run(tasks: usize, registry: Option<&str>) -> f64 {
-    let name = format!("registry-bench-{}", std::process::id());
+    // A fresh embedded broker and backend per run: states do not pile up across runs.
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("registry-bench-{}-{run}", std::process::id());
     let mut config = Config::builder()
-        .broker(format!("memory://{name}-{}", registry.is_some()))
+        .broker(format!("memory://{name}"))
         .build()
         .expect("config");
     match registry {
