@@ -587,24 +587,10 @@ impl Inner {
     async fn message_count(&self, queue: &str) -> Result<Option<u32>> {
         let name = queue_name("queue name", queue)?;
         let channel = self.channel().await?;
-        let declared = channel
-            .queue_declare(
-                name,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(q) => {
-                let _ = channel.close(200, "done".into()).await;
-                Ok(Some(q.message_count()))
-            }
-            Err(e) if matches!(soft_error(&e), Some(AMQPSoftError::NOTFOUND)) => Ok(None),
-            Err(e) => Err(self.error(&format!("cannot inspect the queue `{queue}`"), e)),
-        }
+        let counts = crate::broker::amqp::passive_declare(&channel, name)
+            .await
+            .map_err(|e| self.error(&format!("cannot inspect the queue `{queue}`"), e))?;
+        Ok(counts.map(|(ready, _)| ready))
     }
 
     /// Like [`exists`](Self::exists), on `channel` (which a missing queue closes).

@@ -1001,6 +1001,43 @@ pub(crate) fn amqp_uri(url: &str) -> String {
     }
 }
 
+/// A passive declaration of `queue` on `channel`: its ready messages and consumers, or `None`
+/// when it does not exist (RabbitMQ then closes the channel). The channel is closed after.
+pub(crate) async fn passive_declare(
+    channel: &Channel,
+    queue: ShortString,
+) -> std::result::Result<Option<(u32, u32)>, lapin::Error> {
+    let declared = channel
+        .queue_declare(
+            queue,
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    if channel.status().connected() {
+        let _ = channel.close(200, "declared".into()).await;
+    }
+    match declared {
+        Ok(q) => Ok(Some((q.message_count(), q.consumer_count()))),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `e` is RabbitMQ's NOT_FOUND (a missing queue).
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+        ),
+        _ => false,
+    }
+}
+
 fn link_alive(link: &Link) -> bool {
     link.channel.status().connected() && link.connection.status().connected()
 }
@@ -1102,24 +1139,17 @@ impl Broker for AmqpBroker {
             self.inner
                 .broker_error("cannot open a channel to read a queue's depth", e)
         })?;
-        let declared = channel
-            .queue_declare(
-                name,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "depth read".into()).await;
-        }
-        let declared = declared.map_err(|e| {
+        let depth = passive_declare(&channel, name).await.map_err(|e| {
             self.inner
                 .broker_error(&format!("cannot read the depth of queue `{queue}`"), e)
         })?;
-        Ok(Some(u64::from(declared.message_count())))
+        match depth {
+            Some((ready, _)) => Ok(Some(u64::from(ready))),
+            None => Err(Error::new(
+                ErrorKind::Broker,
+                format!("cannot read the depth of queue `{queue}`: it does not exist"),
+            )),
+        }
     }
 
     fn reconnects(&self) -> u64 {

@@ -4,8 +4,8 @@
 //! its own on the broker's connection and closes it: a refused passive declare (no such
 //! queue) closes that channel only.
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
+use lapin::types::AMQPValue;
 use lapin::Channel;
 
 use super::{short, AmqpBroker};
@@ -35,31 +35,15 @@ impl AmqpBroker {
     /// `(messages, consumers)` of `queue`, or `None` if it does not exist.
     async fn passive(&self, queue: &str) -> Result<Option<(u64, u64)>> {
         let channel = self.admin_channel().await?;
-        let declared = channel
-            .queue_declare(
-                short("queue name", queue)?,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(q) => {
-                let _ = channel.close(200, "done".into()).await;
-                Ok(Some((
-                    u64::from(q.message_count()),
-                    u64::from(q.consumer_count()),
-                )))
-            }
-            // NOT_FOUND closes the channel; anything else that closed it is the same answer
-            // for an operator (the queue cannot be read).
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(self
-                .inner
-                .broker_error(&format!("cannot inspect queue `{queue}`"), e)),
-        }
+        // NOT_FOUND is no queue; anything else that closed the channel is the same answer for
+        // an operator (the queue cannot be read).
+        let counts = super::passive_declare(&channel, short("queue name", queue)?)
+            .await
+            .map_err(|e| {
+                self.inner
+                    .broker_error(&format!("cannot inspect queue `{queue}`"), e)
+            })?;
+        Ok(counts.map(|(ready, consumers)| (u64::from(ready), u64::from(consumers))))
     }
 
     pub(crate) async fn admin_queue(&self, queue: &str) -> Result<QueueInfo> {
@@ -250,15 +234,5 @@ fn header(properties: &lapin::BasicProperties, key: &str) -> Option<String> {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         _ => None,
-    }
-}
-
-fn is_not_found(e: &lapin::Error) -> bool {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => matches!(
-            amqp.kind(),
-            lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
-        ),
-        _ => false,
     }
 }
