@@ -113,6 +113,20 @@ pub struct Paged<T> {
     pub next: Option<Page>,
 }
 
+impl<T> Paged<T> {
+    /// `items`, one page of a listing of `total` that started at `page`'s offset and asked for
+    /// `limit` items: there is a next page when the listing holds more and this one was full.
+    pub(crate) fn of(items: Vec<T>, total: u64, page: Page, limit: usize) -> Paged<T> {
+        let served = items.len();
+        let more = u64::try_from(page.offset.saturating_add(served)).unwrap_or(u64::MAX) < total;
+        Paged {
+            items,
+            total: Some(total),
+            next: (more && served == limit).then(|| page.next()),
+        }
+    }
+}
+
 /// A queue, as the broker reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]

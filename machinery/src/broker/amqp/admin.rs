@@ -46,6 +46,22 @@ impl AmqpBroker {
         Ok(counts.map(|(ready, consumers)| (u64::from(ready), u64::from(consumers))))
     }
 
+    /// The next message of the dead-letter queue `dlq`, taken without acknowledging it (closing
+    /// `channel` gives it back).
+    async fn get_unacked(
+        &self,
+        channel: &Channel,
+        dlq: &str,
+    ) -> Result<Option<lapin::message::BasicGetMessage>> {
+        channel
+            .basic_get(short("queue name", dlq)?, BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| {
+                self.inner
+                    .broker_error("cannot read the dead-letter queue", e)
+            })
+    }
+
     pub(crate) async fn admin_queue(&self, queue: &str) -> Result<QueueInfo> {
         let main = self.passive(queue).await?;
         let dead = self.passive(&AmqpBroker::dead_letter_queue(queue)).await?;
@@ -78,16 +94,7 @@ impl AmqpBroker {
         let mut items = Vec::new();
         let mut taken = 0usize;
         while taken < end {
-            let got = channel
-                .basic_get(
-                    short("queue name", &dlq)?,
-                    BasicGetOptions { no_ack: false },
-                )
-                .await
-                .map_err(|e| {
-                    self.inner
-                        .broker_error("cannot read the dead-letter queue", e)
-                })?;
+            let got = self.get_unacked(&channel, &dlq).await?;
             let Some(got) = got else { break };
             taken += 1;
             if taken > page.offset {
@@ -98,15 +105,7 @@ impl AmqpBroker {
         }
         // Unacknowledged: closing the channel gives them back, in their order.
         let _ = channel.close(200, "listed".into()).await;
-        let served = items.len();
-        let next = (u64::try_from(page.offset + served).unwrap_or(u64::MAX) < total
-            && served == limit)
-            .then(|| page.next());
-        Ok(Paged {
-            items,
-            total: Some(total),
-            next,
-        })
+        Ok(Paged::of(items, total, page, limit))
     }
 
     pub(crate) async fn admin_requeue(
@@ -140,16 +139,7 @@ impl AmqpBroker {
             if matches!(which, Selection::Ids(_)) && wanted.is_empty() {
                 break;
             }
-            let got = channel
-                .basic_get(
-                    short("queue name", &dlq)?,
-                    BasicGetOptions { no_ack: false },
-                )
-                .await
-                .map_err(|e| {
-                    self.inner
-                        .broker_error("cannot read the dead-letter queue", e)
-                })?;
+            let got = self.get_unacked(&channel, &dlq).await?;
             let Some(got) = got else { break };
             let delivery = got.delivery;
             let body = bytes::Bytes::from(delivery.data);

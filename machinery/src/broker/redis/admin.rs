@@ -94,14 +94,7 @@ impl RedisBroker {
             .into_iter()
             .map(|(body, reason)| describe(queue, &body, reason))
             .collect();
-        let next = (u64::try_from(page.offset + items.len()).unwrap_or(u64::MAX) < total
-            && items.len() == limit)
-            .then(|| page.next());
-        Ok(Paged {
-            items,
-            total: Some(total),
-            next,
-        })
+        Ok(Paged::of(items, total, page, limit))
     }
 
     pub(crate) async fn admin_requeue(
