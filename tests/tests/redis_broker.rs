@@ -698,3 +698,77 @@ async fn a_take_cut_short_by_a_dropped_next_is_not_stranded() {
     consumer.close().await.unwrap();
     cleanup(&config).await;
 }
+
+/// The broker's `reconnects` (the metric `broker_reconnects`) counts the times its connection
+/// was lost and made again. The test's own Redis database, whose clients it kills.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_connection_is_counted_as_a_reconnect() {
+    const DB: u32 = 11;
+    let url = format!("{}{DB}", redis_url().trim_end_matches(|c: char| c.is_ascii_digit()));
+    let mut config = config("reconnect");
+    config.broker = url.clone();
+    config.result_backend = url.clone();
+    let tag = config.default_queue.clone();
+    let broker = Arc::new(RedisBroker::connect(&config).await.unwrap());
+    let backend = RedisBackend::connect(&url, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let server = Server::from_parts(
+        config.clone(),
+        broker.clone(),
+        Some(Arc::new(backend) as Arc<dyn ResultBackend>),
+    );
+    let worker = server.worker().spawn().await.unwrap();
+    let first = server.send(rb_count::signature(tag.clone(), 1)).await.unwrap();
+    assert_eq!(first.get_timeout(WAIT).await.unwrap(), 1);
+    assert_eq!(broker.reconnects(), 0, "no reconnect yet");
+
+    // Every client of the database is dropped by the server (the broker's and the store's).
+    let mut admin = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = clients
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f == format!("db={DB}")))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .collect();
+    assert!(!ids.is_empty(), "{clients}");
+    for id in &ids {
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+
+    // The worker keeps going once the connections are made again.
+    let deadline = Instant::now() + WAIT;
+    let second = loop {
+        match server.send(rb_count::signature(tag.clone(), 2)).await {
+            Ok(handle) => break handle,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("send after the kill: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(second.get_timeout(WAIT).await.unwrap(), 2);
+    assert!(broker.reconnects() >= 1, "{}", broker.reconnects());
+    worker.shutdown().await.unwrap();
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("FLUSHDB").query_async(&mut conn).await.unwrap();
+}

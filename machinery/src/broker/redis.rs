@@ -52,7 +52,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -239,6 +239,37 @@ struct Shared {
     heartbeat: Script,
     move_due: Script,
     mover: Mutex<Option<JoinHandle<()>>>,
+    link: LinkHealth,
+}
+
+/// Counts the times the connection to Redis was lost and made again: a call that failed on the
+/// connection (I/O, dropped, refused, timed out), then one that succeeded. The connections
+/// reconnect by themselves; this is what [`Broker::reconnects`] reports.
+#[derive(Debug, Default)]
+struct LinkHealth {
+    lost: AtomicBool,
+    reconnects: AtomicU64,
+}
+
+impl LinkHealth {
+    fn saw<T>(&self, reply: &redis::RedisResult<T>) {
+        match reply {
+            Ok(_) => {
+                if self.lost.swap(false, Ordering::Relaxed) {
+                    self.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e)
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout() =>
+            {
+                self.lost.store(true, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 impl Drop for Shared {
@@ -342,6 +373,7 @@ impl RedisBroker {
                 heartbeat: Script::new(HEARTBEAT_LUA),
                 move_due: Script::new(MOVE_DUE_LUA),
                 mover: Mutex::new(None),
+                link: LinkHealth::default(),
             }),
         })
     }
@@ -548,9 +580,9 @@ impl RedisBroker {
 impl Shared {
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
         let mut conn = self.conn.clone();
-        cmd.query_async(&mut conn)
-            .await
-            .map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
+        let reply = cmd.query_async(&mut conn).await;
+        self.link.saw(&reply);
+        reply.map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
     }
 
     async fn script<T: redis::FromRedisValue>(
@@ -559,10 +591,9 @@ impl Shared {
         what: &str,
     ) -> Result<T> {
         let mut conn = self.conn.clone();
-        invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
+        let reply = invocation.invoke_async(&mut conn).await;
+        self.link.saw(&reply);
+        reply.map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
     }
 
     fn decode_all(&self, bodies: &[Vec<u8>]) -> Result<Vec<Signature>> {
@@ -673,6 +704,12 @@ impl Broker for RedisBroker {
         Ok(Some(ready))
     }
 
+    /// The times a call failed on the connection and a later one succeeded: the connection
+    /// was made again.
+    fn reconnects(&self) -> u64 {
+        self.shared.link.reconnects.load(Ordering::Relaxed)
+    }
+
     fn validate(&self, message: &Message) -> Result<()> {
         if message.routing_key.is_empty() {
             return Err(Error::encode(
@@ -709,6 +746,7 @@ impl Broker for RedisBroker {
         let mut conn = self.shared.conn.clone();
         let replies: redis::RedisResult<Vec<redis::RedisResult<Value>>> =
             pipe.query_async(&mut conn).await;
+        self.shared.link.saw(&replies);
         let display = &self.shared.display;
         match replies {
             Ok(replies) => {
@@ -849,9 +887,9 @@ fn push(pipe: &mut redis::Pipeline, delayed_key: &str, message: &Message) {
 impl Shared {
     async fn query_pipe(&self, pipe: &redis::Pipeline, what: &str) -> Result<Vec<Value>> {
         let mut conn = self.conn.clone();
-        pipe.query_async(&mut conn)
-            .await
-            .map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
+        let reply = pipe.query_async(&mut conn).await;
+        self.link.saw(&reply);
+        reply.map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
     }
 
     /// A connection of its own for `BLMOVE`, which holds its connection while it waits.
@@ -989,7 +1027,11 @@ impl RedisConsumer {
             .arg("LEFT")
             .arg(poll);
         let wait = blmove.query_async::<Value>(conn);
-        match tokio::time::timeout(self.shared.poll + RESPONSE_TIMEOUT, wait).await {
+        let reply = tokio::time::timeout(self.shared.poll + RESPONSE_TIMEOUT, wait).await;
+        if let Ok(reply) = &reply {
+            self.shared.link.saw(reply);
+        }
+        match reply {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {
                 self.blocking = None;
