@@ -137,7 +137,7 @@ impl TraceContext {
 
     /// The trace id, 32 lower-case hex digits.
     pub fn trace_id(&self) -> String {
-        format!("{:032x}", self.trace)
+        self.trace_id_display().to_string()
     }
 
     /// The span id, 16 lower-case hex digits.
@@ -156,7 +156,7 @@ impl TraceContext {
         struct Hex(u128);
         impl fmt::Display for Hex {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{:032x}", self.0)
+                write_ascii(f, &hex::<32>(self.0))
             }
         }
         Hex(self.trace)
@@ -196,12 +196,31 @@ impl TraceContext {
 impl fmt::Display for TraceContext {
     /// The `traceparent` value (version `00`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace, self.span, self.flags
-        )
+        let mut out = [b'-'; 55];
+        out[..2].copy_from_slice(b"00");
+        out[3..35].copy_from_slice(&hex::<32>(self.trace));
+        out[36..52].copy_from_slice(&hex::<16>(u128::from(self.span)));
+        out[53..].copy_from_slice(&hex::<2>(u128::from(self.flags)));
+        write_ascii(f, &out)
     }
+}
+
+/// `value`'s low `N` hex digits, lower case, zero-padded: the ids are formatted for every
+/// execution's span and every message sent, and `{:032x}` costs several times this.
+fn hex<const N: usize>(value: u128) -> [u8; N] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'0'; N];
+    let mut n = value;
+    for digit in out.iter_mut().rev() {
+        *digit = DIGITS[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    out
+}
+
+/// Writes ASCII bytes (hex digits and dashes) in one call.
+fn write_ascii(f: &mut fmt::Formatter<'_>, ascii: &[u8]) -> fmt::Result {
+    f.write_str(std::str::from_utf8(ascii).map_err(|_| fmt::Error)?)
 }
 
 fn random_nonzero_u128() -> u128 {
@@ -582,6 +601,25 @@ fn producer_context() -> TraceContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_formatted_as_fixed_width_lower_hex() {
+        for (trace, span, flags) in [
+            (1u128, 2u64, 1u8),
+            (u128::MAX, u64::MAX, 0xff),
+            (0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736, 0x00f0_67aa_0ba9_02b7, 0),
+        ] {
+            let cx = TraceContext::from_parts(trace, span, flags).unwrap();
+            assert_eq!(
+                cx.to_string(),
+                format!("00-{trace:032x}-{span:016x}-{flags:02x}")
+            );
+            assert_eq!(cx.trace_id(), format!("{trace:032x}"));
+            assert_eq!(cx.trace_id_display().to_string(), cx.trace_id());
+            assert_eq!(cx.span_id(), format!("{span:016x}"));
+            assert_eq!(TraceContext::parse(&cx.to_string()), Some(cx));
+        }
+    }
 
     #[test]
     fn traceparent_parsing_follows_the_w3c_spec() {
