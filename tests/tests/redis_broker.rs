@@ -704,7 +704,11 @@ async fn a_take_cut_short_by_a_dropped_next_is_not_stranded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_connection_is_counted_as_a_reconnect() {
     const DB: u32 = 11;
-    let url = format!("{}{DB}", redis_url().trim_end_matches(|c: char| c.is_ascii_digit()));
+    let base = redis_url();
+    let server_url = base
+        .trim_end_matches(|c: char| c.is_ascii_digit())
+        .trim_end_matches('/');
+    let url = format!("{server_url}/{DB}");
     let mut config = config("reconnect");
     config.broker = url.clone();
     config.result_backend = url.clone();
@@ -719,7 +723,10 @@ async fn a_dropped_connection_is_counted_as_a_reconnect() {
         Some(Arc::new(backend) as Arc<dyn ResultBackend>),
     );
     let worker = server.worker().spawn().await.unwrap();
-    let first = server.send(rb_count::signature(tag.clone(), 1)).await.unwrap();
+    let first = server
+        .send(rb_count::signature(tag.clone(), 1))
+        .await
+        .unwrap();
     assert_eq!(first.get_timeout(WAIT).await.unwrap(), 1);
     assert_eq!(broker.reconnects(), 0, "no reconnect yet");
 

@@ -607,7 +607,11 @@ mod tests {
         for (trace, span, flags) in [
             (1u128, 2u64, 1u8),
             (u128::MAX, u64::MAX, 0xff),
-            (0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736, 0x00f0_67aa_0ba9_02b7, 0),
+            (
+                0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
+                0x00f0_67aa_0ba9_02b7,
+                0,
+            ),
         ] {
             let cx = TraceContext::from_parts(trace, span, flags).unwrap();
             assert_eq!(
