@@ -5,6 +5,7 @@
 //! read through the same [`Count`] as the outcome log events; the queue depth and the broker's
 //! reconnects are sampled every [`SAMPLE_EVERY`].
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -42,6 +43,19 @@ struct QueueLabel {
 
 type Durations = Family<TaskLabel, Histogram, fn() -> Histogram>;
 
+/// One registered task's series, taken from the families when the worker is built: a
+/// delivery then counts without the families' lock or hashing its label. The series start at
+/// 0, so that every task the worker runs is listed before it first runs.
+#[derive(Debug)]
+struct TaskSeries {
+    received: Counter,
+    succeeded: Counter,
+    failed: Counter,
+    retried: Counter,
+    dead_lettered: Counter,
+    duration: Histogram,
+}
+
 /// One worker's metrics.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -57,6 +71,14 @@ pub(crate) struct Metrics {
     reconnects: Counter<u64, AtomicU64>,
     store_errors: Counter,
     queue_depth: Family<QueueLabel, Gauge>,
+    /// The registered tasks' series, by the address of their name (the label the delivery
+    /// path hands over); other labels go through the families.
+    series: HashMap<(usize, usize), TaskSeries>,
+}
+
+/// A label's address and length: the registry hands over its own strings.
+fn key(task: &'static str) -> (usize, usize) {
+    (task.as_ptr() as usize, task.len())
 }
 
 fn durations() -> Histogram {
@@ -65,7 +87,7 @@ fn durations() -> Histogram {
 }
 
 impl Metrics {
-    pub(crate) fn new(concurrency: usize) -> Metrics {
+    pub(crate) fn new(concurrency: usize, tasks: &[&'static str]) -> Metrics {
         let mut registry = Registry::with_prefix("machinery");
         let received = Family::<TaskLabel, Counter>::default();
         let succeeded = Family::<TaskLabel, Counter>::default();
@@ -140,7 +162,23 @@ impl Metrics {
             "Messages waiting in the queue, as the broker reports it",
             queue_depth.clone(),
         );
+        let series = tasks
+            .iter()
+            .map(|&task| {
+                let label = TaskLabel { task };
+                let series = TaskSeries {
+                    received: received.get_or_create(&label).clone(),
+                    succeeded: succeeded.get_or_create(&label).clone(),
+                    failed: failed.get_or_create(&label).clone(),
+                    retried: retried.get_or_create(&label).clone(),
+                    dead_lettered: dead_lettered.get_or_create(&label).clone(),
+                    duration: durations.get_or_create(&label).clone(),
+                };
+                (key(task), series)
+            })
+            .collect();
         Metrics {
+            series,
             registry,
             received,
             succeeded,
@@ -166,9 +204,19 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// `task`'s series, if it is a registered task named by the registry's own string.
+    fn series(&self, task: &'static str) -> Option<&TaskSeries> {
+        self.series.get(&key(task))
+    }
+}
+
 impl Observer for Metrics {
     fn received(&self, task: &'static str) {
-        self.received.get_or_create(&TaskLabel { task }).inc();
+        match self.series(task) {
+            Some(series) => series.received.inc(),
+            None => self.received.get_or_create(&TaskLabel { task }).inc(),
+        };
         self.in_flight.inc();
     }
 
@@ -178,14 +226,29 @@ impl Observer for Metrics {
 
     fn finished(&self, task: &'static str, elapsed: Duration, _ok: bool) {
         self.running.dec();
-        self.durations
-            .get_or_create(&TaskLabel { task })
-            .observe(elapsed.as_secs_f64());
+        match self.series(task) {
+            Some(series) => series.duration.observe(elapsed.as_secs_f64()),
+            None => self
+                .durations
+                .get_or_create(&TaskLabel { task })
+                .observe(elapsed.as_secs_f64()),
+        }
     }
 
     fn settled(&self, task: &'static str, report: &Report, settled: &Settled) {
         self.in_flight.dec();
-        let family = match Count::of(report, settled) {
+        let count = Count::of(report, settled);
+        if let Some(series) = self.series(task) {
+            match count {
+                Count::Succeeded => series.succeeded.inc(),
+                Count::Failed => series.failed.inc(),
+                Count::Retried => series.retried.inc(),
+                Count::DeadLettered => series.dead_lettered.inc(),
+                Count::Other => return,
+            };
+            return;
+        }
+        let family = match count {
             Count::Succeeded => &self.succeeded,
             Count::Failed => &self.failed,
             Count::Retried => &self.retried,
@@ -266,5 +329,62 @@ pub(crate) async fn sample(metrics: Arc<Metrics>, broker: Arc<dyn Broker>, queue
             Ok(None) => {}
             Err(e) => debug!(error = %e, queue = %queue, "cannot read the queue's depth"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::trace::Ran;
+
+    fn succeeded() -> Report {
+        Report {
+            ran: Some(Ran {
+                elapsed: Duration::from_millis(3),
+                ok: true,
+            }),
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn registered_tasks_are_listed_at_0_and_counted_in_their_own_series() {
+        static NAME: &str = "m_add";
+        let metrics = Metrics::new(4, &[NAME]);
+        let text = metrics.render();
+        assert!(
+            text.contains("machinery_tasks_received_total{task=\"m_add\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("machinery_tasks_failed_total{task=\"m_add\"} 0"),
+            "{text}"
+        );
+        metrics.received(NAME);
+        metrics.started(NAME);
+        metrics.finished(NAME, Duration::from_millis(3), true);
+        metrics.settled(NAME, &succeeded(), &Settled::Acked);
+        // A label the registry did not hand over (a message no task of this worker takes).
+        let other: &'static str = Box::leak(String::from("m_add").into_boxed_str());
+        metrics.received(other);
+        metrics.received(super::super::observe::UNDECODABLE);
+        let text = metrics.render();
+        assert!(
+            text.contains("machinery_tasks_received_total{task=\"m_add\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("machinery_tasks_succeeded_total{task=\"m_add\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("machinery_task_duration_seconds_count{task=\"m_add\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("machinery_tasks_received_total{task=\"(undecodable)\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("machinery_tasks_in_flight 2"), "{text}");
     }
 }

@@ -344,7 +344,7 @@ impl WorkerBuilder {
         let metrics_addr = self.metrics_addr.or(config.metrics_addr);
         #[cfg(feature = "metrics")]
         let metrics = metrics_addr.map(|addr| {
-            let metrics = Arc::new(metrics::Metrics::new(self.concurrency));
+            let metrics = Arc::new(metrics::Metrics::new(self.concurrency, &registry.names()));
             observers.push(metrics.clone());
             (addr, metrics)
         });
