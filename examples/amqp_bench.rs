@@ -15,9 +15,11 @@
 //! ```
 //!
 //! `obs` measures the drain without a result backend with observability off (no subscriber, no
-//! metrics listener) and on (an INFO `tracing` subscriber formatting every span and event into
-//! a sink, and the Prometheus listener on), each in a fresh process, interleaved, three times
-//! each with a raw lapin consume beside; prints the medians, the overhead and the ratios.
+//! metrics listener) and on (an INFO `tracing` `fmt` subscriber formatting every span and event
+//! into a sink without colours, as for a log file, and the Prometheus listener on), each in a
+//! fresh process, interleaved (which runs first alternates), three times each with a raw lapin
+//! consume beside; prints the medians, the overhead and the ratios. `BENCH_ANSI=1` formats with
+//! terminal colours, `BENCH_OBS=spans` or `BENCH_OBS=metrics` turns on only that part.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -288,10 +290,18 @@ async fn main() {
             use tracing_subscriber::layer::SubscriberExt as _;
             let subscriber = tracing_subscriber::registry()
                 .with(tracing_subscriber::filter::LevelFilter::INFO)
-                .with(tracing_subscriber::fmt::layer().with_writer(std::io::sink));
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        // A log written to a file or a collector: no colours (`BENCH_ANSI=1`
+                        // turns them on, as on a terminal).
+                        .with_ansi(std::env::var("BENCH_ANSI").is_ok())
+                        .with_writer(std::io::sink),
+                );
             tracing::subscriber::set_global_default(subscriber).expect("subscriber");
         }
-        let (_, drain, _, cpu) = machinery_rates_cpu(tasks, false, metrics).await;
+        // `BENCH_RESULTS=1`: with the Redis result backend.
+        let results = std::env::var("BENCH_RESULTS").is_ok();
+        let (_, drain, _, cpu) = machinery_rates_cpu(tasks, results, metrics).await;
         println!("drain={drain}");
         println!("cpu_us_per_task={}", cpu * 1e6 / tasks as f64);
         return;
@@ -392,8 +402,14 @@ async fn observability_overhead(tasks: usize, rounds: usize) {
     let (mut cpu_offs, mut cpu_ons) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         let (_, raw_consume) = raw(tasks, &payload).await;
-        let (off, cpu_off) = drain_child(false, tasks);
-        let (on, cpu_on) = drain_child(true, tasks);
+        // Alternate which runs first, so that neither is always the one after the raw run.
+        let ((off, cpu_off), (on, cpu_on)) = if round % 2 == 1 {
+            let off = drain_child(false, tasks);
+            (off, drain_child(true, tasks))
+        } else {
+            let on = drain_child(true, tasks);
+            (drain_child(false, tasks), on)
+        };
         println!(
             "round {round}: raw consume {raw_consume:>8.0} msg/s, drain off {off:>8.0} tasks/s ({cpu_off:.1} CPU us/task), on {on:>8.0} tasks/s ({cpu_on:.1} CPU us/task)"
         );
