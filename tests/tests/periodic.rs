@@ -156,7 +156,19 @@ async fn three_scheduler_processes_send_each_tick_once() {
     let mut processes: Vec<SchedulerProcess> = (0..3)
         .map(|_| SchedulerProcess::start(&config, &redis_url(), &name, "@every 1s", &binary))
         .collect();
-    let started = chrono::Utc::now().timestamp_millis();
+    // The window opens at the first tick sent: three processes starting on a loaded machine
+    // may take a second or two before any of them ticks.
+    let deadline = Instant::now() + WAIT;
+    let first = 'first: loop {
+        assert!(Instant::now() < deadline, "no process sent a tick");
+        for p in &mut processes {
+            if let Some(tick) = p.poll().first() {
+                break 'first *tick;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let started = first - 1;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let ended = chrono::Utc::now().timestamp_millis();
     for p in &mut processes {
