@@ -9,11 +9,16 @@
 //! 5,000 links (and of refusing one whose bottom link is malformed), the producer's send rate,
 //! and the end-to-end rate of no-op tasks (async and blocking) from the first send to the last
 //! SUCCESS.
+//!
+//! `BENCH_TRACE=1` installs an INFO `fmt` subscriber writing into a sink without colours, and
+//! `BENCH_SPAN=0|3|5` makes the task span with that many fields instead of the default's (the
+//! README's "What it costs").
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use machinery::wire::Signature;
+use machinery::worker::TaskSpan;
 use machinery::{task, Config, Server};
 use tokio::sync::Notify;
 
@@ -95,12 +100,29 @@ async fn end_to_end(tasks: usize, blocking: bool, name: &str) -> (f64, f64) {
     let server = Server::new(config).await.expect("server");
     DONE.store(0, Ordering::SeqCst);
     TARGET.store(tasks, Ordering::SeqCst);
-    let worker = server
-        .worker()
-        .concurrency(256)
-        .spawn()
-        .await
-        .expect("worker");
+    let mut builder = server.worker().concurrency(256);
+    match std::env::var("BENCH_SPAN").as_deref() {
+        Ok("0") => builder = builder.make_span(|_: &TaskSpan<'_>| tracing::info_span!("task")),
+        Ok("3") => {
+            builder = builder.make_span(|t: &TaskSpan<'_>| {
+                tracing::info_span!("task", task.name = %t.name, task.id = %t.id, attempt = t.attempt)
+            });
+        }
+        Ok("5") => {
+            builder = builder.make_span(|t: &TaskSpan<'_>| {
+                tracing::info_span!(
+                    "task",
+                    task.name = %t.name,
+                    task.id = %t.id,
+                    attempt = t.attempt,
+                    queue = %t.queue,
+                    worker = %t.worker
+                )
+            });
+        }
+        _ => {}
+    }
+    let worker = builder.spawn().await.expect("worker");
     let started = Instant::now();
     let finished = FINISHED.notified();
     tokio::pin!(finished);
@@ -162,6 +184,17 @@ fn deep_chains() {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var("BENCH_TRACE").is_ok() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::filter::LevelFilter::INFO)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(std::io::sink),
+            );
+        tracing::subscriber::set_global_default(subscriber).expect("subscriber");
+    }
     let tasks: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
