@@ -170,6 +170,7 @@ impl Server {
             ));
             raws.push(raw);
         }
+        crate::worker::share_trace_context(&mut raws);
         self.publish_all(raws).await?;
         Ok(GroupResult::new(group_uuid, handles))
     }
@@ -210,6 +211,7 @@ impl Server {
             raw.group_task_count = count;
             raw.chord_callback = Some(Box::new(callback.clone()));
         }
+        crate::worker::share_trace_context(&mut raws);
         self.publish_all(raws).await?;
         Ok(AsyncResult::new(Some(backend), links, decode).after(uuids))
     }

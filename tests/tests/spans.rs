@@ -388,3 +388,49 @@ async fn a_go_message_with_a_traceparent_continues_its_trace() {
     let _ = ROOT_HEADER;
     worker.shutdown().await.unwrap();
 }
+
+/// A group sent outside any task is one trace: its members share the producer's trace id (each
+/// member's execution is a span of it), as a chain's links do.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_sent_outside_a_task_is_one_trace() {
+    let server = server("spans-group").await;
+    let worker = server
+        .worker()
+        .success_level(tracing::Level::INFO)
+        .name("spans-group-worker")
+        .tasks([sp_first::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    let sent = server
+        .send_group(machinery::Group::new([
+            sp_first::signature(101),
+            sp_first::signature(102),
+            sp_first::signature(103),
+        ]))
+        .await
+        .unwrap();
+    let uuids: Vec<String> = sent
+        .members()
+        .iter()
+        .map(|m| m.task_uuids()[0].clone())
+        .collect();
+    let traces = eventually("the members' success events", || {
+        let traces: Vec<String> = uuids
+            .iter()
+            .filter_map(|uuid| {
+                lines_with("task succeeded")
+                    .into_iter()
+                    .find(|l| field(l, "task.id") == Some(uuid.as_str()))
+                    .and_then(|l| field(&l, "trace_id").map(str::to_owned))
+            })
+            .collect();
+        (traces.len() == uuids.len()).then_some(traces)
+    })
+    .await;
+    assert!(
+        traces.iter().all(|t| *t == traces[0]),
+        "the members are in different traces: {traces:?}"
+    );
+    worker.shutdown().await.unwrap();
+}

@@ -588,6 +588,23 @@ pub(crate) fn inject(signature: &mut Signature) {
     }
 }
 
+/// Gives the members of a group or chord one trace when they are sent outside any task: one
+/// producer context for all of them (a member that carries its own `traceparent` keeps it).
+/// Inside a task, [`inject`] makes each a child of the running execution, one trace already.
+pub(crate) fn share(signatures: &mut [Signature]) {
+    if EXECUTION.try_with(|_| ()).is_ok() {
+        return;
+    }
+    let context = producer_context().to_string();
+    for signature in signatures {
+        let headers = &mut signature.headers;
+        if extract(headers).0.is_none() {
+            headers.insert(TRACEPARENT_HEADER.to_owned(), context.clone().into());
+            headers.remove(TRACESTATE_HEADER);
+        }
+    }
+}
+
 /// The parent of a message a producer sends outside any task: the current OpenTelemetry span
 /// with the `opentelemetry` feature, else a new trace.
 fn producer_context() -> TraceContext {
