@@ -462,6 +462,10 @@ impl Broker for FaultyBroker {
         self.inner.queue_depth(queue).await
     }
 
+    async fn dead_letter_depth(&self, queue: &str) -> Result<Option<u64>> {
+        self.inner.dead_letter_depth(queue).await
+    }
+
     fn reconnects(&self) -> u64 {
         self.inner.reconnects()
     }

@@ -229,6 +229,11 @@ async fn run_and_check(server: &Server, poison: impl std::future::Future<Output 
         t.contains(&format!("machinery_queue_depth{{{queue}}} 0"))
     })
     .await;
+    // The poison message waits in the dead-letter queue.
+    scrape_until(addr, "the dead-letter depth", |t| {
+        t.contains(&format!("machinery_dead_letter_depth{{{queue}}} 1"))
+    })
+    .await;
     worker.shutdown().await.unwrap();
 }
 
@@ -467,6 +472,21 @@ async fn queue_depth_is_what_the_broker_reports() {
     assert_eq!(
         broker.queue_depth(&config.default_queue).await.unwrap(),
         Some(4)
+    );
+    // Nothing dead-lettered: 0, whether or not the dead-letter queue was made yet.
+    assert_eq!(
+        broker
+            .dead_letter_depth(&config.default_queue)
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    assert_eq!(
+        broker
+            .dead_letter_depth("metrics_no_such_queue")
+            .await
+            .unwrap(),
+        Some(0)
     );
     // The embedded broker: its length.
     let memory = MemoryBroker::open("metrics-depth", "machinery_tasks", "machinery_task");

@@ -540,6 +540,8 @@ async fn bad_bodies_are_dead_lettered_with_their_reason() {
     );
     assert!(reasons.iter().all(|r| !r.is_empty()), "{reasons:?}");
     wait_depth_zero(&raw, &q).await;
+    // The dead-letter list's length, as the metrics read it.
+    assert_eq!(raw.dead_letter_depth(&q).await.unwrap(), Some(2));
     worker.shutdown().await.unwrap();
     cleanup(&config).await;
 }

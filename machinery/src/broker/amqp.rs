@@ -1038,6 +1038,23 @@ pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
     }
 }
 
+impl Inner {
+    /// The ready messages of `queue` (a passive declare on a channel of its own, as a missing
+    /// queue closes the channel that asked); `None` if there is no such queue.
+    async fn ready_count(&self, queue: &str) -> Result<Option<u64>> {
+        let name = short("queue name", queue)?;
+        let link = self.link().await?;
+        let channel =
+            link.connection.create_channel().await.map_err(|e| {
+                self.broker_error("cannot open a channel to read a queue's depth", e)
+            })?;
+        let depth = passive_declare(&channel, name).await.map_err(|e| {
+            self.broker_error(&format!("cannot read the depth of queue `{queue}`"), e)
+        })?;
+        Ok(depth.map(|(ready, _)| u64::from(ready)))
+    }
+}
+
 fn link_alive(link: &Link) -> bool {
     link.channel.status().connected() && link.connection.status().connected()
 }
@@ -1133,23 +1150,20 @@ impl Broker for AmqpBroker {
     /// A passive declare's message count, on a channel of its own (a missing queue closes
     /// the channel that asked).
     async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
-        let name = short("queue name", queue)?;
-        let link = self.inner.link().await?;
-        let channel = link.connection.create_channel().await.map_err(|e| {
-            self.inner
-                .broker_error("cannot open a channel to read a queue's depth", e)
-        })?;
-        let depth = passive_declare(&channel, name).await.map_err(|e| {
-            self.inner
-                .broker_error(&format!("cannot read the depth of queue `{queue}`"), e)
-        })?;
-        match depth {
-            Some((ready, _)) => Ok(Some(u64::from(ready))),
+        match self.inner.ready_count(queue).await? {
+            Some(ready) => Ok(Some(ready)),
             None => Err(Error::new(
                 ErrorKind::Broker,
                 format!("cannot read the depth of queue `{queue}`: it does not exist"),
             )),
         }
+    }
+
+    /// The dead-letter queue's message count (0 before anything was dead-lettered from
+    /// `queue`: the queue is made with the first).
+    async fn dead_letter_depth(&self, queue: &str) -> Result<Option<u64>> {
+        let dead = AmqpBroker::dead_letter_queue(queue);
+        Ok(Some(self.inner.ready_count(&dead).await?.unwrap_or(0)))
     }
 
     fn reconnects(&self) -> u64 {

@@ -233,6 +233,11 @@ impl Broker for MemoryBroker {
         Ok(Some(u64::try_from(self.depth(queue).0).unwrap_or(u64::MAX)))
     }
 
+    async fn dead_letter_depth(&self, queue: &str) -> Result<Option<u64>> {
+        let dead = lock(&self.shared.queue(queue).inner).dead.len();
+        Ok(Some(u64::try_from(dead).unwrap_or(u64::MAX)))
+    }
+
     async fn publish(&self, message: Message) -> Result<()> {
         match message.delay {
             Some(delay) if !delay.is_zero() => {

@@ -108,6 +108,22 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         Ok(None)
     }
 
+    /// How many messages wait in `queue`'s dead-letter queue, as the broker reports it; `None`
+    /// if the broker cannot tell. A dead-letter queue not made yet holds 0.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// use machinery::broker::{memory::MemoryBroker, Broker};
+    /// let broker = MemoryBroker::open("dead-depth-docs", "machinery_tasks", "machinery_task");
+    /// assert_eq!(broker.dead_letter_depth("machinery_tasks").await?, Some(0));
+    /// # Ok(()) }
+    /// ```
+    async fn dead_letter_depth(&self, queue: &str) -> Result<Option<u64>> {
+        let _ = queue;
+        Ok(None)
+    }
+
     /// How many times the broker had to open its connection again since it was opened.
     fn reconnects(&self) -> u64 {
         0

@@ -704,6 +704,18 @@ impl Broker for RedisBroker {
         Ok(Some(ready))
     }
 
+    /// The dead-letter list's length (`LLEN`).
+    async fn dead_letter_depth(&self, queue: &str) -> Result<Option<u64>> {
+        let dead: u64 = self
+            .shared
+            .query(
+                redis::cmd("LLEN").arg(RedisBroker::dead_letter_list(queue)),
+                "read a dead-letter list's length",
+            )
+            .await?;
+        Ok(Some(dead))
+    }
+
     /// The times a call failed on the connection and a later one succeeded: the connection
     /// was made again.
     fn reconnects(&self) -> u64 {

@@ -2,8 +2,8 @@
 //! HTTP listener that serves them on `/metrics`.
 //!
 //! Counts come from the delivery path's observer points only (see [`observe`](super::observe)),
-//! read through the same [`Count`] as the outcome log events; the queue depth and the broker's
-//! reconnects are sampled every [`SAMPLE_EVERY`].
+//! read through the same [`Count`] as the outcome log events; the queue's depth, its
+//! dead-letter queue's depth and the broker's reconnects are sampled every [`SAMPLE_EVERY`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,7 +25,7 @@ use super::trace::{Report, Settled};
 use crate::broker::Broker;
 use crate::error::{Error, ErrorKind, Result};
 
-/// How often the queue's depth and the broker's reconnects are read.
+/// How often the queue's depth, the dead-letter depth and the broker's reconnects are read.
 pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 
 /// The OpenMetrics text format's content type, which Prometheus reads.
@@ -71,6 +71,7 @@ pub(crate) struct Metrics {
     reconnects: Counter<u64, AtomicU64>,
     store_errors: Counter,
     queue_depth: Family<QueueLabel, Gauge>,
+    dead_letter_depth: Family<QueueLabel, Gauge>,
     /// The registered tasks' series, by the address of their name (the label the delivery
     /// path hands over); other labels go through the families.
     series: HashMap<(usize, usize), TaskSeries>,
@@ -102,6 +103,7 @@ impl Metrics {
         let reconnects = Counter::<u64, AtomicU64>::default();
         let store_errors = Counter::default();
         let queue_depth = Family::<QueueLabel, Gauge>::default();
+        let dead_letter_depth = Family::<QueueLabel, Gauge>::default();
         registry.register(
             "tasks_received",
             "Deliveries received, by task",
@@ -162,6 +164,11 @@ impl Metrics {
             "Messages waiting in the queue, as the broker reports it",
             queue_depth.clone(),
         );
+        registry.register(
+            "dead_letter_depth",
+            "Messages waiting in the queue's dead-letter queue, as the broker reports it",
+            dead_letter_depth.clone(),
+        );
         let series = tasks
             .iter()
             .map(|&task| {
@@ -191,6 +198,7 @@ impl Metrics {
             reconnects,
             store_errors,
             queue_depth,
+            dead_letter_depth,
         }
     }
 
@@ -306,7 +314,8 @@ pub(crate) async fn serve(
     Ok((bound, server))
 }
 
-/// Reads the queue's depth and the broker's reconnects every [`SAMPLE_EVERY`].
+/// Reads the queue's depth, the dead-letter depth and the broker's reconnects every
+/// [`SAMPLE_EVERY`].
 pub(crate) async fn sample(metrics: Arc<Metrics>, broker: Arc<dyn Broker>, queue: String) {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -321,14 +330,33 @@ pub(crate) async fn sample(metrics: Arc<Metrics>, broker: Arc<dyn Broker>, queue
             metrics.reconnects.inc_by(reconnects - seen);
             seen = reconnects;
         }
-        match broker.queue_depth(&queue).await {
-            Ok(Some(n)) => {
-                let n = i64::try_from(n).unwrap_or(i64::MAX);
-                metrics.queue_depth.get_or_create(&label).set(n);
-            }
-            Ok(None) => {}
-            Err(e) => debug!(error = %e, queue = %queue, "cannot read the queue's depth"),
+        let depth = broker.queue_depth(&queue).await;
+        set_depth(&metrics.queue_depth, &label, depth, "the queue's depth");
+        let dead = broker.dead_letter_depth(&queue).await;
+        set_depth(
+            &metrics.dead_letter_depth,
+            &label,
+            dead,
+            "the dead-letter depth",
+        );
+    }
+}
+
+/// Sets `label`'s gauge in `family` to a depth the broker read, if it could tell.
+fn set_depth(
+    family: &Family<QueueLabel, Gauge>,
+    label: &QueueLabel,
+    depth: Result<Option<u64>>,
+    what: &str,
+) {
+    match depth {
+        Ok(Some(n)) => {
+            family
+                .get_or_create(label)
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
+        Ok(None) => {}
+        Err(e) => debug!(error = %e, queue = %label.queue, "cannot read {what}"),
     }
 }
 
