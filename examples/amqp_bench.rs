@@ -20,6 +20,8 @@
 //! fresh process, interleaved (which runs first alternates), three times each with a raw lapin
 //! consume beside; prints the medians, the overhead and the ratios. `BENCH_ANSI=1` formats with
 //! terminal colours, `BENCH_OBS=spans` or `BENCH_OBS=metrics` turns on only that part.
+//! `amqp_bench drain-child off|on [tasks]` is one such run alone; `BENCH_RESULTS=1` gives it the
+//! Redis result backend.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -212,7 +214,7 @@ async fn machinery_rates_cpu(
     let ready_started = Instant::now();
     let mut builder = server.worker().concurrency(256);
     // `BENCH_SUCCESS_INFO=1`: the `task succeeded` event at INFO (default DEBUG).
-    if std::env::var("BENCH_SUCCESS_INFO").is_ok() {
+    if std::env::var("BENCH_SUCCESS_INFO").is_ok_and(|v| v == "1") {
         builder = builder.success_level(tracing::Level::INFO);
     }
     if metrics {
@@ -294,13 +296,13 @@ async fn main() {
                     tracing_subscriber::fmt::layer()
                         // A log written to a file or a collector: no colours (`BENCH_ANSI=1`
                         // turns them on, as on a terminal).
-                        .with_ansi(std::env::var("BENCH_ANSI").is_ok())
+                        .with_ansi(std::env::var("BENCH_ANSI").is_ok_and(|v| v == "1"))
                         .with_writer(std::io::sink),
                 );
             tracing::subscriber::set_global_default(subscriber).expect("subscriber");
         }
         // `BENCH_RESULTS=1`: with the Redis result backend.
-        let results = std::env::var("BENCH_RESULTS").is_ok();
+        let results = std::env::var("BENCH_RESULTS").is_ok_and(|v| v == "1");
         let (_, drain, _, cpu) = machinery_rates_cpu(tasks, results, metrics).await;
         println!("drain={drain}");
         println!("cpu_us_per_task={}", cpu * 1e6 / tasks as f64);

@@ -120,7 +120,8 @@ async fn end_to_end(tasks: usize, blocking: bool, name: &str) -> (f64, f64) {
                 )
             });
         }
-        _ => {}
+        Ok(other) => panic!("BENCH_SPAN={other}: 0, 3 or 5 (unset: the default span)"),
+        Err(_) => {}
     }
     let worker = builder.spawn().await.expect("worker");
     let started = Instant::now();
@@ -184,7 +185,7 @@ fn deep_chains() {
 
 #[tokio::main]
 async fn main() {
-    if std::env::var("BENCH_TRACE").is_ok() {
+    if std::env::var("BENCH_TRACE").is_ok_and(|v| v == "1") {
         use tracing_subscriber::layer::SubscriberExt as _;
         let subscriber = tracing_subscriber::registry()
             .with(tracing_subscriber::filter::LevelFilter::INFO)

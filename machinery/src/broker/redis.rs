@@ -242,32 +242,63 @@ struct Shared {
     link: LinkHealth,
 }
 
-/// Counts the times the connection to Redis was lost and made again: a call that failed on the
-/// connection (I/O, dropped, refused, timed out), then one that succeeded. The connections
-/// reconnect by themselves; this is what [`Broker::reconnects`] reports.
+/// Counts the times the connection to Redis was lost and made again: a call failed on the
+/// connection (an error after which redis-rs replaces it, or a refusal), then a call that
+/// started after that failure succeeded. The connections reconnect by themselves; this is what
+/// [`Broker::reconnects`] reports.
+///
+/// Each call takes a ticket when it starts, so that calls in flight across a reconnect count
+/// it once: a failure of a call that started before the last recovery belongs to the old
+/// connection, and a success of a call that started before the failure says nothing of the
+/// new one.
 #[derive(Debug, Default)]
 struct LinkHealth {
-    lost: AtomicBool,
+    /// Tickets handed out so far.
+    issued: AtomicU64,
+    /// 0 while the connection is up, else the tickets issued when it was found lost.
+    lost_at: AtomicU64,
+    /// The tickets issued when it was last found made again.
+    recovered_at: AtomicU64,
     reconnects: AtomicU64,
 }
 
 impl LinkHealth {
-    fn saw<T>(&self, reply: &redis::RedisResult<T>) {
+    /// A ticket for a call about to start.
+    fn ticket(&self) -> u64 {
+        self.issued.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Records how the call with `ticket` ended.
+    fn saw<T>(&self, ticket: u64, reply: &redis::RedisResult<T>) {
         match reply {
-            Ok(_) => {
-                if self.lost.swap(false, Ordering::Relaxed) {
-                    self.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Err(e)
-                if e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout() =>
-            {
-                self.lost.store(true, Ordering::Relaxed);
-            }
+            Ok(_) => self.succeeded(ticket),
+            Err(e) if e.is_unrecoverable_error() || e.is_connection_refusal() => self.lost(ticket),
             Err(_) => {}
+        }
+    }
+
+    /// The call with `ticket` failed on its connection.
+    fn lost(&self, ticket: u64) {
+        if ticket > self.recovered_at.load(Ordering::SeqCst) {
+            let now = self.issued.load(Ordering::SeqCst);
+            let _ = self
+                .lost_at
+                .compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
+    fn succeeded(&self, ticket: u64) {
+        let lost_at = self.lost_at.load(Ordering::SeqCst);
+        if lost_at != 0
+            && ticket > lost_at
+            && self
+                .lost_at
+                .compare_exchange(lost_at, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            self.recovered_at
+                .store(self.issued.load(Ordering::SeqCst), Ordering::SeqCst);
+            self.reconnects.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
@@ -580,8 +611,9 @@ impl RedisBroker {
 impl Shared {
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
         let mut conn = self.conn.clone();
+        let ticket = self.link.ticket();
         let reply = cmd.query_async(&mut conn).await;
-        self.link.saw(&reply);
+        self.link.saw(ticket, &reply);
         reply.map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
     }
 
@@ -591,8 +623,9 @@ impl Shared {
         what: &str,
     ) -> Result<T> {
         let mut conn = self.conn.clone();
+        let ticket = self.link.ticket();
         let reply = invocation.invoke_async(&mut conn).await;
-        self.link.saw(&reply);
+        self.link.saw(ticket, &reply);
         reply.map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
     }
 
@@ -756,9 +789,10 @@ impl Broker for RedisBroker {
             return outcomes.into_iter().map(|o| o.unwrap_or(Ok(()))).collect();
         }
         let mut conn = self.shared.conn.clone();
+        let ticket = self.shared.link.ticket();
         let replies: redis::RedisResult<Vec<redis::RedisResult<Value>>> =
             pipe.query_async(&mut conn).await;
-        self.shared.link.saw(&replies);
+        self.shared.link.saw(ticket, &replies);
         let display = &self.shared.display;
         match replies {
             Ok(replies) => {
@@ -899,8 +933,9 @@ fn push(pipe: &mut redis::Pipeline, delayed_key: &str, message: &Message) {
 impl Shared {
     async fn query_pipe(&self, pipe: &redis::Pipeline, what: &str) -> Result<Vec<Value>> {
         let mut conn = self.conn.clone();
+        let ticket = self.link.ticket();
         let reply = pipe.query_async(&mut conn).await;
-        self.link.saw(&reply);
+        self.link.saw(ticket, &reply);
         reply.map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
     }
 
@@ -1038,10 +1073,13 @@ impl RedisConsumer {
             .arg("LEFT")
             .arg("LEFT")
             .arg(poll);
+        let ticket = self.shared.link.ticket();
         let wait = blmove.query_async::<Value>(conn);
         let reply = tokio::time::timeout(self.shared.poll + RESPONSE_TIMEOUT, wait).await;
-        if let Ok(reply) = &reply {
-            self.shared.link.saw(reply);
+        match &reply {
+            Ok(reply) => self.shared.link.saw(ticket, reply),
+            // No reply at all: the connection is replaced as a dead one.
+            Err(_) => self.shared.link.lost(ticket),
         }
         match reply {
             Ok(Ok(_)) => Ok(()),
@@ -1280,6 +1318,51 @@ impl Drop for RedisAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dropped() -> redis::RedisResult<()> {
+        Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "broken pipe").into())
+    }
+
+    #[test]
+    fn a_drop_seen_by_calls_in_flight_is_one_reconnect() {
+        let link = LinkHealth::default();
+        let (a, b) = (link.ticket(), link.ticket());
+        // `a` fails on the dropped connection; `b` started before the failure and its reply
+        // (from the old connection) comes after: no reconnect yet.
+        link.saw(a, &dropped());
+        link.saw(b, &Ok(()));
+        assert_eq!(link.reconnects.load(Ordering::SeqCst), 0);
+        // A call started after the failure succeeds: one reconnect.
+        let c = link.ticket();
+        let d = link.ticket();
+        link.saw(c, &Ok(()));
+        assert_eq!(link.reconnects.load(Ordering::SeqCst), 1);
+        // `d` started before the recovery was seen and fails late: still one.
+        link.saw(d, &dropped());
+        let e = link.ticket();
+        link.saw(e, &Ok(()));
+        assert_eq!(link.reconnects.load(Ordering::SeqCst), 1);
+        // A second drop is a second reconnect.
+        let f = link.ticket();
+        link.saw(f, &dropped());
+        let g = link.ticket();
+        link.saw(g, &Ok(()));
+        assert_eq!(link.reconnects.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn errors_of_the_server_are_no_reconnect() {
+        let link = LinkHealth::default();
+        let a = link.ticket();
+        let refused: redis::RedisResult<()> = Err(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "WRONGTYPE",
+        )));
+        link.saw(a, &refused);
+        let b = link.ticket();
+        link.saw(b, &Ok(()));
+        assert_eq!(link.reconnects.load(Ordering::SeqCst), 0);
+    }
 
     #[test]
     fn sha1_matches_known_digests() {
