@@ -21,7 +21,8 @@
 //! consume beside; prints the medians, the overhead and the ratios. `BENCH_ANSI=1` formats with
 //! terminal colours, `BENCH_OBS=spans` or `BENCH_OBS=metrics` turns on only that part.
 //! `amqp_bench drain-child off|on [tasks]` is one such run alone; `BENCH_RESULTS=1` gives it the
-//! Redis result backend.
+//! Redis result backend. In every mode, `BENCH_IN_PLACE=1` runs the worker's deliveries in place
+//! (`WorkerBuilder::in_place`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -212,7 +213,11 @@ async fn machinery_rates_cpu(
     tokio::pin!(finished);
     finished.as_mut().enable();
     let ready_started = Instant::now();
-    let mut builder = server.worker().concurrency(256);
+    let mut builder = server
+        .worker()
+        .concurrency(256)
+        // `BENCH_IN_PLACE=1`: the deliveries run in place (`WorkerBuilder::in_place`).
+        .in_place(std::env::var("BENCH_IN_PLACE").is_ok_and(|v| v == "1"));
     // `BENCH_SUCCESS_INFO=1`: the `task succeeded` event at INFO (default DEBUG).
     if std::env::var("BENCH_SUCCESS_INFO").is_ok_and(|v| v == "1") {
         builder = builder.success_level(tracing::Level::INFO);

@@ -12,7 +12,8 @@
 //!
 //! `BENCH_TRACE=1` installs an INFO `fmt` subscriber writing into a sink without colours, and
 //! `BENCH_SPAN=0|3|5` makes the task span with that many fields instead of the default's (the
-//! README's "What it costs").
+//! README's "What it costs"). `BENCH_IN_PLACE=1` runs the worker's deliveries in place
+//! (`WorkerBuilder::in_place`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -100,7 +101,10 @@ async fn end_to_end(tasks: usize, blocking: bool, name: &str) -> (f64, f64) {
     let server = Server::new(config).await.expect("server");
     DONE.store(0, Ordering::SeqCst);
     TARGET.store(tasks, Ordering::SeqCst);
-    let mut builder = server.worker().concurrency(256);
+    let mut builder = server
+        .worker()
+        .concurrency(256)
+        .in_place(std::env::var("BENCH_IN_PLACE").is_ok_and(|v| v == "1"));
     match std::env::var("BENCH_SPAN").as_deref() {
         Ok("0") => builder = builder.make_span(|_: &TaskSpan<'_>| tracing::info_span!("task")),
         Ok("3") => {

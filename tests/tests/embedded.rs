@@ -803,3 +803,67 @@ async fn chord_with_a_failed_member_runs_the_error_path() {
     assert_eq!(CHORD_CALLS.load(Ordering::SeqCst), 0);
     worker.shutdown().await.unwrap();
 }
+
+// ---- deliveries run in place ----
+
+#[task]
+async fn nap(ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+/// `in_place(true)`: the deliveries are futures of the worker's task. They still overlap, a
+/// panicking body is still a FAILURE and leaves the worker running, chains and groups work,
+/// and shutdown waits for the deliveries in flight.
+#[tokio::test(flavor = "multi_thread")]
+async fn deliveries_run_in_place_overlap_and_survive_a_panic() {
+    let server = Server::new(config("in-place")).await.unwrap();
+    let worker = server
+        .worker()
+        .concurrency(8)
+        .in_place(true)
+        .spawn()
+        .await
+        .unwrap();
+    // Eight naps of 400 ms at once: far less than 3.2 s.
+    let started = Instant::now();
+    let group = server
+        .send_group(Group::new((0..8).map(|_| nap::signature(400))))
+        .await
+        .unwrap();
+    assert_eq!(group.get_timeout(WAIT).await.unwrap(), vec![400; 8]);
+    assert!(
+        started.elapsed() < Duration::from_millis(1600),
+        "the naps did not overlap: {:?}",
+        started.elapsed()
+    );
+    let err = server
+        .send(async_panic_task::signature())
+        .await
+        .unwrap()
+        .get_timeout(WAIT)
+        .await
+        .unwrap_err();
+    assert_eq!(err.task_error(), Some("async oops"));
+    let chain = add::signature(vec![1, 2]).then(multiply::signature(vec![4]));
+    assert_eq!(
+        server
+            .send(chain)
+            .await
+            .unwrap()
+            .get_timeout(WAIT)
+            .await
+            .unwrap(),
+        12
+    );
+    // A nap in flight when shutdown starts is finished and recorded.
+    let last = server.send(nap::signature(300)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    worker.shutdown().await.unwrap();
+    assert_eq!(
+        final_state(&server, last.task_uuids()[0].as_str())
+            .await
+            .state,
+        State::Success
+    );
+}

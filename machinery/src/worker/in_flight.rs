@@ -1,0 +1,72 @@
+//! Where a worker runs its deliveries: each as a Tokio task of its own (the default), or all in
+//! place, as futures of the worker's own task ([`WorkerBuilder::in_place`]).
+//!
+//! Either way the deliveries live in the set: when the worker's task is aborted, so are they,
+//! and their unsettled deliveries go back to the broker.
+//!
+//! [`WorkerBuilder::in_place`]: crate::WorkerBuilder::in_place
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt as _, StreamExt as _};
+use tokio::task::JoinSet;
+use tracing::error;
+
+type DeliveryFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The deliveries a worker has in flight.
+pub(crate) enum Deliveries {
+    /// Each delivery a task of its own: async bodies of different deliveries run in parallel
+    /// on the runtime's threads.
+    Spawned(JoinSet<()>),
+    /// Every delivery a future of the worker's task, polled while the worker waits for the
+    /// next message: no spawn and no wake of another thread per delivery, and an async body's
+    /// CPU time holds up the deliveries beside it.
+    InPlace(FuturesUnordered<DeliveryFuture>),
+}
+
+impl Deliveries {
+    pub(crate) fn new(in_place: bool) -> Deliveries {
+        if in_place {
+            Deliveries::InPlace(FuturesUnordered::new())
+        } else {
+            Deliveries::Spawned(JoinSet::new())
+        }
+    }
+
+    /// Starts running `delivery`.
+    pub(crate) fn push(&mut self, delivery: DeliveryFuture) {
+        match self {
+            Deliveries::Spawned(set) => {
+                set.spawn(delivery);
+            }
+            // A panic stays in its delivery, as it would in a task of its own.
+            Deliveries::InPlace(set) => set.push(Box::pin(
+                AssertUnwindSafe(delivery).catch_unwind().map(|outcome| {
+                    if outcome.is_err() {
+                        error!("a delivery panicked outside its task's body");
+                    }
+                }),
+            )),
+        }
+    }
+
+    /// Runs the deliveries in place, or reaps the spawned ones that ended. Never ends: await it
+    /// beside what the worker waits for.
+    pub(crate) async fn drive(&mut self) -> Infallible {
+        self.drain().await;
+        std::future::pending().await
+    }
+
+    /// Waits until every delivery has ended.
+    pub(crate) async fn drain(&mut self) {
+        match self {
+            Deliveries::Spawned(set) => while set.join_next().await.is_some() {},
+            Deliveries::InPlace(set) => while set.next().await.is_some() {},
+        }
+    }
+}
