@@ -867,3 +867,29 @@ async fn deliveries_run_in_place_overlap_and_survive_a_panic() {
         State::Success
     );
 }
+
+/// In place, a delivery that panics outside its task's body (here, in the application's
+/// `make_span`) is caught in the worker: the worker runs on and the broker gets the message
+/// back, which then runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_panicking_outside_its_body_in_place_comes_again() {
+    static SPANS: AtomicU32 = AtomicU32::new(0);
+    let server = Server::new(config("in-place-panic")).await.unwrap();
+    let worker = server
+        .worker()
+        .in_place(true)
+        .make_span(|t: &machinery::worker::TaskSpan<'_>| {
+            if SPANS.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("a span that cannot be made");
+            }
+            tracing::info_span!("task", task.name = %t.name)
+        })
+        .spawn()
+        .await
+        .unwrap();
+    let r = server.send(add::signature(vec![1, 2])).await.unwrap();
+    assert_eq!(r.get_timeout(WAIT).await.unwrap(), 3);
+    assert!(SPANS.load(Ordering::SeqCst) >= 2, "it came again");
+    assert!(!worker.is_finished());
+    worker.shutdown().await.unwrap();
+}

@@ -166,11 +166,18 @@ struct Inner {
     side: tokio::sync::Mutex<Option<SideChannel>>,
     /// Side queues (delay and dead-letter) declared on the current connection.
     declared: Mutex<Declared>,
+    /// Dead-letter queues a depth reading found missing, and when (see
+    /// [`AmqpBroker::dead_letter_depth`](Broker::dead_letter_depth)).
+    missing: Mutex<HashMap<String, Instant>>,
 }
 
 /// How many side-queue declarations [`Declared`] remembers. Every distinct delay has its own
 /// delay queue; beyond this many, the stale ones are forgotten, then the oldest.
 const MAX_DECLARED: usize = 4096;
+
+/// How long a dead-letter queue found missing is taken to hold 0 messages before its depth is
+/// read again (unless this process makes it meanwhile).
+const MISSING_RECHECK: Duration = Duration::from_secs(60);
 
 /// The side queues declared on the current connection: when, and for how long that declaration
 /// holds (`None`: until the connection is lost). Bounded by [`MAX_DECLARED`]; a queue that was
@@ -318,6 +325,7 @@ impl AmqpBroker {
                 generation: AtomicU64::new(0),
                 side: tokio::sync::Mutex::new(None),
                 declared: Mutex::new(Declared::default()),
+                missing: Mutex::new(HashMap::new()),
             }),
         };
         broker.inner.link().await?;
@@ -1159,11 +1167,33 @@ impl Broker for AmqpBroker {
         }
     }
 
-    /// The dead-letter queue's message count (0 before anything was dead-lettered from
-    /// `queue`: the queue is made with the first).
+    /// The dead-letter queue's message count: 0 before anything was dead-lettered from
+    /// `queue` (the queue is made with the first). A queue found missing is asked again only
+    /// after [`MISSING_RECHECK`], or at once when this process made it: RabbitMQ closes the
+    /// channel of a passive declare of a missing queue, and logs an error each time.
     async fn dead_letter_depth(&self, queue: &str) -> Result<Option<u64>> {
         let dead = AmqpBroker::dead_letter_queue(queue);
-        Ok(Some(self.inner.ready_count(&dead).await?.unwrap_or(0)))
+        let now = Instant::now();
+        let recently_missing = lock(&self.inner.missing)
+            .get(&dead)
+            .is_some_and(|at| now.saturating_duration_since(*at) < MISSING_RECHECK);
+        if recently_missing && !lock(&self.inner.declared).is_fresh(&dead, now) {
+            return Ok(Some(0));
+        }
+        let ready = self.inner.ready_count(&dead).await?;
+        let mut missing = lock(&self.inner.missing);
+        match ready {
+            Some(_) => {
+                missing.remove(&dead);
+            }
+            None => {
+                if missing.len() >= MAX_DECLARED {
+                    missing.clear();
+                }
+                missing.insert(dead, now);
+            }
+        }
+        Ok(Some(ready.unwrap_or(0)))
     }
 
     fn reconnects(&self) -> u64 {

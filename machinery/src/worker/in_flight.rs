@@ -42,23 +42,28 @@ impl Deliveries {
     pub(crate) fn push(&mut self, delivery: DeliveryFuture) {
         match self {
             Deliveries::Spawned(set) => {
+                // Reaped here, without waking the worker when each ends.
+                while set.try_join_next().is_some() {}
                 set.spawn(delivery);
             }
             // A panic stays in its delivery, as it would in a task of its own.
             Deliveries::InPlace(set) => set.push(Box::pin(
                 AssertUnwindSafe(delivery).catch_unwind().map(|outcome| {
-                    if outcome.is_err() {
-                        error!("a delivery panicked outside its task's body");
+                    if let Err(payload) = outcome {
+                        let panic = super::layers::panic_message(payload);
+                        error!(%panic, "a delivery panicked outside its task's body; the broker gets it back");
                     }
                 }),
             )),
         }
     }
 
-    /// Runs the deliveries in place, or reaps the spawned ones that ended. Never ends: await it
-    /// beside what the worker waits for.
+    /// Runs the deliveries in place (nothing for spawned ones, which run by themselves). Never
+    /// ends: await it beside what the worker waits for.
     pub(crate) async fn drive(&mut self) -> Infallible {
-        self.drain().await;
+        if let Deliveries::InPlace(set) = self {
+            while set.next().await.is_some() {}
+        }
         std::future::pending().await
     }
 

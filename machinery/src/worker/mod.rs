@@ -13,7 +13,6 @@
 
 mod chord;
 mod delivery;
-#[cfg(feature = "redis")]
 mod in_flight;
 mod layers;
 #[cfg(feature = "metrics")]
@@ -22,6 +21,7 @@ mod observe;
 #[cfg(feature = "opentelemetry")]
 mod otel;
 mod policy;
+#[cfg(feature = "redis")]
 mod registry;
 mod store;
 mod trace;
@@ -191,9 +191,13 @@ impl WorkerBuilder {
     /// Runs the deliveries in place, as futures of the worker's own task, instead of a Tokio
     /// task each (the default). No spawn and no wake of another thread per delivery: on a
     /// drain of no-op async tasks from RabbitMQ it took about a quarter less CPU per task (README,
-    /// "How fast"). The price: every async body runs on one thread at a time, so an async
-    /// body's CPU time holds up the other deliveries; keep it for bodies that mostly wait (I/O,
-    /// other services). Blocking (sync) bodies run on Tokio's blocking threads either way.
+    /// "Benchmarks"). The price: the deliveries share one thread at a time, the worker's own
+    /// work for each (decoding, spans, recording the outcome) and every async body, so the
+    /// worker uses about one core, and an async body's CPU time holds up the deliveries beside
+    /// it (with a [`hard_time_limit`](Self::hard_time_limit), a sibling held up past its limit
+    /// ends the process). Keep it for bodies that mostly wait (I/O, other services). Blocking
+    /// (sync) bodies run on Tokio's blocking threads either way. With
+    /// [`Worker::run`] the worker's task is the caller's.
     ///
     /// ```no_run
     /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
@@ -813,7 +817,12 @@ impl Worker {
                 }
             }
         }
-        if let Err(e) = consumer.cancel().await {
+        // Deliveries in place keep running while the consumer is cancelled.
+        let cancelled = tokio::select! {
+            cancelled = consumer.cancel() => cancelled,
+            never = in_flight.drive() => match never {},
+        };
+        if let Err(e) = cancelled {
             warn!(worker = %self.ctx.name, error = %e, "cancelling the consumer failed");
         }
         debug!(worker = %self.ctx.name, "waiting for the tasks in flight");
