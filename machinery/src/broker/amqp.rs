@@ -1169,7 +1169,7 @@ impl Broker for AmqpBroker {
 
     /// The dead-letter queue's message count: 0 before anything was dead-lettered from
     /// `queue` (the queue is made with the first). A queue found missing is asked again only
-    /// after [`MISSING_RECHECK`], or at once when this process made it: RabbitMQ closes the
+    /// after 60 s, or at once when this process made it: RabbitMQ closes the
     /// channel of a passive declare of a missing queue, and logs an error each time.
     async fn dead_letter_depth(&self, queue: &str) -> Result<Option<u64>> {
         let dead = AmqpBroker::dead_letter_queue(queue);

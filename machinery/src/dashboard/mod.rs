@@ -1,6 +1,6 @@
 //! The web dashboard: `machinery dashboard --listen 127.0.0.1:8080`.
 //!
-//! A small server-rendered page set on [`Admin`](crate::admin::Admin), served with axum:
+//! A small server-rendered page set on [`Admin`], served with axum:
 //!
 //! - **Overview** (`/`): every machinery queue with its depth, in/out rate, consumers and
 //!   dead letters; the live workers; a throughput chart (tasks/s and failures/s over the last
