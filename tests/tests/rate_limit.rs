@@ -428,3 +428,46 @@ async fn a_bad_cluster_url_fails_the_build_without_showing_the_password() {
     assert_eq!(err.kind(), machinery::ErrorKind::Config);
     assert!(!err.to_string().contains("secret"), "{err}");
 }
+
+/// Concurrency 1 and an in-flight byte budget that one message fills: a limited delivery waiting
+/// for its turn holds the bytes and gives its slot up; the worker takes the next message with
+/// that slot and waits for bytes. When the waiting delivery wants its slot back, the worker
+/// gives it up while it waits for the bytes, so both go on (they used to wait for each other
+/// until shutdown).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_waiting_for_bytes_gives_a_slot_back() {
+    let name = "bytes";
+    let mut config = Config::builder()
+        .broker(format!("memory://rl-{name}"))
+        .requeue_delay(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    config.max_inflight_bytes = 16;
+    let memory = MemoryBroker::open(&format!("rl-{name}"), QUEUE, "machinery_task");
+    let backend = MemoryBackend::open(&format!("rl-{name}"), Duration::from_secs(3600));
+    let server = Server::from_parts(
+        config,
+        Arc::new(memory),
+        Some(Arc::new(backend) as Arc<dyn ResultBackend>),
+    );
+    let worker = server
+        .worker()
+        .concurrency(1)
+        .tasks([rl_four::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        server
+            .send(rl_four::signature("bytes-limited".into()))
+            .await
+            .unwrap();
+    }
+    let limited = wait_for("bytes-limited", 4).await;
+    assert!(
+        span(&limited) >= Duration::from_millis(650),
+        "{:?}",
+        span(&limited)
+    );
+    worker.shutdown().await.unwrap();
+}

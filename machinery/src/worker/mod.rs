@@ -747,7 +747,7 @@ impl Worker {
         let mut outcome = Ok(());
         let mut in_flight = in_flight::Deliveries::new(self.in_place);
         tokio::pin!(shutdown);
-        loop {
+        'serve: loop {
             let permit = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -783,14 +783,32 @@ impl Worker {
                     // A message larger than the whole budget runs alone.
                     let size = delivery.body().len().clamp(1, budget_bytes);
                     let size = u32::try_from(size).unwrap_or(u32::MAX);
+                    // While it waits for the bytes, the slot goes to a call that asks for it
+                    // back (the bytes may be that call's), and is taken again after.
+                    let mut held = Some(permit);
                     let bytes = match budget.clone().try_acquire_many_owned(size) {
                         Ok(bytes) => bytes,
-                        Err(_) => tokio::select! {
+                        Err(_) => loop {
+                            tokio::select! {
+                                biased;
+                                () = &mut shutdown => break 'serve,
+                                never = in_flight.drive() => match never {},
+                                () = reclaim.notified(), if held.is_some() => held = None,
+                                bytes = budget.clone().acquire_many_owned(size) => match bytes {
+                                    Ok(bytes) => break bytes,
+                                    Err(_) => break 'serve,
+                                },
+                            }
+                        },
+                    };
+                    let permit = match held {
+                        Some(permit) => permit,
+                        None => tokio::select! {
                             biased;
                             () = &mut shutdown => break,
                             never = in_flight.drive() => match never {},
-                            bytes = budget.clone().acquire_many_owned(size) => match bytes {
-                                Ok(bytes) => bytes,
+                            permit = permits.clone().acquire_owned() => match permit {
+                                Ok(permit) => permit,
                                 Err(_) => break,
                             },
                         },
