@@ -707,11 +707,8 @@ async fn a_take_cut_short_by_a_dropped_next_is_not_stranded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_connection_is_counted_as_a_reconnect() {
     // A database no other test uses (the CLI tests use 11, the metrics tests 15).
-    const DB: u32 = 7;
-    let base = redis_url();
-    let (scheme, rest) = base.split_once("://").unwrap();
-    let authority = rest.split(['/', '?', '#']).next().unwrap();
-    let url = format!("{scheme}://{authority}/{DB}");
+    const DB: u8 = 7;
+    let url = common::redis_db(DB);
     let mut config = config("reconnect");
     config.broker = url.clone();
     config.result_backend = url.clone();

@@ -9,7 +9,7 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{redis_url, unique_config, WorkerProcess, WAIT};
+use common::{redis_db, unique_config, WorkerProcess, WAIT};
 use machinery::admin::{Admin, Link, NodeKind, Page};
 use machinery::wire::State;
 use machinery::{task, Config, Group, Server, TaskError};
@@ -32,14 +32,6 @@ fn reg_fail() -> Result<i64, TaskError> {
 #[task]
 fn reg_sum(#[variadic] parts: Vec<i64>) -> i64 {
     parts.iter().sum()
-}
-
-/// The Redis URL of database `db`.
-fn redis_db(db: u8) -> String {
-    let base = redis_url();
-    let (scheme, rest) = base.split_once("://").unwrap();
-    let host = rest.split('/').next().unwrap();
-    format!("{scheme}://{host}/{db}")
 }
 
 async fn redis_conn(db: u8) -> redis::aio::MultiplexedConnection {

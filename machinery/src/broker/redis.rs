@@ -263,6 +263,17 @@ struct LinkHealth {
 }
 
 impl LinkHealth {
+    /// Makes the call `reply`, recording how it ended.
+    async fn watch<T>(
+        &self,
+        reply: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        let ticket = self.ticket();
+        let reply = reply.await;
+        self.saw(ticket, &reply);
+        reply
+    }
+
     /// A ticket for a call about to start.
     fn ticket(&self) -> u64 {
         self.issued.fetch_add(1, Ordering::SeqCst) + 1
@@ -611,9 +622,7 @@ impl RedisBroker {
 impl Shared {
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
         let mut conn = self.conn.clone();
-        let ticket = self.link.ticket();
-        let reply = cmd.query_async(&mut conn).await;
-        self.link.saw(ticket, &reply);
+        let reply = self.link.watch(cmd.query_async(&mut conn)).await;
         reply.map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
     }
 
@@ -623,9 +632,7 @@ impl Shared {
         what: &str,
     ) -> Result<T> {
         let mut conn = self.conn.clone();
-        let ticket = self.link.ticket();
-        let reply = invocation.invoke_async(&mut conn).await;
-        self.link.saw(ticket, &reply);
+        let reply = self.link.watch(invocation.invoke_async(&mut conn)).await;
         reply.map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
     }
 
@@ -789,10 +796,8 @@ impl Broker for RedisBroker {
             return outcomes.into_iter().map(|o| o.unwrap_or(Ok(()))).collect();
         }
         let mut conn = self.shared.conn.clone();
-        let ticket = self.shared.link.ticket();
         let replies: redis::RedisResult<Vec<redis::RedisResult<Value>>> =
-            pipe.query_async(&mut conn).await;
-        self.shared.link.saw(ticket, &replies);
+            self.shared.link.watch(pipe.query_async(&mut conn)).await;
         let display = &self.shared.display;
         match replies {
             Ok(replies) => {
@@ -933,9 +938,7 @@ fn push(pipe: &mut redis::Pipeline, delayed_key: &str, message: &Message) {
 impl Shared {
     async fn query_pipe(&self, pipe: &redis::Pipeline, what: &str) -> Result<Vec<Value>> {
         let mut conn = self.conn.clone();
-        let ticket = self.link.ticket();
-        let reply = pipe.query_async(&mut conn).await;
-        self.link.saw(ticket, &reply);
+        let reply = self.link.watch(pipe.query_async(&mut conn)).await;
         reply.map_err(|e| broker_error(format!("Redis at {}: cannot {what}", self.display), e))
     }
 

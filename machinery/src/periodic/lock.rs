@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use async_trait::async_trait;
 use chrono::Utc;
 
-use crate::error::{Error, ErrorKind, Result};
+#[cfg(feature = "redis")]
+use crate::error::ErrorKind;
+use crate::error::{Error, Result};
 
 /// Go: `v2/utils/utils.go`, `LockKeyPrefix`.
 const LOCK_KEY_PREFIX: &str = "machinery_lock_";
@@ -148,6 +150,7 @@ pub(crate) fn now_ns() -> i64 {
     Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
 }
 
+#[cfg(any(feature = "redis", test))]
 /// How a `SET ... NX` with an expiry is written, as go-redis v9's `SetNX` writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Expiry {
@@ -157,6 +160,7 @@ pub(crate) enum Expiry {
     Secs(i64),
 }
 
+#[cfg(any(feature = "redis", test))]
 /// The expiry of Go's `SetNX(key, value, expiration)` with `expiration = value + 1 - now`
 /// nanoseconds. Go: v2/locks/redis/redis.go, Lock; go-redis v9 `usePrecise`, `formatMs`.
 pub(crate) fn set_expiry(value: i64, now: i64) -> Expiry {
@@ -176,6 +180,7 @@ pub(crate) fn set_expiry(value: i64, now: i64) -> Expiry {
     }
 }
 
+#[cfg(any(feature = "redis", test))]
 /// The seconds of Go's `Expire(key, expiration)` after a `GETSET` (go-redis `formatSec`: at
 /// least 1 for a positive duration, whole seconds rounded down).
 pub(crate) fn getset_expire_secs(value: i64, now: i64) -> i64 {

@@ -212,7 +212,31 @@ impl Metrics {
     }
 }
 
+impl TaskSeries {
+    /// The counter of an outcome.
+    fn outcome(&self, count: Count) -> Option<&Counter> {
+        match count {
+            Count::Succeeded => Some(&self.succeeded),
+            Count::Failed => Some(&self.failed),
+            Count::Retried => Some(&self.retried),
+            Count::DeadLettered => Some(&self.dead_lettered),
+            Count::Other => None,
+        }
+    }
+}
+
 impl Metrics {
+    /// The family of an outcome's counters.
+    fn outcome(&self, count: Count) -> Option<&Family<TaskLabel, Counter>> {
+        match count {
+            Count::Succeeded => Some(&self.succeeded),
+            Count::Failed => Some(&self.failed),
+            Count::Retried => Some(&self.retried),
+            Count::DeadLettered => Some(&self.dead_lettered),
+            Count::Other => None,
+        }
+    }
+
     /// `task`'s series, if it is a registered task named by the registry's own string.
     fn series(&self, task: &'static str) -> Option<&TaskSeries> {
         self.series.get(&key(task))
@@ -246,24 +270,12 @@ impl Observer for Metrics {
     fn settled(&self, task: &'static str, report: &Report, settled: &Settled) {
         self.in_flight.dec();
         let count = Count::of(report, settled);
-        if let Some(series) = self.series(task) {
-            match count {
-                Count::Succeeded => series.succeeded.inc(),
-                Count::Failed => series.failed.inc(),
-                Count::Retried => series.retried.inc(),
-                Count::DeadLettered => series.dead_lettered.inc(),
-                Count::Other => return,
-            };
-            return;
-        }
-        let family = match count {
-            Count::Succeeded => &self.succeeded,
-            Count::Failed => &self.failed,
-            Count::Retried => &self.retried,
-            Count::DeadLettered => &self.dead_lettered,
-            Count::Other => return,
+        match self.series(task) {
+            Some(series) => series.outcome(count).map(Counter::inc),
+            None => self
+                .outcome(count)
+                .map(|family| family.get_or_create(&TaskLabel { task }).inc()),
         };
-        family.get_or_create(&TaskLabel { task }).inc();
     }
 
     fn store_error(&self) {

@@ -578,14 +578,17 @@ pub(crate) fn inject(signature: &mut Signature) {
             }
         }
         Err(_) => {
-            if extract(headers).0.is_some() {
-                return;
+            if extract(headers).0.is_none() {
+                start_trace(headers, &producer_context().to_string());
             }
-            let context = producer_context();
-            headers.insert(TRACEPARENT_HEADER.to_owned(), context.to_string().into());
-            headers.remove(TRACESTATE_HEADER);
         }
     }
+}
+
+/// Makes a message outside any task a span of `traceparent` (a new trace's).
+fn start_trace(headers: &mut Map<String, Value>, traceparent: &str) {
+    headers.insert(TRACEPARENT_HEADER.to_owned(), traceparent.into());
+    headers.remove(TRACESTATE_HEADER);
 }
 
 /// Gives the members of a group or chord one trace when they are sent outside any task: one
@@ -597,10 +600,8 @@ pub(crate) fn share(signatures: &mut [Signature]) {
     }
     let context = producer_context().to_string();
     for signature in signatures {
-        let headers = &mut signature.headers;
-        if extract(headers).0.is_none() {
-            headers.insert(TRACEPARENT_HEADER.to_owned(), context.clone().into());
-            headers.remove(TRACESTATE_HEADER);
+        if extract(&signature.headers).0.is_none() {
+            start_trace(&mut signature.headers, &context);
         }
     }
 }

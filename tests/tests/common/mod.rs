@@ -18,6 +18,15 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
 }
 
+/// The URL of database `db` on the Redis server of [`redis_url`] (whatever database, query or
+/// fragment that URL names).
+pub fn redis_db(db: u8) -> String {
+    let base = redis_url();
+    let (scheme, rest) = base.split_once("://").unwrap();
+    let authority = rest.split(['/', '?', '#']).next().unwrap();
+    format!("{scheme}://{authority}/{db}")
+}
+
 /// A configuration on its own exchange, queue and binding key, with Redis results.
 pub fn unique_config(tag: &str) -> Config {
     let id = uuid::Uuid::new_v4().simple().to_string();
