@@ -366,6 +366,114 @@ async fn carries_forward_from_a_go_record_keeping_every_other_byte() {
     assert_eq!(b.get_state(&uuid).await.unwrap(), Some(expected));
 }
 
+/// The write script reads records in Go's exact layout without decoding them; every record
+/// near that layout must still be read as JSON reads it.
+#[tokio::test]
+async fn records_near_gos_layout_are_read_as_json_reads_them() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let later = "2026-11-30T01:02:03Z";
+    // (stored record with @ID@, expected TaskName and CreatedAt carried into a STARTED write)
+    let cases: Vec<(String, &str, &str)> = vec![
+        // The common shape, with and without a TTL.
+        (
+            go_json("@ID@", "add", "PENDING", "null", "", CREATED),
+            "add",
+            CREATED,
+        ),
+        (
+            go_json("@ID@", "add", "PENDING", "null", "", CREATED).replace(r#","TTL":0}"#, "}"),
+            "add",
+            CREATED,
+        ),
+        (
+            go_json("@ID@", "add", "PENDING", "null", "", CREATED)
+                .replace(r#""TTL":0"#, r#""TTL":-7"#),
+            "add",
+            CREATED,
+        ),
+        // Raw `<`, `&`, U+2028 and a control character, which Go would have escaped: carried
+        // as Go escapes them.
+        (
+            go_json("@ID@", "a<b&c", "PENDING", "null", "", CREATED),
+            r"a\u003cb\u0026c",
+            CREATED,
+        ),
+        (
+            go_json("@ID@", "x\u{2028}y", "PENDING", "null", "", CREATED),
+            r"x\u2028y",
+            CREATED,
+        ),
+        (
+            go_json("@ID@", "x\u{1}y", "PENDING", "null", "", CREATED),
+            r"x\u0001y",
+            CREATED,
+        ),
+        // Not JSON after the last field: no record.
+        (
+            format!(
+                "{}x",
+                go_json("@ID@", "add", "PENDING", "null", "", CREATED)
+            ),
+            "",
+            ZERO_TIME,
+        ),
+        (
+            go_json("@ID@", "add", "PENDING", "null", "", CREATED)
+                .replace(r#""TTL":0"#, r#""TTL":0,"#),
+            "",
+            ZERO_TIME,
+        ),
+        // A state that is none of the six: no record, as Go replaces it.
+        (
+            go_json("@ID@", "add", "DONE", "null", "", CREATED),
+            "",
+            ZERO_TIME,
+        ),
+        // Results, escapes and a later time: decoded.
+        (
+            go_json("@ID@", r"a\\b", "RETRY", "[]", r#"x \"y\""#, later),
+            r"a\\b",
+            later,
+        ),
+    ];
+    for (record, name, at) in cases {
+        let uuid = task_uuid();
+        raw_set(&mut conn, &uuid, &record.replace("@ID@", &uuid)).await;
+        b.set_state(TaskState::new(&uuid, State::Started))
+            .await
+            .unwrap();
+        assert_eq!(
+            raw_get(&mut conn, &uuid).await.unwrap(),
+            go_json(&uuid, name, "STARTED", "null", "", at),
+            "stored before: {record}"
+        );
+    }
+
+    // A revoke in the common shape is read as one: nothing replaces it.
+    let uuid = task_uuid();
+    let revoked = go_json(&uuid, "add", "FAILURE", "null", "revoked", CREATED);
+    raw_set(&mut conn, &uuid, &revoked).await;
+    b.set_state(TaskState::new(&uuid, State::Success))
+        .await
+        .unwrap();
+    assert_eq!(raw_get(&mut conn, &uuid).await.unwrap(), revoked);
+    // A FAILURE with another error is final but not a revoke: SUCCESS may replace it.
+    let uuid = task_uuid();
+    raw_set(
+        &mut conn,
+        &uuid,
+        &go_json(&uuid, "add", "FAILURE", "null", "revokedx", CREATED),
+    )
+    .await;
+    b.set_state(TaskState::new(&uuid, State::Success))
+        .await
+        .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "SUCCESS", "null", "", CREATED)
+    );
+}
+
 #[tokio::test]
 async fn carries_forward_keys_matched_case_insensitively() {
     let (b, mut conn, uuid) = (backend().await, raw().await, task_uuid());

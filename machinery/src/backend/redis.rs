@@ -151,6 +151,9 @@ local function carried(record, key)
   end
   return nil
 end
+local plain = '([^"\\%c<>&\128-\255]*)'
+local FAST = '^{"TaskUUID":"[^"\\%c]*","TaskName":"' .. plain .. '","State":"(%u*)",' ..
+             '"Results":null,"Error":"' .. plain .. '","CreatedAt":"' .. plain .. '"(.*)$'
 local kinds = { [''] = 'pending', PENDING = 'pending', RETRY = 'retry', RECEIVED = 'running',
                 STARTED = 'running', SUCCESS = 'final', FAILURE = 'final' }
 local expiry, keep = ARGV[1], ARGV[2] == '1'
@@ -163,19 +166,31 @@ for i, key in ipairs(KEYS) do
   -- key is left as it is.
   local wrong = type(old) == 'table' and old.err ~= nil
   if wrong then old = false end
-  local record, stored = nil, nil
+  -- What the guard reads from the stored record: its state, its error, and its TaskName and
+  -- CreatedAt as JSON strings (nil when empty or absent).
+  local stored, olderror, oldname, oldcreated = nil, nil, nil, nil
   if old then
-    local ok, decoded = pcall(cjson.decode, old)
-    if ok and type(decoded) == 'table' then
-      local state = field(decoded, 'State')
-      if state == nil or state == cjson.null then state = '' end
-      if type(state) == 'string' and kinds[state] then
-        record, stored = decoded, state
+    -- The common case first: a record in the layout of Go's TaskState and of ours, with no
+    -- results and plain ASCII strings, read without decoding it. Anything else is decoded.
+    local n, st, e, c, tail = string.match(old, FAST)
+    if n and kinds[st] and (tail == '}' or string.match(tail, '^,"TTL":%-?%d+}$')) then
+      stored, olderror = st, e
+      if n ~= '' then oldname = '"' .. n .. '"' end
+      if c ~= '' then oldcreated = '"' .. c .. '"' end
+    else
+      local ok, decoded = pcall(cjson.decode, old)
+      if ok and type(decoded) == 'table' then
+        local state = field(decoded, 'State')
+        if state == nil or state == cjson.null then state = '' end
+        if type(state) == 'string' and kinds[state] then
+          stored, olderror = state, field(decoded, 'Error')
+          oldname, oldcreated = carried(decoded, 'TaskName'), carried(decoded, 'CreatedAt')
+        end
       end
     end
   end
   local kind = stored and kinds[stored]
-  if stored == 'FAILURE' and field(record, 'Error') == 'revoked' then kind = 'revoked' end
+  if stored == 'FAILURE' and olderror == 'revoked' then kind = 'revoked' end
   local allowed = true
   if kind == 'revoked' then
     allowed = false
@@ -188,10 +203,8 @@ for i, key in ipairs(KEYS) do
   end
   if wrong then allowed = false end
   if allowed then
-    if record then
-      if string.sub(carry, 1, 1) == '1' then name = carried(record, 'TaskName') or name end
-      if string.sub(carry, 2, 2) == '1' then created = carried(record, 'CreatedAt') or created end
-    end
+    if string.sub(carry, 1, 1) == '1' then name = oldname or name end
+    if string.sub(carry, 2, 2) == '1' then created = oldcreated or created end
     redis.call('SET', key, ARGV[a + 1] .. name .. ARGV[a + 3] .. created .. ARGV[a + 5],
                'EX', expiry)
   end
