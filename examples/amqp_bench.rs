@@ -22,7 +22,8 @@
 //! terminal colours, `BENCH_OBS=spans` or `BENCH_OBS=metrics` turns on only that part.
 //! `amqp_bench drain-child off|on [tasks]` is one such run alone; `BENCH_RESULTS=1` gives it the
 //! Redis result backend. In every mode, `BENCH_IN_PLACE=1` runs the worker's deliveries in place
-//! (`WorkerBuilder::in_place`).
+//! (`WorkerBuilder::in_place`). `BENCH_PIDS=pid,pid` (drain-child) also prints the CPU those
+//! processes (RabbitMQ's, Redis's) spend per task during the drain.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -138,6 +139,7 @@ async fn raw(tasks: usize, payload: &[u8]) -> (f64, f64) {
         .await
         .expect("consume");
     let started = Instant::now();
+    let others = Others::now();
     let mut n = 0;
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery.expect("delivery");
@@ -153,6 +155,7 @@ async fn raw(tasks: usize, payload: &[u8]) -> (f64, f64) {
         }
     }
     let consume = tasks as f64 / started.elapsed().as_secs_f64();
+    others.print("raw consume", tasks);
     let _ = channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
@@ -174,7 +177,39 @@ async fn machinery_rates_with(tasks: usize, redis: bool, metrics: bool) -> (f64,
 /// thread's run time in `/proc/self/task/*/schedstat` (nanoseconds; `/proc/self/stat` counts in
 /// ticks of 10 ms, too coarse for a drain of a second).
 fn cpu_seconds() -> f64 {
-    let Ok(threads) = std::fs::read_dir("/proc/self/task") else {
+    cpu_seconds_of("self")
+}
+
+/// `BENCH_PIDS=pid,pid`: the CPU those processes (RabbitMQ's, Redis's) spend during a
+/// measured stretch.
+struct Others(Vec<(String, f64)>);
+
+impl Others {
+    fn now() -> Self {
+        let pids = std::env::var("BENCH_PIDS").unwrap_or_default();
+        Self(
+            pids.split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| (p.to_owned(), cpu_seconds_of(p)))
+                .collect(),
+        )
+    }
+
+    /// Prints each one's CPU per task since [`Others::now`].
+    fn print(&self, what: &str, tasks: usize) {
+        for (pid, before) in &self.0 {
+            let used = cpu_seconds_of(pid) - before;
+            println!(
+                "{what} cpu_us_per_task[{pid}]={:.2}",
+                used * 1e6 / tasks as f64
+            );
+        }
+    }
+}
+
+/// [`cpu_seconds`] of process `pid` ("self" for this one).
+fn cpu_seconds_of(pid: &str) -> f64 {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0.0;
     };
     let nanos: u64 = threads
@@ -198,12 +233,16 @@ async fn machinery_rates_cpu(
     let config = config(if redis { "redis" } else { "plain" }, redis);
     let server = Server::new(config.clone()).await.expect("server");
     let started = Instant::now();
+    let mut uuids = Vec::with_capacity(if redis { tasks } else { 0 });
     for start in (0..tasks).step_by(1000) {
         let end = (start + 1000).min(tasks);
-        server
+        let sent = server
             .send_all((start..end).map(|i| noop::signature(i as i64)))
             .await
             .expect("send");
+        if redis {
+            uuids.extend(sent.iter().map(|r| r.task_uuid().to_owned()));
+        }
     }
     let send = tasks as f64 / started.elapsed().as_secs_f64();
 
@@ -229,12 +268,31 @@ async fn machinery_rates_cpu(
     let ready = ready_started.elapsed();
     let started = Instant::now();
     let cpu_before = cpu_seconds();
+    let others = Others::now();
     finished.await;
     let drain = tasks as f64 / started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
+    others.print("drain", tasks);
     worker.shutdown().await.expect("shutdown");
     cleanup(&config).await;
+    forget_results(&uuids).await;
     (send, drain, ready, cpu)
+}
+
+/// Deletes the result keys of a run: runs left behind would grow Redis's keyspace, and a
+/// later run would pay for Redis rehashing it.
+async fn forget_results(uuids: &[String]) {
+    if uuids.is_empty() {
+        return;
+    }
+    let client = redis::Client::open(redis_url()).expect("Redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis");
+    for chunk in uuids.chunks(1000) {
+        let _: Result<i64, _> = redis::cmd("UNLINK").arg(chunk).query_async(&mut conn).await;
+    }
 }
 
 async fn cleanup(config: &Config) {
