@@ -79,7 +79,7 @@
 //! environment variable [`MACHINERY_TRACE_AMQP_FRAMES`](TRACE_FRAMES_ENV)`=1`: the frames, login
 //! included, are then logged at TRACE as lapin writes them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,7 +102,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+mod acks;
 mod admin;
+
+use acks::{Frame, Settle};
 
 use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
 use crate::config::{mask_url, overlong, overlong_key, Config, AMQP_MAX_NAME, DEAD_LETTER_SUFFIX};
@@ -112,9 +115,6 @@ use crate::lock;
 /// Set to `1`, lets lapin log the AMQP frames it sends and receives at TRACE, the login frame
 /// (with the password) included; see the [module docs](self).
 pub const TRACE_FRAMES_ENV: &str = "MACHINERY_TRACE_AMQP_FRAMES";
-
-/// How many deliveries settled after a still-running one the ack coalescer remembers.
-const MAX_SETTLED_AHEAD: usize = 65_536;
 
 /// [`AmqpBroker::MAX_DELAY_HOP`] in milliseconds. With `x-expires` = 2 × hop, both arguments
 /// stay below 2^32 ms: far within RabbitMQ 3.10's ten-year limit, and within the 32-bit timer
@@ -1306,7 +1306,8 @@ impl AmqpConsumer {
             .await
             .map_err(|e| b.broker_error(&format!("cannot consume queue `{}`", self.queue), e))?;
         let (acks, rx) = mpsc::unbounded_channel();
-        let settler = tokio::spawn(settle_loop(channel.clone(), rx));
+        let frames = ChannelFrames(channel.clone());
+        let settler = tokio::spawn(acks::settle_loop(frames, self.prefetch, rx));
         info!(queue = %self.queue, prefetch = self.prefetch, node = %b.node_url(link.node), "consuming");
         self.state = Some(ConsumerState {
             channel,
@@ -1409,79 +1410,33 @@ impl Consumer for AmqpConsumer {
     }
 }
 
-/// What to do with a delivery tag.
-enum Settle {
-    Ack(u64),
-    Reject(u64, bool),
-}
+/// Sends a consumer channel's settlement frames (see [`acks::settle_loop`]).
+struct ChannelFrames(Channel);
 
-/// Settles deliveries off the consume loop. Acks of contiguous tags starting at the lowest
-/// unsettled one become a single `basic.ack(multiple = true)`; the others are acked one by one
-/// so that a long task never holds back the acks of the tasks after it.
-async fn settle_loop(channel: Channel, mut rx: mpsc::UnboundedReceiver<Settle>) {
-    let mut low: u64 = 1;
-    // Tags above `low` already settled (acked or rejected individually).
-    let mut settled: BTreeSet<u64> = BTreeSet::new();
-    // A task that never finishes pins `low`; rather than remember every tag settled after it,
-    // stop coalescing on this channel once too many are waiting (every ack is then single).
-    let mut coalesce = true;
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 1024).await > 0 {
-        let mut acks = BTreeSet::new();
-        for item in batch.drain(..) {
-            match item {
-                Settle::Ack(tag) => {
-                    acks.insert(tag);
-                }
-                Settle::Reject(tag, requeue) => {
-                    let options = BasicRejectOptions { requeue };
-                    if let Err(e) = channel.basic_reject(tag, options).await {
-                        debug!(error = %e, tag, "reject failed (the broker redelivers the message)");
-                    }
-                    if coalesce {
-                        settled.insert(tag);
-                    }
-                }
+#[async_trait]
+impl acks::Frames for ChannelFrames {
+    async fn send(&self, frame: Frame) {
+        let channel = &self.0;
+        let sent = match frame {
+            Frame::AckUpTo(tag) => {
+                channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await
             }
-        }
-        // The run of tags from `low` that are now all settled.
-        let mut top = None;
-        if coalesce {
-            loop {
-                if acks.remove(&low) {
-                    top = Some(low);
-                } else if !settled.remove(&low) {
-                    break;
-                }
-                low += 1;
+            Frame::Ack(tag) => {
+                channel
+                    .basic_ack(tag, BasicAckOptions { multiple: false })
+                    .await
             }
-        }
-        if let Some(top) = top {
-            if let Err(e) = channel
-                .basic_ack(top, BasicAckOptions { multiple: true })
-                .await
-            {
-                debug!(error = %e, tag = top, "ack failed (the broker redelivers the messages)");
+            Frame::Reject(tag, requeue) => {
+                channel
+                    .basic_reject(tag, BasicRejectOptions { requeue })
+                    .await
             }
-        }
-        for tag in acks {
-            if let Err(e) = channel
-                .basic_ack(tag, BasicAckOptions { multiple: false })
-                .await
-            {
-                debug!(error = %e, tag, "ack failed (the broker redelivers the message)");
-            }
-            if coalesce {
-                settled.insert(tag);
-            }
-        }
-        if coalesce && settled.len() > MAX_SETTLED_AHEAD {
-            debug!(
-                low,
-                "a delivery is taking long; acknowledging one by one from now on"
-            );
-            coalesce = false;
-            settled = BTreeSet::new();
+        };
+        // The broker redelivers what it did not get settled.
+        if let Err(e) = sent {
+            debug!(error = %e, ?frame, "settling failed (the broker redelivers the message)");
         }
     }
 }

@@ -1,0 +1,359 @@
+//! Which acknowledgement frames a consumer channel sends, and when: the one home of the ack
+//! coalescing ([`AckWindow`]); [`settle_loop`] only moves settlements in and frames out.
+//!
+//! Every `basic.ack` frame costs the worker (a lapin promise and a socket write on its I/O
+//! thread) and the broker. Acks of contiguous tags from the lowest unsettled one become one
+//! `basic.ack(multiple = true)`, sent when an eighth of the prefetch (at most 32, as the raw
+//! consumer of the benchmark acks) has gathered, or when
+//! the oldest unsent one has waited [`ACK_LINGER`]. An ack above a gap (a task still running
+//! below it) waits as long, to be covered by a later multiple ack if the gap closes meanwhile;
+//! after that it is sent on its own, so a long task never holds back the acks of the tasks
+//! after it for longer than the linger. Rejections are sent at once.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// How long an ack may wait to be sent with others. Short beside any task's run time, and
+/// short enough that held acks never starve the prefetch window for long.
+pub(super) const ACK_LINGER: Duration = Duration::from_millis(1);
+
+/// The most acks one multiple ack waits for.
+const MAX_EVERY: u64 = 32;
+
+/// How many deliveries settled after a still-running one the window remembers; past that it
+/// stops coalescing on this channel (every ack is then single).
+pub(super) const MAX_SETTLED_AHEAD: usize = 65_536;
+
+/// What to do with a delivery tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Settle {
+    Ack(u64),
+    Reject(u64, bool),
+}
+
+/// A frame to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Frame {
+    /// `basic.ack(tag, multiple = true)`.
+    AckUpTo(u64),
+    /// `basic.ack(tag, multiple = false)`.
+    Ack(u64),
+    /// `basic.reject(tag, requeue)`.
+    Reject(u64, bool),
+}
+
+/// The acks of one channel not yet sent, and the tags already settled.
+#[derive(Debug)]
+pub(super) struct AckWindow {
+    /// The lowest tag not settled (tags start at 1).
+    low: u64,
+    /// The highest tag of the contiguous run below `low` that no frame has acked yet.
+    top: Option<u64>,
+    /// How many acks that run holds.
+    run: u64,
+    /// Acked above `low`, not sent yet.
+    held: BTreeSet<u64>,
+    /// Above `low`, settled by a frame already sent (a reject, a single ack).
+    settled: BTreeSet<u64>,
+    /// Whether acks are still coalesced (see [`MAX_SETTLED_AHEAD`]).
+    coalesce: bool,
+    /// How many contiguous acks make a multiple ack go at once.
+    every: u64,
+}
+
+impl AckWindow {
+    /// A window for a channel with `prefetch` unacknowledged deliveries at most: a multiple
+    /// ack goes once an eighth of that has gathered (at least 1, at most 32), so held acks
+    /// take little of the window from the broker. (A quarter, at most 64, sent fewer frames
+    /// but slowed a worker running its deliveries in place: its deliveries came in bursts.)
+    pub(super) fn new(prefetch: u16) -> AckWindow {
+        AckWindow {
+            low: 1,
+            top: None,
+            run: 0,
+            held: BTreeSet::new(),
+            settled: BTreeSet::new(),
+            coalesce: true,
+            every: (u64::from(prefetch) / 8).clamp(1, MAX_EVERY),
+        }
+    }
+
+    /// Whether nothing waits to be sent (no deadline is needed).
+    pub(super) fn is_idle(&self) -> bool {
+        self.top.is_none() && self.held.is_empty()
+    }
+
+    /// Takes one settlement; pushes the frames due now onto `out`.
+    pub(super) fn settle(&mut self, settle: Settle, out: &mut Vec<Frame>) {
+        match settle {
+            Settle::Reject(tag, requeue) => {
+                out.push(Frame::Reject(tag, requeue));
+                if self.coalesce {
+                    self.settled.insert(tag);
+                }
+            }
+            Settle::Ack(tag) if !self.coalesce => out.push(Frame::Ack(tag)),
+            Settle::Ack(tag) => {
+                self.held.insert(tag);
+            }
+        }
+        if !self.coalesce {
+            return;
+        }
+        loop {
+            if self.held.remove(&self.low) {
+                self.top = Some(self.low);
+                self.run += 1;
+            } else if !self.settled.remove(&self.low) {
+                break;
+            }
+            self.low += 1;
+        }
+        if self.run >= self.every {
+            self.send_run(out);
+        }
+    }
+
+    /// Pushes every frame still unsent onto `out`: the run as one multiple ack, the acks above
+    /// a gap one by one.
+    pub(super) fn flush(&mut self, out: &mut Vec<Frame>) {
+        self.send_run(out);
+        for tag in std::mem::take(&mut self.held) {
+            out.push(Frame::Ack(tag));
+            self.settled.insert(tag);
+        }
+        if self.coalesce && self.settled.len() > MAX_SETTLED_AHEAD {
+            tracing::debug!(
+                low = self.low,
+                "a delivery is taking long; acknowledging one by one from now on"
+            );
+            self.coalesce = false;
+            self.settled = BTreeSet::new();
+        }
+    }
+
+    fn send_run(&mut self, out: &mut Vec<Frame>) {
+        if let Some(top) = self.top.take() {
+            out.push(Frame::AckUpTo(top));
+            self.run = 0;
+        }
+    }
+}
+
+/// Where a channel's frames go.
+#[async_trait]
+pub(super) trait Frames: Send + Sync {
+    /// Sends one frame; a frame that fails is left to the broker, which redelivers what it did
+    /// not get settled.
+    async fn send(&self, frame: Frame);
+}
+
+/// Settles a channel's deliveries off the consume loop: settlements go into its [`AckWindow`],
+/// and the frames it says are due go out, at once or when the oldest waiting ack has waited
+/// [`ACK_LINGER`]. Ends, having sent every frame, when every sender of `rx` is gone.
+pub(super) async fn settle_loop(
+    frames: impl Frames,
+    prefetch: u16,
+    mut rx: mpsc::UnboundedReceiver<Settle>,
+) {
+    let mut window = AckWindow::new(prefetch);
+    let mut batch = Vec::new();
+    let mut due = Vec::new();
+    // When the oldest ack waiting in the window must be sent.
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let received = match deadline {
+            None => rx.recv_many(&mut batch, 1024).await,
+            // `recv_many` is cancel safe: nothing is lost when the deadline comes first.
+            Some(at) => match tokio::time::timeout_at(at, rx.recv_many(&mut batch, 1024)).await {
+                Ok(received) => received,
+                Err(_) => {
+                    window.flush(&mut due);
+                    send(&frames, &mut due).await;
+                    deadline = None;
+                    continue;
+                }
+            },
+        };
+        if received == 0 {
+            window.flush(&mut due);
+            send(&frames, &mut due).await;
+            return;
+        }
+        for settle in batch.drain(..) {
+            window.settle(settle, &mut due);
+        }
+        send(&frames, &mut due).await;
+        deadline = match (window.is_idle(), deadline) {
+            (true, _) => None,
+            (false, None) => Some(Instant::now() + ACK_LINGER),
+            (false, kept) => kept,
+        };
+    }
+}
+
+async fn send(frames: &impl Frames, due: &mut Vec<Frame>) {
+    for frame in due.drain(..) {
+        frames.send(frame).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames sent, with when.
+    #[derive(Default, Clone)]
+    struct Sent(std::sync::Arc<std::sync::Mutex<Vec<(Frame, Instant)>>>);
+
+    #[async_trait]
+    impl Frames for Sent {
+        async fn send(&self, frame: Frame) {
+            self.0.lock().unwrap().push((frame, Instant::now()));
+        }
+    }
+
+    impl Sent {
+        fn frames(&self) -> Vec<Frame> {
+            self.0.lock().unwrap().iter().map(|(f, _)| *f).collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_ack_goes_after_the_linger_and_the_rest_when_the_senders_leave() {
+        let sent = Sent::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let start = Instant::now();
+        let settler = tokio::spawn(settle_loop(sent.clone(), 256, rx));
+        tx.send(Settle::Ack(1)).unwrap();
+        tx.send(Settle::Ack(3)).unwrap();
+        tokio::time::sleep(ACK_LINGER / 2).await;
+        assert!(sent.frames().is_empty());
+        tokio::time::sleep(ACK_LINGER).await;
+        assert_eq!(sent.frames(), vec![Frame::AckUpTo(1), Frame::Ack(3)]);
+        let at = sent.0.lock().unwrap()[0].1;
+        assert!(at - start >= ACK_LINGER && at - start <= ACK_LINGER * 2);
+        // Nothing waits: no frame until the next settlement.
+        tokio::time::sleep(ACK_LINGER * 10).await;
+        assert_eq!(sent.frames().len(), 2);
+        // The last acks go when every sender is gone, without waiting.
+        tx.send(Settle::Ack(2)).unwrap();
+        tx.send(Settle::Reject(4, false)).unwrap();
+        tx.send(Settle::Ack(5)).unwrap();
+        drop(tx);
+        settler.await.unwrap();
+        assert_eq!(
+            sent.frames(),
+            vec![
+                Frame::AckUpTo(1),
+                Frame::Ack(3),
+                Frame::Reject(4, false),
+                Frame::AckUpTo(5)
+            ]
+        );
+    }
+
+    fn settle_all(window: &mut AckWindow, settles: &[Settle]) -> Vec<Frame> {
+        let mut out = Vec::new();
+        for s in settles {
+            window.settle(*s, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn in_order_acks_go_as_one_frame_per_eighth_of_the_prefetch() {
+        let mut window = AckWindow::new(256);
+        assert_eq!(window.every, 32);
+        assert_eq!(AckWindow::new(80).every, 10);
+        let acks: Vec<Settle> = (1..=100).map(Settle::Ack).collect();
+        let out = settle_all(&mut window, &acks);
+        assert_eq!(
+            out,
+            vec![Frame::AckUpTo(32), Frame::AckUpTo(64), Frame::AckUpTo(96)]
+        );
+        assert!(!window.is_idle());
+        let mut out = Vec::new();
+        window.flush(&mut out);
+        assert_eq!(out, vec![Frame::AckUpTo(100)]);
+        assert!(window.is_idle());
+    }
+
+    #[test]
+    fn a_small_prefetch_acks_at_once() {
+        for prefetch in [0, 1, 8, 15] {
+            let mut window = AckWindow::new(prefetch);
+            let out = settle_all(&mut window, &[Settle::Ack(1), Settle::Ack(2)]);
+            assert_eq!(
+                out,
+                vec![Frame::AckUpTo(1), Frame::AckUpTo(2)],
+                "{prefetch}"
+            );
+            assert!(window.is_idle());
+        }
+        let mut window = AckWindow::new(16);
+        let out = settle_all(&mut window, &[Settle::Ack(1), Settle::Ack(2)]);
+        assert_eq!(out, vec![Frame::AckUpTo(2)]);
+    }
+
+    #[test]
+    fn acks_above_a_gap_wait_and_are_covered_when_it_closes() {
+        let mut window = AckWindow::new(256);
+        let out = settle_all(
+            &mut window,
+            &[Settle::Ack(2), Settle::Ack(3), Settle::Ack(5)],
+        );
+        assert!(out.is_empty());
+        // Tag 1 ends: 1-3 are one run; 5 still waits above 4.
+        let out = settle_all(&mut window, &[Settle::Ack(1)]);
+        assert!(out.is_empty());
+        let mut out = Vec::new();
+        window.flush(&mut out);
+        assert_eq!(out, vec![Frame::AckUpTo(3), Frame::Ack(5)]);
+        // 5 was sent on its own: the run from 4 skips it.
+        let out = settle_all(&mut window, &[Settle::Ack(4), Settle::Ack(6)]);
+        assert!(out.is_empty());
+        let mut out = Vec::new();
+        window.flush(&mut out);
+        assert_eq!(out, vec![Frame::AckUpTo(6)]);
+        assert!(window.is_idle());
+    }
+
+    #[test]
+    fn rejections_go_at_once_and_are_skipped_by_the_run() {
+        let mut window = AckWindow::new(256);
+        let out = settle_all(
+            &mut window,
+            &[Settle::Ack(1), Settle::Reject(2, true), Settle::Ack(3)],
+        );
+        assert_eq!(out, vec![Frame::Reject(2, true)]);
+        let mut out = Vec::new();
+        window.flush(&mut out);
+        assert_eq!(out, vec![Frame::AckUpTo(3)]);
+        let out = settle_all(&mut window, &[Settle::Reject(4, false)]);
+        assert_eq!(out, vec![Frame::Reject(4, false)]);
+        assert!(window.is_idle());
+    }
+
+    #[test]
+    fn a_task_that_never_ends_turns_coalescing_off() {
+        let mut window = AckWindow::new(256);
+        let mut out = Vec::new();
+        // Tag 1 never settles.
+        for tag in 2..=(MAX_SETTLED_AHEAD as u64 + 2) {
+            window.settle(Settle::Ack(tag), &mut out);
+        }
+        out.clear();
+        window.flush(&mut out);
+        assert_eq!(out.len(), MAX_SETTLED_AHEAD + 1);
+        assert!(out.iter().all(|f| matches!(f, Frame::Ack(_))));
+        // From now on, every ack goes at once and alone.
+        let out = settle_all(&mut window, &[Settle::Ack(1_000_000)]);
+        assert_eq!(out, vec![Frame::Ack(1_000_000)]);
+        assert!(window.is_idle());
+    }
+}
