@@ -23,7 +23,8 @@
 //! `amqp_bench drain-child off|on [tasks]` is one such run alone; `BENCH_RESULTS=1` gives it the
 //! Redis result backend. In every mode, `BENCH_IN_PLACE=1` runs the worker's deliveries in place
 //! (`WorkerBuilder::in_place`). `BENCH_PIDS=pid,pid` (drain-child) also prints the CPU those
-//! processes (RabbitMQ's, Redis's) spend per task during the drain.
+//! processes (RabbitMQ's, Redis's) spend per task during the drain; `BENCH_SIGNAL=1` prints
+//! `drain starts` on stderr when it starts (to attach a profiler).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -269,6 +270,10 @@ async fn machinery_rates_cpu(
     let started = Instant::now();
     let cpu_before = cpu_seconds();
     let others = Others::now();
+    // For a profiler to attach to the drain alone.
+    if std::env::var("BENCH_SIGNAL").is_ok_and(|v| v == "1") {
+        eprintln!("drain starts");
+    }
     finished.await;
     let drain = tasks as f64 / started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;

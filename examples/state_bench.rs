@@ -1,0 +1,107 @@
+//! The worker-side cost of the Redis result backend's state writes, apart from any broker:
+//! `tasks` tasks, `concurrency` at a time, each a STARTED transition then a SUCCESS write, as
+//! a worker makes them. Prints tasks/s and the CPU per task of this process and of Redis
+//! (`BENCH_PIDS=<redis pid>`).
+//!
+//! ```sh
+//! cargo run --release --example state_bench [tasks] [concurrency]
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use machinery::backend::redis::RedisBackend;
+use machinery::backend::ResultBackend;
+use machinery::wire::{GoTime, State, TaskState};
+
+fn cpu_seconds_of(pid: &str) -> f64 {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let nanos: u64 = threads
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum();
+    nanos as f64 / 1e9
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let tasks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let concurrency: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(256);
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let backend = Arc::new(
+        RedisBackend::connect(&url, Duration::from_secs(600))
+            .await
+            .expect("Redis"),
+    );
+    let uuids: Vec<String> = (0..tasks)
+        .map(|i| format!("task_state_bench_{}_{i}", std::process::id()))
+        .collect();
+    // PENDING, as a producer writes it.
+    let pending: Vec<TaskState> = uuids
+        .iter()
+        .map(|u| TaskState {
+            task_uuid: u.clone(),
+            task_name: "noop".into(),
+            state: State::Pending,
+            created_at: GoTime::now(),
+            ..TaskState::default()
+        })
+        .collect();
+    for chunk in pending.chunks(1000) {
+        backend.set_states(chunk.to_vec()).await.expect("pending");
+    }
+    let redis_pid = std::env::var("BENCH_PIDS").unwrap_or_default();
+    let (cpu0, redis0) = (cpu_seconds_of("self"), cpu_seconds_of(&redis_pid));
+    let started = Instant::now();
+    let mut running = FuturesUnordered::new();
+    let mut next = uuids.iter();
+    loop {
+        while running.len() < concurrency {
+            let Some(uuid) = next.next() else { break };
+            let backend = backend.clone();
+            running.push(async move {
+                backend
+                    .transition(TaskState::new(uuid, State::Started))
+                    .await
+                    .expect("STARTED");
+                let done = TaskState {
+                    task_name: "noop".into(),
+                    results: Some(Vec::new()),
+                    ..TaskState::new(uuid, State::Success)
+                };
+                backend.set_state(done).await.expect("SUCCESS");
+            });
+        }
+        if running.next().await.is_none() {
+            break;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (cpu, redis) = (
+        cpu_seconds_of("self") - cpu0,
+        cpu_seconds_of(&redis_pid) - redis0,
+    );
+    println!(
+        "{tasks} tasks, {concurrency} at once: {:.0} tasks/s, client {:.2} us/task, redis {:.2} us/task",
+        tasks as f64 / elapsed,
+        cpu * 1e6 / tasks as f64,
+        redis * 1e6 / tasks as f64
+    );
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis");
+    for chunk in uuids.chunks(1000) {
+        let _: Result<i64, _> = redis::cmd("UNLINK").arg(chunk).query_async(&mut conn).await;
+    }
+}
