@@ -60,9 +60,9 @@
 //! `State` is none of the six, counts as no record: it is replaced, as Go replaces it.
 //!
 //! Single writes ([`set_state`](ResultBackend::set_state), [`transition`](ResultBackend::transition))
-//! made at the same time, by the tasks a worker runs at once, share runs of the script: at
-//! most two writes or batches are in flight per backend (and its clones), and the writes made
-//! meanwhile go together in the next run, each with its own answer.
+//! made at the same time, by the tasks a worker runs at once, share runs of the script: one
+//! write or batch is in flight per backend (and its clones), and the writes made meanwhile go
+//! together in the next run, each with its own answer.
 //!
 //! # Waiting
 //!
