@@ -3,12 +3,13 @@
 //!
 //! Every `basic.ack` frame costs the worker (a lapin promise and a socket write on its I/O
 //! thread) and the broker. Acks of contiguous tags from the lowest unsettled one become one
-//! `basic.ack(multiple = true)`, sent when an eighth of the prefetch (at most 32, as the raw
-//! consumer of the benchmark acks) has gathered, or when
-//! the oldest unsent one has waited [`ACK_LINGER`]. An ack above a gap (a task still running
-//! below it) waits as long, to be covered by a later multiple ack if the gap closes meanwhile;
-//! after that it is sent on its own, so a long task never holds back the acks of the tasks
-//! after it for longer than the linger. Rejections are sent at once.
+//! `basic.ack(multiple = true)`. An ack above a gap (a task still running below it) is held
+//! too, to be covered by a later multiple ack if the gap closes meanwhile. What is held goes
+//! out when it reaches an eighth of the prefetch (at least 1, at most 32, as the raw consumer
+//! of the benchmark acks): held acks are credit the broker does not get back. Otherwise it
+//! goes when the oldest held ack has waited [`ACK_LINGER`] (the acks above a gap one by one),
+//! so a long task never holds back the acks of the tasks after it for longer than that.
+//! Rejections are sent at once.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -61,16 +62,21 @@ pub(super) struct AckWindow {
     settled: BTreeSet<u64>,
     /// Whether acks are still coalesced (see [`MAX_SETTLED_AHEAD`]).
     coalesce: bool,
-    /// How many contiguous acks make a multiple ack go at once.
+    /// How many held acks go at once.
     every: u64,
 }
 
 impl AckWindow {
-    /// A window for a channel with `prefetch` unacknowledged deliveries at most: a multiple
-    /// ack goes once an eighth of that has gathered (at least 1, at most 32), so held acks
-    /// take little of the window from the broker. (A quarter, at most 64, sent fewer frames
-    /// but slowed a worker running its deliveries in place: its deliveries came in bursts.)
+    /// A window for a channel with `prefetch` unacknowledged deliveries at most (0: no
+    /// limit): what is held goes once it reaches an eighth of that (at least 1, at most 32),
+    /// so held acks take little of the window from the broker. (A quarter, at most 64, sent
+    /// fewer frames but slowed a worker running its deliveries in place: its deliveries came
+    /// in bursts.)
     pub(super) fn new(prefetch: u16) -> AckWindow {
+        let every = match prefetch {
+            0 => MAX_EVERY,
+            limit => (u64::from(limit) / 8).clamp(1, MAX_EVERY),
+        };
         AckWindow {
             low: 1,
             top: None,
@@ -78,7 +84,7 @@ impl AckWindow {
             held: BTreeSet::new(),
             settled: BTreeSet::new(),
             coalesce: true,
-            every: (u64::from(prefetch) / 8).clamp(1, MAX_EVERY),
+            every,
         }
     }
 
@@ -87,7 +93,10 @@ impl AckWindow {
         self.top.is_none() && self.held.is_empty()
     }
 
-    /// Takes one settlement; pushes the frames due now onto `out`.
+    /// Takes one settlement; pushes a rejection (due at once) onto `out`. Call [`due`] after
+    /// each batch of settlements.
+    ///
+    /// [`due`]: AckWindow::due
     pub(super) fn settle(&mut self, settle: Settle, out: &mut Vec<Frame>) {
         match settle {
             Settle::Reject(tag, requeue) => {
@@ -113,8 +122,13 @@ impl AckWindow {
             }
             self.low += 1;
         }
-        if self.run >= self.every {
-            self.send_run(out);
+    }
+
+    /// Pushes what is held onto `out` if it has reached an eighth of the prefetch.
+    pub(super) fn due(&mut self, out: &mut Vec<Frame>) {
+        let held = self.run + u64::try_from(self.held.len()).unwrap_or(u64::MAX);
+        if held >= self.every {
+            self.flush(out);
         }
     }
 
@@ -187,6 +201,12 @@ pub(super) async fn settle_loop(
         for settle in batch.drain(..) {
             window.settle(settle, &mut due);
         }
+        window.due(&mut due);
+        // Under a steady stream `recv_many` is always ready and the timeout never looks at
+        // the deadline: look here.
+        if deadline.is_some_and(|at| Instant::now() >= at) {
+            window.flush(&mut due);
+        }
         send(&frames, &mut due).await;
         deadline = match (window.is_idle(), deadline) {
             (true, _) => None,
@@ -257,47 +277,78 @@ mod tests {
         );
     }
 
+    /// Settles one batch, as the loop receives it, and returns the frames due after it.
     fn settle_all(window: &mut AckWindow, settles: &[Settle]) -> Vec<Frame> {
         let mut out = Vec::new();
         for s in settles {
             window.settle(*s, &mut out);
         }
+        window.due(&mut out);
         out
     }
 
     #[test]
-    fn in_order_acks_go_as_one_frame_per_eighth_of_the_prefetch() {
+    fn a_small_prefetch_never_holds_an_ack_above_a_gap() {
+        // Prefetch 3, tag 1 still running: the broker has no room left until 2 and 3 are
+        // acked, so they go at once, on their own.
+        let mut window = AckWindow::new(3);
+        let out = settle_all(&mut window, &[Settle::Ack(2), Settle::Ack(3)]);
+        assert_eq!(out, vec![Frame::Ack(2), Frame::Ack(3)]);
+        assert!(window.is_idle());
+        let out = settle_all(&mut window, &[Settle::Ack(1)]);
+        assert_eq!(out, vec![Frame::AckUpTo(1)]);
+    }
+
+    #[test]
+    fn a_batch_of_acks_goes_as_one_frame_whatever_the_prefetch() {
+        for prefetch in [1, 3, 256] {
+            let mut window = AckWindow::new(prefetch);
+            let acks: Vec<Settle> = (1..=40).map(Settle::Ack).collect();
+            let out = settle_all(&mut window, &acks);
+            assert_eq!(out, vec![Frame::AckUpTo(40)], "{prefetch}");
+        }
+        // Prefetch 0 is no limit: acks gather as for the largest.
+        assert_eq!(AckWindow::new(0).every, MAX_EVERY);
+    }
+
+    #[test]
+    fn in_order_acks_go_once_an_eighth_of_the_prefetch_has_gathered() {
         let mut window = AckWindow::new(256);
         assert_eq!(window.every, 32);
         assert_eq!(AckWindow::new(80).every, 10);
-        let acks: Vec<Settle> = (1..=100).map(Settle::Ack).collect();
-        let out = settle_all(&mut window, &acks);
-        assert_eq!(
-            out,
-            vec![Frame::AckUpTo(32), Frame::AckUpTo(64), Frame::AckUpTo(96)]
-        );
+        let first: Vec<Settle> = (1..=20).map(Settle::Ack).collect();
+        assert!(settle_all(&mut window, &first).is_empty());
         assert!(!window.is_idle());
+        let second: Vec<Settle> = (21..=32).map(Settle::Ack).collect();
+        assert_eq!(settle_all(&mut window, &second), vec![Frame::AckUpTo(32)]);
+        assert!(window.is_idle());
+        assert!(settle_all(&mut window, &[Settle::Ack(33)]).is_empty());
         let mut out = Vec::new();
         window.flush(&mut out);
-        assert_eq!(out, vec![Frame::AckUpTo(100)]);
+        assert_eq!(out, vec![Frame::AckUpTo(33)]);
         assert!(window.is_idle());
     }
 
     #[test]
     fn a_small_prefetch_acks_at_once() {
-        for prefetch in [0, 1, 8, 15] {
+        for prefetch in [1, 8, 15] {
             let mut window = AckWindow::new(prefetch);
-            let out = settle_all(&mut window, &[Settle::Ack(1), Settle::Ack(2)]);
             assert_eq!(
-                out,
-                vec![Frame::AckUpTo(1), Frame::AckUpTo(2)],
-                "{prefetch}"
+                settle_all(&mut window, &[Settle::Ack(1)]),
+                vec![Frame::AckUpTo(1)]
             );
-            assert!(window.is_idle());
+            assert_eq!(
+                settle_all(&mut window, &[Settle::Ack(2)]),
+                vec![Frame::AckUpTo(2)]
+            );
+            assert!(window.is_idle(), "{prefetch}");
         }
         let mut window = AckWindow::new(16);
-        let out = settle_all(&mut window, &[Settle::Ack(1), Settle::Ack(2)]);
-        assert_eq!(out, vec![Frame::AckUpTo(2)]);
+        assert!(settle_all(&mut window, &[Settle::Ack(1)]).is_empty());
+        assert_eq!(
+            settle_all(&mut window, &[Settle::Ack(2)]),
+            vec![Frame::AckUpTo(2)]
+        );
     }
 
     #[test]
