@@ -429,6 +429,48 @@ async fn records_near_gos_layout_are_read_as_json_reads_them() {
             "",
             ZERO_TIME,
         ),
+        // Valid JSON in other forms: decoded.
+        (
+            go_json("@ID@", "é", "PENDING", "null", "", CREATED),
+            "é",
+            CREATED,
+        ),
+        (
+            go_json("@ID@", "a\u{7f}b", "PENDING", "null", "", CREATED),
+            "a\u{7f}b",
+            CREATED,
+        ),
+        (
+            go_json("@ID@", "add", "RETRY", "null", "a>b", CREATED),
+            "add",
+            CREATED,
+        ),
+        (
+            go_json("@ID@", "add", "PENDING", "null", "", CREATED)
+                .replace(r#""TTL":0"#, r#""TTL":1e3"#),
+            "add",
+            CREATED,
+        ),
+        (
+            go_json("@ID@", "add", "PENDING", "null", "", CREATED)
+                .replace(r#""TTL":0"#, r#""TTL":07"#),
+            "add",
+            CREATED,
+        ),
+        (
+            go_json("@ID@", "add", "PENDING", "null", "", CREATED)
+                .replace(r#","State""#, r#", "State""#),
+            "add",
+            CREATED,
+        ),
+        (
+            format!(
+                "{}\0x",
+                go_json("@ID@", "add", "PENDING", "null", "", CREATED)
+            ),
+            "add",
+            CREATED,
+        ),
         // Results, escapes and a later time: decoded.
         (
             go_json("@ID@", r"a\\b", "RETRY", "[]", r#"x \"y\""#, later),

@@ -171,9 +171,11 @@ for i, key in ipairs(KEYS) do
   local stored, olderror, oldname, oldcreated = nil, nil, nil, nil
   if old then
     -- The common case first: a record in the layout of Go's TaskState and of ours, with no
-    -- results and plain ASCII strings, read without decoding it. Anything else is decoded.
+    -- results, a name, error and creation time of plain printable ASCII and a JSON integer
+    -- TTL, read without decoding it. Anything else is decoded.
     local n, st, e, c, tail = string.match(old, FAST)
-    if n and kinds[st] and (tail == '}' or string.match(tail, '^,"TTL":%-?%d+}$')) then
+    if n and kinds[st] and (tail == '}' or string.match(tail, '^,"TTL":%-?0}$')
+                            or string.match(tail, '^,"TTL":%-?[1-9]%d*}$')) then
       stored, olderror = st, e
       if n ~= '' then oldname = '"' .. n .. '"' end
       if c ~= '' then oldcreated = '"' .. c .. '"' end
