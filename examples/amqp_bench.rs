@@ -139,8 +139,8 @@ async fn raw(tasks: usize, payload: &[u8]) -> (f64, f64) {
         )
         .await
         .expect("consume");
-    let started = Instant::now();
     let others = Others::now();
+    let started = Instant::now();
     let mut n = 0;
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery.expect("delivery");
@@ -267,9 +267,9 @@ async fn machinery_rates_cpu(
     }
     let worker = builder.spawn().await.expect("worker");
     let ready = ready_started.elapsed();
-    let started = Instant::now();
-    let cpu_before = cpu_seconds();
     let others = Others::now();
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
     // For a profiler to attach to the drain alone.
     if std::env::var("BENCH_SIGNAL").is_ok_and(|v| v == "1") {
         eprintln!("drain starts");

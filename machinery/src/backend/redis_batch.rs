@@ -10,6 +10,10 @@
 //! trip, while the next batch gathers. Flushers are started when a write in flight ends with
 //! writes queued, and end when the queue is empty: nothing runs while the backend is idle.
 //!
+//! A write made at once is made by its caller's future: until that future is polled to the
+//! end (or dropped), the writes queued behind it wait. A worker polls its deliveries all the
+//! time; code that keeps a `set_state` future unpolled holds up the backend's other writes.
+//!
 //! Every write keeps its own outcome: it is encoded by its caller (a state that cannot be
 //! encoded fails alone), the script writes and guards each key on its own, and each caller
 //! gets its own reply. A batch that fails fails each of its writes with the same error, which
