@@ -125,6 +125,9 @@ const MAX_HOP_MS: u64 = 2_147_483_647;
 /// connection is lost before its confirm comes (or its delay queue was deleted).
 const PUBLISH_ATTEMPTS: u32 = 5;
 
+/// The pause before publishing again after an interrupted try, times the tries so far.
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 /// How long a message the dead-letter queue refused waits before it goes back to the queue.
 const DEAD_LETTER_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
@@ -899,6 +902,10 @@ impl Inner {
                 Attempt::Done(outcome) => return outcome,
                 Attempt::Again(e) if attempts < PUBLISH_ATTEMPTS => {
                     warn!(error = %e.message(), attempts, "publish interrupted; publishing again");
+                    // Give lapin time to see the connection gone (its status can lag the
+                    // error by a moment), so that the next try reconnects instead of failing
+                    // on the same socket.
+                    tokio::time::sleep(PUBLISH_RETRY_PAUSE * attempts).await;
                 }
                 Attempt::Again(e) => return Err(e),
             }
@@ -1069,7 +1076,23 @@ fn link_alive(link: &Link) -> bool {
 
 /// Whether `err` came from losing `link` (so that publishing again on a new one may work).
 fn interrupted(err: &Error, link: &Link) -> bool {
-    !err.is_permanent() && !link_alive(link)
+    !err.is_permanent() && (!link_alive(link) || lost_connection(err))
+}
+
+/// Whether `err` is lapin saying the connection or channel is gone: the socket's error, or a
+/// closed state. The connection's status can still say connected when a publish already
+/// failed on the reset socket (a broker restarting).
+fn lost_connection(err: &Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|source| source.downcast_ref::<lapin::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e.kind(),
+                lapin::ErrorKind::IOError(_)
+                    | lapin::ErrorKind::InvalidConnectionState(_)
+                    | lapin::ErrorKind::InvalidChannelState(..)
+            )
+        })
 }
 
 /// `s` as an AMQP short string; an error of kind [`ErrorKind::Encode`] naming `what` if it is
@@ -1783,6 +1806,41 @@ mod tests {
         let map = fits.as_object().cloned().unwrap_or_default();
         assert!(field_table(&map).is_ok());
         assert_eq!(overlong_key(&map), None);
+    }
+
+    #[test]
+    fn a_reset_connection_interrupts_a_publish_before_lapin_says_it_is_closed() {
+        // A publish can fail with the socket's error while the connection's status still says
+        // connected (the broker restarting): the message must be sent again, not failed.
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let err = Error::with_source(
+            ErrorKind::Broker,
+            "publish failed",
+            lapin::Error::from(reset),
+        );
+        assert!(lost_connection(&err));
+        let closed = lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
+            lapin::ConnectionState::Closed,
+        ));
+        assert!(lost_connection(&Error::with_source(
+            ErrorKind::Broker,
+            "x",
+            closed
+        )));
+        // Anything else is not a lost connection.
+        let other = std::io::Error::other("a file");
+        assert!(!lost_connection(&Error::with_source(
+            ErrorKind::Broker,
+            "x",
+            other
+        )));
+        assert!(!lost_connection(&Error::new(ErrorKind::Broker, "x")));
+        let limit = lapin::Error::from(lapin::ErrorKind::ChannelsLimitReached);
+        assert!(!lost_connection(&Error::with_source(
+            ErrorKind::Broker,
+            "x",
+            limit
+        )));
     }
 
     #[test]
