@@ -39,6 +39,10 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use machinery::{task, Config, Server};
 use tokio::sync::Notify;
 
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::cpu_seconds_of;
+
 static DONE: AtomicUsize = AtomicUsize::new(0);
 static TARGET: AtomicUsize = AtomicUsize::new(usize::MAX);
 static FINISHED: Notify = Notify::const_new();
@@ -174,9 +178,7 @@ async fn machinery_rates_with(tasks: usize, redis: bool, metrics: bool) -> (f64,
     (send, drain, ready)
 }
 
-/// The CPU time this process's live threads have run so far, in seconds: the sum of each
-/// thread's run time in `/proc/self/task/*/schedstat` (nanoseconds; `/proc/self/stat` counts in
-/// ticks of 10 ms, too coarse for a drain of a second).
+/// The CPU time this process's live threads have run so far, in seconds.
 fn cpu_seconds() -> f64 {
     cpu_seconds_of("self")
 }
@@ -206,23 +208,6 @@ impl Others {
             );
         }
     }
-}
-
-/// [`cpu_seconds`] of process `pid` ("self" for this one).
-fn cpu_seconds_of(pid: &str) -> f64 {
-    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
-    };
-    let nanos: u64 = threads
-        .filter_map(|t| t.ok())
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| {
-            s.split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .sum();
-    nanos as f64 / 1e9
 }
 
 /// [`machinery_rates_with`], and the CPU seconds the process spent during the drain.
@@ -280,24 +265,8 @@ async fn machinery_rates_cpu(
     others.print("drain", tasks);
     worker.shutdown().await.expect("shutdown");
     cleanup(&config).await;
-    forget_results(&uuids).await;
+    cpu::forget_keys(&redis_url(), &uuids).await;
     (send, drain, ready, cpu)
-}
-
-/// Deletes the result keys of a run: runs left behind would grow Redis's keyspace, and a
-/// later run would pay for Redis rehashing it.
-async fn forget_results(uuids: &[String]) {
-    if uuids.is_empty() {
-        return;
-    }
-    let client = redis::Client::open(redis_url()).expect("Redis URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis");
-    for chunk in uuids.chunks(1000) {
-        let _: Result<i64, _> = redis::cmd("UNLINK").arg(chunk).query_async(&mut conn).await;
-    }
 }
 
 async fn cleanup(config: &Config) {

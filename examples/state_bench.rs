@@ -14,21 +14,9 @@ use machinery::backend::redis::RedisBackend;
 use machinery::backend::ResultBackend;
 use machinery::wire::{GoTime, State, TaskState};
 
-fn cpu_seconds_of(pid: &str) -> f64 {
-    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
-    };
-    let nanos: u64 = threads
-        .filter_map(|t| t.ok())
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| {
-            s.split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .sum();
-    nanos as f64 / 1e9
-}
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::{cpu_seconds_of, forget_keys};
 
 #[tokio::main]
 async fn main() {
@@ -96,12 +84,5 @@ async fn main() {
         tasks as f64 / elapsed,
         cpu * 1e6 / tasks as f64,
     );
-    let client = redis::Client::open(url).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("Redis");
-    for chunk in uuids.chunks(1000) {
-        let _: Result<i64, _> = redis::cmd("UNLINK").arg(chunk).query_async(&mut conn).await;
-    }
+    forget_keys(&url, &uuids).await;
 }

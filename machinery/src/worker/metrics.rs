@@ -212,29 +212,40 @@ impl Metrics {
     }
 }
 
+impl Count {
+    /// Of `[succeeded, failed, retried, dead-lettered]`, the one this outcome counts in.
+    fn pick<T>(self, [succeeded, failed, retried, dead_lettered]: [&T; 4]) -> Option<&T> {
+        match self {
+            Count::Succeeded => Some(succeeded),
+            Count::Failed => Some(failed),
+            Count::Retried => Some(retried),
+            Count::DeadLettered => Some(dead_lettered),
+            Count::Other => None,
+        }
+    }
+}
+
 impl TaskSeries {
     /// The counter of an outcome.
     fn outcome(&self, count: Count) -> Option<&Counter> {
-        match count {
-            Count::Succeeded => Some(&self.succeeded),
-            Count::Failed => Some(&self.failed),
-            Count::Retried => Some(&self.retried),
-            Count::DeadLettered => Some(&self.dead_lettered),
-            Count::Other => None,
-        }
+        count.pick([
+            &self.succeeded,
+            &self.failed,
+            &self.retried,
+            &self.dead_lettered,
+        ])
     }
 }
 
 impl Metrics {
     /// The family of an outcome's counters.
     fn outcome(&self, count: Count) -> Option<&Family<TaskLabel, Counter>> {
-        match count {
-            Count::Succeeded => Some(&self.succeeded),
-            Count::Failed => Some(&self.failed),
-            Count::Retried => Some(&self.retried),
-            Count::DeadLettered => Some(&self.dead_lettered),
-            Count::Other => None,
-        }
+        count.pick([
+            &self.succeeded,
+            &self.failed,
+            &self.retried,
+            &self.dead_lettered,
+        ])
     }
 
     /// `task`'s series, if it is a registered task named by the registry's own string.
