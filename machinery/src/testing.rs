@@ -56,6 +56,8 @@ pub struct Fault {
     routing_key: Option<String>,
     /// The call goes through, and only its reply is lost.
     reply_lost: bool,
+    /// The call panics (a backend or broker with a bug).
+    panics: bool,
 }
 
 impl Fault {
@@ -69,6 +71,7 @@ impl Fault {
             state: None,
             routing_key: None,
             reply_lost: false,
+            panics: false,
         }
     }
 
@@ -121,6 +124,14 @@ impl Fault {
     #[must_use]
     pub fn reply_lost(mut self) -> Fault {
         self.reply_lost = true;
+        self
+    }
+
+    /// Panics instead of failing, as a backend or broker with a bug would: the worker must
+    /// lose nothing and count nothing twice.
+    #[must_use]
+    pub fn panics(mut self) -> Fault {
+        self.panics = true;
         self
     }
 
@@ -244,6 +255,14 @@ impl<Op: Copy + Eq + std::hash::Hash + fmt::Debug> Faults<Op> {
         };
         if !fault.strike(state, key) {
             return Ok(None);
+        }
+        if fault.panics {
+            // Panicking on command is what this fault is for (opt-in, `testing` feature only,
+            // never armed by the library). The faults' lock is poison-tolerant (`crate::lock`).
+            #[allow(clippy::panic)]
+            {
+                panic!("injected panic: {op:?}");
+            }
         }
         let kind = fault.kind.unwrap_or(default);
         let error = Error::new(kind, format!("injected fault: {op:?}"));

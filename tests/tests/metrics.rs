@@ -384,6 +384,42 @@ async fn result_store_errors_are_counted() {
     worker.shutdown().await.unwrap();
 }
 
+/// A delivery whose handling panics outside the task's body (here the result store panics)
+/// goes back to the broker and runs again, spawned or in place; it is not left in flight.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_that_panics_is_not_left_in_flight() {
+    for in_place in [false, true] {
+        let rig = rig(&format!("metrics-panic-{in_place}"), 5);
+        let worker = rig
+            .server
+            .worker()
+            .in_place(in_place)
+            .metrics_addr("127.0.0.1:0".parse().unwrap())
+            .spawn()
+            .await
+            .unwrap();
+        let addr = worker.metrics_addr().unwrap();
+        rig.backend
+            .arm(BackendOp::Transition, Fault::once().panics());
+        let handle = rig.server.send(mx_ok::signature(3)).await.unwrap();
+        assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 3);
+        let text = scrape_until(addr, "the success", |t| {
+            sample(t, "machinery_tasks_succeeded_total", &task(mx_ok::NAME)) == 1.0
+        })
+        .await;
+        assert_eq!(
+            sample(&text, "machinery_tasks_received_total", &task(mx_ok::NAME)),
+            2.0,
+            "in place: {in_place}"
+        );
+        scrape_until(addr, "nothing in flight", |t| {
+            sample(t, "machinery_tasks_in_flight", "") == 0.0
+        })
+        .await;
+        worker.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_faulty_broker_shows_in_retried_and_dead_lettered() {
     let rig = rig("metrics-faulty-broker", 2);

@@ -434,3 +434,38 @@ async fn a_group_sent_outside_a_task_is_one_trace() {
     );
     worker.shutdown().await.unwrap();
 }
+
+/// A delivery that panics outside its task's body is logged with the panic, whether it ran in
+/// a task of its own or in place; its message comes again and runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_panicking_outside_its_body_is_logged_spawned_or_in_place() {
+    for in_place in [false, true] {
+        let name = format!("spans-panic-{in_place}");
+        let server = server(&name).await;
+        let panicked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let once = panicked.clone();
+        let worker = server
+            .worker()
+            .in_place(in_place)
+            .make_span(move |t: &TaskSpan<'_>| {
+                if !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    panic!("no span for {}", t.id);
+                }
+                tracing::info_span!("task")
+            })
+            .spawn()
+            .await
+            .unwrap();
+        let r = server.send(sp_first::signature(1)).await.unwrap();
+        assert_eq!(r.get_timeout(Duration::from_secs(30)).await.unwrap(), 2);
+        let uuid = r.task_uuids()[0].clone();
+        let line = eventually("the panic's log line", || {
+            lines_with("panicked outside its task's body")
+                .into_iter()
+                .find(|l| l.contains(&format!("no span for {uuid}")))
+        })
+        .await;
+        assert!(line.contains(" ERROR "), "{line}");
+        worker.shutdown().await.unwrap();
+    }
+}

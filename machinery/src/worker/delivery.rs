@@ -84,7 +84,7 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery, mut slot: Slot) {
         &ctx.queue,
         &ctx.name,
     );
-    ctx.observers.received(label);
+    let unsettled = ctx.observers.received(label);
     let work = async move {
         let settled = match ctx.policy.exhausted(attempt) {
             Some(settlement) => settle(ctx, delivery, Some(signature), attempt, settlement).await,
@@ -94,19 +94,18 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery, mut slot: Slot) {
                 settle(ctx, delivery, assigned, attempt, settlement).await
             }
         };
-        trace::with_report(|report| ctx.observers.settled(label, report, &settled));
+        trace::with_report(|report| unsettled.settled(report, &settled));
     };
     trace::scope(execution, work.instrument(span)).await;
 }
 
 /// A message that is no task at all: settled without a signature.
 async fn poison(ctx: &Ctx, delivery: Delivery, reason: String) {
-    ctx.observers.received(UNDECODABLE);
+    let unsettled = ctx.observers.received(UNDECODABLE);
     let attempt = Attempt::by_broker(&delivery, 0);
     let settlement = ctx.policy.decide(Outcome::Poison(reason), attempt);
     let settled = settle(ctx, delivery, None, attempt, settlement).await;
-    ctx.observers
-        .settled(UNDECODABLE, &Report::default(), &settled);
+    unsettled.settled(&Report::default(), &settled);
 }
 
 async fn handle(ctx: &Ctx, signature: Signature, attempt: Attempt, slot: &mut Slot) -> Outcome {

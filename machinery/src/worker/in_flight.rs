@@ -43,15 +43,16 @@ impl Deliveries {
         match self {
             Deliveries::Spawned(set) => {
                 // Reaped here, without waking the worker when each ends.
-                while set.try_join_next().is_some() {}
+                while let Some(ended) = set.try_join_next() {
+                    reaped(ended);
+                }
                 set.spawn(delivery);
             }
             // A panic stays in its delivery, as it would in a task of its own.
             Deliveries::InPlace(set) => set.push(Box::pin(
                 AssertUnwindSafe(delivery).catch_unwind().map(|outcome| {
                     if let Err(payload) = outcome {
-                        let panic = super::layers::panic_message(payload);
-                        error!(%panic, "a delivery panicked outside its task's body; the broker gets it back");
+                        panicked(payload);
                     }
                 }),
             )),
@@ -70,8 +71,28 @@ impl Deliveries {
     /// Waits until every delivery has ended.
     pub(crate) async fn drain(&mut self) {
         match self {
-            Deliveries::Spawned(set) => while set.join_next().await.is_some() {},
+            Deliveries::Spawned(set) => {
+                while let Some(ended) = set.join_next().await {
+                    reaped(ended);
+                }
+            }
             Deliveries::InPlace(set) => while set.next().await.is_some() {},
         }
     }
+}
+
+/// A spawned delivery that ended: logs it if it panicked, as one in place is logged.
+fn reaped(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended {
+        if e.is_panic() {
+            panicked(e.into_panic());
+        }
+    }
+}
+
+/// Logs a delivery that panicked outside its task's body (its message goes back to the
+/// broker: it was never settled).
+fn panicked(payload: Box<dyn std::any::Any + Send>) {
+    let panic = super::layers::panic_message(payload);
+    error!(%panic, "a delivery panicked outside its task's body; the broker gets it back");
 }

@@ -289,6 +289,10 @@ impl Observer for Metrics {
         };
     }
 
+    fn abandoned(&self, _task: &'static str) {
+        self.in_flight.dec();
+    }
+
     fn store_error(&self) {
         self.store_errors.inc();
     }

@@ -45,6 +45,11 @@ pub(crate) trait Observer: Send + Sync + fmt::Debug {
     fn settled(&self, task: &'static str, report: &Report, settled: &Settled) {
         let _ = (task, report, settled);
     }
+    /// The delivery left the worker unsettled: its handling panicked outside the task's body,
+    /// or the worker was aborted. The broker has it back.
+    fn abandoned(&self, task: &'static str) {
+        let _ = task;
+    }
     /// A call to the result store failed.
     fn store_error(&self) {}
 }
@@ -58,8 +63,15 @@ impl Observers {
         Observers(observers)
     }
 
-    pub(crate) fn received(&self, task: &'static str) {
+    /// Tells the observers a delivery was received. The delivery is settled through the
+    /// returned [`Unsettled`]; dropped instead, it tells them the delivery was abandoned, so
+    /// that a panic cannot leave it counted in flight.
+    pub(crate) fn received(&self, task: &'static str) -> Unsettled<'_> {
         self.0.iter().for_each(|o| o.received(task));
+        Unsettled {
+            observers: self,
+            task,
+        }
     }
     pub(crate) fn started(&self, task: &'static str) {
         self.0.iter().for_each(|o| o.started(task));
@@ -67,11 +79,34 @@ impl Observers {
     pub(crate) fn finished(&self, task: &'static str, elapsed: Duration, ok: bool) {
         self.0.iter().for_each(|o| o.finished(task, elapsed, ok));
     }
-    pub(crate) fn settled(&self, task: &'static str, report: &Report, settled: &Settled) {
-        self.0.iter().for_each(|o| o.settled(task, report, settled));
-    }
+
     pub(crate) fn store_error(&self) {
         self.0.iter().for_each(|o| o.store_error());
+    }
+}
+
+/// A delivery the observers heard of and that has not left the worker yet.
+#[must_use = "settle it, or dropping it tells the observers the delivery was abandoned"]
+pub(crate) struct Unsettled<'a> {
+    observers: &'a Observers,
+    task: &'static str,
+}
+
+impl Unsettled<'_> {
+    /// The delivery left the worker as `settled`, after what `report` says.
+    pub(crate) fn settled(self, report: &Report, settled: &Settled) {
+        let this = std::mem::ManuallyDrop::new(self);
+        for o in &this.observers.0 {
+            o.settled(this.task, report, settled);
+        }
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        for o in &self.observers.0 {
+            o.abandoned(self.task);
+        }
     }
 }
 
