@@ -38,24 +38,21 @@ impl Deliveries {
         }
     }
 
-    /// Starts running `delivery`.
+    /// Starts running `delivery`. A panic stays in its delivery and is logged at once, as a
+    /// task of its own would keep it; the delivery's message was not settled.
     pub(crate) fn push(&mut self, delivery: DeliveryFuture) {
+        let delivery = AssertUnwindSafe(delivery).catch_unwind().map(|outcome| {
+            if let Err(payload) = outcome {
+                panicked(payload);
+            }
+        });
         match self {
             Deliveries::Spawned(set) => {
                 // Reaped here, without waking the worker when each ends.
-                while let Some(ended) = set.try_join_next() {
-                    reaped(ended);
-                }
+                while set.try_join_next().is_some() {}
                 set.spawn(delivery);
             }
-            // A panic stays in its delivery, as it would in a task of its own.
-            Deliveries::InPlace(set) => set.push(Box::pin(
-                AssertUnwindSafe(delivery).catch_unwind().map(|outcome| {
-                    if let Err(payload) = outcome {
-                        panicked(payload);
-                    }
-                }),
-            )),
+            Deliveries::InPlace(set) => set.push(Box::pin(delivery)),
         }
     }
 
@@ -71,28 +68,14 @@ impl Deliveries {
     /// Waits until every delivery has ended.
     pub(crate) async fn drain(&mut self) {
         match self {
-            Deliveries::Spawned(set) => {
-                while let Some(ended) = set.join_next().await {
-                    reaped(ended);
-                }
-            }
+            Deliveries::Spawned(set) => while set.join_next().await.is_some() {},
             Deliveries::InPlace(set) => while set.next().await.is_some() {},
         }
     }
 }
 
-/// A spawned delivery that ended: logs it if it panicked, as one in place is logged.
-fn reaped(ended: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = ended {
-        if e.is_panic() {
-            panicked(e.into_panic());
-        }
-    }
-}
-
-/// Logs a delivery that panicked outside its task's body (its message goes back to the
-/// broker: it was never settled).
+/// Logs a delivery that panicked outside its task's body.
 fn panicked(payload: Box<dyn std::any::Any + Send>) {
     let panic = super::layers::panic_message(payload);
-    error!(%panic, "a delivery panicked outside its task's body; the broker gets it back");
+    error!(%panic, "a delivery panicked outside its task's body; unless it was settled before the panic, the broker gets it back");
 }

@@ -45,8 +45,10 @@ pub(crate) trait Observer: Send + Sync + fmt::Debug {
     fn settled(&self, task: &'static str, report: &Report, settled: &Settled) {
         let _ = (task, report, settled);
     }
-    /// The delivery left the worker unsettled: its handling panicked outside the task's body,
-    /// or the worker was aborted. The broker has it back.
+    /// The delivery left the worker without being counted as settled: its handling panicked
+    /// outside the task's body, or the worker was aborted. Unless it was settled with the
+    /// broker before that, the broker has it back. (Only the in-flight count is made whole:
+    /// a body's own start and end are counted around the body.)
     fn abandoned(&self, task: &'static str) {
         let _ = task;
     }
@@ -71,6 +73,7 @@ impl Observers {
         Unsettled {
             observers: self,
             task,
+            told: 0,
         }
     }
     pub(crate) fn started(&self, task: &'static str) {
@@ -90,22 +93,25 @@ impl Observers {
 pub(crate) struct Unsettled<'a> {
     observers: &'a Observers,
     task: &'static str,
+    /// The observers told already (of `settled`); the others hear `abandoned` on drop, also
+    /// when one of them panics while it is told.
+    told: usize,
 }
 
 impl Unsettled<'_> {
     /// The delivery left the worker as `settled`, after what `report` says.
-    pub(crate) fn settled(self, report: &Report, settled: &Settled) {
-        let this = std::mem::ManuallyDrop::new(self);
-        for o in &this.observers.0 {
-            o.settled(this.task, report, settled);
+    pub(crate) fn settled(mut self, report: &Report, settled: &Settled) {
+        while let Some(observer) = self.observers.0.get(self.told) {
+            self.told += 1;
+            observer.settled(self.task, report, settled);
         }
     }
 }
 
 impl Drop for Unsettled<'_> {
     fn drop(&mut self) {
-        for o in &self.observers.0 {
-            o.abandoned(self.task);
+        for observer in self.observers.0.iter().skip(self.told) {
+            observer.abandoned(self.task);
         }
     }
 }
@@ -226,4 +232,65 @@ impl Observer for LogOutcome {
 /// Milliseconds, with microseconds, for log fields.
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    /// Counts what it hears; panics when told `settled` if `panics`.
+    #[derive(Debug, Default)]
+    struct Counting {
+        panics: bool,
+        settled: AtomicU32,
+        abandoned: AtomicU32,
+    }
+
+    impl Observer for Counting {
+        fn settled(&self, _task: &'static str, _report: &Report, _settled: &Settled) {
+            self.settled.fetch_add(1, Ordering::SeqCst);
+            assert!(!self.panics, "an observer that panics");
+        }
+        fn abandoned(&self, _task: &'static str) {
+            self.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn heard(o: &Counting) -> (u32, u32) {
+        (
+            o.settled.load(Ordering::SeqCst),
+            o.abandoned.load(Ordering::SeqCst),
+        )
+    }
+
+    #[test]
+    fn each_observer_hears_settled_or_abandoned_once() {
+        let (a, b) = (Arc::new(Counting::default()), Arc::new(Counting::default()));
+        let observers = Observers::new(vec![a.clone(), b.clone()]);
+        observers
+            .received("t")
+            .settled(&Report::default(), &Settled::Acked);
+        assert_eq!((heard(&a), heard(&b)), ((1, 0), (1, 0)));
+        drop(observers.received("t"));
+        assert_eq!((heard(&a), heard(&b)), ((1, 1), (1, 1)));
+    }
+
+    #[test]
+    fn an_observer_that_panics_leaves_the_others_whole() {
+        let first = Arc::new(Counting {
+            panics: true,
+            ..Counting::default()
+        });
+        let second = Arc::new(Counting::default());
+        let observers = Observers::new(vec![first.clone(), second.clone()]);
+        let unsettled = observers.received("t");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            unsettled.settled(&Report::default(), &Settled::Acked);
+        }));
+        assert!(panicked.is_err());
+        // The first was told (and panicked); the second hears the delivery abandoned.
+        assert_eq!((heard(&first), heard(&second)), ((1, 0), (0, 1)));
+    }
 }
