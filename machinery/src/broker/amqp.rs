@@ -1181,13 +1181,13 @@ impl Broker for AmqpBroker {
     /// A passive declare's message count, on a channel of its own (a missing queue closes
     /// the channel that asked).
     async fn queue_depth(&self, queue: &str) -> Result<Option<u64>> {
-        match self.inner.ready_count(queue).await? {
-            Some(ready) => Ok(Some(ready)),
-            None => Err(Error::new(
+        let ready = self.inner.ready_count(queue).await?.ok_or_else(|| {
+            Error::new(
                 ErrorKind::Broker,
                 format!("cannot read the depth of queue `{queue}`: it does not exist"),
-            )),
-        }
+            )
+        })?;
+        Ok(Some(ready))
     }
 
     /// The dead-letter queue's message count: 0 before anything was dead-lettered from

@@ -11,12 +11,17 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 
+use futures_util::future::{CatchUnwind, Map};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt as _, StreamExt as _};
 use tokio::task::JoinSet;
 use tracing::error;
 
 type DeliveryFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// A delivery that keeps its panic (see [`Deliveries::push`]); a named type, so that a
+/// delivery in place needs no box beyond its own.
+type Caught = Map<CatchUnwind<AssertUnwindSafe<DeliveryFuture>>, fn(std::thread::Result<()>)>;
 
 /// The deliveries a worker has in flight.
 pub(crate) enum Deliveries {
@@ -26,7 +31,7 @@ pub(crate) enum Deliveries {
     /// Every delivery a future of the worker's task, polled while the worker waits for the
     /// next message: no spawn and no wake of another thread per delivery, and an async body's
     /// CPU time holds up the deliveries beside it.
-    InPlace(FuturesUnordered<DeliveryFuture>),
+    InPlace(FuturesUnordered<Caught>),
 }
 
 impl Deliveries {
@@ -41,18 +46,16 @@ impl Deliveries {
     /// Starts running `delivery`. A panic stays in its delivery and is logged at once, as a
     /// task of its own would keep it; the delivery's message was not settled.
     pub(crate) fn push(&mut self, delivery: DeliveryFuture) {
-        let delivery = AssertUnwindSafe(delivery).catch_unwind().map(|outcome| {
-            if let Err(payload) = outcome {
-                panicked(payload);
-            }
-        });
+        let delivery: Caught = AssertUnwindSafe(delivery)
+            .catch_unwind()
+            .map(log_panic as fn(_));
         match self {
             Deliveries::Spawned(set) => {
                 // Reaped here, without waking the worker when each ends.
                 while set.try_join_next().is_some() {}
                 set.spawn(delivery);
             }
-            Deliveries::InPlace(set) => set.push(Box::pin(delivery)),
+            Deliveries::InPlace(set) => set.push(delivery),
         }
     }
 
@@ -75,7 +78,8 @@ impl Deliveries {
 }
 
 /// Logs a delivery that panicked outside its task's body.
-fn panicked(payload: Box<dyn std::any::Any + Send>) {
+fn log_panic(outcome: std::thread::Result<()>) {
+    let Err(payload) = outcome else { return };
     let panic = super::layers::panic_message(payload);
     error!(%panic, "a delivery panicked outside its task's body; unless it was settled before the panic, the broker gets it back");
 }
