@@ -13,7 +13,8 @@
 //! `BENCH_TRACE=1` installs an INFO `fmt` subscriber writing into a sink without colours, and
 //! `BENCH_SPAN=0|3|5` makes the task span with that many fields instead of the default's (the
 //! README's "What it costs"). `BENCH_IN_PLACE=1` runs the worker's deliveries in place
-//! (`WorkerBuilder::in_place`).
+//! (`WorkerBuilder::in_place`). The allocator is mimalloc; `--features system-alloc` measures
+//! with the system's `malloc` instead.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -22,6 +23,14 @@ use machinery::wire::Signature;
 use machinery::worker::TaskSpan;
 use machinery::{task, Config, Server};
 use tokio::sync::Notify;
+
+/// mimalloc, as a service that wants this rate would set it: glibc's `malloc` takes a lock
+/// when one thread frees what another allocated (the producer encodes a body, the worker drops
+/// it), and that lock and its futex calls were about 30% of this bench's time (`perf`). The
+/// `system-alloc` feature measures with the system allocator instead (README, "What it costs").
+#[cfg(not(feature = "system-alloc"))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 static DONE: AtomicUsize = AtomicUsize::new(0);
 static TARGET: AtomicUsize = AtomicUsize::new(usize::MAX);

@@ -85,13 +85,19 @@ pub(crate) async fn process(ctx: &Ctx, delivery: Delivery, mut slot: Slot) {
         &ctx.name,
     );
     let unsettled = ctx.observers.received(label);
+    // Handling and settling are boxed: the delivery's own future stays about 2 KiB instead of
+    // 10 KiB, and a future is copied whole each time it is moved into the one that awaits it
+    // (a box, the span, the trace scope, the worker's set). Measured on `bench` with mimalloc:
+    // 206,000 -> 241,000 tasks/s spawned, 210,000 -> 232,000 in place (medians of 4).
     let work = async move {
         let settled = match ctx.policy.exhausted(attempt) {
-            Some(settlement) => settle(ctx, delivery, Some(signature), attempt, settlement).await,
+            Some(settlement) => {
+                Box::pin(settle(ctx, delivery, Some(signature), attempt, settlement)).await
+            }
             None => {
-                let outcome = handle(ctx, signature, attempt, &mut slot).await;
+                let outcome = Box::pin(handle(ctx, signature, attempt, &mut slot)).await;
                 let settlement = ctx.policy.decide(outcome, attempt);
-                settle(ctx, delivery, assigned, attempt, settlement).await
+                Box::pin(settle(ctx, delivery, assigned, attempt, settlement)).await
             }
         };
         trace::with_report(|report| unsettled.settled(report, &settled));
