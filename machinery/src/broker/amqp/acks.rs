@@ -216,10 +216,18 @@ pub(super) async fn settle_loop(
     }
 }
 
+/// Sends the frames due, in order, without waiting for one to be written before the next is
+/// queued: lapin's I/O thread writes them together, where one at a time cost a wake of that
+/// thread and of this task per frame.
 async fn send(frames: &impl Frames, due: &mut Vec<Frame>) {
-    for frame in due.drain(..) {
-        frames.send(frame).await;
+    match due.len() {
+        0 => {}
+        1 => frames.send(due[0]).await,
+        _ => {
+            futures_util::future::join_all(due.iter().map(|&frame| frames.send(frame))).await;
+        }
     }
+    due.clear();
 }
 
 #[cfg(test)]
@@ -297,6 +305,52 @@ mod tests {
         assert!(window.is_idle());
         let out = settle_all(&mut window, &[Settle::Ack(1)]);
         assert_eq!(out, vec![Frame::AckUpTo(1)]);
+    }
+
+    /// Records each frame when it is handed over, then holds it until the gate opens (a socket
+    /// write lapin has not done yet).
+    struct Gated {
+        sent: Sent,
+        gate: std::sync::Arc<tokio::sync::Semaphore>,
+    }
+
+    #[async_trait]
+    impl Frames for Gated {
+        async fn send(&self, frame: Frame) {
+            self.sent.send(frame).await;
+            if let Ok(permit) = self.gate.acquire().await {
+                permit.forget();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_frames_due_together_are_handed_over_before_the_first_is_written() {
+        let sent = Sent::default();
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let frames = Gated {
+            sent: sent.clone(),
+            gate: gate.clone(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Prefetch 8: each ack is due at once; above the gaps at 1 and 3 they go one by one.
+        tx.send(Settle::Ack(2)).unwrap();
+        tx.send(Settle::Ack(4)).unwrap();
+        tx.send(Settle::Reject(5, false)).unwrap();
+        let settler = tokio::spawn(settle_loop(frames, 8, rx));
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let mut handed = sent.frames();
+        handed.sort_by_key(|f| format!("{f:?}"));
+        assert_eq!(
+            handed,
+            vec![Frame::Ack(2), Frame::Ack(4), Frame::Reject(5, false)],
+            "one frame at a time waits a socket write per frame"
+        );
+        gate.add_permits(3);
+        drop(tx);
+        settler.await.unwrap();
     }
 
     #[test]
