@@ -7,7 +7,7 @@
 //!
 //! Prints: raw lapin publish (persistent, confirms windowed), raw lapin consume (acks batched
 //! with `multiple = true` every 32 deliveries) of a bare body and of the message machinery sends
-//! (with its `traceparent` header), machinery's send rate and a worker's drain rate of
+//! (its UUID, routing key and `traceparent` in the body), machinery's send rate and a worker's drain rate of
 //! no-op tasks without a result backend and with Redis results, the ratios machinery/raw, the
 //! time a worker takes to be ready, and a worker's RSS while 100,000 tasks wait in its queue.
 //!
@@ -23,7 +23,9 @@
 //! terminal colours, `BENCH_OBS=spans` or `BENCH_OBS=metrics` turns on only that part.
 //! `amqp_bench drain-child off|on [tasks]` is one such run alone; `BENCH_RESULTS=1` gives it the
 //! Redis result backend. In every mode, `BENCH_IN_PLACE=1` runs the worker's deliveries in place
-//! (`WorkerBuilder::in_place`). `BENCH_PIDS=pid,pid` (drain-child) also prints the CPU those
+//! (`WorkerBuilder::in_place`). `amqp_bench raw-child [tasks]` is the raw consume alone, of the
+//! bare body, of machinery's message, and of that message with its `traceparent` in the AMQP
+//! headers too (what a header table costs). `BENCH_PIDS=pid,pid` (drain-child) also prints the CPU those
 //! processes (RabbitMQ's, Redis's) spend per task during the drain; `BENCH_SIGNAL=1` prints
 //! `drain starts` on stderr when it starts (to attach a profiler).
 
@@ -84,6 +86,9 @@ fn config(tag: &str, redis: bool) -> Config {
     b.build().expect("config")
 }
 
+/// The `traceparent` of the raw client's messages.
+const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
 /// A message for the raw client: a body, and AMQP headers or none.
 struct RawMessage {
     body: Vec<u8>,
@@ -99,26 +104,35 @@ impl RawMessage {
         }
     }
 
-    /// The message machinery sends for a no-op task (the same properties and headers, a body
-    /// of the same size): its producer gives every message a UUID, its routing key and a W3C
-    /// `traceparent`, in the signature's `Headers` and, as Go's `brokers/amqp/amqp.go` `Publish`
-    /// puts `signature.Headers` there, in the AMQP headers too.
+    /// The message machinery sends for a no-op task (the same properties, a body of the same
+    /// size): its producer gives every message a UUID, its routing key and a W3C `traceparent`
+    /// in the signature's `Headers`. It has no AMQP headers: machinery keeps the trace context
+    /// out of them (README, "differs on purpose").
     fn as_machinery_sends() -> Self {
-        const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let mut signature = noop::signature(1).as_wire().clone();
         signature.uuid = "task_c448db08-75dd-43dd-95ce-12ca74189120".into();
         signature.routing_key = format!("bench_plain_{}_key", std::process::id());
         signature
             .headers
             .insert("traceparent".into(), TRACEPARENT.into());
+        RawMessage {
+            body: signature.to_json().expect("encode"),
+            headers: None,
+        }
+    }
+
+    /// [`RawMessage::as_machinery_sends`] with the `traceparent` in the AMQP headers as well,
+    /// as Go's `Publish` (`v2/brokers/amqp/amqp.go`) copies `signature.Headers` there and
+    /// machinery did before.
+    fn with_header_table() -> Self {
         let mut headers = FieldTable::default();
         headers.insert(
             "traceparent".into(),
             lapin::types::AMQPValue::LongString(TRACEPARENT.into()),
         );
         RawMessage {
-            body: signature.to_json().expect("encode"),
             headers: Some(headers),
+            ..RawMessage::as_machinery_sends()
         }
     }
 
@@ -393,14 +407,23 @@ async fn main() {
         println!("cpu_us_per_task={}", cpu * 1e6 / tasks as f64);
         return;
     }
-    // `amqp_bench raw-child [tasks]`: the raw consume alone, of the bare body and of the
-    // message machinery sends.
+    // `amqp_bench raw-child [tasks]`: the raw consume alone, of the bare body, of the message
+    // machinery sends, and of that message with its `traceparent` in the AMQP headers too, in
+    // an order that rotates with the process id.
     if args.get(1).map(String::as_str) == Some("raw-child") {
         let tasks: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-        let (_, bare) = raw(tasks, &RawMessage::bare()).await;
-        let (_, same) = raw(tasks, &RawMessage::as_machinery_sends()).await;
-        println!("raw_bare={bare:.0}");
-        println!("raw_same={same:.0}");
+        type Kind = (&'static str, fn() -> RawMessage);
+        let kinds: [Kind; 3] = [
+            ("bare", RawMessage::bare),
+            ("same", RawMessage::as_machinery_sends),
+            ("header_table", RawMessage::with_header_table),
+        ];
+        let first = std::process::id() as usize;
+        for i in 0..kinds.len() {
+            let (name, message) = kinds[(first + i) % kinds.len()];
+            let (_, consume) = raw(tasks, &message()).await;
+            println!("raw_{name}={consume:.0}");
+        }
         return;
     }
     if args.get(1).map(String::as_str) == Some("obs") {
@@ -410,11 +433,18 @@ async fn main() {
         return;
     }
     let tasks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50_000);
-    let (raw_publish, raw_consume) = raw(tasks, &RawMessage::bare()).await;
+    // Which raw run goes first alternates with the process id: neither always runs on the
+    // broker right after the other's 20,000 messages.
+    let ((raw_publish, raw_consume), (_, raw_same)) = if std::process::id().is_multiple_of(2) {
+        let bare = raw(tasks, &RawMessage::bare()).await;
+        (bare, raw(tasks, &RawMessage::as_machinery_sends()).await)
+    } else {
+        let same = raw(tasks, &RawMessage::as_machinery_sends()).await;
+        (raw(tasks, &RawMessage::bare()).await, same)
+    };
     println!("raw lapin publish (persistent, confirms windowed): {raw_publish:>8.0} msg/s");
     println!("raw lapin consume (acks batched every 32):         {raw_consume:>8.0} msg/s");
-    let (_, raw_same) = raw(tasks, &RawMessage::as_machinery_sends()).await;
-    println!("raw lapin consume, machinery's message (traceparent header): {raw_same:>8.0} msg/s");
+    println!("raw lapin consume, machinery's message:            {raw_same:>8.0} msg/s");
 
     let (send, drain, ready) = machinery_rates(tasks, false).await;
     println!(

@@ -27,7 +27,8 @@ use tokio::sync::Notify;
 /// mimalloc, as a service that wants this rate would set it: glibc's `malloc` takes a lock
 /// when one thread frees what another allocated (the producer encodes a body, the worker drops
 /// it), and that lock and its futex calls were about 30% of this bench's time (`perf`). The
-/// `system-alloc` feature measures with the system allocator instead (README, "What it costs").
+/// `system-alloc` feature measures with the system allocator instead (README, "Embedded, and
+/// the allocator").
 #[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -357,6 +357,67 @@ fn record_order(id: i64) -> i64 {
     id
 }
 
+/// The next message on `queue`, taken off it.
+async fn take_raw(channel: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(message) = channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            return message;
+        }
+        assert!(Instant::now() < deadline, "no message in {queue}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signature_headers_go_in_the_amqp_headers_but_the_trace_context_stays_in_the_body() {
+    // Go's Publish (v2/brokers/amqp/amqp.go) puts signature.Headers in the AMQP headers too; so
+    // does machinery, except the trace context it gives every message: Go's consumeOne and
+    // machinery's consumer read it from the body, and a header table costs the broker and every
+    // consumer of every message (README, "differs on purpose").
+    let config = unique_config("header_table");
+    let server = Server::new(config.clone()).await.unwrap();
+    server
+        .send(add::signature(vec![1, 2]).with_header("tenant", "acme"))
+        .await
+        .unwrap();
+    server.send(add::signature(vec![3, 4])).await.unwrap();
+    let (_conn, channel) = raw_channel().await;
+
+    let tagged = take_raw(&channel, &config.default_queue).await;
+    let table = tagged
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .expect("the signature's own header is in the AMQP headers");
+    let keys: Vec<&str> = table.inner().keys().map(|k| k.as_str()).collect();
+    assert_eq!(keys, ["tenant"], "{table:?}");
+    let body: serde_json::Value = serde_json::from_slice(&tagged.delivery.data).unwrap();
+    assert_eq!(body["Headers"]["tenant"], "acme");
+    assert!(
+        body["Headers"]["traceparent"].is_string(),
+        "the trace context travels in the body: {body}"
+    );
+
+    let plain = take_raw(&channel, &config.default_queue).await;
+    assert_eq!(
+        plain.delivery.properties.headers(),
+        &None,
+        "a message with only the trace context has no header table"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&plain.delivery.data).unwrap();
+    assert!(body["Headers"]["traceparent"].is_string(), "{body}");
+    cleanup(&config).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn queue_declare_args_pass_through_and_priorities_are_honoured() {
     // x-max-priority through AMQP_QUEUE_DECLARE_ARGS: with the tasks queued before the worker

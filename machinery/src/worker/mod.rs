@@ -51,6 +51,7 @@ use policy::SettlePolicy;
 pub(crate) use policy::{ATTEMPTS_HEADER, LAST_ERROR_HEADER};
 use store::Store;
 pub(crate) use trace::inject as inject_trace_context;
+pub(crate) use trace::is_trace_key;
 pub(crate) use trace::share as share_trace_context;
 pub use trace::{
     DefaultMakeSpan, MakeSpan, TaskSpan, TraceContext, ROOT_HEADER, TRACEPARENT_HEADER,

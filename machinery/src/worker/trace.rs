@@ -58,6 +58,11 @@ pub const TRACESTATE_HEADER: &str = "tracestate";
 /// The `Headers` key of the UUID of the task that started a workflow (the chain id).
 pub const ROOT_HEADER: &str = "x-machinery-root";
 
+/// Whether `key` is one of the trace context keys machinery puts in a signature's `Headers`.
+pub(crate) fn is_trace_key(key: &str) -> bool {
+    matches!(key, TRACEPARENT_HEADER | TRACESTATE_HEADER | ROOT_HEADER)
+}
+
 /// The longest `tracestate` carried on (the W3C recommendation's 512 characters); a longer one
 /// is dropped.
 const MAX_TRACESTATE: usize = 512;
