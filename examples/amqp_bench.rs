@@ -6,10 +6,11 @@
 //! ```
 //!
 //! Prints: raw lapin publish (persistent, confirms windowed), raw lapin consume (acks batched
-//! with `multiple = true` every 32 deliveries) of a bare body and of the message machinery sends
-//! (its UUID, routing key and `traceparent` in the body), machinery's send rate and a worker's drain rate of
-//! no-op tasks without a result backend and with Redis results, the ratios machinery/raw, the
-//! time a worker takes to be ready, and a worker's RSS while 100,000 tasks wait in its queue.
+//! with `multiple = true` every 32 deliveries) of a bare body and of the message machinery
+//! sends (its UUID, routing key and `traceparent` in the body), machinery's send rate and a
+//! worker's drain rate of no-op tasks without a result backend and with Redis results, the
+//! ratios machinery/raw, the time a worker takes to be ready, and a worker's RSS while 100,000
+//! tasks wait in its queue.
 //!
 //! ```sh
 //! cargo run --release --example amqp_bench obs [tasks] [rounds]   # overhead of spans + metrics
@@ -25,9 +26,9 @@
 //! Redis result backend. In every mode, `BENCH_IN_PLACE=1` runs the worker's deliveries in place
 //! (`WorkerBuilder::in_place`). `amqp_bench raw-child [tasks]` is the raw consume alone, of the
 //! bare body, of machinery's message, and of that message with its `traceparent` in the AMQP
-//! headers too (what a header table costs). `BENCH_PIDS=pid,pid` (drain-child) also prints the CPU those
-//! processes (RabbitMQ's, Redis's) spend per task during the drain; `BENCH_SIGNAL=1` prints
-//! `drain starts` on stderr when it starts (to attach a profiler).
+//! headers too (what a header table costs). `BENCH_PIDS=pid,pid` (drain-child) also prints the
+//! CPU those processes (RabbitMQ's, Redis's) spend per task during the drain; `BENCH_SIGNAL=1`
+//! prints `drain starts` on stderr when it starts (to attach a profiler).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -409,7 +410,7 @@ async fn main() {
     }
     // `amqp_bench raw-child [tasks]`: the raw consume alone, of the bare body, of the message
     // machinery sends, and of that message with its `traceparent` in the AMQP headers too, in
-    // an order that rotates with the process id.
+    // an order set by the process id.
     if args.get(1).map(String::as_str) == Some("raw-child") {
         let tasks: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
         type Kind = (&'static str, fn() -> RawMessage);
@@ -433,8 +434,8 @@ async fn main() {
         return;
     }
     let tasks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50_000);
-    // Which raw run goes first alternates with the process id: neither always runs on the
-    // broker right after the other's 20,000 messages.
+    // Which raw run goes first follows the parity of the process id: neither always runs on
+    // the broker right after the other's messages.
     let ((raw_publish, raw_consume), (_, raw_same)) = if std::process::id().is_multiple_of(2) {
         let bare = raw(tasks, &RawMessage::bare()).await;
         (bare, raw(tasks, &RawMessage::as_machinery_sends()).await)

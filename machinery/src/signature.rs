@@ -264,7 +264,9 @@ impl<O, K> Signature<O, K> {
         self
     }
 
-    /// Adds a message header.
+    /// Adds a message header. It travels in the signature's `Headers`; on RabbitMQ it is also
+    /// an AMQP header, as in Go, unless it is a trace context key (`traceparent`, `tracestate`,
+    /// `x-machinery-root`).
     pub fn with_header(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
         self.raw.headers.insert(key.into(), value.into());
         self

@@ -30,7 +30,8 @@
 //! either had to be opened again.
 //!
 //! Messages are published persistent (`delivery_mode` 2) as `application/json`, with the
-//! signature's priority and headers, `mandatory` and with publisher confirms;
+//! signature's priority and its headers as AMQP headers (except the trace context, which stays
+//! in the body: see `property_headers`), `mandatory` and with publisher confirms;
 //! [`publish_many`](Broker::publish_many) keeps a window of confirms in flight instead of one
 //! round trip each, and reports an outcome per message. Errors are classified:
 //!
@@ -1826,6 +1827,31 @@ mod tests {
         let map = fits.as_object().cloned().unwrap_or_default();
         assert!(field_table(&map).is_ok());
         assert_eq!(overlong_key(&map), None);
+    }
+
+    #[test]
+    fn the_trace_context_is_kept_out_of_the_amqp_headers() {
+        let headers = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
+        assert!(property_headers(&headers(serde_json::json!({})))
+            .unwrap()
+            .is_none());
+        let trace_only = headers(serde_json::json!({
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "a=1",
+            "x-machinery-root": "task_1",
+        }));
+        assert!(property_headers(&trace_only).unwrap().is_none());
+        let mut mixed = trace_only;
+        mixed.insert("tenant".into(), "acme".into());
+        mixed.insert(
+            "nested".into(),
+            serde_json::json!({"traceparent": "kept inside"}),
+        );
+        mixed.insert("x-machinery-attempts".into(), 2.into());
+        let table = property_headers(&mixed).unwrap().expect("a table");
+        let mut keys: Vec<&str> = table.inner().keys().map(|k| k.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["nested", "tenant", "x-machinery-attempts"]);
     }
 
     #[test]

@@ -40,7 +40,9 @@ pub struct Message {
     pub body: Bytes,
     /// Message priority (0 = none).
     pub priority: u8,
-    /// Message headers.
+    /// Message headers. The RabbitMQ broker sends them as the message's AMQP headers, except
+    /// the trace context keys (`traceparent`, `tracestate`, `x-machinery-root`), which travel
+    /// in the body's `Headers` only; the other brokers keep them in the body alone.
     pub headers: Map<String, Value>,
     /// Hold the message this long before delivering it.
     pub delay: Option<Duration>,

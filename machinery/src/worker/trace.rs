@@ -25,6 +25,8 @@
 //! consumer decodes the whole signature, headers included (`consumeOne`:
 //! `decoder.Decode(signature)`). Go's own tracing (v2/tracing/tracing.go) injects and extracts
 //! through opentracing's global tracer into the same map and leaves other keys alone.
+//! machinery's RabbitMQ broker copies the other headers into the AMQP headers as Go does, but
+//! keeps these keys in the body only (`is_trace_key`; README, "differs on purpose").
 //!
 //! # Chain id
 //!
