@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    cleanup, publish_raw, queue_depth, queue_depth_probe, raw_channel, unique_config,
+    cleanup, get_raw, publish_raw, queue_depth, queue_depth_probe, raw_channel, unique_config,
     WorkerProcess, WAIT,
 };
 use machinery::broker::amqp::AmqpBroker;
@@ -357,25 +357,6 @@ fn record_order(id: i64) -> i64 {
     id
 }
 
-/// The next message on `queue`, taken off it.
-async fn take_raw(channel: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(message) = channel
-            .basic_get(
-                queue.into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()
-        {
-            return message;
-        }
-        assert!(Instant::now() < deadline, "no message in {queue}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn signature_headers_go_in_the_amqp_headers_but_the_trace_context_stays_in_the_body() {
     // Go's Publish (v2/brokers/amqp/amqp.go) puts signature.Headers in the AMQP headers too; so
@@ -391,7 +372,7 @@ async fn signature_headers_go_in_the_amqp_headers_but_the_trace_context_stays_in
     server.send(add::signature(vec![3, 4])).await.unwrap();
     let (_conn, channel) = raw_channel().await;
 
-    let tagged = take_raw(&channel, &config.default_queue).await;
+    let tagged = get_raw(&channel, &config.default_queue, true).await;
     let table = tagged
         .delivery
         .properties
@@ -407,7 +388,7 @@ async fn signature_headers_go_in_the_amqp_headers_but_the_trace_context_stays_in
         "the trace context travels in the body: {body}"
     );
 
-    let plain = take_raw(&channel, &config.default_queue).await;
+    let plain = get_raw(&channel, &config.default_queue, true).await;
     assert_eq!(
         plain.delivery.properties.headers(),
         &None,

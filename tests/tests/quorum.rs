@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cleanup, publish_raw, queue_depth, raw_channel, unique_config, WAIT};
+use common::{cleanup, get_raw, publish_raw, queue_depth, raw_channel, unique_config, WAIT};
 use machinery::broker::amqp::AmqpBroker;
 use machinery::wire::State;
 use machinery::{Config, ErrorKind, Server};
@@ -370,21 +370,7 @@ async fn x_delivery_limit_dead_letters_a_message_whose_workers_keep_dying() {
     let handle = server.send(add::signature(vec![40, 2])).await.unwrap();
     for dying in 0..2u32 {
         let (_conn, channel) = raw_channel().await;
-        let deadline = Instant::now() + WAIT;
-        let message = loop {
-            if let Some(message) = channel
-                .basic_get(
-                    config.default_queue.as_str().into(),
-                    lapin::options::BasicGetOptions { no_ack: false },
-                )
-                .await
-                .unwrap()
-            {
-                break message;
-            }
-            assert!(Instant::now() < deadline, "the message is not in the queue");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let message = get_raw(&channel, &config.default_queue, false).await;
         let count = message
             .delivery
             .properties

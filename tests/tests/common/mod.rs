@@ -152,6 +152,27 @@ pub async fn raw_channel() -> (lapin::Connection, lapin::Channel) {
     (conn, channel)
 }
 
+/// The next message on `queue`, got as a plain AMQP client would (`basic.get`, acknowledged by
+/// the broker at once if `no_ack`), waiting up to [`WAIT`] for one.
+pub async fn get_raw(
+    channel: &lapin::Channel,
+    queue: &str,
+    no_ack: bool,
+) -> lapin::message::BasicGetMessage {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(message) = channel
+            .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack })
+            .await
+            .expect("basic.get")
+        {
+            return message;
+        }
+        assert!(Instant::now() < deadline, "no message in {queue}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Publishes `body` as a plain AMQP client (Go's producer) would: persistent, to `exchange`
 /// with `key`, waiting for the broker's confirm of the channel (if it has confirms on).
 pub async fn publish_raw(channel: &lapin::Channel, exchange: &str, key: &str, body: &[u8]) {
