@@ -148,6 +148,18 @@ impl RawMessage {
     }
 }
 
+/// [`raw`] of each message in turn, starting at the one the process id picks (so that none is
+/// always the one run right after another's messages); the rates in the order given.
+async fn raw_in_turn(tasks: usize, messages: &[RawMessage]) -> Vec<(f64, f64)> {
+    let first = std::process::id() as usize;
+    let mut rates = vec![(0.0, 0.0); messages.len()];
+    for i in 0..messages.len() {
+        let at = (first + i) % messages.len();
+        rates[at] = raw(tasks, &messages[at]).await;
+    }
+    rates
+}
+
 async fn raw(tasks: usize, message: &RawMessage) -> (f64, f64) {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
@@ -413,16 +425,13 @@ async fn main() {
     // an order set by the process id.
     if args.get(1).map(String::as_str) == Some("raw-child") {
         let tasks: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-        type Kind = (&'static str, fn() -> RawMessage);
-        let kinds: [Kind; 3] = [
-            ("bare", RawMessage::bare),
-            ("same", RawMessage::as_machinery_sends),
-            ("header_table", RawMessage::with_header_table),
+        let messages = [
+            RawMessage::bare(),
+            RawMessage::as_machinery_sends(),
+            RawMessage::with_header_table(),
         ];
-        let first = std::process::id() as usize;
-        for i in 0..kinds.len() {
-            let (name, message) = kinds[(first + i) % kinds.len()];
-            let (_, consume) = raw(tasks, &message()).await;
+        let rates = raw_in_turn(tasks, &messages).await;
+        for (name, (_, consume)) in ["bare", "same", "header_table"].iter().zip(rates) {
             println!("raw_{name}={consume:.0}");
         }
         return;
@@ -434,15 +443,12 @@ async fn main() {
         return;
     }
     let tasks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50_000);
-    // Which raw run goes first follows the parity of the process id: neither always runs on
-    // the broker right after the other's messages.
-    let ((raw_publish, raw_consume), (_, raw_same)) = if std::process::id().is_multiple_of(2) {
-        let bare = raw(tasks, &RawMessage::bare()).await;
-        (bare, raw(tasks, &RawMessage::as_machinery_sends()).await)
-    } else {
-        let same = raw(tasks, &RawMessage::as_machinery_sends()).await;
-        (raw(tasks, &RawMessage::bare()).await, same)
-    };
+    let rates = raw_in_turn(
+        tasks,
+        &[RawMessage::bare(), RawMessage::as_machinery_sends()],
+    )
+    .await;
+    let ((raw_publish, raw_consume), (_, raw_same)) = (rates[0], rates[1]);
     println!("raw lapin publish (persistent, confirms windowed): {raw_publish:>8.0} msg/s");
     println!("raw lapin consume (acks batched every 32):         {raw_consume:>8.0} msg/s");
     println!("raw lapin consume, machinery's message:            {raw_same:>8.0} msg/s");
