@@ -7,7 +7,9 @@
 //!
 //! Prints: raw lapin publish (persistent, confirms windowed), raw lapin consume (acks batched
 //! with `multiple = true` every 32 deliveries) of a bare body and of the message machinery
-//! sends (its UUID, routing key and `traceparent` in the body), machinery's send rate and a
+//! sends (its UUID, routing key and `traceparent` in the body), a raw consume that also stores
+//! each message's STARTED and SUCCESS in Redis with Go's plain `SET` (one pipelined round trip
+//! a batch: a ceiling for a drain with Redis results), machinery's send rate and a
 //! worker's drain rate of no-op tasks without a result backend and with Redis results, the
 //! ratios machinery/raw, the time a worker takes to be ready, and a worker's RSS while 100,000
 //! tasks wait in its queue.
@@ -25,8 +27,8 @@
 //! `amqp_bench drain-child off|on [tasks]` is one such run alone; `BENCH_RESULTS=1` gives it the
 //! Redis result backend. In every mode, `BENCH_IN_PLACE=1` runs the worker's deliveries in place
 //! (`WorkerBuilder::in_place`). `amqp_bench raw-child [tasks]` is the raw consume alone, of the
-//! bare body, of machinery's message, and of that message with its `traceparent` in the AMQP
-//! headers too (what a header table costs). `BENCH_PIDS=pid,pid` (drain-child) also prints the
+//! bare body, of machinery's message, of that message with its `traceparent` in the AMQP
+//! headers too (what a header table costs), and of machinery's message storing its states. `BENCH_PIDS=pid,pid` (drain-child) also prints the
 //! CPU those processes (RabbitMQ's, Redis's) spend per task during the drain; `BENCH_SIGNAL=1`
 //! prints `drain starts` on stderr when it starts (to attach a profiler).
 
@@ -90,10 +92,12 @@ fn config(tag: &str, redis: bool) -> Config {
 /// The `traceparent` of the raw client's messages.
 const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
-/// A message for the raw client: a body, and AMQP headers or none.
+/// A message for the raw client: a body, and AMQP headers or none; and whether the raw
+/// consumer also keeps each message's states in Redis ([`consume_with_states`]).
 struct RawMessage {
     body: Vec<u8>,
     headers: Option<FieldTable>,
+    states: bool,
 }
 
 impl RawMessage {
@@ -102,6 +106,7 @@ impl RawMessage {
         RawMessage {
             body: noop::signature(1).as_wire().to_json().expect("encode"),
             headers: None,
+            states: false,
         }
     }
 
@@ -119,6 +124,16 @@ impl RawMessage {
         RawMessage {
             body: signature.to_json().expect("encode"),
             headers: None,
+            states: false,
+        }
+    }
+
+    /// [`RawMessage::as_machinery_sends`], consumed by a raw consumer that stores each
+    /// message's STARTED and SUCCESS in Redis: the ceiling of a drain with Redis results.
+    fn with_states() -> Self {
+        RawMessage {
+            states: true,
+            ..RawMessage::as_machinery_sends()
         }
     }
 
@@ -161,6 +176,7 @@ async fn raw_in_turn(tasks: usize, messages: &[RawMessage]) -> Vec<(f64, f64)> {
 }
 
 async fn raw(tasks: usize, message: &RawMessage) -> (f64, f64) {
+    let states = message.states;
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("RabbitMQ on 127.0.0.1:5672 (tests/services.sh)");
@@ -218,28 +234,113 @@ async fn raw(tasks: usize, message: &RawMessage) -> (f64, f64) {
         )
         .await
         .expect("consume");
+    let redis = if states {
+        let client = redis::Client::open(redis_url()).expect("Redis URL");
+        Some(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("Redis on 127.0.0.1:6379 (tests/services.sh)"),
+        )
+    } else {
+        None
+    };
     let others = Others::now();
     let started = Instant::now();
-    let mut n = 0;
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery.expect("delivery");
-        n += 1;
-        if n % 32 == 0 || n == tasks {
-            consumer_channel
-                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
-                .await
-                .expect("ack");
-        }
-        if n == tasks {
-            break;
+    if let Some(redis) = redis {
+        consume_with_states(&mut consumer, &consumer_channel, redis, tasks).await;
+    } else {
+        let mut n = 0;
+        while let Some(delivery) = consumer.next().await {
+            let delivery = delivery.expect("delivery");
+            n += 1;
+            if n % 32 == 0 || n == tasks {
+                consumer_channel
+                    .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                    .await
+                    .expect("ack");
+            }
+            if n == tasks {
+                break;
+            }
         }
     }
     let consume = tasks as f64 / started.elapsed().as_secs_f64();
-    others.print("raw consume", tasks);
+    others.print(
+        if states {
+            "raw consume + states"
+        } else {
+            "raw consume"
+        },
+        tasks,
+    );
     let _ = channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     (publish, consume)
+}
+
+/// The raw consumer that also keeps each message's state in Redis, as a hand-written one
+/// would at its leanest: Go's own write, `SET <uuid> <TaskState JSON> EX <expiry>` per state
+/// (`updateState` in `v2/backends/redis/goredis.go`; `redis.go` sends `SET`, then
+/// `EXPIREAT`), STARTED before the (no-op) run and SUCCESS
+/// after, with no read and no guard. Each turn takes every delivery ready (up to the
+/// prefetch), writes the SUCCESS of the previous turn's deliveries and the STARTED of these in
+/// one pipeline, then acks the previous turn's with one `multiple` ack: one Redis round trip a
+/// turn, the fewest a consumer that stores STARTED before it runs can make. The keys are the
+/// process id and the delivery tag, and expire after a minute.
+async fn consume_with_states(
+    consumer: &mut lapin::Consumer,
+    channel: &lapin::Channel,
+    mut redis: redis::aio::MultiplexedConnection,
+    tasks: usize,
+) {
+    use futures_util::FutureExt as _;
+    let id = std::process::id();
+    let state = |tag: u64, state: &str, results: &str| {
+        format!(
+            r#"{{"TaskUUID":"bench_raw_{id}_{tag}","TaskName":"noop","State":"{state}","Results":{results},"Error":"","CreatedAt":"0001-01-01T00:00:00Z","TTL":0}}"#
+        )
+    };
+    let (mut ran, mut fresh): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
+    let mut taken = 0;
+    let mut done = 0;
+    while done < tasks {
+        if ran.is_empty() && taken < tasks {
+            let delivery = consumer.next().await.expect("open").expect("delivery");
+            fresh.push(delivery.delivery_tag);
+            taken += 1;
+        }
+        while fresh.len() < 256 && taken < tasks {
+            match consumer.next().now_or_never() {
+                Some(Some(delivery)) => {
+                    fresh.push(delivery.expect("delivery").delivery_tag);
+                    taken += 1;
+                }
+                _ => break,
+            }
+        }
+        let mut pipe = redis::pipe();
+        for (tags, name, results) in [(&ran, "SUCCESS", "[]"), (&fresh, "STARTED", "null")] {
+            for &tag in tags.iter() {
+                pipe.cmd("SET")
+                    .arg(format!("bench_raw_{id}_{tag}"))
+                    .arg(state(tag, name, results))
+                    .arg("EX")
+                    .arg(60)
+                    .ignore();
+            }
+        }
+        pipe.query_async::<()>(&mut redis).await.expect("SET");
+        if let Some(&last) = ran.last() {
+            channel
+                .basic_ack(last, BasicAckOptions { multiple: true })
+                .await
+                .expect("ack");
+        }
+        done += ran.len();
+        ran = std::mem::take(&mut fresh);
+    }
 }
 
 /// machinery: send `tasks` no-op tasks, then let a worker drain them.
@@ -429,9 +530,10 @@ async fn main() {
             RawMessage::bare(),
             RawMessage::as_machinery_sends(),
             RawMessage::with_header_table(),
+            RawMessage::with_states(),
         ];
         let rates = raw_in_turn(tasks, &messages).await;
-        for (name, (_, consume)) in ["bare", "same", "header_table"].iter().zip(rates) {
+        for (name, (_, consume)) in ["bare", "same", "header_table", "states"].iter().zip(rates) {
             println!("raw_{name}={consume:.0}");
         }
         return;
@@ -445,13 +547,19 @@ async fn main() {
     let tasks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(50_000);
     let rates = raw_in_turn(
         tasks,
-        &[RawMessage::bare(), RawMessage::as_machinery_sends()],
+        &[
+            RawMessage::bare(),
+            RawMessage::as_machinery_sends(),
+            RawMessage::with_states(),
+        ],
     )
     .await;
-    let ((raw_publish, raw_consume), (_, raw_same)) = (rates[0], rates[1]);
+    let ((raw_publish, raw_consume), (_, raw_same), (_, raw_states)) =
+        (rates[0], rates[1], rates[2]);
     println!("raw lapin publish (persistent, confirms windowed): {raw_publish:>8.0} msg/s");
     println!("raw lapin consume (acks batched every 32):         {raw_consume:>8.0} msg/s");
     println!("raw lapin consume, machinery's message:            {raw_same:>8.0} msg/s");
+    println!("raw lapin consume + Redis SET of STARTED, SUCCESS:  {raw_states:>8.0} msg/s");
 
     let (send, drain, ready) = machinery_rates(tasks, false).await;
     println!(
@@ -474,9 +582,10 @@ async fn main() {
         send_r / raw_publish
     );
     println!(
-        "machinery drain, Redis results:   {drain_r:>8.0} tasks/s  = {:.2}x raw consume, {:.2}x of the same message (target >= 0.5)",
+        "machinery drain, Redis results:   {drain_r:>8.0} tasks/s  = {:.2}x raw consume, {:.2}x of the same message (target >= 0.5), {:.2}x of the raw consume that stores states",
         drain_r / raw_consume,
-        drain_r / raw_same
+        drain_r / raw_same,
+        drain_r / raw_states
     );
 
     // RSS of a worker process while 100,000 tasks wait in its queue.
