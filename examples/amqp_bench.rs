@@ -8,8 +8,9 @@
 //! Prints: raw lapin publish (persistent, confirms windowed), raw lapin consume (acks batched
 //! with `multiple = true` every 32 deliveries) of a bare body and of the message machinery
 //! sends (its UUID, routing key and `traceparent` in the body), a raw consume that also stores
-//! each message's STARTED and SUCCESS in Redis with Go's plain `SET` (one pipelined round trip
-//! a batch: a ceiling for a drain with Redis results), machinery's send rate and a
+//! each message's STARTED and SUCCESS in Redis with Go's plain `SET` (a lean hand-written
+//! baseline for a drain with Redis results: one pipelined round trip a batch), machinery's
+//! send rate and a
 //! worker's drain rate of no-op tasks without a result backend and with Redis results, the
 //! ratios machinery/raw, the time a worker takes to be ready, and a worker's RSS while 100,000
 //! tasks wait in its queue.
@@ -28,9 +29,10 @@
 //! Redis result backend. In every mode, `BENCH_IN_PLACE=1` runs the worker's deliveries in place
 //! (`WorkerBuilder::in_place`). `amqp_bench raw-child [tasks]` is the raw consume alone, of the
 //! bare body, of machinery's message, of that message with its `traceparent` in the AMQP
-//! headers too (what a header table costs), and of machinery's message storing its states. `BENCH_PIDS=pid,pid` (drain-child) also prints the
-//! CPU those processes (RabbitMQ's, Redis's) spend per task during the drain; `BENCH_SIGNAL=1`
-//! prints `drain starts` on stderr when it starts (to attach a profiler).
+//! headers too (what a header table costs), and of machinery's message storing its states.
+//! `BENCH_PIDS=pid,pid` also prints the CPU those processes (RabbitMQ's, Redis's) spend per
+//! task during each drain and raw consume; `BENCH_SIGNAL=1` (drain-child) prints `drain
+//! starts` on stderr when the drain starts (to attach a profiler).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -75,6 +77,9 @@ fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
 }
 
+/// The prefetch (and the worker's concurrency) of every consumer here, raw and machinery's.
+const PREFETCH: u16 = 256;
+
 fn config(tag: &str, redis: bool) -> Config {
     let id = std::process::id();
     let mut b = Config::builder()
@@ -82,7 +87,7 @@ fn config(tag: &str, redis: bool) -> Config {
         .exchange(format!("bench_{tag}_{id}"))
         .default_queue(format!("bench_{tag}_{id}_tasks"))
         .binding_key(format!("bench_{tag}_{id}_key"))
-        .prefetch_count(256);
+        .prefetch_count(PREFETCH);
     if redis {
         b = b.result_backend(redis_url());
     }
@@ -222,7 +227,7 @@ async fn raw(tasks: usize, message: &RawMessage) -> (f64, f64) {
 
     let consumer_channel = conn.create_channel().await.expect("channel");
     consumer_channel
-        .basic_qos(256, BasicQosOptions::default())
+        .basic_qos(PREFETCH, BasicQosOptions::default())
         .await
         .expect("qos");
     let mut consumer = consumer_channel
@@ -247,8 +252,9 @@ async fn raw(tasks: usize, message: &RawMessage) -> (f64, f64) {
     };
     let others = Others::now();
     let started = Instant::now();
+    let mut keys = Vec::new();
     if let Some(redis) = redis {
-        consume_with_states(&mut consumer, &consumer_channel, redis, tasks).await;
+        keys = consume_with_states(&mut consumer, &consumer_channel, redis, tasks).await;
     } else {
         let mut n = 0;
         while let Some(delivery) = consumer.next().await {
@@ -274,27 +280,30 @@ async fn raw(tasks: usize, message: &RawMessage) -> (f64, f64) {
         },
         tasks,
     );
+    // Leftover keys would grow Redis's keyspace under the runs after this one.
+    cpu::forget_keys(&redis_url(), &keys).await;
     let _ = channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     (publish, consume)
 }
 
-/// The raw consumer that also keeps each message's state in Redis, as a hand-written one
-/// would at its leanest: Go's own write, `SET <uuid> <TaskState JSON> EX <expiry>` per state
-/// (`updateState` in `v2/backends/redis/goredis.go`; `redis.go` sends `SET`, then
-/// `EXPIREAT`), STARTED before the (no-op) run and SUCCESS
+/// A lean hand-written consumer that also keeps each message's state in Redis with Go's own
+/// command, `SET <uuid> <TaskState JSON> EX <expiry>` per state (`updateState` in
+/// `v2/backends/redis/goredis.go`; `redis.go` sends `SET`, then `EXPIREAT`), but batched, which
+/// Go's worker does not do (one round trip per state). STARTED goes before the (no-op) run and
+/// SUCCESS
 /// after, with no read and no guard. Each turn takes every delivery ready (up to the
 /// prefetch), writes the SUCCESS of the previous turn's deliveries and the STARTED of these in
 /// one pipeline, then acks the previous turn's with one `multiple` ack: one Redis round trip a
-/// turn, the fewest a consumer that stores STARTED before it runs can make. The keys are the
-/// process id and the delivery tag, and expire after a minute.
+/// turn, the fewest a consumer that stores STARTED before it runs can make. It does not decode
+/// the body: the keys are the process id and the delivery tag. Returns the keys written.
 async fn consume_with_states(
     consumer: &mut lapin::Consumer,
     channel: &lapin::Channel,
     mut redis: redis::aio::MultiplexedConnection,
     tasks: usize,
-) {
+) -> Vec<String> {
     use futures_util::FutureExt as _;
     let id = std::process::id();
     let state = |tag: u64, state: &str, results: &str| {
@@ -302,6 +311,7 @@ async fn consume_with_states(
             r#"{{"TaskUUID":"bench_raw_{id}_{tag}","TaskName":"noop","State":"{state}","Results":{results},"Error":"","CreatedAt":"0001-01-01T00:00:00Z","TTL":0}}"#
         )
     };
+    let mut keys = Vec::with_capacity(tasks);
     let (mut ran, mut fresh): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
     let mut taken = 0;
     let mut done = 0;
@@ -311,7 +321,7 @@ async fn consume_with_states(
             fresh.push(delivery.delivery_tag);
             taken += 1;
         }
-        while fresh.len() < 256 && taken < tasks {
+        while fresh.len() < usize::from(PREFETCH) && taken < tasks {
             match consumer.next().now_or_never() {
                 Some(Some(delivery)) => {
                     fresh.push(delivery.expect("delivery").delivery_tag);
@@ -339,8 +349,10 @@ async fn consume_with_states(
                 .expect("ack");
         }
         done += ran.len();
+        keys.extend(fresh.iter().map(|tag| format!("bench_raw_{id}_{tag}")));
         ran = std::mem::take(&mut fresh);
     }
+    keys
 }
 
 /// machinery: send `tasks` no-op tasks, then let a worker drain them.
@@ -416,7 +428,7 @@ async fn machinery_rates_cpu(
     let ready_started = Instant::now();
     let mut builder = server
         .worker()
-        .concurrency(256)
+        .concurrency(usize::from(PREFETCH))
         // `BENCH_IN_PLACE=1`: the deliveries run in place (`WorkerBuilder::in_place`).
         .in_place(std::env::var("BENCH_IN_PLACE").is_ok_and(|v| v == "1"));
     // `BENCH_SUCCESS_INFO=1`: the `task succeeded` event at INFO (default DEBUG).
@@ -522,8 +534,8 @@ async fn main() {
         return;
     }
     // `amqp_bench raw-child [tasks]`: the raw consume alone, of the bare body, of the message
-    // machinery sends, and of that message with its `traceparent` in the AMQP headers too, in
-    // an order set by the process id.
+    // machinery sends, of that message with its `traceparent` in the AMQP headers too, and of
+    // machinery's message storing its states, in an order set by the process id.
     if args.get(1).map(String::as_str) == Some("raw-child") {
         let tasks: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(20_000);
         let messages = [
@@ -559,7 +571,7 @@ async fn main() {
     println!("raw lapin publish (persistent, confirms windowed): {raw_publish:>8.0} msg/s");
     println!("raw lapin consume (acks batched every 32):         {raw_consume:>8.0} msg/s");
     println!("raw lapin consume, machinery's message:            {raw_same:>8.0} msg/s");
-    println!("raw lapin consume + Redis SET of STARTED, SUCCESS:  {raw_states:>8.0} msg/s");
+    println!("raw lapin consume + Redis SET of STARTED, SUCCESS: {raw_states:>8.0} msg/s");
 
     let (send, drain, ready) = machinery_rates(tasks, false).await;
     println!(

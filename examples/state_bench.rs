@@ -1,7 +1,10 @@
 //! The worker-side cost of the Redis result backend's state writes, apart from any broker:
 //! `tasks` tasks, `concurrency` at a time, each a STARTED transition then a SUCCESS write, as
 //! a worker makes them. Prints tasks/s and the CPU per task of this process, and of Redis
-//! with `BENCH_REDIS_PID=<pid>`.
+//! with `BENCH_REDIS_PID=<pid>`. Then, in the same run, the same two states written as Go's
+//! Redis backend writes them (a plain `SET` with its expiry: `updateState` in
+//! `v2/backends/redis/goredis.go`), `concurrency` tasks a pipeline, with no read and no guard:
+//! what machinery's guarded write script costs beside a bare write.
 //!
 //! ```sh
 //! cargo run --release --example state_bench [tasks] [concurrency]
@@ -18,6 +21,20 @@ use machinery::wire::{GoTime, State, TaskState};
 mod cpu;
 use cpu::{cpu_seconds_of, forget_keys};
 
+/// PENDING for each of `uuids`, as a producer writes it.
+fn pending_of(uuids: &[String]) -> Vec<TaskState> {
+    uuids
+        .iter()
+        .map(|u| TaskState {
+            task_uuid: u.clone(),
+            task_name: "noop".into(),
+            state: State::Pending,
+            created_at: GoTime::now(),
+            ..TaskState::default()
+        })
+        .collect()
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -30,18 +47,7 @@ async fn main() {
     let uuids: Vec<String> = (0..tasks)
         .map(|i| format!("task_state_bench_{}_{i}", std::process::id()))
         .collect();
-    // PENDING, as a producer writes it.
-    let pending: Vec<TaskState> = uuids
-        .iter()
-        .map(|u| TaskState {
-            task_uuid: u.clone(),
-            task_name: "noop".into(),
-            state: State::Pending,
-            created_at: GoTime::now(),
-            ..TaskState::default()
-        })
-        .collect();
-    for chunk in pending.chunks(1000) {
+    for chunk in pending_of(&uuids).chunks(1000) {
         backend.set_states(chunk.to_vec()).await.expect("pending");
     }
     let redis_pid = std::env::var("BENCH_REDIS_PID").ok();
@@ -73,16 +79,62 @@ async fn main() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds_of("self") - cpu0;
-    let redis = match (redis_cpu(), redis0) {
+    // Redis's CPU per task since `before`, when its pid is known.
+    let redis_since = |before: Option<f64>| match (redis_cpu(), before) {
         (Some(now), Some(before)) => {
             format!(", redis {:.2} us/task", (now - before) * 1e6 / tasks as f64)
         }
         _ => String::new(),
     };
+    let redis = redis_since(redis0);
     println!(
         "{tasks} tasks, {concurrency} at once: {:.0} tasks/s, client {:.2} us/task{redis}",
         tasks as f64 / elapsed,
         cpu * 1e6 / tasks as f64,
     );
     forget_keys(&url, &uuids).await;
+
+    // The same writes as Go makes them: the raw client's floor.
+    let raw: Vec<String> = (0..tasks)
+        .map(|i| format!("task_state_bench_raw_{}_{i}", std::process::id()))
+        .collect();
+    // PENDING first, as for machinery's run: each write replaces a stored record.
+    for chunk in pending_of(&raw).chunks(1000) {
+        backend.set_states(chunk.to_vec()).await.expect("pending");
+    }
+    let client = redis::Client::open(url.as_str()).expect("Redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis");
+    let record = |uuid: &str, state: &str, results: &str| {
+        format!(
+            r#"{{"TaskUUID":"{uuid}","TaskName":"noop","State":"{state}","Results":{results},"Error":"","CreatedAt":"0001-01-01T00:00:00Z","TTL":0}}"#
+        )
+    };
+    let (cpu0, redis0) = (cpu_seconds_of("self"), redis_cpu());
+    let started = Instant::now();
+    for chunk in raw.chunks(concurrency.max(1)) {
+        for (state, results) in [("STARTED", "null"), ("SUCCESS", "[]")] {
+            let mut pipe = redis::pipe();
+            for uuid in chunk {
+                pipe.cmd("SET")
+                    .arg(uuid)
+                    .arg(record(uuid, state, results))
+                    .arg("EX")
+                    .arg(600)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await.expect("SET");
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds_of("self") - cpu0;
+    let redis_raw = redis_since(redis0);
+    println!(
+        "raw SET, {concurrency} a pipeline: {:.0} tasks/s, client {:.2} us/task{redis_raw}",
+        tasks as f64 / elapsed,
+        cpu * 1e6 / tasks as f64,
+    );
+    forget_keys(&url, &raw).await;
 }
