@@ -70,7 +70,7 @@ async fn main() {
                     results: Some(Vec::new()),
                     ..TaskState::new(uuid, State::Success)
                 };
-                backend.set_state(done).await.expect("SUCCESS");
+                backend.record(done).await.expect("SUCCESS");
             });
         }
         if running.next().await.is_none() {

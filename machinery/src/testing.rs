@@ -181,7 +181,7 @@ pub enum BackendOp {
     SetState,
     /// `get_state` and `get_states`.
     GetState,
-    /// `transition`.
+    /// `transition` and `record` (a worker records STARTED, then its outcome).
     Transition,
     /// `init_group`.
     InitGroup,
@@ -353,6 +353,11 @@ impl ResultBackend for FaultyBackend {
     async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
         let lost = self.check(BackendOp::Transition, Some(&state))?;
         lose(lost, self.inner.transition(state).await)
+    }
+
+    async fn record(&self, state: TaskState) -> Result<Option<TaskState>> {
+        let lost = self.check(BackendOp::Transition, Some(&state))?;
+        lose(lost, self.inner.record(state).await)
     }
 
     async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {

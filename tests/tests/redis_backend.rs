@@ -1264,6 +1264,9 @@ fn pending(uuid: &str) -> TaskState {
     }
 }
 
+/// The results of [`success`], as Go lays them out.
+const FIVE: &str = r#"[{"Type":"int64","Value":5}]"#;
+
 fn success(uuid: &str) -> TaskState {
     TaskState {
         results: Some(vec![TaskResult {
@@ -1274,7 +1277,7 @@ fn success(uuid: &str) -> TaskState {
     }
 }
 
-/// Writes `next` over whatever is stored through each of the three writers; `None` when the
+/// Writes `next` over whatever is stored through each of the four writers; `None` when the
 /// write must be refused (the stored bytes are then checked to be unchanged).
 async fn write_all_ways(
     b: &RedisBackend,
@@ -1283,7 +1286,7 @@ async fn write_all_ways(
     next: &TaskState,
     expect_written: bool,
 ) {
-    for way in ["set_state", "set_states", "transition"] {
+    for way in ["set_state", "set_states", "transition", "record"] {
         let uuid = task_uuid();
         raw_set(conn, &uuid, &stored.replace("@ID@", &uuid)).await;
         let next = TaskState {
@@ -1293,8 +1296,11 @@ async fn write_all_ways(
         match way {
             "set_state" => b.set_state(next.clone()).await.unwrap(),
             "set_states" => b.set_states(vec![next.clone()]).await.unwrap(),
-            _ => {
+            "transition" => {
                 b.transition(next.clone()).await.unwrap();
+            }
+            _ => {
+                b.record(next.clone()).await.unwrap();
             }
         }
         let now = raw_get(conn, &uuid).await.unwrap();
@@ -1478,6 +1484,65 @@ async fn transition_returns_the_previous_state_written_or_not() {
         raw_get(&mut conn, &corrupt).await.unwrap(),
         go_json(&corrupt, "", "RECEIVED", "null", "", ZERO_TIME)
     );
+}
+
+#[tokio::test]
+async fn record_writes_as_transition_does_and_returns_only_a_revoke() {
+    let (b, mut conn) = (backend().await, raw().await);
+    // Over STARTED: written (carried forward as transition does), and nothing comes back.
+    let uuid = task_uuid();
+    b.set_state(pending(&uuid)).await.unwrap();
+    b.transition(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+    assert_eq!(b.record(success(&uuid)).await.unwrap(), None);
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "SUCCESS", FIVE, "", CREATED)
+    );
+    // RETRY over a final state: refused, and still nothing comes back (it is no revoke).
+    let retry = TaskState {
+        error: "again".into(),
+        ..TaskState::new(&uuid, State::Retry)
+    };
+    assert_eq!(b.record(retry).await.unwrap(), None);
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "SUCCESS", FIVE, "", CREATED)
+    );
+
+    // Over a revoke: refused, and the revoke comes back, in our layout or in any other that
+    // decodes as JSON (keys in another case, read by the script's slow path).
+    let ours = task_uuid();
+    assert_eq!(b.revoke(std::slice::from_ref(&ours)).await.unwrap(), [true]);
+    let lower = task_uuid();
+    let lower_record = format!(
+        r#"{{"taskuuid":"{lower}","taskname":"add","state":"FAILURE","error":"revoked","createdat":"{CREATED}"}}"#
+    );
+    raw_set(&mut conn, &lower, &lower_record).await;
+    for uuid in [&ours, &lower] {
+        let before = raw_get(&mut conn, uuid).await.unwrap();
+        let kept = b.record(success(uuid)).await.unwrap().expect("the revoke");
+        assert_eq!(
+            (kept.task_uuid.as_str(), kept.state, kept.error.as_str()),
+            (uuid.as_str(), State::Failure, "revoked")
+        );
+        assert_eq!(raw_get(&mut conn, uuid).await.unwrap(), before);
+    }
+
+    // A FAILURE that is no revoke is replaced, and does not come back.
+    let failed = task_uuid();
+    raw_set(
+        &mut conn,
+        &failed,
+        &go_record("FAILURE").replace("@ID@", &failed),
+    )
+    .await;
+    assert_eq!(b.record(success(&failed)).await.unwrap(), None);
+    assert!(raw_get(&mut conn, &failed)
+        .await
+        .unwrap()
+        .contains(r#""State":"SUCCESS""#));
 }
 
 #[tokio::test]

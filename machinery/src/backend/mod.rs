@@ -69,6 +69,30 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
         Ok(previous)
     }
 
+    /// Records a task's outcome (RETRY, SUCCESS or FAILURE) as [`transition`](Self::transition)
+    /// does, but returns the stored record only when it is a revoke, which the write then left
+    /// in place ([`is_revoked`]): all a worker needs to know before acting on the outcome. A
+    /// backend may skip sending back any other record; the default calls `transition`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// use machinery::backend::{memory::MemoryBackend, ResultBackend};
+    /// use machinery::wire::{State, TaskState};
+    ///
+    /// let backend = MemoryBackend::open("record-docs", std::time::Duration::from_secs(60));
+    /// backend.set_state(TaskState::new("t", State::Started)).await?;
+    /// assert_eq!(backend.record(TaskState::new("t", State::Success)).await?, None);
+    /// backend.revoke(&["r".to_owned()]).await?;
+    /// let kept = backend.record(TaskState::new("r", State::Success)).await?;
+    /// assert!(kept.is_some_and(|revoke| revoke.state == State::Failure));
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn record(&self, state: TaskState) -> Result<Option<TaskState>> {
+        Ok(self.transition(state).await?.filter(is_revoked))
+    }
+
     /// Revokes tasks (see [`Server::revoke`](crate::Server::revoke)): records FAILURE with the
     /// error [`REVOKED`] for each task that is not yet SUCCESS or FAILURE, or has no state at
     /// all, and returns, per task in the order asked, whether it is revoked now (`true` also
@@ -198,7 +222,17 @@ pub(crate) fn allowed(stored: Option<&TaskState>, next: &TaskState) -> bool {
 }
 
 /// Whether `state` is a revoke: FAILURE with the error [`REVOKED`].
-pub(crate) fn is_revoked(state: &TaskState) -> bool {
+///
+/// ```
+/// use machinery::backend::is_revoked;
+/// use machinery::wire::{State, TaskState};
+///
+/// let mut state = TaskState::new("t", State::Failure);
+/// assert!(!is_revoked(&state));
+/// state.error = "revoked".into();
+/// assert!(is_revoked(&state));
+/// ```
+pub fn is_revoked(state: &TaskState) -> bool {
     state.state == State::Failure && state.error == REVOKED
 }
 

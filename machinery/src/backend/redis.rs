@@ -113,13 +113,15 @@ const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 ///
 /// `KEYS`: the task UUIDs. `ARGV[1]`: expiry in seconds. `ARGV[2]`: `1` to return the stored
 /// records. Then seven arguments per key: the new JSON around the `TaskName` value and the
-/// `CreatedAt` value (head, name, mid, created, tail), the new state's name, and two flags,
-/// `1` or `0`, to carry `TaskName` and `CreatedAt` forward (`10`: the name only).
+/// `CreatedAt` value (head, name, mid, created, tail), the new state's name, and three flags,
+/// `1` or `0`: carry `TaskName` forward, carry `CreatedAt` forward (`100`: the name only), and
+/// return the stored record only when it is a revoke (a lean write).
 ///
 /// Returns, per key, `1` when it wrote, `0` when it refused and `-1` when the key holds a value
 /// of another type than a string (left alone); with `ARGV[2]` = `1`, also the
-/// stored record (nil when none) and the state name the guard read from it (nil when there is
-/// no record, or it is not JSON or has a state that is none of the six).
+/// stored record (nil when none, or when the write is lean and it is no revoke) and the state
+/// name the guard read from it (nil when there is no record, or it is not JSON or has a state
+/// that is none of the six).
 const WRITE_STATES_LUA: &str = r#"
 local escapes = { ['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
                   ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t',
@@ -212,7 +214,8 @@ for i, key in ipairs(KEYS) do
   end
   out[#out + 1] = wrong and -1 or (allowed and 1 or 0)
   if keep then
-    out[#out + 1] = old or false
+    local lean = string.sub(carry, 3, 3) == '1'
+    out[#out + 1] = ((not lean) or kind == 'revoked') and old or false
     out[#out + 1] = stored or false
   end
 end
@@ -936,7 +939,7 @@ impl ResultBackend for RedisBackend {
     /// The guarded write script (see the [module docs](self)), in a run shared with the
     /// writes made at the same time by other tasks: one round trip.
     async fn set_state(&self, state: TaskState) -> Result<()> {
-        let [written, _, _] = self.batcher.write(self, Encoded::new(&state)?).await?;
+        let [written, _, _] = self.batcher.write(self, Encoded::lean(&state)?).await?;
         self.check_written(&state.task_uuid, &written)
     }
 
@@ -962,6 +965,18 @@ impl ResultBackend for RedisBackend {
             debug!(task = %uuid, state = %state.state, previous = ?previous.as_ref().map(|p| p.state), "refused a backward transition");
         }
         Ok(previous)
+    }
+
+    /// [`transition`](Self::transition) as a lean write: the script sends back the stored
+    /// record only when it is a revoke (a worker's SUCCESS would otherwise carry its STARTED
+    /// record back, to be parsed and dropped).
+    async fn record(&self, state: TaskState) -> Result<Option<TaskState>> {
+        let [written, old, stored] = self.batcher.write(self, Encoded::lean(&state)?).await?;
+        let uuid = &state.task_uuid;
+        self.check_written(uuid, &written)?;
+        Ok(self
+            .previous(uuid, old, stored, "record task state")?
+            .filter(is_revoked))
     }
 
     /// The guarded write script over the whole batch, 500 per run, the runs pipelined: one
@@ -1169,12 +1184,21 @@ impl Encoded {
     }
 
     pub(super) fn new(state: &TaskState) -> Result<Encoded> {
-        let carry = match (state.task_name.is_empty(), state.created_at.is_zero()) {
-            (true, true) => "11",
-            (true, false) => "10",
-            (false, true) => "01",
-            (false, false) => "00",
-        };
+        Self::with(state, false)
+    }
+
+    /// A lean write: the script returns the stored record only when it is a revoke.
+    pub(super) fn lean(state: &TaskState) -> Result<Encoded> {
+        Self::with(state, true)
+    }
+
+    fn with(state: &TaskState, lean: bool) -> Result<Encoded> {
+        // The script's flags: carry the name, carry the creation time, lean (the index is at
+        // most 7).
+        const CARRY: [&str; 8] = ["000", "001", "010", "011", "100", "101", "110", "111"];
+        let carry = CARRY[usize::from(state.task_name.is_empty()) << 2
+            | usize::from(state.created_at.is_zero()) << 1
+            | usize::from(lean)];
         Ok(Encoded {
             uuid: state.task_uuid.clone(),
             pieces: Pieces::new(state)?,

@@ -158,7 +158,7 @@ impl Store {
     ) -> Result<Revoked> {
         let previous = self
             .call("store task state", |b| {
-                b.transition(task_state(
+                b.record(task_state(
                     signature,
                     state,
                     results.map(<[TaskResult]>::to_vec),
