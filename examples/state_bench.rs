@@ -77,20 +77,28 @@ async fn main() {
             break;
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds_of("self") - cpu0;
-    // Redis's CPU per task since `before`, when its pid is known.
-    let redis_since = |before: Option<f64>| match (redis_cpu(), before) {
-        (Some(now), Some(before)) => {
-            format!(", redis {:.2} us/task", (now - before) * 1e6 / tasks as f64)
-        }
-        _ => String::new(),
+    // The rate since `started`, and this process's and Redis's CPU per task since `cpu0` and
+    // `redis0` (Redis's when its pid is known).
+    let report = |what: String, started: Instant, cpu0: f64, redis0: Option<f64>| {
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds_of("self") - cpu0;
+        let redis = match (redis_cpu(), redis0) {
+            (Some(now), Some(before)) => {
+                format!(", redis {:.2} us/task", (now - before) * 1e6 / tasks as f64)
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{what}: {:.0} tasks/s, client {:.2} us/task{redis}",
+            tasks as f64 / elapsed,
+            cpu * 1e6 / tasks as f64,
+        );
     };
-    let redis = redis_since(redis0);
-    println!(
-        "{tasks} tasks, {concurrency} at once: {:.0} tasks/s, client {:.2} us/task{redis}",
-        tasks as f64 / elapsed,
-        cpu * 1e6 / tasks as f64,
+    report(
+        format!("{tasks} tasks, {concurrency} at once"),
+        started,
+        cpu0,
+        redis0,
     );
     forget_keys(&url, &uuids).await;
 
@@ -128,13 +136,11 @@ async fn main() {
             pipe.query_async::<()>(&mut conn).await.expect("SET");
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds_of("self") - cpu0;
-    let redis_raw = redis_since(redis0);
-    println!(
-        "raw SET, {concurrency} a pipeline: {:.0} tasks/s, client {:.2} us/task{redis_raw}",
-        tasks as f64 / elapsed,
-        cpu * 1e6 / tasks as f64,
+    report(
+        format!("raw SET, {concurrency} a pipeline"),
+        started,
+        cpu0,
+        redis0,
     );
     forget_keys(&url, &raw).await;
 }

@@ -50,7 +50,7 @@ pub struct Fault {
     after: Option<Duration>,
     armed_at: Instant,
     kind: Option<ErrorKind>,
-    /// Only calls about this state fail (set_state, set_states, transition).
+    /// Only calls about this state fail (set_state, set_states, transition, record).
     state: Option<State>,
     /// Only publishes to this routing key fail.
     routing_key: Option<String>,

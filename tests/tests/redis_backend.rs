@@ -1520,7 +1520,13 @@ async fn record_writes_as_transition_does_and_returns_only_a_revoke() {
         r#"{{"taskuuid":"{lower}","taskname":"add","state":"FAILURE","error":"revoked","createdat":"{CREATED}"}}"#
     );
     raw_set(&mut conn, &lower, &lower_record).await;
-    for uuid in [&ours, &lower] {
+    // One the script reads as a revoke but that does not decode as a state (a number for a
+    // name): still a revoke.
+    let odd = task_uuid();
+    let odd_record =
+        format!(r#"{{"TaskUUID":"{odd}","TaskName":5,"State":"FAILURE","Error":"revoked"}}"#);
+    raw_set(&mut conn, &odd, &odd_record).await;
+    for uuid in [&ours, &lower, &odd] {
         let before = raw_get(&mut conn, uuid).await.unwrap();
         let kept = b.record(success(uuid)).await.unwrap().expect("the revoke");
         assert_eq!(
@@ -1682,6 +1688,21 @@ async fn writes_queued_behind_an_abandoned_write_are_still_made() {
         .await
         .unwrap();
 
+    // Writes wait while the server is paused, so that a write polled once cannot be answered
+    // before it is left alone (under load, the connection's task could otherwise complete the
+    // round trip between the two steps of that first poll).
+    let mut pause = redis::Client::open(redis.url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1_500)
+        .arg("WRITE")
+        .query_async::<()>(&mut pause)
+        .await
+        .unwrap();
     // Two writes in flight, polled once and then left alone: the queue's room is taken.
     let mut first = Box::pin(b.transition(TaskState::new(&ids[0], State::Started)));
     let mut second = Box::pin(b.transition(TaskState::new(&ids[1], State::Started)));

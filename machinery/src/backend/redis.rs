@@ -38,7 +38,8 @@
 //! # Guarded writes, carrying the task name and creation time forward
 //!
 //! Every write ([`set_state`](ResultBackend::set_state), [`set_states`](ResultBackend::set_states),
-//! [`transition`](ResultBackend::transition)) is one Lua script run per batch, atomic per task:
+//! [`transition`](ResultBackend::transition), [`record`](ResultBackend::record)) is one Lua
+//! script run per batch, atomic per task:
 //! it reads the stored record, refuses the write when it would move the task backwards (a
 //! final state replaced by a non-final one, or PENDING over a task a worker has received:
 //! [`ResultBackend::transition`] has the rule), and otherwise writes the new record with
@@ -59,8 +60,8 @@
 //! exactly those of the wire format. A stored value that is not a JSON object, or whose
 //! `State` is none of the six, counts as no record: it is replaced, as Go replaces it.
 //!
-//! Single writes ([`set_state`](ResultBackend::set_state), [`transition`](ResultBackend::transition))
-//! made at the same time, by the tasks a worker runs at once, share runs of the script: one
+//! Single writes ([`set_state`](ResultBackend::set_state), [`transition`](ResultBackend::transition),
+//! [`record`](ResultBackend::record)) made at the same time, by the tasks a worker runs at once, share runs of the script: one
 //! write or batch is in flight per backend (and its clones), and the writes made meanwhile go
 //! together in the next run, each with its own answer.
 //!
@@ -970,13 +971,23 @@ impl ResultBackend for RedisBackend {
     /// [`transition`](Self::transition) as a lean write: the script sends back the stored
     /// record only when it is a revoke (a worker's SUCCESS would otherwise carry its STARTED
     /// record back, to be parsed and dropped).
+    ///
+    /// A record sent back is a revoke by construction: one that does not decode as a state
+    /// still counts as one.
     async fn record(&self, state: TaskState) -> Result<Option<TaskState>> {
         let [written, old, stored] = self.batcher.write(self, Encoded::lean(&state)?).await?;
         let uuid = &state.task_uuid;
         self.check_written(uuid, &written)?;
-        Ok(self
-            .previous(uuid, old, stored, "record task state")?
-            .filter(is_revoked))
+        let revoked = old != redis::Value::Nil;
+        if written == redis::Value::Int(0) {
+            debug!(task = %uuid, state = %state.state, revoked, "the outcome was refused (a revoke, or a final state, is stored)");
+        }
+        let previous = self.previous(uuid, old, stored, "record task state")?;
+        Ok(revoked.then(|| {
+            previous
+                .filter(is_revoked)
+                .unwrap_or_else(|| revoked_state(uuid))
+        }))
     }
 
     /// The guarded write script over the whole batch, 500 per run, the runs pipelined: one
