@@ -1,5 +1,5 @@
 //! The worker-side cost of the Redis result backend's state writes, apart from any broker:
-//! `tasks` tasks, `concurrency` at a time, each a STARTED transition then a SUCCESS write, as
+//! `tasks` tasks, `concurrency` at a time, each a STARTED write then a SUCCESS write, as
 //! a worker makes them. Prints tasks/s and the CPU per task of this process, and of Redis
 //! with `BENCH_REDIS_PID=<pid>`. Then, in the same run, the same two states written as Go's
 //! Redis backend writes them (a plain `SET` with its expiry: `updateState` in
@@ -62,7 +62,7 @@ async fn main() {
             let backend = backend.clone();
             running.push(async move {
                 backend
-                    .transition(TaskState::new(uuid, State::Started))
+                    .start(TaskState::new(uuid, State::Started))
                     .await
                     .expect("STARTED");
                 let done = TaskState {

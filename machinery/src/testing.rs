@@ -50,7 +50,7 @@ pub struct Fault {
     after: Option<Duration>,
     armed_at: Instant,
     kind: Option<ErrorKind>,
-    /// Only calls about this state fail (set_state, set_states, transition, record).
+    /// Only calls about this state fail (set_state, set_states, transition, start, record).
     state: Option<State>,
     /// Only publishes to this routing key fail.
     routing_key: Option<String>,
@@ -181,7 +181,7 @@ pub enum BackendOp {
     SetState,
     /// `get_state` and `get_states`.
     GetState,
-    /// `transition` and `record` (a worker records STARTED, then its outcome).
+    /// `transition`, `start` and `record` (a worker records STARTED, then its outcome).
     Transition,
     /// `init_group`.
     InitGroup,
@@ -353,6 +353,11 @@ impl ResultBackend for FaultyBackend {
     async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
         let lost = self.check(BackendOp::Transition, Some(&state))?;
         lose(lost, self.inner.transition(state).await)
+    }
+
+    async fn start(&self, state: TaskState) -> Result<Option<TaskState>> {
+        let lost = self.check(BackendOp::Transition, Some(&state))?;
+        lose(lost, self.inner.start(state).await)
     }
 
     async fn record(&self, state: TaskState) -> Result<Option<TaskState>> {

@@ -364,7 +364,7 @@ async fn result_store_errors_are_counted() {
         .unwrap();
     let addr = worker.metrics_addr().unwrap();
     // The worker's first three writes fail; it retries through them. (PENDING is written
-    // with set_state; the worker's writes are transitions and records, both `Transition`.)
+    // with set_state; the worker's writes are `start` and `record`, both `Transition`.)
     rig.backend.arm(BackendOp::Transition, Fault::times(3));
     let handle = rig.server.send(mx_ok::signature(7)).await.unwrap();
     assert_eq!(handle.get_timeout(WAIT).await.unwrap(), 7);

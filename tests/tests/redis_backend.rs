@@ -1277,7 +1277,7 @@ fn success(uuid: &str) -> TaskState {
     }
 }
 
-/// Writes `next` over whatever is stored through each of the four writers; `None` when the
+/// Writes `next` over whatever is stored through each of the five writers; `None` when the
 /// write must be refused (the stored bytes are then checked to be unchanged).
 async fn write_all_ways(
     b: &RedisBackend,
@@ -1286,7 +1286,7 @@ async fn write_all_ways(
     next: &TaskState,
     expect_written: bool,
 ) {
-    for way in ["set_state", "set_states", "transition", "record"] {
+    for way in ["set_state", "set_states", "transition", "start", "record"] {
         let uuid = task_uuid();
         raw_set(conn, &uuid, &stored.replace("@ID@", &uuid)).await;
         let next = TaskState {
@@ -1298,6 +1298,9 @@ async fn write_all_ways(
             "set_states" => b.set_states(vec![next.clone()]).await.unwrap(),
             "transition" => {
                 b.transition(next.clone()).await.unwrap();
+            }
+            "start" => {
+                b.start(next.clone()).await.unwrap();
             }
             _ => {
                 b.record(next.clone()).await.unwrap();
@@ -1483,6 +1486,61 @@ async fn transition_returns_the_previous_state_written_or_not() {
     assert_eq!(
         raw_get(&mut conn, &corrupt).await.unwrap(),
         go_json(&corrupt, "", "RECEIVED", "null", "", ZERO_TIME)
+    );
+}
+
+#[tokio::test]
+async fn start_writes_as_transition_does_and_returns_a_final_record_whole_any_other_by_its_state() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let started = |uuid: &str| TaskState::new(uuid, State::Started);
+    // Nothing stored, or nothing that is a state: none.
+    let fresh = task_uuid();
+    assert_eq!(b.start(started(&fresh)).await.unwrap(), None);
+    let corrupt = task_uuid();
+    raw_set(&mut conn, &corrupt, "{not json").await;
+    assert_eq!(b.start(started(&corrupt)).await.unwrap(), None);
+
+    // PENDING (Go's record), a record without a State (PENDING, Go's zero value), RECEIVED and
+    // STARTED: the state alone, and STARTED written with the name and time carried forward.
+    let stateless = r#"{"TaskUUID":"@ID@","TaskName":"add"}"#.to_owned();
+    for (record, was) in [
+        (go_record("PENDING"), State::Pending),
+        (stateless, State::Pending),
+        (go_record("RECEIVED"), State::Received),
+        (go_record("STARTED"), State::Started),
+    ] {
+        let uuid = task_uuid();
+        raw_set(&mut conn, &uuid, &record.replace("@ID@", &uuid)).await;
+        assert_eq!(
+            b.start(started(&uuid)).await.unwrap(),
+            Some(TaskState::new(&uuid, was)),
+            "{record}"
+        );
+        assert!(raw_get(&mut conn, &uuid)
+            .await
+            .unwrap()
+            .contains(r#""TaskName":"add","State":"STARTED""#));
+    }
+
+    // SUCCESS and a revoke: refused, and the record comes back whole.
+    let done = task_uuid();
+    let done_record = go_json(&done, "add", "SUCCESS", FIVE, "", CREATED);
+    raw_set(&mut conn, &done, &done_record).await;
+    assert_eq!(
+        b.start(started(&done)).await.unwrap(),
+        Some(TaskState {
+            task_name: "add".into(),
+            created_at: created(),
+            ..success(&done)
+        })
+    );
+    assert_eq!(raw_get(&mut conn, &done).await.unwrap(), done_record);
+    let revoked = task_uuid();
+    b.revoke(std::slice::from_ref(&revoked)).await.unwrap();
+    let kept = b.start(started(&revoked)).await.unwrap().unwrap();
+    assert_eq!(
+        (kept.state, kept.error.as_str()),
+        (State::Failure, "revoked")
     );
 }
 

@@ -110,6 +110,9 @@ impl ResultBackend for Counting {
     async fn transition(&self, state: TaskState) -> machinery::Result<Option<TaskState>> {
         self.count(self.inner.transition(state).await)
     }
+    async fn start(&self, state: TaskState) -> machinery::Result<Option<TaskState>> {
+        self.count(self.inner.start(state).await)
+    }
     async fn record(&self, state: TaskState) -> machinery::Result<Option<TaskState>> {
         self.count(self.inner.record(state).await)
     }

@@ -69,6 +69,38 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
         Ok(previous)
     }
 
+    /// Records that a task starts (STARTED, or RECEIVED) as [`transition`](Self::transition)
+    /// does, and returns the state stored before: a final one (SUCCESS, FAILURE, a revoke)
+    /// whole, any other with its UUID and state alone, which is all a worker reads from it. A
+    /// backend may skip sending back the rest; the default calls `transition`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> machinery::Result<()> {
+    /// use machinery::backend::{memory::MemoryBackend, ResultBackend};
+    /// use machinery::wire::{State, TaskState};
+    ///
+    /// let backend = MemoryBackend::open("start-docs", std::time::Duration::from_secs(60));
+    /// let pending = TaskState {
+    ///     task_name: "add".into(),
+    ///     ..TaskState::new("t", State::Pending)
+    /// };
+    /// backend.set_state(pending).await?;
+    /// let before = backend.start(TaskState::new("t", State::Started)).await?;
+    /// assert_eq!(before, Some(TaskState::new("t", State::Pending)));
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn start(&self, state: TaskState) -> Result<Option<TaskState>> {
+        Ok(self.transition(state).await?.map(|previous| {
+            if previous.state.is_final() {
+                previous
+            } else {
+                TaskState::new(&previous.task_uuid, previous.state)
+            }
+        }))
+    }
+
     /// Records a task's outcome (RETRY, SUCCESS or FAILURE) as [`transition`](Self::transition)
     /// does, but returns the stored record only when it is a revoke, which the write then left
     /// in place ([`is_revoked`]): all a worker needs to know before acting on the outcome. A

@@ -38,7 +38,8 @@
 //! # Guarded writes, carrying the task name and creation time forward
 //!
 //! Every write ([`set_state`](ResultBackend::set_state), [`set_states`](ResultBackend::set_states),
-//! [`transition`](ResultBackend::transition), [`record`](ResultBackend::record)) is one Lua
+//! [`transition`](ResultBackend::transition), [`start`](ResultBackend::start),
+//! [`record`](ResultBackend::record)) is one Lua
 //! script run per batch, atomic per task:
 //! it reads the stored record, refuses the write when it would move the task backwards (a
 //! final state replaced by a non-final one, or PENDING over a task a worker has received:
@@ -61,7 +62,7 @@
 //! `State` is none of the six, counts as no record: it is replaced, as Go replaces it.
 //!
 //! Single writes ([`set_state`](ResultBackend::set_state), [`transition`](ResultBackend::transition),
-//! [`record`](ResultBackend::record)) made at the same time, by the tasks a worker runs at once, share runs of the script: one
+//! [`start`](ResultBackend::start), [`record`](ResultBackend::record)) made at the same time, by the tasks a worker runs at once, share runs of the script: one
 //! write or batch is in flight per backend (and its clones), and the writes made meanwhile go
 //! together in the next run, each with its own answer.
 //!
@@ -114,13 +115,14 @@ const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 ///
 /// `KEYS`: the task UUIDs. `ARGV[1]`: expiry in seconds. `ARGV[2]`: `1` to return the stored
 /// records. Then seven arguments per key: the new JSON around the `TaskName` value and the
-/// `CreatedAt` value (head, name, mid, created, tail), the new state's name, and three flags,
-/// `1` or `0`: carry `TaskName` forward, carry `CreatedAt` forward (`100`: the name only), and
-/// return the stored record only when it is a revoke (a lean write).
+/// `CreatedAt` value (head, name, mid, created, tail), the new state's name, and three flags:
+/// carry `TaskName` forward (`1` or `0`), carry `CreatedAt` forward (`1` or `0`; `100`: the
+/// name only), and which stored records to send back (`0`: all; `1`: a revoke only; `2`: a
+/// final state only, a revoke included).
 ///
 /// Returns, per key, `1` when it wrote, `0` when it refused and `-1` when the key holds a value
 /// of another type than a string (left alone); with `ARGV[2]` = `1`, also the
-/// stored record (nil when none, or when the write is lean and it is no revoke) and the state
+/// stored record (nil when none, or when the third flag leaves it out) and the state
 /// name the guard read from it (nil when there is no record, or it is not JSON or has a state
 /// that is none of the six).
 const WRITE_STATES_LUA: &str = r#"
@@ -215,8 +217,9 @@ for i, key in ipairs(KEYS) do
   end
   out[#out + 1] = wrong and -1 or (allowed and 1 or 0)
   if keep then
-    local lean = string.sub(carry, 3, 3) == '1'
-    out[#out + 1] = ((not lean) or kind == 'revoked') and old or false
+    local back = string.sub(carry, 3, 3)
+    local send = back == '0' or kind == 'revoked' or (back == '2' and kind == 'final')
+    out[#out + 1] = send and old or false
     out[#out + 1] = stored or false
   end
 end
@@ -396,7 +399,7 @@ impl RedisBackend {
                     .arg(&p.created)
                     .arg(&p.tail)
                     .arg(state.next)
-                    .arg(state.carry);
+                    .arg(&state.carry[..]);
             }
         }
         let mut conn = self.conn.clone();
@@ -940,7 +943,10 @@ impl ResultBackend for RedisBackend {
     /// The guarded write script (see the [module docs](self)), in a run shared with the
     /// writes made at the same time by other tasks: one round trip.
     async fn set_state(&self, state: TaskState) -> Result<()> {
-        let [written, _, _] = self.batcher.write(self, Encoded::lean(&state)?).await?;
+        let [written, _, _] = self
+            .batcher
+            .write(self, Encoded::with(&state, Back::Revoke)?)
+            .await?;
         self.check_written(&state.task_uuid, &written)
     }
 
@@ -968,6 +974,32 @@ impl ResultBackend for RedisBackend {
         Ok(previous)
     }
 
+    /// [`transition`](Self::transition), with the stored record sent back only when it is
+    /// final (the worker's STARTED would otherwise carry every task's PENDING record back, to
+    /// be parsed and decoded for its state alone); for any other, the state name the script
+    /// read stands for it.
+    async fn start(&self, state: TaskState) -> Result<Option<TaskState>> {
+        let [written, old, stored] = self
+            .batcher
+            .write(self, Encoded::with(&state, Back::Final)?)
+            .await?;
+        let uuid = &state.task_uuid;
+        self.check_written(uuid, &written)?;
+        if old != redis::Value::Nil {
+            return self.previous(uuid, old, stored, "record task state");
+        }
+        match stored {
+            redis::Value::Nil => Ok(None),
+            redis::Value::BulkString(name) => {
+                match std::str::from_utf8(&name).ok().and_then(State::parse) {
+                    Some(stored) => Ok(Some(TaskState::new(uuid, stored))),
+                    None => Err(self.unexpected_reply("record task state")),
+                }
+            }
+            _ => Err(self.unexpected_reply("record task state")),
+        }
+    }
+
     /// [`transition`](Self::transition) as a lean write: the script sends back the stored
     /// record only when it is a revoke (a worker's SUCCESS would otherwise carry its STARTED
     /// record back, to be parsed and dropped).
@@ -975,7 +1007,10 @@ impl ResultBackend for RedisBackend {
     /// A record sent back is a revoke by construction: one that does not decode as a state
     /// still counts as one.
     async fn record(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let [written, old, stored] = self.batcher.write(self, Encoded::lean(&state)?).await?;
+        let [written, old, stored] = self
+            .batcher
+            .write(self, Encoded::with(&state, Back::Revoke)?)
+            .await?;
         let uuid = &state.task_uuid;
         self.check_written(uuid, &written)?;
         let revoked = old != redis::Value::Nil;
@@ -1184,7 +1219,18 @@ pub(super) struct Encoded {
     uuid: String,
     pieces: Pieces,
     next: &'static str,
-    carry: &'static str,
+    carry: [u8; 3],
+}
+
+/// Which stored records a write has sent back (the script's third flag).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Back {
+    /// Every one.
+    All = 0,
+    /// A revoke only.
+    Revoke = 1,
+    /// A final state only, a revoke included.
+    Final = 2,
 }
 
 impl Encoded {
@@ -1194,22 +1240,19 @@ impl Encoded {
         self.uuid.len() + p.head.len() + p.name.len() + p.mid.len() + p.created.len() + p.tail.len()
     }
 
+    /// A write that has every stored record sent back.
     pub(super) fn new(state: &TaskState) -> Result<Encoded> {
-        Self::with(state, false)
+        Self::with(state, Back::All)
     }
 
-    /// A lean write: the script returns the stored record only when it is a revoke.
-    pub(super) fn lean(state: &TaskState) -> Result<Encoded> {
-        Self::with(state, true)
-    }
-
-    fn with(state: &TaskState, lean: bool) -> Result<Encoded> {
-        // The script's flags: carry the name, carry the creation time, lean (the index is at
-        // most 7).
-        const CARRY: [&str; 8] = ["000", "001", "010", "011", "100", "101", "110", "111"];
-        let carry = CARRY[usize::from(state.task_name.is_empty()) << 2
-            | usize::from(state.created_at.is_zero()) << 1
-            | usize::from(lean)];
+    /// A write that has only the stored records `back` names sent back.
+    pub(super) fn with(state: &TaskState, back: Back) -> Result<Encoded> {
+        let flag = |on: bool| if on { b'1' } else { b'0' };
+        let carry = [
+            flag(state.task_name.is_empty()),
+            flag(state.created_at.is_zero()),
+            b'0' + back as u8,
+        ];
         Ok(Encoded {
             uuid: state.task_uuid.clone(),
             pieces: Pieces::new(state)?,

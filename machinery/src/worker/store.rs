@@ -183,7 +183,7 @@ impl Store {
     ) -> Result<(Option<TaskState>, bool)> {
         let found = self
             .call_counted("store task state", |b| {
-                b.transition(task_state(signature, state, None, String::new()))
+                b.start(task_state(signature, state, None, String::new()))
             })
             .await?;
         Ok(found.unwrap_or_default())
