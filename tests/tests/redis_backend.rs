@@ -1499,6 +1499,14 @@ async fn start_writes_as_transition_does_and_returns_a_final_record_whole_any_ot
     let corrupt = task_uuid();
     raw_set(&mut conn, &corrupt, "{not json").await;
     assert_eq!(b.start(started(&corrupt)).await.unwrap(), None);
+    let bogus = task_uuid();
+    raw_set(
+        &mut conn,
+        &bogus,
+        &go_record("BOGUS").replace("@ID@", &bogus),
+    )
+    .await;
+    assert_eq!(b.start(started(&bogus)).await.unwrap(), None);
 
     // PENDING (Go's record), a record without a State (PENDING, Go's zero value), RECEIVED and
     // STARTED: the state alone, and STARTED written with the name and time carried forward.
@@ -1508,6 +1516,7 @@ async fn start_writes_as_transition_does_and_returns_a_final_record_whole_any_ot
         (stateless, State::Pending),
         (go_record("RECEIVED"), State::Received),
         (go_record("STARTED"), State::Started),
+        (go_record("RETRY"), State::Retry),
     ] {
         let uuid = task_uuid();
         raw_set(&mut conn, &uuid, &record.replace("@ID@", &uuid)).await;

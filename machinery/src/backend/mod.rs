@@ -54,9 +54,9 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     /// Records a state transition as [`set_state`](Self::set_state) does, and returns the
     /// state stored before it, in one atomic step where the backend allows.
     ///
-    /// The worker records STARTED with it: the previous state tells a first delivery from a
-    /// redelivery of a task that already finished (which must not run again) or a duplicate of
-    /// a message another worker is running.
+    /// The worker records STARTED with its lean form, [`start`](Self::start): the previous state
+    /// tells a first delivery from a redelivery of a task that already finished (which must not
+    /// run again) or a duplicate of a message another worker is running.
     ///
     /// Like `set_state`, it never moves a task backwards: a final state (SUCCESS, FAILURE) is
     /// only replaced by a final state, and PENDING only replaces nothing, PENDING or RETRY.
@@ -71,8 +71,8 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
 
     /// Records that a task starts (STARTED, or RECEIVED) as [`transition`](Self::transition)
     /// does, and returns the state stored before: a final one (SUCCESS, FAILURE, a revoke)
-    /// whole, any other with its UUID and state alone, which is all a worker reads from it. A
-    /// backend may skip sending back the rest; the default calls `transition`.
+    /// whole, any other with its state alone (and the task's UUID), which is all a worker reads
+    /// from it. A backend may skip sending back the rest; the default calls `transition`.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -92,11 +92,12 @@ pub trait ResultBackend: Send + Sync + fmt::Debug + 'static {
     /// # }
     /// ```
     async fn start(&self, state: TaskState) -> Result<Option<TaskState>> {
+        let uuid = state.task_uuid.clone();
         Ok(self.transition(state).await?.map(|previous| {
             if previous.state.is_final() {
                 previous
             } else {
-                TaskState::new(&previous.task_uuid, previous.state)
+                TaskState::new(&uuid, previous.state)
             }
         }))
     }

@@ -116,9 +116,9 @@ const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// `KEYS`: the task UUIDs. `ARGV[1]`: expiry in seconds. `ARGV[2]`: `1` to return the stored
 /// records. Then seven arguments per key: the new JSON around the `TaskName` value and the
 /// `CreatedAt` value (head, name, mid, created, tail), the new state's name, and three flags:
-/// carry `TaskName` forward (`1` or `0`), carry `CreatedAt` forward (`1` or `0`; `100`: the
-/// name only), and which stored records to send back (`0`: all; `1`: a revoke only; `2`: a
-/// final state only, a revoke included).
+/// carry `TaskName` forward (`1` or `0`), carry `CreatedAt` forward (`1` or `0`), and which
+/// stored records to send back (`0`: all; `1`: a revoke only; `2`: a final state only, a
+/// revoke included). `100`: carry the name only, and send the record back.
 ///
 /// Returns, per key, `1` when it wrote, `0` when it refused and `-1` when the key holds a value
 /// of another type than a string (left alone); with `ARGV[2]` = `1`, also the
@@ -977,7 +977,9 @@ impl ResultBackend for RedisBackend {
     /// [`transition`](Self::transition), with the stored record sent back only when it is
     /// final (the worker's STARTED would otherwise carry every task's PENDING record back, to
     /// be parsed and decoded for its state alone); for any other, the state name the script
-    /// read stands for it.
+    /// read stands for it. A stored value that is not a state is replaced and reported as
+    /// nothing stored, as `transition` does, without `transition`'s warning (the script's
+    /// reply does not tell it from no record).
     async fn start(&self, state: TaskState) -> Result<Option<TaskState>> {
         let [written, old, stored] = self
             .batcher
@@ -985,6 +987,9 @@ impl ResultBackend for RedisBackend {
             .await?;
         let uuid = &state.task_uuid;
         self.check_written(uuid, &written)?;
+        if written == redis::Value::Int(0) {
+            debug!(task = %uuid, state = %state.state, "refused a backward transition");
+        }
         if old != redis::Value::Nil {
             return self.previous(uuid, old, stored, "record task state");
         }

@@ -2,8 +2,8 @@
 //!
 //! [`process`] decodes the message, counts the [`Attempt`], handles it to an [`Outcome`] and
 //! settles it as the [`SettlePolicy`] decides. Handling records STARTED with
-//! [`ResultBackend::transition`](crate::backend::ResultBackend::transition), which also returns
-//! what was stored before:
+//! [`ResultBackend::start`](crate::backend::ResultBackend::start), which also returns what was
+//! stored before (a final record whole, any other by its state):
 //!
 //! - a first delivery of a task some worker already received or finished is a duplicate (a
 //!   follow-up sent again after a lost acknowledgement, a publish retried after a lost

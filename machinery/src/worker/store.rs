@@ -174,8 +174,9 @@ impl Store {
         })
     }
 
-    /// Records `state` and returns the state stored before (`None` without a backend), and
-    /// whether the write was tried more than once (the state read may then be this write's).
+    /// Records `state` ([`ResultBackend::start`]) and returns the state stored before (`None`
+    /// without a backend; a record that is not final by its UUID and state alone), and whether
+    /// the write was tried more than once (the state read may then be this write's).
     pub(crate) async fn transition(
         &self,
         signature: &Signature,
