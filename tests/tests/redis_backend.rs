@@ -1326,6 +1326,13 @@ fn go_record(state: &str) -> String {
     go_json("@ID@", "add", state, "null", "", CREATED)
 }
 
+/// A fresh task UUID with Go's record in `state` stored under it.
+async fn go_stored(conn: &mut MultiplexedConnection, state: &str) -> String {
+    let uuid = task_uuid();
+    raw_set(conn, &uuid, &go_record(state).replace("@ID@", &uuid)).await;
+    uuid
+}
+
 #[tokio::test]
 async fn a_final_state_is_never_replaced_by_a_non_final_one() {
     let (b, mut conn) = (backend().await, raw().await);
@@ -1499,13 +1506,7 @@ async fn start_writes_as_transition_does_and_returns_a_final_record_whole_any_ot
     let corrupt = task_uuid();
     raw_set(&mut conn, &corrupt, "{not json").await;
     assert_eq!(b.start(started(&corrupt)).await.unwrap(), None);
-    let bogus = task_uuid();
-    raw_set(
-        &mut conn,
-        &bogus,
-        &go_record("BOGUS").replace("@ID@", &bogus),
-    )
-    .await;
+    let bogus = go_stored(&mut conn, "BOGUS").await;
     assert_eq!(b.start(started(&bogus)).await.unwrap(), None);
 
     // PENDING (Go's record), a record without a State (PENDING, Go's zero value), RECEIVED and
@@ -1604,13 +1605,7 @@ async fn record_writes_as_transition_does_and_returns_only_a_revoke() {
     }
 
     // A FAILURE that is no revoke is replaced, and does not come back.
-    let failed = task_uuid();
-    raw_set(
-        &mut conn,
-        &failed,
-        &go_record("FAILURE").replace("@ID@", &failed),
-    )
-    .await;
+    let failed = go_stored(&mut conn, "FAILURE").await;
     assert_eq!(b.record(success(&failed)).await.unwrap(), None);
     assert!(raw_get(&mut conn, &failed)
         .await

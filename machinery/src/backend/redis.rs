@@ -86,7 +86,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
-use super::redis_batch::Batcher;
+use super::redis_batch::{Batcher, Reply};
 use super::redis_conn::{log_target, RedisConn, RedisTarget};
 use super::{is_revoked, revoked_over, revoked_state, timeout, ResultBackend};
 use crate::config::RedisConfig;
@@ -463,6 +463,19 @@ impl RedisBackend {
             },
             _ => Err(self.unexpected_reply(what)),
         }
+    }
+
+    /// One state through the guarded write script, in a run shared with the writes made at the
+    /// same time (see [`Batcher`]), with the stored records `back` names sent back: whether it
+    /// wrote, the stored record and the state name the script read. A key of another type is
+    /// an error ([`check_written`](Self::check_written)).
+    async fn write_one(&self, state: &TaskState, back: Back) -> Result<Reply> {
+        let reply = self
+            .batcher
+            .write(self, Encoded::with(state, back)?)
+            .await?;
+        self.check_written(&state.task_uuid, &reply[0])?;
+        Ok(reply)
     }
 
     /// An error for a write the script refused because `uuid` names a key of another type
@@ -943,11 +956,7 @@ impl ResultBackend for RedisBackend {
     /// The guarded write script (see the [module docs](self)), in a run shared with the
     /// writes made at the same time by other tasks: one round trip.
     async fn set_state(&self, state: TaskState) -> Result<()> {
-        let [written, _, _] = self
-            .batcher
-            .write(self, Encoded::with(&state, Back::Revoke)?)
-            .await?;
-        self.check_written(&state.task_uuid, &written)
+        self.write_one(&state, Back::Revoke).await.map(drop)
     }
 
     /// Every state through the guarded write script, 500 per run, the runs pipelined: one
@@ -964,9 +973,8 @@ impl ResultBackend for RedisBackend {
     /// returned as `None`; one whose state it read but which does not decode as a state is
     /// returned with only its UUID and state.
     async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let [written, old, stored] = self.batcher.write(self, Encoded::new(&state)?).await?;
+        let [written, old, stored] = self.write_one(&state, Back::All).await?;
         let uuid = &state.task_uuid;
-        self.check_written(uuid, &written)?;
         let previous = self.previous(uuid, old, stored, "record task state")?;
         if written == redis::Value::Int(0) {
             debug!(task = %uuid, state = %state.state, previous = ?previous.as_ref().map(|p| p.state), "refused a backward transition");
@@ -981,12 +989,8 @@ impl ResultBackend for RedisBackend {
     /// nothing stored, as `transition` does, without `transition`'s warning (the script's
     /// reply does not tell it from no record).
     async fn start(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let [written, old, stored] = self
-            .batcher
-            .write(self, Encoded::with(&state, Back::Final)?)
-            .await?;
+        let [written, old, stored] = self.write_one(&state, Back::Final).await?;
         let uuid = &state.task_uuid;
-        self.check_written(uuid, &written)?;
         if written == redis::Value::Int(0) {
             debug!(task = %uuid, state = %state.state, "refused a backward transition");
         }
@@ -1012,12 +1016,8 @@ impl ResultBackend for RedisBackend {
     /// A record sent back is a revoke by construction: one that does not decode as a state
     /// still counts as one.
     async fn record(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let [written, old, stored] = self
-            .batcher
-            .write(self, Encoded::with(&state, Back::Revoke)?)
-            .await?;
+        let [written, old, stored] = self.write_one(&state, Back::Revoke).await?;
         let uuid = &state.task_uuid;
-        self.check_written(uuid, &written)?;
         let revoked = old != redis::Value::Nil;
         if written == redis::Value::Int(0) {
             debug!(task = %uuid, state = %state.state, revoked, "the outcome was refused (a revoke, or a final state, is stored)");
