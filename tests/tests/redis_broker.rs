@@ -671,16 +671,30 @@ async fn a_take_cut_short_by_a_dropped_next_is_not_stranded() {
     let q = config.default_queue.clone();
     let raw = broker(&config).await;
     let mut consumer = raw.consume(&q, 4).await.unwrap();
-    raw.push_raw(&q, b"m1".to_vec()).await.unwrap();
-    {
-        let mut next = Box::pin(consumer.next());
-        let waker = futures_util::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        assert!(
-            next.as_mut().poll(&mut cx).is_pending(),
-            "the take is on the wire"
-        );
+    // A `next()` polled once, then dropped with its take on the wire. Under load the
+    // connection's task can complete the take within that one poll; the message is then
+    // handed out at once, and the setup is tried again with another.
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut cut = false;
+    for _ in 0..20 {
+        raw.push_raw(&q, b"m1".to_vec()).await.unwrap();
+        let handed = {
+            let mut next = Box::pin(consumer.next());
+            match next.as_mut().poll(&mut cx) {
+                std::task::Poll::Pending => None,
+                std::task::Poll::Ready(delivery) => Some(delivery),
+            }
+        };
+        match handed {
+            None => {
+                cut = true;
+                break;
+            }
+            Some(delivery) => delivery.unwrap().unwrap().ack().await.unwrap(),
+        }
     }
+    assert!(cut, "the take is on the wire");
     // The take ran: the message is in this consumer's processing list.
     let deadline = Instant::now() + WAIT;
     while raw.depth(&q).await.unwrap() != (0, 1) {
