@@ -252,25 +252,13 @@ async fn raw(tasks: usize, message: &RawMessage) -> (f64, f64) {
     };
     let others = Others::now();
     let started = Instant::now();
-    let mut keys = Vec::new();
-    if let Some(redis) = redis {
-        keys = consume_with_states(&mut consumer, &consumer_channel, redis, tasks).await;
-    } else {
-        let mut n = 0;
-        while let Some(delivery) = consumer.next().await {
-            let delivery = delivery.expect("delivery");
-            n += 1;
-            if n % 32 == 0 || n == tasks {
-                consumer_channel
-                    .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
-                    .await
-                    .expect("ack");
-            }
-            if n == tasks {
-                break;
-            }
+    let keys = match redis {
+        Some(redis) => consume_with_states(&mut consumer, &consumer_channel, redis, tasks).await,
+        None => {
+            consume_acking(&mut consumer, &consumer_channel, tasks).await;
+            Vec::new()
         }
-    }
+    };
     let consume = tasks as f64 / started.elapsed().as_secs_f64();
     others.print(
         if states {
@@ -286,6 +274,24 @@ async fn raw(tasks: usize, message: &RawMessage) -> (f64, f64) {
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     (publish, consume)
+}
+
+/// The raw consumer: `tasks` deliveries, acked with `multiple = true` every 32.
+async fn consume_acking(consumer: &mut lapin::Consumer, channel: &lapin::Channel, tasks: usize) {
+    let mut n = 0;
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery.expect("delivery");
+        n += 1;
+        if n % 32 == 0 || n == tasks {
+            channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                .await
+                .expect("ack");
+        }
+        if n == tasks {
+            break;
+        }
+    }
 }
 
 /// A lean hand-written consumer that also keeps each message's state in Redis with Go's own
