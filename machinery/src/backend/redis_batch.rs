@@ -101,10 +101,13 @@ impl Batcher {
                 batcher: self,
                 backend,
             };
-            let mut values = backend
-                .write_encoded(std::slice::from_ref(&state), true, WHAT)
-                .await?
-                .into_iter();
+            // Boxed: the write's future is several kilobytes, and this path is taken by one
+            // write in a burst; unboxed, every write's future (and the box each caller's
+            // `async_trait` method makes) would carry it.
+            let mut values =
+                Box::pin(backend.write_encoded(std::slice::from_ref(&state), true, WHAT))
+                    .await?
+                    .into_iter();
             return match (values.next(), values.next(), values.next()) {
                 (Some(written), Some(old), Some(stored)) => Ok([written, old, stored]),
                 _ => Err(backend.unexpected_reply(WHAT)),
