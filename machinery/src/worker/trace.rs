@@ -548,9 +548,14 @@ fn context_of(
     own
 }
 
-/// Runs `future` as the execution `execution` (see [`Execution`]).
-pub(crate) async fn scope<F: std::future::Future>(execution: Execution, future: F) -> F::Output {
-    EXECUTION.scope(execution, future).await
+/// Runs `future` as the execution `execution` (see [`Execution`]). A plain function: an
+/// `async fn` would hold `future` and `execution` twice (as its arguments and inside the
+/// task-local future it awaits), and every delivery's future holds this one.
+pub(crate) fn scope<F: std::future::Future>(
+    execution: Execution,
+    future: F,
+) -> tokio::task::futures::TaskLocalFuture<Execution, F> {
+    EXECUTION.scope(execution, future)
 }
 
 /// Updates the current execution's report (nothing outside an execution).
