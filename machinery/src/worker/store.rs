@@ -88,26 +88,27 @@ impl Store {
         let mut pause = FIRST_PAUSE;
         let mut retried = false;
         loop {
-            match op(backend).await {
+            let e = match op(backend).await {
                 Ok(value) => {
                     self.mark(true, None, what);
                     return Ok(Some((value, retried)));
                 }
-                Err(e) if e.is_retryable() && started.elapsed() + pause < self.retry_timeout => {
-                    self.observers.store_error();
-                    self.mark(false, Some(&e), what);
-                    retried = true;
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(MAX_PAUSE);
-                }
-                Err(e) => {
-                    self.observers.store_error();
-                    // Giving up hands the message to the settle policy; the next delivery
-                    // probes the store again (a gate left closed would never reopen).
-                    self.mark(true, None, what);
-                    return Err(e);
-                }
+                Err(e) => e,
+            };
+            self.observers.store_error();
+            if !(e.is_retryable() && started.elapsed() + pause < self.retry_timeout) {
+                // Giving up hands the message to the settle policy; the next delivery probes
+                // the store again (a gate left closed would never reopen).
+                self.mark(true, None, what);
+                return Err(e);
             }
+            self.mark(false, Some(&e), what);
+            retried = true;
+            // The error is dropped and the pause boxed before waiting: every call's future
+            // (one in each task's) then carries neither.
+            drop(e);
+            Box::pin(tokio::time::sleep(pause)).await;
+            pause = (pause * 2).min(MAX_PAUSE);
         }
     }
 
@@ -181,13 +182,15 @@ impl Store {
         &self,
         signature: &Signature,
         state: State,
-    ) -> Result<(Option<TaskState>, bool)> {
+    ) -> Result<(Option<Box<TaskState>>, bool)> {
         let found = self
             .call_counted("store task state", |b| {
                 b.start(task_state(signature, state, None, String::new()))
             })
             .await?;
-        Ok(found.unwrap_or_default())
+        let (previous, retried) = found.unwrap_or_default();
+        // Boxed: the caller's future holds it while the task runs.
+        Ok((previous.map(Box::new), retried))
     }
 }
 
