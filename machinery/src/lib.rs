@@ -165,6 +165,13 @@ pub use crate::worker::{Worker, WorkerBuilder, WorkerHandle};
 #[cfg(feature = "macros")]
 pub use machinery_macros::task;
 
+/// The bytes of what `f` returns, without calling it: the size of an `async fn`'s future, for
+/// the tests that keep the futures every delivery boxes small.
+#[cfg(test)]
+pub(crate) fn returned_size<A, R>(_: impl FnOnce(A) -> R) -> usize {
+    std::mem::size_of::<R>()
+}
+
 /// Locks a mutex whose critical sections are single collection operations: a panic elsewhere
 /// cannot leave the data half-updated, so a poisoned lock is still consistent and usable.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1458,13 +1458,9 @@ fn percent_decode(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::returned_size;
     use crate::wire::{State, TaskResult};
     use serde_json::json;
-
-    /// The bytes of what `f` returns, without calling it.
-    fn returned_size<A, R>(_: impl FnOnce(A) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
 
     /// Every task's STARTED and SUCCESS go through `write_one`, and `start` and `record` box
     /// its future. A write made at once (one in a burst) keeps its several-kilobyte future in

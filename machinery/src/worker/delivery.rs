@@ -865,6 +865,7 @@ fn log_settle(result: Result<()>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::returned_size;
 
     #[test]
     fn derived_uuids_are_stable_and_distinct() {
@@ -874,11 +875,6 @@ mod tests {
         assert_ne!(a, derived_uuid("task_1", "on_error", 0));
         assert_ne!(a, derived_uuid("task_2", "on_success", 0));
         assert_eq!(a.len(), "task_".len() + 36);
-    }
-
-    /// The bytes of what `f` returns, without calling it.
-    fn returned_size<A, R>(_: impl FnOnce(A) -> R) -> usize {
-        std::mem::size_of::<R>()
     }
 
     /// Every delivery's stages are boxed futures, built on the stack and copied into their
