@@ -392,12 +392,12 @@ impl RedisBackend {
             }
             cmd.arg(self.expiry_secs).arg(if keep { "1" } else { "0" });
             for state in chunk {
-                let p = &state.pieces;
-                cmd.arg(&p.head)
-                    .arg(&p.name)
-                    .arg(&p.mid)
-                    .arg(&p.created)
-                    .arg(&p.tail)
+                let [head, name, mid, created, tail] = state.pieces.parts();
+                cmd.arg(head)
+                    .arg(name)
+                    .arg(mid)
+                    .arg(created)
+                    .arg(tail)
                     .arg(state.next)
                     .arg(&state.carry[..]);
             }
@@ -1184,36 +1184,65 @@ impl ResultBackend for RedisBackend {
     }
 }
 
-/// A [`TaskState`]'s JSON cut around its `TaskName` and `CreatedAt` values; joined, the
-/// pieces are exactly [`TaskState::to_json`] (a unit test holds the two together).
+/// A [`TaskState`]'s JSON, cut around its `TaskName` and `CreatedAt` values; the five pieces
+/// joined are exactly [`TaskState::to_json`] (a unit test holds the two together). One buffer:
+/// each task writes two states, and pieces of their own were a dozen allocations a state.
 #[derive(Debug)]
 struct Pieces {
-    head: String,
-    name: String,
-    mid: String,
-    created: String,
-    tail: String,
+    json: Vec<u8>,
+    /// Where the `TaskName` value starts and ends, then the `CreatedAt` value.
+    cuts: [usize; 4],
 }
 
 impl Pieces {
     fn new(state: &TaskState) -> Result<Pieces> {
-        fn json<T: serde::Serialize + ?Sized>(uuid: &str, value: &T) -> Result<String> {
-            crate::wire::to_go_string(value)
+        use std::io::Write as _;
+        fn put<T: serde::Serialize + ?Sized>(
+            out: &mut Vec<u8>,
+            uuid: &str,
+            value: &T,
+        ) -> Result<()> {
+            crate::wire::to_go_writer(out, value)
                 .map_err(|e| Error::encode(format!("state of task {uuid}: {e}")))
         }
         let uuid = &state.task_uuid;
+        let mut json =
+            Vec::with_capacity(192 + uuid.len() + state.task_name.len() + state.error.len());
+        json.extend_from_slice(b"{\"TaskUUID\":");
+        put(&mut json, uuid, uuid)?;
+        json.extend_from_slice(b",\"TaskName\":");
+        let name = json.len();
+        put(&mut json, uuid, &state.task_name)?;
+        let name_end = json.len();
+        json.extend_from_slice(b",\"State\":");
+        put(&mut json, uuid, state.state.as_str())?;
+        json.extend_from_slice(b",\"Results\":");
+        put(&mut json, uuid, &state.results)?;
+        json.extend_from_slice(b",\"Error\":");
+        put(&mut json, uuid, &state.error)?;
+        json.extend_from_slice(b",\"CreatedAt\":");
+        let created = json.len();
+        put(&mut json, uuid, &state.created_at)?;
+        let created_end = json.len();
+        write!(json, ",\"TTL\":{}}}", state.ttl)
+            .map_err(|e| Error::encode(format!("state of task {uuid}: {e}")))?;
         Ok(Pieces {
-            head: format!("{{\"TaskUUID\":{},\"TaskName\":", json(uuid, uuid)?),
-            name: json(uuid, &state.task_name)?,
-            mid: format!(
-                ",\"State\":{},\"Results\":{},\"Error\":{},\"CreatedAt\":",
-                json(uuid, state.state.as_str())?,
-                json(uuid, &state.results)?,
-                json(uuid, &state.error)?,
-            ),
-            created: json(uuid, &state.created_at)?,
-            tail: format!(",\"TTL\":{}}}", state.ttl),
+            json,
+            cuts: [name, name_end, created, created_end],
         })
+    }
+
+    /// The JSON before the `TaskName` value, that value, the JSON between it and the
+    /// `CreatedAt` value, that value, and the rest.
+    fn parts(&self) -> [&[u8]; 5] {
+        let [a, b, c, d] = self.cuts;
+        [
+            &self.json[..a],
+            &self.json[a..b],
+            &self.json[b..c],
+            &self.json[c..d],
+            &self.json[d..],
+        ]
     }
 }
 
@@ -1241,8 +1270,7 @@ pub(super) enum Back {
 impl Encoded {
     /// The bytes it sends.
     pub(super) fn len(&self) -> usize {
-        let p = &self.pieces;
-        self.uuid.len() + p.head.len() + p.name.len() + p.mid.len() + p.created.len() + p.tail.len()
+        self.uuid.len() + self.pieces.json.len()
     }
 
     /// A write that has every stored record sent back.
@@ -1662,12 +1690,15 @@ mod tests {
                 Ok(p) => p,
                 Err(e) => panic!("{e}"),
             };
-            let joined = format!("{}{}{}{}{}", p.head, p.name, p.mid, p.created, p.tail);
-            let whole = match state.to_json().map(String::from_utf8) {
-                Ok(Ok(s)) => s,
-                other => panic!("{other:?}"),
+            let joined = p.parts().concat();
+            let whole = match state.to_json() {
+                Ok(s) => s,
+                Err(e) => panic!("{e}"),
             };
-            assert_eq!(joined, whole);
+            assert_eq!(
+                String::from_utf8_lossy(&joined),
+                String::from_utf8_lossy(&whole)
+            );
         }
     }
 
