@@ -1348,9 +1348,11 @@ impl GoTime {
 
     /// The wire form, as Go's `Time.MarshalJSON` writes a UTC time (`appendStrictRFC3339` in
     /// Go's `time/format_rfc3339.go`), or why there is none.
-    fn wire(&self) -> std::result::Result<String, String> {
+    ///
+    /// The zero time (every state a worker records has it) is borrowed, not allocated.
+    fn wire(&self) -> std::result::Result<std::borrow::Cow<'static, str>, String> {
         let Some(t) = self.0 else {
-            return Ok("0001-01-01T00:00:00Z".to_owned());
+            return Ok(std::borrow::Cow::Borrowed("0001-01-01T00:00:00Z"));
         };
         if !(0..=9999).contains(&t.year()) {
             return Err(format!(
@@ -1377,7 +1379,7 @@ impl GoTime {
             out.push_str(frac.trim_end_matches('0'));
         }
         out.push('Z');
-        Ok(out)
+        Ok(std::borrow::Cow::Owned(out))
     }
 }
 
@@ -1386,7 +1388,8 @@ impl fmt::Display for GoTime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.wire(), self.0) {
             (Err(_), Some(t)) => f.write_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-            (wire, _) => f.write_str(&wire.unwrap_or_default()),
+            (Ok(wire), _) => f.write_str(&wire),
+            (Err(_), None) => Ok(()),
         }
     }
 }
