@@ -40,8 +40,12 @@ fn unique(tag: &str) -> String {
 struct SchedulerProcess {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// Reads the process's log into `lines`; ends when the process has ended.
+    reader: Option<std::thread::JoinHandle<()>>,
     /// The ticks this process logged as sent, in Unix ms.
     sent: Vec<i64>,
+    /// Its other lines (warnings, errors, skips), for a failure's message.
+    other: Vec<String>,
 }
 
 impl SchedulerProcess {
@@ -52,14 +56,14 @@ impl SchedulerProcess {
             .env("PERIODIC_NAME", name)
             .env("PERIODIC_SPEC", spec)
             .env("PERIODIC_BINARY", binary)
-            .env("RUST_LOG", "warn,machinery::periodic=debug")
+            .env("RUST_LOG", "warn,machinery::periodic=trace")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the scheduler process");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
                     break;
@@ -69,7 +73,9 @@ impl SchedulerProcess {
         let process = SchedulerProcess {
             child,
             lines,
+            reader: Some(reader),
             sent: Vec::new(),
+            other: Vec::new(),
         };
         let deadline = Instant::now() + WAIT;
         loop {
@@ -86,11 +92,14 @@ impl SchedulerProcess {
 
     /// Reads the lines logged so far; returns the ticks sent among them.
     fn poll(&mut self) -> Vec<i64> {
-        let new: Vec<i64> = self
-            .lines
-            .try_iter()
-            .filter_map(|l| sent_tick(&l))
-            .collect();
+        let mut new = Vec::new();
+        for line in self.lines.try_iter() {
+            match sent_tick(&line) {
+                Some(tick) => new.push(tick),
+                None if line.contains("scheduler sleeping") => {}
+                None => self.other.push(line),
+            }
+        }
         self.sent.extend(&new);
         new
     }
@@ -100,13 +109,16 @@ impl SchedulerProcess {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then waits for the process to end and reads the rest of its log.
+    /// SIGTERM, then waits for the process to end and reads the rest of its log (all of it:
+    /// the reader ends at the end of the pipe).
     fn stop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
-        std::thread::sleep(Duration::from_millis(100));
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
         self.poll();
     }
 }
@@ -180,6 +192,10 @@ async fn three_scheduler_processes_send_each_tick_once() {
     let ticks = ticks_sent_once(&processes);
     let per_process: Vec<usize> = processes.iter().map(|p| p.sent.len()).collect();
     eprintln!("ticks {ticks:?}, sent per process {per_process:?}");
+    for (i, p) in processes.iter().enumerate() {
+        // Why a tick was skipped (taken elsewhere, a lock or send error) is in these.
+        eprintln!("process {i}, other lines:\n{}", p.other.join("\n"));
+    }
     // Every whole second of the 10 s window once, none twice (`ticks_sent_once`). One may be
     // skipped on a loaded machine, as with Go's lock: the lock of a tick lasts until the next
     // tick after the moment it is taken (Go: v2/server.go, `schedule.Next(time.Now())`), so a
