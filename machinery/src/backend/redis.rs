@@ -1690,15 +1690,23 @@ mod tests {
                 Ok(p) => p,
                 Err(e) => panic!("{e}"),
             };
-            let joined = p.parts().concat();
+            let parts = p.parts();
             let whole = match state.to_json() {
                 Ok(s) => s,
                 Err(e) => panic!("{e}"),
             };
-            assert_eq!(
-                String::from_utf8_lossy(&joined),
-                String::from_utf8_lossy(&whole)
-            );
+            assert_eq!(parts.concat(), whole);
+            // The script replaces exactly the name's and the creation time's JSON values.
+            match (
+                crate::wire::to_go_string(&state.task_name),
+                crate::wire::to_go_string(&state.created_at),
+            ) {
+                (Ok(name), Ok(created)) => {
+                    assert_eq!(parts[1], name.as_bytes());
+                    assert_eq!(parts[3], created.as_bytes());
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 

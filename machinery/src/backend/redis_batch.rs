@@ -77,6 +77,7 @@ impl Batcher {
     /// else in the next batch.
     ///
     /// Not an `async fn`: the choice is made here, and the future returned is only what waits.
+    /// Await it at once: the write has taken its place (or the lead) when this returns.
     /// A write in the next batch (almost every one, under load) waits on its answer alone, a
     /// future of a few bytes; the write made at once is a box of its own. As an `async fn`,
     /// every write's future held the state three times over and the one made at once besides

@@ -818,7 +818,7 @@ impl Worker {
                     let slot = Slot::new(permit, permits.clone(), reclaim.clone());
                     // Deliveries live in the set: if the worker is aborted, so are they, and
                     // their unsettled deliveries go back to the queue. Boxed: the delivery's
-                    // future is several KiB, and would be copied on each change of stage.
+                    // future (under 1 KiB) would be copied on each change of stage.
                     in_flight.push(Box::pin(async move {
                         delivery::process(&ctx, delivery, slot).await;
                         drop(bytes);
