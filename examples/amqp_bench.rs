@@ -49,7 +49,10 @@ use tokio::sync::Notify;
 
 #[path = "common/cpu.rs"]
 mod cpu;
+#[path = "common/raw.rs"]
+mod raw;
 use cpu::cpu_seconds_of;
+use raw::consume_acking;
 
 static DONE: AtomicUsize = AtomicUsize::new(0);
 static TARGET: AtomicUsize = AtomicUsize::new(usize::MAX);
@@ -274,24 +277,6 @@ async fn raw(tasks: usize, message: &RawMessage) -> (f64, f64) {
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     (publish, consume)
-}
-
-/// The raw consumer: `tasks` deliveries, acked with `multiple = true` every 32.
-async fn consume_acking(consumer: &mut lapin::Consumer, channel: &lapin::Channel, tasks: usize) {
-    let mut n = 0;
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery.expect("delivery");
-        n += 1;
-        if n % 32 == 0 || n == tasks {
-            channel
-                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
-                .await
-                .expect("ack");
-        }
-        if n == tasks {
-            break;
-        }
-    }
 }
 
 /// A lean hand-written consumer that also keeps each message's state in Redis with Go's own

@@ -51,14 +51,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use machinery::{task, Config, Server};
+
+#[path = "common/raw.rs"]
+mod raw;
 
 // ---------------------------------------------------------------------------------------------
 // A small log-linear latency histogram (µs): 128 sub-buckets per power of two, so a percentile
@@ -460,20 +462,7 @@ async fn raw_consume(depth: usize, payload: &[u8], lazy: bool) -> f64 {
         .await
         .expect("consume");
     let started = Instant::now();
-    let mut n = 0;
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery.expect("delivery");
-        n += 1;
-        if n % 32 == 0 || n == depth {
-            consumer_channel
-                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
-                .await
-                .expect("ack");
-        }
-        if n == depth {
-            break;
-        }
-    }
+    raw::consume_acking(&mut consumer, &consumer_channel, depth).await;
     let rate = depth as f64 / started.elapsed().as_secs_f64();
     let _ = channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
