@@ -868,6 +868,50 @@ async fn deliveries_run_in_place_overlap_and_survive_a_panic() {
     );
 }
 
+static NAP_ENDS: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
+
+/// Naps, then notes when it ended.
+#[task]
+async fn nap_and_note(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    NAP_ENDS.lock().unwrap().push(Instant::now());
+}
+
+/// Holds its thread (no await) for `ms`: a body written wrongly, as they are.
+#[task]
+async fn hog(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// In place, an async body that waits goes on as a task of its own: a body that holds the
+/// worker's thread afterwards does not hold it up. The nap waits first; while it sleeps, the
+/// hog holds the worker's task for 1.5 s without an await. The nap still ends after its
+/// 100 ms, on another thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_a_body_that_waits_is_not_held_up_by_a_sibling() {
+    let server = Server::new(config("in-place-offload")).await.unwrap();
+    let worker = server
+        .worker()
+        .concurrency(2)
+        .in_place(true)
+        .spawn()
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    let nap = server.send(nap_and_note::signature(100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let hog = server.send(hog::signature(1500)).await.unwrap();
+    nap.get_timeout(WAIT).await.unwrap();
+    hog.get_timeout(WAIT).await.unwrap();
+    let ended = NAP_ENDS.lock().unwrap()[0];
+    assert!(
+        ended.duration_since(sent) < Duration::from_millis(1000),
+        "the nap was held up by the hog: it ended after {:?}",
+        ended.duration_since(sent)
+    );
+    worker.shutdown().await.unwrap();
+}
+
 /// In place, a delivery that panics outside its task's body (here, in the application's
 /// `make_span`) is caught in the worker: the worker runs on and the broker gets the message
 /// back, which then runs.

@@ -469,3 +469,65 @@ async fn a_delivery_panicking_outside_its_body_is_logged_spawned_or_in_place() {
         worker.shutdown().await.unwrap();
     }
 }
+
+static SENDER: OnceLock<Server> = OnceLock::new();
+
+/// Waits, then sends a child task; returns the child's UUID.
+#[task]
+async fn sp_waits_then_sends() -> String {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tracing::info!("after the wait");
+    let server = SENDER.get().expect("the test's server");
+    let child = server.send(sp_first::signature(5)).await.expect("sent");
+    child.task_uuid().to_owned()
+}
+
+/// In place, an async body that waits goes on as a task of its own (the worker's `offload`):
+/// it is still the same execution, inside its span, so what it logs after the wait is in
+/// the task's span and what it sends is the execution's child.
+#[tokio::test(flavor = "multi_thread")]
+async fn in_place_a_body_that_waits_is_still_its_execution() {
+    let server = server("spans-offload").await;
+    let _ = SENDER.set(server.clone());
+    let worker = server
+        .worker()
+        .in_place(true)
+        .success_level(tracing::Level::INFO)
+        .tasks([sp_waits_then_sends::NAME, sp_first::NAME])
+        .spawn()
+        .await
+        .unwrap();
+    let parent = server.send(sp_waits_then_sends::signature()).await.unwrap();
+    let child: String = parent.get_timeout(WAIT).await.unwrap();
+    let parent = parent.task_uuid().to_owned();
+    let after = eventually("the event after the wait", || {
+        lines_with("after the wait")
+            .into_iter()
+            .find(|l| l.contains(&parent))
+    })
+    .await;
+    assert!(
+        after.contains("task{task.name=sp_waits_then_sends"),
+        "{after}"
+    );
+    let done = eventually("the child's success", || {
+        lines_with("task succeeded")
+            .into_iter()
+            .find(|l| l.contains(&child))
+    })
+    .await;
+    assert_eq!(field(&done, "chain"), Some(parent.as_str()), "{done}");
+    let (a, b) = eventually("both spans exported", || {
+        let a = spans_of(&parent).pop()?;
+        let b = spans_of(&child).pop()?;
+        Some((a, b))
+    })
+    .await;
+    assert_eq!(a.span_context.trace_id(), b.span_context.trace_id());
+    assert_eq!(
+        b.parent_span_id,
+        a.span_context.span_id(),
+        "the child's parent is the execution that sent it"
+    );
+    worker.shutdown().await.unwrap();
+}

@@ -45,7 +45,7 @@ use crate::TaskError;
 #[cfg_attr(not(feature = "redis"), allow(unused_imports))]
 pub(crate) use delivery::{derived_uuid, will_retry};
 pub use layers::HARD_LIMIT_EXIT_CODE;
-use layers::{Hooks, InFlight, Layer, Layers, RateLimiter, Revoke, Slot, TimeLimits};
+use layers::{AbortOnDrop, Hooks, InFlight, Layer, Layers, RateLimiter, Revoke, Slot, TimeLimits};
 use observe::{LogOutcome, Observer, Observers};
 use policy::SettlePolicy;
 pub(crate) use policy::{ATTEMPTS_HEADER, LAST_ERROR_HEADER};
@@ -435,6 +435,7 @@ impl WorkerBuilder {
             config.eta_tolerance,
             others,
             TimeLimits::new(self.hard_time_limit),
+            self.in_place,
         );
         Ok(Worker {
             ctx: Arc::new(Ctx {
@@ -604,14 +605,6 @@ struct RevokeWatcher {
 
 /// Aborts a background task when dropped: the revoke watcher ends with its worker, however
 /// the worker ends (returned, or dropped when aborted).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 impl Ctx {
     /// The label a task name is counted under: a registered task's own name, else
     /// [`observe::UNREGISTERED`] (names from the wire are not labels).
@@ -625,7 +618,7 @@ impl Ctx {
 /// The metrics listener of a running worker; stops with it.
 struct MetricsServer {
     addr: std::net::SocketAddr,
-    _tasks: Vec<AbortOnDrop>,
+    _tasks: Vec<AbortOnDrop<()>>,
 }
 
 impl Worker {

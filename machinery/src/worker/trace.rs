@@ -39,7 +39,9 @@ use std::cell::RefCell;
 use std::fmt;
 use std::time::Duration;
 
+use futures_util::future::Either;
 use serde_json::{Map, Value};
+use tracing::Instrument as _;
 use tracing::{Level, Span};
 
 use crate::wire::Signature;
@@ -556,6 +558,28 @@ pub(crate) fn scope<F: std::future::Future>(
     future: F,
 ) -> tokio::task::futures::TaskLocalFuture<Execution, F> {
     EXECUTION.scope(execution, future)
+}
+
+/// Runs `future` as a copy of the current execution, with a report of its own that nobody
+/// reads, and inside the current span: for a body that goes on as a task of its own
+/// ([`offload`](super::layers::offload)), so that what it sends is still the execution's
+/// child. Outside an execution, `future` runs in the current span alone.
+pub(crate) fn carried<F: std::future::Future>(
+    future: F,
+) -> tracing::instrument::Instrumented<Either<tokio::task::futures::TaskLocalFuture<Execution, F>, F>>
+{
+    let copy = EXECUTION.try_with(|e| Execution {
+        context: e.context,
+        tracestate: e.tracestate.clone(),
+        uuid: e.uuid.clone(),
+        root: e.root.clone(),
+        report: RefCell::default(),
+    });
+    let future = match copy {
+        Ok(copy) => Either::Left(EXECUTION.scope(copy, future)),
+        Err(_) => Either::Right(future),
+    };
+    future.instrument(Span::current())
 }
 
 /// Updates the current execution's report (nothing outside an execution).

@@ -21,6 +21,7 @@
 mod census;
 mod eta;
 mod hooks;
+mod offload;
 mod rate;
 mod revoke;
 mod time_limit;
@@ -109,15 +110,20 @@ pub(crate) struct Layers {
     admitting: Vec<Arc<dyn Layer>>,
     /// Also among `layers`; runs blocking bodies.
     limits: TimeLimits,
+    /// Whether an async body that waits goes on as a task of its own ([`offload`]): when
+    /// the deliveries run in place.
+    offload: bool,
 }
 
 impl Layers {
     /// The worker's layers: the ETA, `others` in order, then the time limit (innermost, so
-    /// that it times the body alone).
+    /// that it times the body alone). `offload`: an async body that waits goes on, inside its
+    /// layers, as a task of its own (for deliveries that run in place; see [`offload`]).
     pub(crate) fn new(
         eta_tolerance: Duration,
         others: Vec<Arc<dyn Layer>>,
         limits: TimeLimits,
+        offload: bool,
     ) -> Self {
         let mut layers: Vec<Arc<dyn Layer>> = vec![Arc::new(eta::Eta {
             tolerance: eta_tolerance,
@@ -129,6 +135,7 @@ impl Layers {
             layers,
             admitting,
             limits,
+            offload,
         }
     }
 
@@ -151,7 +158,11 @@ impl Layers {
         for layer in self.layers.iter().rev() {
             body = layer.wrap(call, body);
         }
-        let outcome = body.await;
+        // A blocking body runs on the blocking pool already; only its handle is awaited here.
+        let outcome = match call.task.runner {
+            Runner::Async(_) if self.offload => offload::offload(body).await,
+            _ => body.await,
+        };
         for layer in &self.layers {
             layer.after(call, &outcome);
         }
@@ -181,6 +192,26 @@ fn body(call: &Call<'_>, args: Vec<Arg>, limits: &TimeLimits) -> Body {
                 }
             })
         }
+    }
+}
+
+/// The outcome of a body run as a task of its own: a panic is the task's failure, and so is a
+/// cancelled task (which only an abort, the worker's own, makes).
+fn joined(result: Result<TaskOutcome, tokio::task::JoinError>) -> TaskOutcome {
+    match result {
+        Ok(outcome) => outcome,
+        Err(e) if e.is_panic() => Err(TaskError::panicked(panic_message(e.into_panic()))),
+        Err(_) => Err(TaskError::new("the task was cancelled")),
+    }
+}
+
+/// A Tokio task aborted when its handle is dropped (a blocking one that has not started yet
+/// never starts).
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

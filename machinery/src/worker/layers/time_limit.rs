@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tracing::error;
 
-use super::{panic_message, Body, Call, Layer};
+use super::{joined, AbortOnDrop, Body, Call, Layer};
 use crate::task::{TaskError, TaskOutcome};
 
 /// The exit code of a process ended by a hard time limit (`EX_SOFTWARE`).
@@ -70,11 +70,7 @@ impl TimeLimits {
         }));
         Box::pin(async move {
             let mut handle = handle;
-            match (&mut handle.0).await {
-                Ok(outcome) => outcome,
-                Err(e) if e.is_panic() => Err(TaskError::panicked(panic_message(e.into_panic()))),
-                Err(_) => Err(TaskError::new("the task was cancelled")),
-            }
+            joined((&mut handle.0).await)
         })
     }
 
@@ -99,15 +95,6 @@ impl TimeLimits {
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600));
             watchdog.watch(deadline, label)
         })
-    }
-}
-
-/// Aborts a blocking task that has not started yet when its handle is dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
