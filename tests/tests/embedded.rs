@@ -870,10 +870,16 @@ async fn deliveries_run_in_place_overlap_and_survive_a_panic() {
 
 static NAP_ENDS: Mutex<Vec<Instant>> = Mutex::new(Vec::new());
 
-/// Naps, then notes when it ended.
+/// Waits `ms` for another thread (not a Tokio timer: while a runtime thread is held, the
+/// others may not drive the timers), then notes when it ended.
 #[task]
 async fn nap_and_note(ms: u64) {
-    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
     NAP_ENDS.lock().unwrap().push(Instant::now());
 }
 
@@ -884,12 +890,16 @@ async fn hog(ms: u64) {
 }
 
 /// In place, an async body that waits goes on as a task of its own: a body that holds the
-/// worker's thread afterwards does not hold it up. The nap waits first; while it sleeps, the
-/// hog holds the worker's task for 1.5 s without an await. The nap still ends after its
-/// 100 ms, on another thread.
+/// worker's thread afterwards does not hold it up. Both wait in the queue before the worker
+/// starts, so the worker takes them one after the other: the nap waits first, then the hog
+/// holds the worker's task for 1.5 s without an await. The nap still ends after its 100 ms,
+/// on another thread (Tokio's LIFO slot, which no other thread steals, must not keep it on
+/// the hog's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_a_body_that_waits_is_not_held_up_by_a_sibling() {
     let server = Server::new(config("in-place-offload")).await.unwrap();
+    let nap = server.send(nap_and_note::signature(100)).await.unwrap();
+    let hog = server.send(hog::signature(1500)).await.unwrap();
     let worker = server
         .worker()
         .concurrency(2)
@@ -897,17 +907,14 @@ async fn in_place_a_body_that_waits_is_not_held_up_by_a_sibling() {
         .spawn()
         .await
         .unwrap();
-    let sent = Instant::now();
-    let nap = server.send(nap_and_note::signature(100)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let hog = server.send(hog::signature(1500)).await.unwrap();
+    let started = Instant::now();
     nap.get_timeout(WAIT).await.unwrap();
     hog.get_timeout(WAIT).await.unwrap();
     let ended = NAP_ENDS.lock().unwrap()[0];
     assert!(
-        ended.duration_since(sent) < Duration::from_millis(1000),
+        ended.duration_since(started) < Duration::from_millis(1000),
         "the nap was held up by the hog: it ended after {:?}",
-        ended.duration_since(sent)
+        ended.duration_since(started)
     );
     worker.shutdown().await.unwrap();
 }

@@ -1,5 +1,6 @@
-//! Where a worker runs its deliveries: each as a Tokio task of its own (the default), or all in
-//! place, as futures of the worker's own task ([`WorkerBuilder::in_place`]).
+//! Where a worker runs its deliveries: all in place, as futures of the worker's own task (the
+//! default; an async body that waits goes on as a task of its own, see the layers'
+//! `offload`), or each as a Tokio task of its own ([`WorkerBuilder::in_place`]).
 //!
 //! Either way the deliveries live in the set: when the worker's task is aborted, so are they,
 //! and their unsettled deliveries go back to the broker.
@@ -10,6 +11,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use futures_util::future::{CatchUnwind, Map};
 use futures_util::stream::FuturesUnordered;
@@ -17,11 +19,30 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use tokio::task::JoinSet;
 use tracing::error;
 
+use super::layers::offload;
+
 type DeliveryFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// A delivery that keeps its panic (see [`Deliveries::push`]); a named type, so that a
 /// delivery in place needs no box beyond its own.
 type Caught = Map<CatchUnwind<AssertUnwindSafe<DeliveryFuture>>, fn(std::thread::Result<()>)>;
+
+/// A delivery in place, not polled after a body was offloaded until the worker's task has
+/// yielded (see the layers' `offload`): it asks to be polled again, and the new task runs
+/// first.
+pub(crate) struct Gated(Caught);
+
+impl Future for Gated {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if offload::spawned_here() {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
 
 /// The deliveries a worker has in flight.
 pub(crate) enum Deliveries {
@@ -29,9 +50,10 @@ pub(crate) enum Deliveries {
     /// on the runtime's threads.
     Spawned(JoinSet<()>),
     /// Every delivery a future of the worker's task, polled while the worker waits for the
-    /// next message: no spawn and no wake of another thread per delivery, and an async body's
-    /// CPU time holds up the deliveries beside it.
-    InPlace(FuturesUnordered<Caught>),
+    /// next message: no spawn and no wake of another thread per delivery. An async body's
+    /// first poll holds up the deliveries beside it; after its first wait it is a task of its
+    /// own.
+    InPlace(FuturesUnordered<Gated>),
 }
 
 impl Deliveries {
@@ -55,7 +77,7 @@ impl Deliveries {
                 while set.try_join_next().is_some() {}
                 set.spawn(delivery);
             }
-            Deliveries::InPlace(set) => set.push(delivery),
+            Deliveries::InPlace(set) => set.push(Gated(delivery)),
         }
     }
 

@@ -108,7 +108,7 @@ impl WorkerBuilder {
             name: None,
             queue: None,
             concurrency: 16,
-            in_place: false,
+            in_place: true,
             only: None,
             defaults: WorkerDefaults::default(),
             hard_time_limit: None,
@@ -189,20 +189,29 @@ impl WorkerBuilder {
         self
     }
 
-    /// Runs the deliveries in place, as futures of the worker's own task, instead of a Tokio
-    /// task each (the default). No spawn and no wake of another thread per delivery: on a
-    /// drain of no-op async tasks from RabbitMQ it took about a quarter less CPU per task (README,
-    /// "Benchmarks"). The price: the deliveries share one thread at a time, the worker's own
-    /// work for each (decoding, spans, recording the outcome) and every async body, so the
-    /// worker uses about one core, and an async body's CPU time holds up the deliveries beside
-    /// it (with a [`hard_time_limit`](Self::hard_time_limit), a sibling held up past its limit
-    /// ends the process). Keep it for bodies that mostly wait (I/O, other services). Blocking
-    /// (sync) bodies run on Tokio's blocking threads either way. With
+    /// Whether the deliveries run in place, as futures of the worker's own task (`true`, the
+    /// default), or each as a Tokio task of its own (`false`).
+    ///
+    /// In place, the worker's own work for each delivery (decoding, spans, recording the
+    /// outcome) needs no spawn and no wake of another thread: on a drain of no-op tasks from
+    /// RabbitMQ with Redis results it took about a sixth less CPU per task than spawned, and
+    /// drained about a tenth faster (README, "Benchmarks"). An async body runs in its
+    /// delivery until it first waits, then goes on as a task of its own, inside its layers
+    /// (time limits, revoke), as Go runs each task in a goroutine: a body that waits (I/O,
+    /// timers, other services) runs beside the worker on any of the runtime's threads. A
+    /// body's code up to its first `.await` runs on the worker's task and holds up the
+    /// deliveries beside it while it runs; Tokio's rule, that async code reaches an `.await`
+    /// quickly, keeps that short. Blocking (sync) bodies run on Tokio's blocking threads
+    /// either way.
+    ///
+    /// `in_place(false)` spreads the worker's own work over the runtime's threads as well:
+    /// for many cores and light tasks, where one thread's share of the worker's work limits
+    /// the rate, or for async bodies that compute long before their first `.await`. With
     /// [`Worker::run`] the worker's task is the caller's.
     ///
     /// ```no_run
     /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
-    /// let worker = server.worker().in_place(true).spawn().await?;
+    /// let worker = server.worker().in_place(false).spawn().await?;
     /// # Ok(()) }
     /// ```
     pub fn in_place(mut self, in_place: bool) -> Self {
@@ -471,9 +480,13 @@ impl WorkerBuilder {
         let consumer = worker.consume().await?;
         let (stop, stopped) = oneshot::channel::<()>();
         let metrics_addr = metrics.as_ref().map(|m| m.addr);
-        let join = tokio::spawn(worker.serve(consumer, metrics, async move {
-            let _ = stopped.await;
-        }));
+        let join = tokio::spawn(layers::offload::passes(worker.serve(
+            consumer,
+            metrics,
+            async move {
+                let _ = stopped.await;
+            },
+        )));
         Ok(WorkerHandle {
             stop,
             join,
@@ -687,7 +700,7 @@ impl Worker {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let metrics = self.serve_metrics().await?;
         let consumer = self.consume().await?;
-        self.serve(consumer, metrics, shutdown).await
+        layers::offload::passes(self.serve(consumer, metrics, shutdown)).await
     }
 
     async fn consume(&self) -> Result<Box<dyn Consumer>> {

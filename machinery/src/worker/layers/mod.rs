@@ -21,7 +21,7 @@
 mod census;
 mod eta;
 mod hooks;
-mod offload;
+pub(crate) mod offload;
 mod rate;
 mod revoke;
 mod time_limit;

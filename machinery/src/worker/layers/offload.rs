@@ -9,6 +9,7 @@
 //! keep their time on its own task. Only one body at a time, in its first poll, can hold up
 //! the deliveries beside it.
 
+use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::Poll;
@@ -25,5 +26,33 @@ pub(crate) async fn offload(mut body: Body) -> TaskOutcome {
         return outcome;
     }
     let mut handle = AbortOnDrop(tokio::spawn(trace::carried(body)));
+    mark(true);
     joined((&mut handle.0).await)
+}
+
+thread_local! {
+    /// A body was offloaded on this thread since the worker's task was last polled.
+    static SPAWNED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether a body was offloaded on this thread since the worker's task was last polled: the
+/// deliveries wait for its next poll.
+pub(crate) fn spawned_here() -> bool {
+    SPAWNED.try_with(Cell::get).unwrap_or(false)
+}
+
+/// Sets the mark (nothing on a thread that is ending).
+fn mark(spawned: bool) {
+    let _ = SPAWNED.try_with(|s| s.set(spawned));
+}
+
+/// Runs the worker's serving loop, each poll of it (each poll of its task) a new pass: what
+/// was spawned before has had its turn.
+pub(crate) async fn passes<F: Future>(serve: F) -> F::Output {
+    let mut serve = std::pin::pin!(serve);
+    poll_fn(|cx| {
+        mark(false);
+        serve.as_mut().poll(cx)
+    })
+    .await
 }
