@@ -27,7 +27,8 @@
 //! terminal colours, `BENCH_OBS=spans` or `BENCH_OBS=metrics` turns on only that part.
 //! `amqp_bench drain-child off|on [tasks]` is one such run alone; `BENCH_RESULTS=1` gives it the
 //! Redis result backend. In every mode, `BENCH_IN_PLACE=0` runs each of the worker's deliveries as
-//! a task of its own instead of in place, the default (`WorkerBuilder::in_place`). `amqp_bench
+//! a task of its own instead of in place, the default (`WorkerBuilder::in_place`), and
+//! `BENCH_REGISTRY=0` turns the worker registry off (`REGISTRY=false`). `amqp_bench
 //! raw-child [tasks]` is the raw consume alone, of the bare body, of machinery's message, of that
 //! message with its `traceparent` in the AMQP headers too (what a header table costs), and of
 //! machinery's message storing its states. `BENCH_PIDS=pid,pid` also prints the CPU those processes
@@ -94,7 +95,11 @@ fn config(tag: &str, redis: bool) -> Config {
     if redis {
         b = b.result_backend(redis_url());
     }
-    b.build().expect("config")
+    let mut config = b.build().expect("config");
+    if std::env::var("BENCH_REGISTRY").is_ok_and(|v| v == "0") {
+        config.registry.enabled = false;
+    }
+    config
 }
 
 /// The `traceparent` of the raw client's messages.

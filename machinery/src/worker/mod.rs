@@ -195,7 +195,7 @@ impl WorkerBuilder {
     /// In place, the worker's own work for each delivery (decoding, spans, recording the
     /// outcome) needs no spawn and no wake of another thread: on a drain of no-op tasks from
     /// RabbitMQ with Redis results it took about a sixth less CPU per task than spawned, and
-    /// drained about a tenth faster (README, "Benchmarks"). An async body runs in its
+    /// drained 8-10% faster (README, "Benchmarks"). An async body runs in its
     /// delivery until it first waits, then goes on as a task of its own, inside its layers
     /// (time limits, revoke), as Go runs each task in a goroutine: a body that waits (I/O,
     /// timers, other services) runs beside the worker on any of the runtime's threads. A
