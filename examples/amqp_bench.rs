@@ -28,7 +28,8 @@
 //! `amqp_bench drain-child off|on [tasks]` is one such run alone; `BENCH_RESULTS=1` gives it the
 //! Redis result backend. In every mode, `BENCH_IN_PLACE=0` runs each of the worker's deliveries as
 //! a task of its own instead of in place, the default (`WorkerBuilder::in_place`), and
-//! `BENCH_REGISTRY=0` turns the worker registry off (`REGISTRY=false`). `amqp_bench
+//! `BENCH_REGISTRY=0` turns the worker registry off (`REGISTRY=false`), and `BENCH_YIELD=1`
+//! makes the no-op body wait once (`yield_now`) before it ends. `amqp_bench
 //! raw-child [tasks]` is the raw consume alone, of the bare body, of machinery's message, of that
 //! message with its `traceparent` in the AMQP headers too (what a header table costs), and of
 //! machinery's message storing its states. `BENCH_PIDS=pid,pid` also prints the CPU those processes
@@ -59,9 +60,16 @@ static DONE: AtomicUsize = AtomicUsize::new(0);
 static TARGET: AtomicUsize = AtomicUsize::new(usize::MAX);
 static FINISHED: Notify = Notify::const_new();
 
+/// `BENCH_YIELD=1`: the no-op body waits once (`yield_now`) before it ends, as a body that
+/// awaits anything does; in place, it then goes on as a task of its own.
+static YIELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 #[task]
 async fn noop(n: i64) {
     let _ = n;
+    if YIELD.load(Ordering::Relaxed) {
+        tokio::task::yield_now().await;
+    }
     if DONE.fetch_add(1, Ordering::Relaxed) + 1 == TARGET.load(Ordering::Relaxed) {
         FINISHED.notify_one();
     }
@@ -498,6 +506,10 @@ async fn rss_worker(queue_tag: &str) {
 
 #[tokio::main]
 async fn main() {
+    YIELD.store(
+        std::env::var("BENCH_YIELD").is_ok_and(|v| v == "1"),
+        Ordering::Relaxed,
+    );
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("rss-worker") {
         rss_worker(&args[2]).await;

@@ -6,7 +6,7 @@
 //! [`on_redis`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -894,7 +894,8 @@ async fn hog(ms: u64) {
 /// starts, so the worker takes them one after the other: the nap waits first, then the hog
 /// holds the worker's task for 1.5 s without an await. The nap still ends after its 100 ms,
 /// on another thread (Tokio's LIFO slot, which no other thread steals, must not keep it on
-/// the hog's).
+/// the hog's). The nap reaches its body first: the queue is FIFO and the embedded backend
+/// records STARTED without waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_a_body_that_waits_is_not_held_up_by_a_sibling() {
     let server = Server::new(config("in-place-offload")).await.unwrap();
@@ -917,6 +918,51 @@ async fn in_place_a_body_that_waits_is_not_held_up_by_a_sibling() {
         ended.duration_since(started)
     );
     worker.shutdown().await.unwrap();
+}
+
+static FOREVER_STARTED: AtomicBool = AtomicBool::new(false);
+static FOREVER_DROPPED: AtomicBool = AtomicBool::new(false);
+
+/// Sets [`FOREVER_DROPPED`] when the body holding it is dropped.
+struct NotesDrop;
+
+impl Drop for NotesDrop {
+    fn drop(&mut self) {
+        FOREVER_DROPPED.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Waits once (so that, in place, it goes on as a task of its own), then forever.
+#[task]
+async fn forever() {
+    let _noted = NotesDrop;
+    tokio::task::yield_now().await;
+    FOREVER_STARTED.store(true, Ordering::SeqCst);
+    std::future::pending::<()>().await;
+}
+
+/// In place, a body that went on as a task of its own ends with its worker: aborting the
+/// worker drops it (its task is not left running).
+#[tokio::test(flavor = "multi_thread")]
+async fn in_place_a_body_on_its_own_task_ends_with_its_worker() {
+    let server = Server::new(config("in-place-abort")).await.unwrap();
+    let worker = server.worker().in_place(true).spawn().await.unwrap();
+    server.send(forever::signature()).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !FOREVER_STARTED.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the body never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!FOREVER_DROPPED.load(Ordering::SeqCst));
+    worker.abort();
+    let deadline = Instant::now() + WAIT;
+    while !FOREVER_DROPPED.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the body's task outlived its worker"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// In place, a delivery that panics outside its task's body (here, in the application's

@@ -471,11 +471,15 @@ async fn a_delivery_panicking_outside_its_body_is_logged_spawned_or_in_place() {
 }
 
 static SENDER: OnceLock<Server> = OnceLock::new();
+/// The Tokio task the body ran on before its wait, and after it.
+static BODY_TASKS: Mutex<Vec<Option<tokio::task::Id>>> = Mutex::new(Vec::new());
 
 /// Waits, then sends a child task; returns the child's UUID.
 #[task]
 async fn sp_waits_then_sends() -> String {
+    BODY_TASKS.lock().unwrap().push(tokio::task::try_id());
     tokio::time::sleep(Duration::from_millis(20)).await;
+    BODY_TASKS.lock().unwrap().push(tokio::task::try_id());
     tracing::info!("after the wait");
     let server = SENDER.get().expect("the test's server");
     let child = server.send(sp_first::signature(5)).await.expect("sent");
@@ -500,6 +504,11 @@ async fn in_place_a_body_that_waits_is_still_its_execution() {
     let parent = server.send(sp_waits_then_sends::signature()).await.unwrap();
     let child: String = parent.get_timeout(WAIT).await.unwrap();
     let parent = parent.task_uuid().to_owned();
+    let tasks = BODY_TASKS.lock().unwrap().clone();
+    assert!(
+        tasks.len() == 2 && tasks[0].is_some() && tasks[1].is_some() && tasks[0] != tasks[1],
+        "the body went on as a task of its own after its wait: {tasks:?}"
+    );
     let after = eventually("the event after the wait", || {
         lines_with("after the wait")
             .into_iter()

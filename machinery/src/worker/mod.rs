@@ -197,7 +197,8 @@ impl WorkerBuilder {
     /// RabbitMQ with Redis results it took about a sixth less CPU per task than spawned, and
     /// drained 8-10% faster (README, "Benchmarks"). An async body runs in its
     /// delivery until it first waits, then goes on as a task of its own, inside its layers
-    /// (time limits, revoke), as Go runs each task in a goroutine: a body that waits (I/O,
+    /// (time limits, revoke), as Go runs each delivery in a goroutine
+    /// (`v2/brokers/amqp/amqp.go`, `consume`): a body that waits (I/O,
     /// timers, other services) runs beside the worker on any of the runtime's threads. A
     /// body's code up to its first `.await` runs on the worker's task and holds up the
     /// deliveries beside it while it runs; Tokio's rule, that async code reaches an `.await`
@@ -616,8 +617,6 @@ struct RevokeWatcher {
     every: Duration,
 }
 
-/// Aborts a background task when dropped: the revoke watcher ends with its worker, however
-/// the worker ends (returned, or dropped when aborted).
 impl Ctx {
     /// The label a task name is counted under: a registered task's own name, else
     /// [`observe::UNREGISTERED`] (names from the wire are not labels).
@@ -742,6 +741,8 @@ impl Worker {
             .max_inflight_bytes
             .min(Semaphore::MAX_PERMITS);
         let budget = Arc::new(Semaphore::new(budget_bytes));
+        // The revoke watcher ends with its worker, however the worker ends (returned, or
+        // dropped when aborted).
         let _watcher = self.ctx.revokes.as_ref().map(|w| {
             AbortOnDrop(tokio::spawn(layers::watch_revokes(
                 w.in_flight.clone(),

@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use futures_util::future::Either;
 use serde_json::{Map, Value};
+use tracing::instrument::{Instrumented, WithDispatch, WithSubscriber as _};
 use tracing::Instrument as _;
 use tracing::{Level, Span};
 
@@ -561,13 +562,13 @@ pub(crate) fn scope<F: std::future::Future>(
 }
 
 /// Runs `future` as a copy of the current execution, with a report of its own that nobody
-/// reads, and inside the current span: for a body that goes on as a task of its own
-/// ([`offload`](super::layers::offload)), so that what it sends is still the execution's
-/// child. Outside an execution, `future` runs in the current span alone.
+/// reads, inside the current span and with the current subscriber: for a body that goes on
+/// as a task of its own ([`offload`](super::layers::offload)), so that what it sends is still
+/// the execution's child and what it logs goes where it went before. Outside an execution,
+/// `future` runs in the current span alone.
 pub(crate) fn carried<F: std::future::Future>(
     future: F,
-) -> tracing::instrument::Instrumented<Either<tokio::task::futures::TaskLocalFuture<Execution, F>, F>>
-{
+) -> WithDispatch<Instrumented<Either<tokio::task::futures::TaskLocalFuture<Execution, F>, F>>> {
     let copy = EXECUTION.try_with(|e| Execution {
         context: e.context,
         tracestate: e.tracestate.clone(),
@@ -579,7 +580,7 @@ pub(crate) fn carried<F: std::future::Future>(
         Ok(copy) => Either::Left(EXECUTION.scope(copy, future)),
         Err(_) => Either::Right(future),
     };
-    future.instrument(Span::current())
+    future.instrument(Span::current()).with_current_subscriber()
 }
 
 /// Updates the current execution's report (nothing outside an execution).

@@ -196,7 +196,7 @@ fn body(call: &Call<'_>, args: Vec<Arg>, limits: &TimeLimits) -> Body {
 }
 
 /// The outcome of a body run as a task of its own: a panic is the task's failure, and so is a
-/// cancelled task (which only an abort, the worker's own, makes).
+/// cancelled task (the worker's own abort, or a spawn while the runtime shuts down).
 fn joined(result: Result<TaskOutcome, tokio::task::JoinError>) -> TaskOutcome {
     match result {
         Ok(outcome) => outcome,

@@ -1,6 +1,7 @@
 //! Where an async body runs when the deliveries run in place
 //! ([`WorkerBuilder::in_place`](crate::WorkerBuilder::in_place)): in the delivery until it
-//! first waits, then as a Tokio task of its own.
+//! first waits, then as a Tokio task of its own, as Go runs each delivery in a goroutine
+//! (`v2/brokers/amqp/amqp.go`, `consume`).
 //!
 //! A body that ends in its first poll (most no-op and CPU-light tasks) costs no spawn and no
 //! wake of another thread. A body that waits (I/O, a timer, another service) goes on beside
@@ -8,6 +9,19 @@
 //! the worker's thread does not hold it up, and the layers inside it (time limits, revoke)
 //! keep their time on its own task. Only one body at a time, in its first poll, can hold up
 //! the deliveries beside it.
+//!
+//! Tokio puts a task spawned from a runtime thread in that thread's LIFO slot, which no other
+//! thread steals: a sibling polled next, before the worker's task yields, that holds the
+//! thread would hold the new task up too. So after a spawn here the worker polls no more
+//! deliveries until its task has yielded once ([`spawned_here`], [`passes`]), and the new
+//! task runs first. What this does not cover, as Tokio does not either: a task that the
+//! worker's task wakes (not spawns) also waits in that slot, so a body woken by a sibling's
+//! outcome (it awaits that sibling's result) waits for a sibling that holds the thread; and
+//! the mark is per thread, so of several workers polled by one task (`join!` of their `run`s),
+//! each clears the mark of the others.
+//!
+//! A panic in a layer around the body (none of the worker's own layers panics) is a panic of
+//! the delivery while the body runs in place, and the task's failure once it runs on its own.
 
 use std::cell::Cell;
 use std::future::{poll_fn, Future};
@@ -18,9 +32,10 @@ use super::{joined, AbortOnDrop, Body};
 use crate::task::TaskOutcome;
 use crate::worker::trace;
 
-/// Runs `body` in place until it first waits, then as a task of its own (aborted if this
-/// future is dropped: a time limit, a revoke, the worker's end). It runs as the same
-/// execution, inside the same span.
+/// Runs `body` in place until it first waits, then as a task of its own, as the same
+/// execution, inside the same span and subscriber. The time limit and revoke are inside
+/// `body` and end it there; the task is aborted when this future is dropped (the worker's
+/// end: aborted, or out of time to shut down).
 pub(crate) async fn offload(mut body: Body) -> TaskOutcome {
     if let Poll::Ready(outcome) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await {
         return outcome;
