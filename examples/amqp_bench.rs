@@ -26,15 +26,15 @@
 //! consume beside; prints the medians, the overhead and the ratios. `BENCH_ANSI=1` formats with
 //! terminal colours, `BENCH_OBS=spans` or `BENCH_OBS=metrics` turns on only that part.
 //! `amqp_bench drain-child off|on [tasks]` is one such run alone; `BENCH_RESULTS=1` gives it the
-//! Redis result backend. In every mode, `BENCH_IN_PLACE=0` runs each of the worker's deliveries as
-//! a task of its own instead of in place, the default (`WorkerBuilder::in_place`), and
-//! `BENCH_REGISTRY=0` turns the worker registry off (`REGISTRY=false`), and `BENCH_YIELD=1`
-//! makes the no-op body wait once (`yield_now`) before it ends. `amqp_bench
-//! raw-child [tasks]` is the raw consume alone, of the bare body, of machinery's message, of that
-//! message with its `traceparent` in the AMQP headers too (what a header table costs), and of
-//! machinery's message storing its states. `BENCH_PIDS=pid,pid` also prints the CPU those processes
-//! (RabbitMQ's, Redis's) spend per task during each drain and raw consume; `BENCH_SIGNAL=1`
-//! (drain-child) prints `drain starts` on stderr when the drain starts (to attach a profiler).
+//! Redis result backend. In every mode, `BENCH_IN_PLACE=1` runs the worker's deliveries in place
+//! (`WorkerBuilder::in_place`), `BENCH_REGISTRY=0` turns the worker registry off
+//! (`REGISTRY=false`), and `BENCH_YIELD=1` makes the no-op body wait once (`yield_now`) before it
+//! ends. `amqp_bench raw-child [tasks]` is the raw consume alone, of the bare body, of machinery's
+//! message, of that message with its `traceparent` in the AMQP headers too (what a header table
+//! costs), and of machinery's message storing its states. `BENCH_PIDS=pid,pid` also prints the CPU
+//! those processes (RabbitMQ's, Redis's) spend per task during each drain and raw consume;
+//! `BENCH_SIGNAL=1` (drain-child) prints `drain starts` on stderr when the drain starts (to attach
+//! a profiler).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -433,8 +433,8 @@ async fn machinery_rates_cpu(
     let mut builder = server
         .worker()
         .concurrency(usize::from(PREFETCH))
-        // `BENCH_IN_PLACE=0`: each delivery a task of its own (`WorkerBuilder::in_place`).
-        .in_place(std::env::var("BENCH_IN_PLACE").map_or(true, |v| v != "0"));
+        // `BENCH_IN_PLACE=1`: the deliveries run in place (`WorkerBuilder::in_place`).
+        .in_place(std::env::var("BENCH_IN_PLACE").is_ok_and(|v| v == "1"));
     // `BENCH_SUCCESS_INFO=1`: the `task succeeded` event at INFO (default DEBUG).
     if std::env::var("BENCH_SUCCESS_INFO").is_ok_and(|v| v == "1") {
         builder = builder.success_level(tracing::Level::INFO);

@@ -12,9 +12,9 @@
 //!
 //! `BENCH_TRACE=1` installs an INFO `fmt` subscriber writing into a sink without colours, and
 //! `BENCH_SPAN=0|3|5` makes the task span with that many fields instead of the default's (the
-//! README's "What it costs"). `BENCH_IN_PLACE=0` runs each of the worker's deliveries as a
-//! task of its own instead of in place, the default (`WorkerBuilder::in_place`). The allocator
-//! is mimalloc; `--features system-alloc` measures with the system's `malloc` instead.
+//! README's "What it costs"). `BENCH_IN_PLACE=1` runs the worker's deliveries in place
+//! (`WorkerBuilder::in_place`). The allocator is mimalloc; `--features system-alloc` measures
+//! with the system's `malloc` instead.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -114,7 +114,7 @@ async fn end_to_end(tasks: usize, blocking: bool, name: &str) -> (f64, f64) {
     let mut builder = server
         .worker()
         .concurrency(256)
-        .in_place(std::env::var("BENCH_IN_PLACE").map_or(true, |v| v != "0"));
+        .in_place(std::env::var("BENCH_IN_PLACE").is_ok_and(|v| v == "1"));
     match std::env::var("BENCH_SPAN").as_deref() {
         Ok("0") => builder = builder.make_span(|_: &TaskSpan<'_>| tracing::info_span!("task")),
         Ok("3") => {

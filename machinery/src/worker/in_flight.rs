@@ -1,6 +1,6 @@
-//! Where a worker runs its deliveries: all in place, as futures of the worker's own task (the
-//! default; an async body that waits goes on as a task of its own, see the layers'
-//! `offload`), or each as a Tokio task of its own ([`WorkerBuilder::in_place`]).
+//! Where a worker runs its deliveries: each as a Tokio task of its own (the default), or all in
+//! place, as futures of the worker's own task ([`WorkerBuilder::in_place`]; an async body that
+//! waits then goes on as a task of its own, see the layers' `offload`).
 //!
 //! Either way the deliveries live in the set: when the worker's task is aborted, so are they,
 //! and their unsettled deliveries go back to the broker.

@@ -108,7 +108,7 @@ impl WorkerBuilder {
             name: None,
             queue: None,
             concurrency: 16,
-            in_place: true,
+            in_place: false,
             only: None,
             defaults: WorkerDefaults::default(),
             hard_time_limit: None,
@@ -189,30 +189,24 @@ impl WorkerBuilder {
         self
     }
 
-    /// Whether the deliveries run in place, as futures of the worker's own task (`true`, the
-    /// default), or each as a Tokio task of its own (`false`).
+    /// Runs the deliveries in place, as futures of the worker's own task, instead of a Tokio
+    /// task each (the default, as Go runs each delivery in a goroutine of its own:
+    /// `v2/brokers/amqp/amqp.go`, `consume`).
     ///
     /// In place, the worker's own work for each delivery (decoding, spans, recording the
     /// outcome) needs no spawn and no wake of another thread: on a drain of no-op tasks from
     /// RabbitMQ with Redis results it took about a sixth less CPU per task than spawned, and
-    /// drained 8-10% faster (README, "Benchmarks"). An async body runs in its
-    /// delivery until it first waits, then goes on as a task of its own, inside its layers
-    /// (time limits, revoke), as Go runs each delivery in a goroutine
-    /// (`v2/brokers/amqp/amqp.go`, `consume`): a body that waits (I/O,
-    /// timers, other services) runs beside the worker on any of the runtime's threads. A
-    /// body's code up to its first `.await` runs on the worker's task and holds up the
-    /// deliveries beside it while it runs; Tokio's rule, that async code reaches an `.await`
-    /// quickly, keeps that short. Blocking (sync) bodies run on Tokio's blocking threads
-    /// either way.
-    ///
-    /// `in_place(false)` spreads the worker's own work over the runtime's threads as well:
-    /// for many cores and light tasks, where one thread's share of the worker's work limits
-    /// the rate, or for async bodies that compute long before their first `.await`. With
-    /// [`Worker::run`] the worker's task is the caller's.
+    /// drained 8-10% faster (README, "Benchmarks"). An async body runs in its delivery until
+    /// it first waits, then goes on as a task of its own, inside its layers (time limits,
+    /// revoke): a body that waits (I/O, timers, other services) runs beside the worker on any
+    /// of the runtime's threads. A body's code up to its first `.await` runs on the worker's
+    /// task and holds up the deliveries beside it while it runs. Blocking (sync) bodies run on
+    /// Tokio's blocking threads either way. The worker's own work runs on one thread at a
+    /// time. With [`Worker::run`] the worker's task is the caller's.
     ///
     /// ```no_run
     /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
-    /// let worker = server.worker().in_place(false).spawn().await?;
+    /// let worker = server.worker().in_place(true).spawn().await?;
     /// # Ok(()) }
     /// ```
     pub fn in_place(mut self, in_place: bool) -> Self {
