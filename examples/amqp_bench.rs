@@ -76,8 +76,12 @@ async fn noop(n: i64) {
 }
 
 /// Holds its worker busy, so that the queue stays full while RSS is measured.
+/// How many [`hold`] bodies started in this process.
+static HELD: AtomicUsize = AtomicUsize::new(0);
+
 #[task]
 async fn hold(ms: u64) {
+    HELD.fetch_add(1, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
@@ -92,13 +96,18 @@ fn redis_url() -> String {
 /// The prefetch (and the worker's concurrency) of every consumer here, raw and machinery's.
 const PREFETCH: u16 = 256;
 
+/// This process's configuration for `tag` (its names carry the process id).
 fn config(tag: &str, redis: bool) -> Config {
-    let id = std::process::id();
+    config_named(&format!("{tag}_{}", std::process::id()), redis)
+}
+
+/// A configuration on the exchange, queue and binding key named by `name`.
+fn config_named(name: &str, redis: bool) -> Config {
     let mut b = Config::builder()
         .broker(amqp_url())
-        .exchange(format!("bench_{tag}_{id}"))
-        .default_queue(format!("bench_{tag}_{id}_tasks"))
-        .binding_key(format!("bench_{tag}_{id}_key"))
+        .exchange(format!("bench_{name}"))
+        .default_queue(format!("bench_{name}_tasks"))
+        .binding_key(format!("bench_{name}_key"))
         .prefetch_count(PREFETCH);
     if redis {
         b = b.result_backend(redis_url());
@@ -488,9 +497,10 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Child mode: a worker alone in its process, on a queue that holds 100,000 tasks; prints its RSS.
-async fn rss_worker(queue_tag: &str) {
-    let mut config = config(queue_tag, false);
+/// Child mode: a worker alone in its process, on the parent's queue (`name`, see
+/// [`config_named`]) that holds 100,000 tasks; prints its RSS.
+async fn rss_worker(name: &str) {
+    let mut config = config_named(name, false);
     config.amqp.prefetch_count = 16;
     let server = Server::new(config).await.expect("server");
     let worker = server
@@ -501,6 +511,7 @@ async fn rss_worker(queue_tag: &str) {
         .expect("worker");
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!("rss_kib={}", rss_kib());
+    println!("held={}", HELD.load(Ordering::Relaxed));
     drop(worker);
 }
 
@@ -619,7 +630,7 @@ async fn main() {
             .expect("send");
     }
     let out = std::process::Command::new(std::env::current_exe().expect("exe"))
-        .args(["rss-worker", tag])
+        .args(["rss-worker", &format!("{tag}_{}", std::process::id())])
         .output()
         .expect("rss worker");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -628,8 +639,12 @@ async fn main() {
         .find_map(|l| l.strip_prefix("rss_kib="))
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
+    let held = text
+        .lines()
+        .find_map(|l| l.strip_prefix("held="))
+        .unwrap_or("0");
     println!(
-        "worker RSS with 100,000 tasks queued: {:.1} MB (target < 30)",
+        "worker RSS with 100,000 tasks queued: {:.1} MB (target < 30), {held} of them running",
         rss as f64 / 1024.0
     );
     cleanup(&config).await;
