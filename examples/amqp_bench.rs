@@ -75,10 +75,10 @@ async fn noop(n: i64) {
     }
 }
 
-/// Holds its worker busy, so that the queue stays full while RSS is measured.
 /// How many [`hold`] bodies started in this process.
 static HELD: AtomicUsize = AtomicUsize::new(0);
 
+/// Holds its worker busy, so that the queue stays full while RSS is measured.
 #[task]
 async fn hold(ms: u64) {
     HELD.fetch_add(1, Ordering::Relaxed);
@@ -634,15 +634,13 @@ async fn main() {
         .output()
         .expect("rss worker");
     let text = String::from_utf8_lossy(&out.stdout);
-    let rss = text
-        .lines()
-        .find_map(|l| l.strip_prefix("rss_kib="))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    let held = text
-        .lines()
-        .find_map(|l| l.strip_prefix("held="))
-        .unwrap_or("0");
+    let value = |key: &str| -> &str {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key}: {text} {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let rss: u64 = value("rss_kib=").parse().expect("rss_kib");
+    let held = value("held=");
     println!(
         "worker RSS with 100,000 tasks queued: {:.1} MB (target < 30), {held} of them running",
         rss as f64 / 1024.0
