@@ -948,19 +948,17 @@ async fn in_place_a_body_on_its_own_task_ends_with_its_worker() {
     let server = Server::new(config("in-place-abort")).await.unwrap();
     let worker = server.worker().in_place(true).spawn().await.unwrap();
     server.send(forever::signature()).await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    while !FOREVER_STARTED.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "the body never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(&FOREVER_STARTED, "the body never started").await;
     assert!(!FOREVER_DROPPED.load(Ordering::SeqCst));
     worker.abort();
+    until(&FOREVER_DROPPED, "the body's task outlived its worker").await;
+}
+
+/// Waits until `flag` is set, failing with `otherwise` after [`WAIT`].
+async fn until(flag: &AtomicBool, otherwise: &str) {
     let deadline = Instant::now() + WAIT;
-    while !FOREVER_DROPPED.load(Ordering::SeqCst) {
-        assert!(
-            Instant::now() < deadline,
-            "the body's task outlived its worker"
-        );
+    while !flag.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "{otherwise}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
