@@ -4,7 +4,8 @@
 //! one) and pass every call through, except the calls a [`Fault`] is armed for: those fail with
 //! the fault's error, once, N times, forever, or only after a number of calls went through or a
 //! delay passed. Every call is counted, so a test can assert how often a state was written or a
-//! message published. Enabled with the `testing` feature.
+//! message published. [`SlowLink`] sits between a client and a real server (RabbitMQ, Redis)
+//! and delays their bytes on command: a slow broker. Enabled with the `testing` feature.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -38,6 +39,9 @@ use crate::broker::{Acker, Broker, Consumer, Delivery, Message, Rejection};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock;
 use crate::wire::{GroupMeta, State, TaskState};
+
+mod slow_link;
+pub use slow_link::SlowLink;
 
 /// When and how an armed call fails.
 #[derive(Debug, Clone)]
