@@ -11,8 +11,11 @@
 //!   with `x-message-ttl = ms` and dead-letter back to the exchange with their routing key and
 //!   priority, as Go Machinery does (`delay` in `v2/brokers/amqp/amqp.go`). On a direct
 //!   exchange, as in Go, the queue is bound to the exchange with its own name and messages are
-//!   published to it through the exchange; on other kinds, through the default exchange. It expires
-//!   after `2 * ms` without use. RabbitMQ refuses `x-message-ttl` and `x-expires` over ten
+//!   published to it through the exchange; on other kinds, through the default exchange. It
+//!   expires (with the messages in it) `2 * ms` after its last declaration, as Go declares it;
+//!   unlike Go, the broker declares it again every `ms / 2` while a message it published may
+//!   still be inside, so that a broker slow to answer does not cost messages
+//!   (`broker/amqp/lease.rs`). RabbitMQ refuses `x-message-ttl` and `x-expires` over ten
 //!   years (315,360,000,000 ms on 3.10), where Go's declaration fails; here `ms` is at most
 //!   [`AmqpBroker::MAX_DELAY_HOP`] (2^31 - 1 ms, 24.8 days): a message due later comes out
 //!   early and the worker delays it again, hop by hop.
@@ -83,7 +86,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -105,8 +108,10 @@ use tracing::{debug, error, info, warn};
 
 mod acks;
 mod admin;
+mod lease;
 
 use acks::{Frame, Settle};
+use lease::{Held, Leases, Next};
 
 use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
 use crate::config::{mask_url, overlong, overlong_key, Config, AMQP_MAX_NAME, DEAD_LETTER_SUFFIX};
@@ -169,64 +174,53 @@ struct Inner {
     /// closes the channel of a declaration it refuses. Locked for the whole declaration, so that
     /// a refusal never fails someone else's declaration.
     side: tokio::sync::Mutex<Option<SideChannel>>,
-    /// Side queues (delay and dead-letter) declared on the current connection.
+    /// Dead-letter queues declared on the current connection.
     declared: Mutex<Declared>,
+    /// Delay queues kept declared while messages may be inside ([`lease`]).
+    leases: Mutex<Leases>,
+    /// This broker, for the keepers of delay queues, which must not keep it alive.
+    me: Weak<Inner>,
     /// Dead-letter queues a depth reading found missing, and when (see
     /// [`AmqpBroker::dead_letter_depth`](Broker::dead_letter_depth)).
     missing: Mutex<HashMap<String, Instant>>,
 }
 
-/// How many side-queue declarations [`Declared`] remembers. Every distinct delay has its own
-/// delay queue; beyond this many, the stale ones are forgotten, then the oldest.
+/// How many dead-letter queue declarations [`Declared`] remembers; beyond this many, the
+/// oldest is forgotten (and declared again on its next use).
 const MAX_DECLARED: usize = 4096;
 
 /// How long a dead-letter queue found missing is taken to hold 0 messages before its depth is
 /// read again (unless this process makes it meanwhile).
 const MISSING_RECHECK: Duration = Duration::from_secs(60);
 
-/// The side queues declared on the current connection: when, and for how long that declaration
-/// holds (`None`: until the connection is lost). Bounded by [`MAX_DECLARED`]; a queue that was
-/// forgotten is only declared again.
+/// The dead-letter queues declared on the current connection, in the order declared. Bounded
+/// by [`MAX_DECLARED`]; a queue that was forgotten is only declared again.
 #[derive(Default)]
 struct Declared {
-    entries: HashMap<String, Declaration>,
-}
-
-struct Declaration {
-    at: Instant,
-    fresh_for: Option<Duration>,
-}
-
-impl Declaration {
-    fn is_fresh(&self, now: Instant) -> bool {
-        self.fresh_for
-            .is_none_or(|fresh| now.saturating_duration_since(self.at) < fresh)
-    }
+    entries: HashMap<String, u64>,
+    count: u64,
 }
 
 impl Declared {
-    /// Whether `queue` was declared and its declaration still holds at `now`.
-    fn is_fresh(&self, queue: &str, now: Instant) -> bool {
-        self.entries.get(queue).is_some_and(|d| d.is_fresh(now))
+    /// Whether `queue` was declared on this connection.
+    fn is_fresh(&self, queue: &str) -> bool {
+        self.entries.contains_key(queue)
     }
 
-    /// Records that `queue` was declared at `now`, making room if the cache is full.
-    fn insert(&mut self, queue: String, fresh_for: Option<Duration>, now: Instant) {
+    /// Records that `queue` was declared, making room if the cache is full.
+    fn insert(&mut self, queue: String) {
         if self.entries.len() >= MAX_DECLARED && !self.entries.contains_key(&queue) {
-            self.entries.retain(|_, d| d.is_fresh(now));
-            if self.entries.len() >= MAX_DECLARED {
-                let oldest = self
-                    .entries
-                    .iter()
-                    .min_by_key(|(_, d)| d.at)
-                    .map(|(queue, _)| queue.clone());
-                if let Some(oldest) = oldest {
-                    self.entries.remove(&oldest);
-                }
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(queue, _)| queue.clone());
+            if let Some(oldest) = oldest {
+                self.entries.remove(&oldest);
             }
         }
-        self.entries
-            .insert(queue, Declaration { at: now, fresh_for });
+        self.count += 1;
+        self.entries.insert(queue, self.count);
     }
 
     fn remove(&mut self, queue: &str) {
@@ -249,12 +243,31 @@ struct Route {
     routing_key: ShortString,
     /// The delay queue it waits in, if it is delayed.
     delay_queue: Option<String>,
+    /// Keeps that delay queue declared until the publish ends.
+    hold: Option<LeaseHold>,
 }
 
 /// A publish sent, its confirm still to come.
 struct Started {
     confirm: lapin::PublisherConfirm,
     delay_queue: Option<String>,
+    /// Dropped when the publish ends: from then the delay queue is kept until a declaration is
+    /// sent, and no longer.
+    _hold: Option<LeaseHold>,
+}
+
+/// Keeps a delay queue declared ([`lease`]) while it lives, for one publish to that queue.
+struct LeaseHold {
+    broker: Weak<Inner>,
+    queue: String,
+}
+
+impl Drop for LeaseHold {
+    fn drop(&mut self) {
+        if let Some(broker) = self.broker.upgrade() {
+            lock(&broker.leases).release(&self.queue, Instant::now());
+        }
+    }
 }
 
 /// The outcome of one attempt to publish a message.
@@ -303,8 +316,10 @@ impl AmqpBroker {
             "headers" => ExchangeKind::Headers,
             other => ExchangeKind::Custom(other.to_owned()),
         };
+        let queue_args = field_table(&config.amqp.queue_declare_args)?;
+        let binding_args = field_table(&config.amqp.queue_binding_args)?;
         let broker = AmqpBroker {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me| Inner {
                 nodes: config
                     .broker_urls()
                     .into_iter()
@@ -320,8 +335,8 @@ impl AmqpBroker {
                 binding_key: config.amqp.binding_key.clone(),
                 default_queue: config.default_queue.clone(),
                 default_routing_key: config.default_routing_key().to_owned(),
-                queue_args: field_table(&config.amqp.queue_declare_args)?,
-                binding_args: field_table(&config.amqp.queue_binding_args)?,
+                queue_args,
+                binding_args,
                 quorum: config.quorum_queues(),
                 delivery_limit: config.delivery_limit(),
                 trace_frames: std::env::var(TRACE_FRAMES_ENV).is_ok_and(|v| v == "1"),
@@ -330,6 +345,8 @@ impl AmqpBroker {
                 generation: AtomicU64::new(0),
                 side: tokio::sync::Mutex::new(None),
                 declared: Mutex::new(Declared::default()),
+                leases: Mutex::new(Leases::default()),
+                me: me.clone(),
                 missing: Mutex::new(HashMap::new()),
             }),
         };
@@ -570,6 +587,7 @@ impl Inner {
         })?;
         // Side queues are declared anew on a new connection (the broker may have restarted).
         lock(&self.declared).clear();
+        lock(&self.leases).forget_all();
         self.open_publisher(Arc::new(connection), node)
             .await
             .map_err(|e| (e, false))
@@ -647,15 +665,27 @@ impl Inner {
         FieldTable::default()
     }
 
-    /// Whether `queue` was declared on this connection and its declaration still holds.
+    /// Whether the dead-letter queue `queue` was declared on this connection.
     fn is_fresh(&self, queue: &str) -> bool {
-        lock(&self.declared).is_fresh(queue, Instant::now())
+        lock(&self.declared).is_fresh(queue)
     }
 
-    /// Declares a side queue (delay or dead-letter) unless it was declared less than
-    /// `fresh_for` ago on this connection. A delay queue expires (`x-expires`) when unused, and
-    /// publishing to it does not count as use: it is declared again before half its lifetime
-    /// has passed.
+    /// Declares a dead-letter queue, unless it was declared on this connection.
+    async fn declare_dead_letter_queue(&self, link: &Link, queue: &str) -> Result<()> {
+        let fresh = |broker: &Inner| broker.is_fresh(queue);
+        if self
+            .declare_side_queue(link, queue, self.dead_letter_args(), false, fresh)
+            .await?
+            .is_some()
+        {
+            lock(&self.declared).insert(queue.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Declares a side queue (delay or dead-letter), unless `fresh` says it need not be, asked
+    /// again once the declaring channel is ours. Returns when the declaration was sent, or
+    /// `None` if it was not needed.
     ///
     /// The declaration goes on a channel of its own, one at a time: a declaration the broker
     /// refuses (an existing queue with other arguments) closes that channel only, never the
@@ -669,18 +699,18 @@ impl Inner {
         link: &Link,
         queue: &str,
         args: FieldTable,
-        fresh_for: Option<Duration>,
         bind: bool,
-    ) -> Result<()> {
-        if self.is_fresh(queue) {
-            return Ok(());
+        fresh: impl Fn(&Inner) -> bool,
+    ) -> Result<Option<Instant>> {
+        if fresh(self) {
+            return Ok(None);
         }
         let name = short("queue name", queue)?;
         let exchange = short("exchange name", &self.exchange)?;
         let mut side = self.side.lock().await;
-        if self.is_fresh(queue) {
+        if fresh(self) {
             // Declared while we waited for the channel.
-            return Ok(());
+            return Ok(None);
         }
         let channel = match side.as_ref() {
             Some(open)
@@ -701,6 +731,7 @@ impl Inner {
                 channel
             }
         };
+        let sent = Instant::now();
         channel
             .queue_declare(
                 name.clone(),
@@ -724,8 +755,45 @@ impl Inner {
                 .await
                 .map_err(|e| self.declare_error(&format!("bind queue `{queue}`"), e))?;
         }
-        lock(&self.declared).insert(queue.to_owned(), fresh_for, Instant::now());
-        Ok(())
+        Ok(Some(sent))
+    }
+
+    /// The arguments of the delay queue for `delay_ms` and `routing_key`, Go's exactly
+    /// (v2/brokers/amqp/amqp.go `delay`).
+    fn delay_queue_args(&self, delay_ms: u64, routing_key: &str) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-dead-letter-exchange".into(), long_string(&self.exchange));
+        args.insert("x-dead-letter-routing-key".into(), long_string(routing_key));
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(saturating_i64(delay_ms)),
+        );
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(saturating_i64(delay_ms.saturating_mul(2))),
+        );
+        args
+    }
+
+    /// Holds the delay queue `queue` for a publish: starts its keeper if none runs.
+    fn hold_delay_queue(
+        &self,
+        queue: &str,
+        delay: Duration,
+        args: &FieldTable,
+    ) -> Option<LeaseHold> {
+        let held = lock(&self.leases).hold(queue, delay, Instant::now());
+        if held == Held::Start {
+            tokio::spawn(keep_delay_queue(
+                self.me.clone(),
+                queue.to_owned(),
+                args.clone(),
+            ));
+        }
+        (held != Held::Full).then(|| LeaseHold {
+            broker: self.me.clone(),
+            queue: queue.to_owned(),
+        })
     }
 
     /// Where a message goes: the exchange with its routing key, or (delayed) the delay queue,
@@ -740,29 +808,26 @@ impl Inner {
                 exchange: short("exchange name", &self.exchange)?,
                 routing_key: short("routing key", &message.routing_key)?,
                 delay_queue: None,
+                hold: None,
             });
         };
         let queue = AmqpBroker::delay_queue(delay_ms, &self.exchange, &message.routing_key);
-        let mut args = FieldTable::default();
-        args.insert("x-dead-letter-exchange".into(), long_string(&self.exchange));
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            long_string(&message.routing_key),
-        );
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(saturating_i64(delay_ms)),
-        );
-        args.insert(
-            "x-expires".into(),
-            AMQPValue::LongLongInt(saturating_i64(delay_ms.saturating_mul(2))),
-        );
-        // x-expires is 2 * delay: redeclare after delay / 2, so that any message published
-        // since the last declaration leaves the queue before the queue can expire.
-        let fresh_for = Duration::from_millis(delay_ms / 2);
+        let args = self.delay_queue_args(delay_ms, &message.routing_key);
+        let delay = Duration::from_millis(delay_ms);
+        // Held before it is declared: the keeper keeps it from the declaration on.
+        let hold = self.hold_delay_queue(&queue, delay, &args);
         let through_exchange = matches!(self.exchange_kind, ExchangeKind::Direct);
-        self.declare_side_queue(link, &queue, args, Some(fresh_for), through_exchange)
-            .await?;
+        // A publish that can rely on the last declaration skips its own; unkept ones
+        // (`hold` is `None`: too many queues kept) are declared each time, as Go does.
+        let fresh = |broker: &Inner| {
+            hold.is_some() && lock(&broker.leases).covers(&queue, delay, Instant::now())
+        };
+        if let Some(sent) = self
+            .declare_side_queue(link, &queue, args, through_exchange, fresh)
+            .await?
+        {
+            lock(&self.leases).declared(&queue, sent);
+        }
         Ok(Route {
             exchange: if through_exchange {
                 short("exchange name", &self.exchange)?
@@ -771,6 +836,7 @@ impl Inner {
             },
             routing_key: short("delay queue name", &queue)?,
             delay_queue: Some(queue),
+            hold,
         })
     }
 
@@ -821,6 +887,7 @@ impl Inner {
         Ok(Started {
             confirm,
             delay_queue: route.delay_queue,
+            _hold: route.hold,
         })
     }
 
@@ -861,7 +928,7 @@ impl Inner {
         match (outcome, delay_queue) {
             (Err(e), Some(queue)) if e.kind() == ErrorKind::Rejected => {
                 // The delay queue was deleted since we declared it: declare it again.
-                lock(&self.declared).remove(&queue);
+                lock(&self.leases).forget(&queue);
                 Attempt::Again(e)
             }
             (outcome, _) => Attempt::Done(outcome),
@@ -1072,6 +1139,45 @@ impl Inner {
     }
 }
 
+/// Keeps the delay queue `queue` declared while its lease lasts ([`lease`]): declares it again
+/// every half delay, on the side channel of the current connection. Ends with the lease, or
+/// when the broker is dropped.
+async fn keep_delay_queue(broker: Weak<Inner>, queue: String, args: FieldTable) {
+    loop {
+        let next = match broker.upgrade() {
+            Some(inner) => lock(&inner.leases).next(&queue),
+            None => return,
+        };
+        let Next::At(at) = next else {
+            return;
+        };
+        if at > Instant::now() {
+            // A publish may declare it meanwhile, which moves the next declaration on.
+            tokio::time::sleep_until(at).await;
+            continue;
+        }
+        let Some(inner) = broker.upgrade() else {
+            return;
+        };
+        let declared = match inner.link().await {
+            Ok(link) => {
+                inner
+                    .declare_side_queue(&link, &queue, args.clone(), false, |_| false)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match declared {
+            Ok(Some(sent)) => lock(&inner.leases).declared(&queue, sent),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(queue = %queue, error = %e.message(), "cannot declare a delay queue again; trying again");
+                lock(&inner.leases).failed(&queue, Instant::now());
+            }
+        }
+    }
+}
+
 fn link_alive(link: &Link) -> bool {
     link.channel.status().connected() && link.connection.status().connected()
 }
@@ -1221,7 +1327,7 @@ impl Broker for AmqpBroker {
         let recently_missing = lock(&self.inner.missing)
             .get(&dead)
             .is_some_and(|at| now.saturating_duration_since(*at) < MISSING_RECHECK);
-        if recently_missing && !lock(&self.inner.declared).is_fresh(&dead, now) {
+        if recently_missing && !lock(&self.inner.declared).is_fresh(&dead) {
             return Ok(Some(0));
         }
         let ready = self.inner.ready_count(&dead).await?;
@@ -1524,9 +1630,7 @@ impl AmqpAcker {
     async fn move_to_dead_letter_queue(&self, reason: &str) -> Result<()> {
         let queue = AmqpBroker::dead_letter_queue(&self.queue);
         let link = self.broker.link().await?;
-        self.broker
-            .declare_side_queue(&link, &queue, self.broker.dead_letter_args(), None, false)
-            .await?;
+        self.broker.declare_dead_letter_queue(&link, &queue).await?;
         let mut headers = FieldTable::default();
         headers.insert("x-machinery-source-queue".into(), long_string(&self.queue));
         headers.insert("x-machinery-reason".into(), long_string(reason));
@@ -1797,40 +1901,27 @@ mod tests {
 
     #[test]
     fn the_declared_cache_is_bounded() {
-        let t0 = Instant::now();
-        let ten_s = Some(Duration::from_secs(10));
         let mut declared = Declared::default();
-        // One delay queue per distinct delay: the cache stops at its cap, forgetting the oldest.
+        // One dead-letter queue per consumed queue: the cache stops at its cap, forgetting
+        // the oldest.
         for i in 0..MAX_DECLARED + 100 {
-            let at = t0 + Duration::from_millis(u64::try_from(i).unwrap_or(0));
-            declared.insert(format!("delay.{i}"), ten_s, at);
+            declared.insert(format!("q{i}.dead_letter"));
         }
         assert_eq!(declared.len(), MAX_DECLARED);
-        let now = t0 + Duration::from_secs(1);
-        assert!(!declared.is_fresh("delay.0", now), "the oldest was evicted");
-        assert!(declared.is_fresh(&format!("delay.{}", MAX_DECLARED + 99), now));
-        // Once they are stale, the next insert sweeps them all out.
-        let later = t0 + Duration::from_secs(60);
-        assert!(!declared.is_fresh("delay.200", later));
-        declared.insert("dl.dead_letter".to_owned(), None, later);
-        declared.insert("delay.x".to_owned(), ten_s, later);
-        assert!(declared.len() <= MAX_DECLARED);
-        for i in 0..MAX_DECLARED {
-            let at = later + Duration::from_millis(u64::try_from(i + 1).unwrap_or(0));
-            declared.insert(format!("again.{i}"), ten_s, at);
-        }
-        assert_eq!(declared.len(), MAX_DECLARED);
-        assert!(declared.is_fresh("again.0", later + Duration::from_secs(5)));
         assert!(
-            !declared.is_fresh("dl.dead_letter", later),
-            "evicted, oldest"
+            !declared.is_fresh("q0.dead_letter"),
+            "the oldest was evicted"
         );
-        // A declaration without expiry (a dead-letter queue) stays fresh until evicted.
-        let mut declared = Declared::default();
-        declared.insert("q.dead_letter".to_owned(), None, t0);
-        assert!(declared.is_fresh("q.dead_letter", t0 + Duration::from_secs(1_000_000)));
-        declared.remove("q.dead_letter");
-        assert!(!declared.is_fresh("q.dead_letter", t0));
+        assert!(!declared.is_fresh("q99.dead_letter"));
+        assert!(declared.is_fresh("q100.dead_letter"));
+        assert!(declared.is_fresh(&format!("q{}.dead_letter", MAX_DECLARED + 99)));
+        // Declared again, it is the newest.
+        declared.insert("q100.dead_letter".to_owned());
+        declared.insert("new.dead_letter".to_owned());
+        assert!(declared.is_fresh("q100.dead_letter"));
+        assert!(!declared.is_fresh("q101.dead_letter"));
+        declared.remove("q100.dead_letter");
+        assert!(!declared.is_fresh("q100.dead_letter"));
     }
 
     #[test]

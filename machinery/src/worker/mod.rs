@@ -204,8 +204,8 @@ impl WorkerBuilder {
     /// Tokio's blocking threads either way. The worker's own work runs on one thread at a
     /// time. With [`Worker::run`] the worker's task is the caller's.
     ///
-    /// A test has lost messages in place under a slow broker, cause not found (README,
-    /// "Why in place is not the default").
+    /// An async body that never waits runs whole on the worker's task: such bodies run one
+    /// after another on one thread, where spawned they run on all of the runtime's threads.
     ///
     /// ```no_run
     /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {

@@ -1,0 +1,100 @@
+//! The RabbitMQ broker behind a slow link (`machinery::testing::SlowLink`): a broker that
+//! answers late must not cost a message.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{amqp_url, cleanup, queue_depth, raw_channel, unique_config};
+use machinery::broker::amqp::AmqpBroker;
+use machinery::broker::{Broker, Message};
+use machinery::testing::SlowLink;
+use machinery::Config;
+
+/// A link to the test RabbitMQ, and `config` pointed through it.
+async fn slow(mut config: Config) -> (SlowLink, Config) {
+    let target = amqp_url()
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let link = SlowLink::start(target).await.unwrap();
+    config.broker = format!("amqp://guest:guest@{}/%2f", link.addr());
+    (link, config)
+}
+
+/// Waits until `queue` holds `n` messages, or gives up after `within`; returns the last count.
+async fn settles_at(queue: &str, n: u32, within: Duration) -> u32 {
+    let (_conn, channel) = raw_channel().await;
+    let deadline = Instant::now() + within;
+    loop {
+        let depth = queue_depth(&channel, queue).await;
+        if depth >= n || Instant::now() > deadline {
+            return depth;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether `queue` exists (a passive declaration, on a connection of its own).
+async fn exists(queue: &str) -> bool {
+    let (_conn, channel) = raw_channel().await;
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delayed_message_outlives_its_delay_queue_on_a_slow_broker() {
+    // Go declares a delay queue with `x-expires` = 2 * delay (v2/brokers/amqp/amqp.go `delay`),
+    // and publishing to it does not count as use: a message that reaches the queue late in that
+    // lease (the declaration answered late, the publish slow to arrive) is deleted with the
+    // queue before its delay is over. Here the link holds each byte 30 ms each way: a delayed
+    // message of 100 ms reaches the broker 150 ms after the declaration it relied on, and would
+    // leave at 250 ms, after the queue expired (230 ms).
+    let (link, config) = slow(unique_config("slow_delay")).await;
+    let broker = Arc::new(AmqpBroker::connect(&config).await.unwrap());
+    link.set_latency(Duration::from_millis(30));
+    let key = config.amqp.binding_key.clone();
+    let mut sent = 0u32;
+    // Alone, in bursts, and in bursts after the queue expired.
+    for round in 0..6u32 {
+        let burst = 1 + round % 3;
+        let publishes = (0..burst).map(|_| {
+            let mut message = Message::new(key.clone(), b"{}".to_vec());
+            message.delay = Some(Duration::from_millis(100));
+            let broker = broker.clone();
+            async move { broker.publish(message).await }
+        });
+        for outcome in futures_util::future::join_all(publishes).await {
+            outcome.unwrap();
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(if round % 2 == 0 { 60 } else { 400 })).await;
+    }
+    let arrived = settles_at(&config.default_queue, sent, Duration::from_secs(10)).await;
+    assert_eq!(arrived, sent, "delayed messages lost on a slow broker");
+    // Kept while it may hold a message, no longer: the queue expires once its lease is over.
+    let delay_queue = AmqpBroker::delay_queue(100, &config.amqp.exchange, &key);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while exists(&delay_queue).await {
+        assert!(
+            Instant::now() < deadline,
+            "{delay_queue} is kept declared without end"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(broker);
+    drop(link);
+    cleanup(&config).await;
+}
