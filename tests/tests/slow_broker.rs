@@ -12,16 +12,22 @@ use machinery::broker::{Broker, Message};
 use machinery::testing::SlowLink;
 use machinery::Config;
 
-/// A link to the test RabbitMQ, and `config` pointed through it.
+/// A link to the test RabbitMQ, and `config` pointed through it (the same credentials and
+/// virtual host).
 async fn slow(mut config: Config) -> (SlowLink, Config) {
-    let target = amqp_url()
-        .split_once('@')
-        .and_then(|(_, rest)| rest.split('/').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let url = amqp_url();
+    let (scheme, rest) = url.split_once("://").expect("AMQP_URL has a scheme");
+    let (userinfo, rest) = rest.rsplit_once('@').map_or(("", rest), |(u, r)| (u, r));
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let target = tokio::net::lookup_host(authority)
+        .await
+        .expect("AMQP_URL's host")
+        .next()
+        .expect("an address");
     let link = SlowLink::start(target).await.unwrap();
-    config.broker = format!("amqp://guest:guest@{}/%2f", link.addr());
+    let at = if userinfo.is_empty() { "" } else { "@" };
+    config.broker = format!("{scheme}://{userinfo}{at}{}{path}", link.addr());
     (link, config)
 }
 
@@ -87,12 +93,13 @@ async fn a_delayed_message_outlives_its_delay_queue_on_a_slow_broker() {
     // Kept while it may hold a message, no longer: the queue expires once its lease is over.
     let delay_queue = AmqpBroker::delay_queue(100, &config.amqp.exchange, &key);
     let deadline = Instant::now() + Duration::from_secs(10);
+    // Asked less often than it expires (200 ms): a passive declaration renews it too.
     while exists(&delay_queue).await {
         assert!(
             Instant::now() < deadline,
             "{delay_queue} is kept declared without end"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     drop(broker);
     drop(link);

@@ -178,7 +178,8 @@ struct Inner {
     declared: Mutex<Declared>,
     /// Delay queues kept declared while messages may be inside ([`lease`]).
     leases: Mutex<Leases>,
-    /// This broker, for the keepers of delay queues, which must not keep it alive.
+    /// This broker, for the keepers of delay queues and their holds: a keeper holds it only
+    /// while it declares.
     me: Weak<Inner>,
     /// Dead-letter queues a depth reading found missing, and when (see
     /// [`AmqpBroker::dead_letter_depth`](Broker::dead_letter_depth)).
@@ -775,7 +776,9 @@ impl Inner {
         args
     }
 
-    /// Holds the delay queue `queue` for a publish: starts its keeper if none runs.
+    /// Holds the delay queue `queue` for a publish: starts its keeper if none runs. `None`:
+    /// the queue is not kept ([`lease::MAX_LEASES`] are, or there is no runtime to keep it
+    /// on), and is declared on each publish, as Go does.
     fn hold_delay_queue(
         &self,
         queue: &str,
@@ -783,17 +786,43 @@ impl Inner {
         args: &FieldTable,
     ) -> Option<LeaseHold> {
         let held = lock(&self.leases).hold(queue, delay, Instant::now());
-        if held == Held::Start {
-            tokio::spawn(keep_delay_queue(
-                self.me.clone(),
-                queue.to_owned(),
-                args.clone(),
-            ));
+        match held {
+            Held::Start => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let keeper = runtime.spawn(keep_delay_queue(
+                        self.me.clone(),
+                        queue.to_owned(),
+                        args.clone(),
+                    ));
+                    lock(&self.leases).kept_by(queue, keeper.abort_handle());
+                }
+                Err(_) => {
+                    lock(&self.leases).unkept(queue);
+                    return None;
+                }
+            },
+            Held::Kept => {}
+            Held::Full(first) => {
+                if first {
+                    warn!(
+                        kept = lease::MAX_LEASES,
+                        queue = %queue,
+                        "too many delay queues in use to keep them all declared; the others are declared on each publish, as Go does"
+                    );
+                }
+                return None;
+            }
         }
-        (held != Held::Full).then(|| LeaseHold {
+        Some(LeaseHold {
             broker: self.me.clone(),
             queue: queue.to_owned(),
         })
+    }
+
+    /// The current connection, if it is up, without waiting for it or reconnecting.
+    fn current_link(&self) -> Option<Link> {
+        let current = self.link.try_lock().ok()?;
+        current.as_ref().filter(|link| link_alive(link)).cloned()
     }
 
     /// Where a message goes: the exchange with its routing key, or (delayed) the delay queue,
@@ -1140,12 +1169,18 @@ impl Inner {
 }
 
 /// Keeps the delay queue `queue` declared while its lease lasts ([`lease`]): declares it again
-/// every half delay, on the side channel of the current connection. Ends with the lease, or
-/// when the broker is dropped.
+/// every half delay, on the side channel of the current connection. It never reconnects (nor
+/// waits for a reconnect): publishes do, and declare the queue on the new connection. Ends
+/// with the lease, when the broker refuses the declaration for good, or when the broker is
+/// dropped.
+///
+/// It declares without binding: if the queue was deleted meanwhile and this declaration makes
+/// it anew, unbound, the next publish through the exchange comes back unroutable, and is
+/// published again after a declaration that binds it.
 async fn keep_delay_queue(broker: Weak<Inner>, queue: String, args: FieldTable) {
     loop {
         let next = match broker.upgrade() {
-            Some(inner) => lock(&inner.leases).next(&queue),
+            Some(inner) => lock(&inner.leases).next(&queue, Instant::now()),
             None => return,
         };
         let Next::At(at) = next else {
@@ -1159,17 +1194,22 @@ async fn keep_delay_queue(broker: Weak<Inner>, queue: String, args: FieldTable) 
         let Some(inner) = broker.upgrade() else {
             return;
         };
-        let declared = match inner.link().await {
-            Ok(link) => {
-                inner
-                    .declare_side_queue(&link, &queue, args.clone(), false, |_| false)
-                    .await
-            }
-            Err(e) => Err(e),
+        let Some(link) = inner.current_link() else {
+            debug!(queue = %queue, "no connection to declare a delay queue again on; trying again");
+            lock(&inner.leases).failed(&queue, Instant::now());
+            continue;
         };
-        match declared {
+        match inner
+            .declare_side_queue(&link, &queue, args.clone(), false, |_| false)
+            .await
+        {
             Ok(Some(sent)) => lock(&inner.leases).declared(&queue, sent),
-            Ok(None) => {}
+            Ok(None) => lock(&inner.leases).failed(&queue, Instant::now()),
+            Err(e) if e.is_permanent() => {
+                warn!(queue = %queue, error = %e.message(), "the broker refuses to declare a delay queue again; it is no longer kept");
+                lock(&inner.leases).end(&queue);
+                return;
+            }
             Err(e) => {
                 warn!(queue = %queue, error = %e.message(), "cannot declare a delay queue again; trying again");
                 lock(&inner.leases).failed(&queue, Instant::now());

@@ -18,8 +18,9 @@ const IN_FLIGHT: usize = 256;
 /// A proxy on `127.0.0.1` in front of a TCP server (RabbitMQ, Redis) that holds every chunk of
 /// bytes, in both directions, for a latency set on command: each byte reaches the other side
 /// that long after it was sent, in order, as over a slow network or from a broker that answers
-/// late. A latency set while bytes are in flight applies to the bytes read after it. Every
-/// connection through the link ends when it is dropped.
+/// late. A latency set while bytes are in flight applies to the bytes read after it (bytes
+/// read before it still go first, in order). A read error ends the connection as a clean
+/// close. Every connection through the link ends when it is dropped.
 ///
 /// ```
 /// use std::time::{Duration, Instant};
@@ -68,13 +69,18 @@ impl SlowLink {
             let mut connections = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 while connections.try_join_next().is_some() {}
-                let Ok(server) = TcpStream::connect(target).await else {
-                    continue; // The client sees its connection closed.
-                };
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                connections.spawn(pump(client_read, server_write, latency.clone()));
-                connections.spawn(pump(server_read, client_write, latency.clone()));
+                let latency = latency.clone();
+                connections.spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return; // The client sees its connection closed.
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pump(client_read, server_write, latency.clone()),
+                        pump(server_read, client_write, latency),
+                    );
+                });
             }
         });
         Ok(SlowLink {
@@ -97,6 +103,19 @@ impl SlowLink {
     }
 
     /// The one-way latency set last.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// let target = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    /// let link = machinery::testing::SlowLink::start(target).await?;
+    /// assert_eq!(link.latency(), Duration::ZERO);
+    /// link.set_latency(Duration::from_millis(30));
+    /// assert_eq!(link.latency(), Duration::from_millis(30));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn latency(&self) -> Duration {
         Duration::from_micros(self.latency_us.load(Ordering::SeqCst))
     }

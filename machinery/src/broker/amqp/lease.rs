@@ -10,12 +10,19 @@
 //! Here each delay queue has a lease: from a publish until a declaration was *sent* after that
 //! publish was confirmed, the queue is declared again every half delay, so that the broker never
 //! goes a whole `x-expires` without a declaration, however late the publish arrived. The
-//! arguments stay Go's, so Go and Rust producers share the queue. What is left to chance is a
-//! broker that takes more than 1.5 delays longer to handle one declaration than the one before.
+//! arguments stay Go's, so Go and Rust producers share the queue.
+//!
+//! What is left to chance: two declarations of one queue handled more than two delays apart.
+//! The declarations of every side queue share one channel, one at a time (see
+//! `declare_side_queue`), so with a round trip longer than half a delay, or several busy delay
+//! queues, they come less often than every half delay; and a broker that handles one
+//! declaration more than 1.5 delays later than the one before. A lease whose declarations all
+//! fail ends two delays after its last publish: by then the queue has expired, if it existed.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 /// How many delay queues are kept at once; a publish to another one while this many are kept
@@ -25,10 +32,26 @@ pub(super) const MAX_LEASES: usize = 4096;
 /// The shortest time between two declarations of one queue.
 const MIN_EVERY: Duration = Duration::from_millis(1);
 
+/// The shortest pause after a failed declaration.
+const MIN_RETRY: Duration = Duration::from_millis(50);
+
+/// At most this long after the last publish to a queue ends, its last declaration is sent and
+/// the lease ends (a queue with a delay of hours is not kept for half of it).
+const FINAL_WITHIN: Duration = Duration::from_secs(1);
+
 /// The delay queues kept declared, and when each was last declared.
 #[derive(Default)]
 pub(super) struct Leases {
     entries: HashMap<String, Lease>,
+    /// [`Held::Full`] was reported since the leases were last below half their cap.
+    full_reported: bool,
+}
+
+/// The task that keeps a queue declared.
+enum Keeper {
+    /// [`Leases::hold`] said to start one; [`Leases::kept_by`] not called yet.
+    Starting,
+    Running(AbortHandle),
 }
 
 struct Lease {
@@ -43,17 +66,20 @@ struct Lease {
     pending: u32,
     /// Then kept until a declaration is sent at or after this: when the last publish ended.
     until: Instant,
+    keeper: Keeper,
 }
 
 /// What [`Leases::hold`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Held {
-    /// The queue is kept; no keeper ran for it: the caller starts one.
+    /// The queue is kept; no keeper runs for it: the caller starts one
+    /// ([`kept_by`](Leases::kept_by), or [`unkept`](Leases::unkept) if it cannot).
     Start,
     /// The queue is kept, by the keeper running for it.
     Kept,
     /// [`MAX_LEASES`] queues are kept already: this one is declared as Go does, unkept.
-    Full,
+    /// `true` the first time since the leases were below half their cap.
+    Full(bool),
 }
 
 /// What the keeper of a queue does next.
@@ -80,10 +106,19 @@ impl Leases {
     pub(super) fn hold(&mut self, queue: &str, delay: Duration, now: Instant) -> Held {
         if let Some(lease) = self.entries.get_mut(queue) {
             lease.pending = lease.pending.saturating_add(1);
+            if let Keeper::Running(task) = &lease.keeper {
+                if task.is_finished() {
+                    // Its runtime ended (or it failed): another one takes over.
+                    lease.keeper = Keeper::Starting;
+                    return Held::Start;
+                }
+            }
             return Held::Kept;
         }
         if self.entries.len() >= MAX_LEASES {
-            return Held::Full;
+            let first = !self.full_reported;
+            self.full_reported = true;
+            return Held::Full(first);
         }
         let every = (delay / 2).max(MIN_EVERY);
         self.entries.insert(
@@ -94,9 +129,34 @@ impl Leases {
                 due: now + every,
                 pending: 1,
                 until: now,
+                keeper: Keeper::Starting,
             },
         );
         Held::Start
+    }
+
+    /// The keeper of `queue` started ([`Held::Start`]).
+    pub(super) fn kept_by(&mut self, queue: &str, task: AbortHandle) {
+        if let Some(lease) = self.entries.get_mut(queue) {
+            lease.keeper = Keeper::Running(task);
+        }
+    }
+
+    /// No keeper could start for `queue` (no runtime): it is declared as Go does, unkept.
+    pub(super) fn unkept(&mut self, queue: &str) {
+        self.remove(queue);
+    }
+
+    /// Ends the lease of `queue` (the broker refuses its declaration for good).
+    pub(super) fn end(&mut self, queue: &str) {
+        self.remove(queue);
+    }
+
+    fn remove(&mut self, queue: &str) {
+        self.entries.remove(queue);
+        if self.entries.len() < MAX_LEASES / 2 {
+            self.full_reported = false;
+        }
     }
 
     /// A publish to `queue` ended at `now` (confirmed, failed or dropped): the queue is kept
@@ -106,6 +166,9 @@ impl Leases {
         if let Some(lease) = self.entries.get_mut(queue) {
             lease.pending = lease.pending.saturating_sub(1);
             lease.until = lease.until.max(now);
+            if lease.pending == 0 {
+                lease.due = lease.due.min(lease.until + lease.every.min(FINAL_WITHIN));
+            }
         }
     }
 
@@ -119,21 +182,25 @@ impl Leases {
         }
     }
 
-    /// A declaration of `queue` failed at `now`: the keeper tries again a period later.
+    /// A declaration of `queue` failed at `now`: the keeper tries again a period later (at
+    /// least [`MIN_RETRY`]).
     pub(super) fn failed(&mut self, queue: &str, now: Instant) {
         if let Some(lease) = self.entries.get_mut(queue) {
-            lease.due = now + lease.every;
+            lease.due = now + lease.every.max(MIN_RETRY);
         }
     }
 
-    /// For the keeper of `queue`: when to declare it next, or that the lease is over (then
-    /// the queue is forgotten and the keeper ends).
-    pub(super) fn next(&mut self, queue: &str) -> Next {
+    /// For the keeper of `queue`, at `now`: when to declare it next, or that the lease is over
+    /// (then the queue is forgotten and the keeper ends). It is over once no publish is
+    /// pending and a declaration was sent after the last one ended, or, if none was, two
+    /// delays after it ended: by then the queue has expired, if it existed.
+    pub(super) fn next(&mut self, queue: &str, now: Instant) -> Next {
         let Some(lease) = self.entries.get(queue) else {
             return Next::Done;
         };
-        if lease.pending == 0 && lease.sent.is_some_and(|sent| sent >= lease.until) {
-            self.entries.remove(queue);
+        let expired = now >= lease.until + lease.every * 4;
+        if lease.pending == 0 && (lease.sent.is_some_and(|sent| sent >= lease.until) || expired) {
+            self.remove(queue);
             return Next::Done;
         }
         Next::At(lease.due)
@@ -189,18 +256,38 @@ mod tests {
             Held::Kept,
             "a second publish"
         );
-        assert_eq!(leases.next("q"), Next::At(ms(t0, 50)));
+        assert_eq!(leases.next("q", ms(t0, 1)), Next::At(ms(t0, 50)));
         // Its confirm comes late (380 ms), the second's at 60 ms: kept all along.
         leases.release("q", ms(t0, 60));
         for sent in [50, 100, 150, 200, 250, 300, 350] {
             leases.declared("q", ms(t0, sent));
-            assert_eq!(leases.next("q"), Next::At(ms(t0, sent + 50)), "at {sent}");
+            let now = ms(t0, sent + 1);
+            assert_eq!(
+                leases.next("q", now),
+                Next::At(ms(t0, sent + 50)),
+                "at {sent}"
+            );
         }
         leases.release("q", ms(t0, 380));
+        assert_eq!(leases.next("q", ms(t0, 381)), Next::At(ms(t0, 400)));
         leases.declared("q", ms(t0, 400));
-        assert_eq!(leases.next("q"), Next::Done);
+        assert_eq!(leases.next("q", ms(t0, 401)), Next::Done);
         assert_eq!(leases.len(), 0, "forgotten once its lease is over");
         assert_eq!(leases.hold("q", D, ms(t0, 500)), Held::Start, "a new lease");
+    }
+
+    #[test]
+    fn a_long_delay_is_declared_a_last_time_soon_after_its_last_publish() {
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let mut leases = Leases::default();
+        leases.hold("q", hour, t0);
+        leases.declared("q", t0);
+        assert_eq!(leases.next("q", t0), Next::At(t0 + hour / 2));
+        leases.release("q", ms(t0, 5));
+        assert_eq!(leases.next("q", ms(t0, 6)), Next::At(ms(t0, 1_005)));
+        leases.declared("q", ms(t0, 1_005));
+        assert_eq!(leases.next("q", ms(t0, 1_006)), Next::Done);
     }
 
     #[test]
@@ -210,7 +297,7 @@ mod tests {
         leases.hold("q", D, t0);
         leases.declared("q", ms(t0, 60));
         leases.declared("q", ms(t0, 10));
-        assert_eq!(leases.next("q"), Next::At(ms(t0, 110)));
+        assert_eq!(leases.next("q", ms(t0, 61)), Next::At(ms(t0, 110)));
     }
 
     #[test]
@@ -218,23 +305,46 @@ mod tests {
         let t0 = Instant::now();
         let mut leases = Leases::default();
         leases.hold("q", D, t0);
-        assert_eq!(leases.next("q"), Next::At(ms(t0, 50)), "never answered");
+        assert_eq!(leases.next("q", t0), Next::At(ms(t0, 50)), "never answered");
         leases.declared("q", t0);
         leases.failed("q", ms(t0, 70));
-        assert_eq!(leases.next("q"), Next::At(ms(t0, 120)));
+        assert_eq!(leases.next("q", ms(t0, 70)), Next::At(ms(t0, 120)));
         // Unroutable: deleted. Publishes declare it again, and so does the keeper.
         leases.forget("q");
         assert!(!leases.covers("q", D, ms(t0, 71)));
         leases.release("q", ms(t0, 71));
         assert_eq!(
-            leases.next("q"),
+            leases.next("q", ms(t0, 72)),
             Next::At(ms(t0, 120)),
-            "not over: never declared after"
+            "never declared after"
         );
         leases.forget_all();
         leases.declared("q", ms(t0, 200));
         assert!(leases.covers("q", D, ms(t0, 201)));
-        assert_eq!(leases.next("q"), Next::Done);
+        assert_eq!(leases.next("q", ms(t0, 201)), Next::Done);
+    }
+
+    #[test]
+    fn a_lease_whose_declarations_all_fail_ends_two_delays_after_its_last_publish() {
+        let t0 = Instant::now();
+        let short = Duration::from_millis(2);
+        let mut leases = Leases::default();
+        leases.hold("q", short, t0);
+        leases.release("q", t0);
+        leases.failed("q", t0);
+        assert_eq!(
+            leases.next("q", t0),
+            Next::At(ms(t0, 50)),
+            "a failure waits at least MIN_RETRY, whatever the delay"
+        );
+        leases.failed("q", ms(t0, 50));
+        assert_eq!(leases.next("q", ms(t0, 50)), Next::Done, "expired by now");
+        // While a publish is pending, it is kept however long that takes.
+        leases.hold("p", D, t0);
+        assert_eq!(leases.next("p", ms(t0, 10_000)), Next::At(ms(t0, 50)));
+        leases.end("p");
+        assert_eq!(leases.next("p", ms(t0, 10_000)), Next::Done);
+        assert_eq!(leases.len(), 0);
     }
 
     #[test]
@@ -244,8 +354,41 @@ mod tests {
         for i in 0..MAX_LEASES {
             assert_eq!(leases.hold(&format!("delay.{i}"), D, t0), Held::Start);
         }
-        assert_eq!(leases.hold("one.more", D, t0), Held::Full);
+        assert_eq!(leases.hold("one.more", D, t0), Held::Full(true));
+        assert_eq!(
+            leases.hold("two.more", D, t0),
+            Held::Full(false),
+            "reported once"
+        );
         assert!(!leases.covers("one.more", D, t0));
         assert_eq!(leases.len(), MAX_LEASES);
+        for i in 0..=MAX_LEASES / 2 {
+            leases.unkept(&format!("delay.{i}"));
+        }
+        leases.hold("delay.0", D, t0);
+        for i in leases.len()..MAX_LEASES {
+            assert_eq!(leases.hold(&format!("again.{i}"), D, t0), Held::Start);
+        }
+        assert_eq!(
+            leases.hold("three.more", D, t0),
+            Held::Full(true),
+            "full again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_keeper_that_ended_is_replaced() {
+        let t0 = Instant::now();
+        let mut leases = Leases::default();
+        assert_eq!(leases.hold("q", D, t0), Held::Start);
+        assert_eq!(leases.hold("q", D, t0), Held::Kept, "starting");
+        let task = tokio::spawn(async {});
+        leases.kept_by("q", task.abort_handle());
+        let _ = task.await;
+        assert_eq!(leases.hold("q", D, t0), Held::Start);
+        let task = tokio::spawn(std::future::pending::<()>());
+        leases.kept_by("q", task.abort_handle());
+        assert_eq!(leases.hold("q", D, t0), Held::Kept);
+        task.abort();
     }
 }
