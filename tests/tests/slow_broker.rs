@@ -105,3 +105,53 @@ async fn a_delayed_message_outlives_its_delay_queue_on_a_slow_broker() {
     drop(link);
     cleanup(&config).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_concurrent_publish_gets_its_own_return() {
+    // RabbitMQ returns an unroutable `mandatory` message (basic.return), then acknowledges it,
+    // and may acknowledge several publishes at once (`multiple`). lapin hands a return to
+    // whichever confirm of that range it completes first (lapin 4 `Acknowledgements::
+    // complete_pending`): a routed message could be reported unroutable, and an unroutable one
+    // reported sent, then silently dropped. Publishes to a bound and an unbound key, all at
+    // once on one broker, must each get their own outcome.
+    let (link, config) = slow(unique_config("returns")).await;
+    let broker = Arc::new(AmqpBroker::connect(&config).await.unwrap());
+    link.set_latency(Duration::from_millis(5));
+    let bound = config.amqp.binding_key.clone();
+    let mut wrong = Vec::new();
+    let mut routed = 0u32;
+    for round in 0..20 {
+        let publishes = (0..400u32).map(|i| {
+            let to_nowhere = i % 3 == 0;
+            let key = if to_nowhere {
+                "nobody_binds_this_key".to_owned()
+            } else {
+                bound.clone()
+            };
+            let message =
+                Message::new(key, format!("{{\"round\":{round},\"n\":{i}}}").into_bytes());
+            let broker = broker.clone();
+            async move { (to_nowhere, broker.publish(message).await) }
+        });
+        for (to_nowhere, outcome) in futures_util::future::join_all(publishes).await {
+            match (to_nowhere, &outcome) {
+                (false, Ok(())) => routed += 1,
+                (true, Err(e)) if e.kind() == machinery::ErrorKind::Rejected => {}
+                _ => wrong.push(format!("to nowhere: {to_nowhere}, outcome: {outcome:?}")),
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} publishes got another's outcome: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    assert_eq!(
+        settles_at(&config.default_queue, routed, Duration::from_secs(10)).await,
+        routed
+    );
+    drop(broker);
+    drop(link);
+    cleanup(&config).await;
+}

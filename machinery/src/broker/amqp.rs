@@ -36,7 +36,10 @@
 //! signature's priority and its headers as AMQP headers (except the trace context, which stays
 //! in the body: see `property_headers`), `mandatory` and with publisher confirms;
 //! [`publish_many`](Broker::publish_many) keeps a window of confirms in flight instead of one
-//! round trip each, and reports an outcome per message. Errors are classified:
+//! round trip each, and reports an outcome per message. One task per publishing channel makes
+//! every publish and awaits every confirm, so that each publish gets the return that is its own
+//! (`broker/amqp/confirms.rs`: lapin can hand a return to another confirm of the same `multiple`
+//! ack, reporting an unroutable message sent). Errors are classified:
 //!
 //! - [`ErrorKind::Encode`]: a routing key, delay queue name or header key (at any depth) longer
 //!   than the 255 bytes AMQP can carry, refused before anything is sent ([`Broker::validate`];
@@ -108,9 +111,11 @@ use tracing::{debug, error, info, warn};
 
 mod acks;
 mod admin;
+mod confirms;
 mod lease;
 
 use acks::{Frame, Settle};
+use confirms::{Confirms, Outcome, Publish};
 use lease::{Held, Leases, Next};
 
 use super::{Acker, Broker, Consumer, Delivery, Message, Rejection};
@@ -250,7 +255,8 @@ struct Route {
 
 /// A publish sent, its confirm still to come.
 struct Started {
-    confirm: lapin::PublisherConfirm,
+    /// The confirm, with the publish's own return ([`confirms`]).
+    confirm: tokio::sync::oneshot::Receiver<Outcome>,
     delay_queue: Option<String>,
     /// Dropped when the publish ends: from then the delay queue is kept until a declaration is
     /// sent, and no longer.
@@ -291,6 +297,8 @@ struct SideChannel {
 struct Link {
     connection: Arc<Connection>,
     channel: Channel,
+    /// The collector of the channel's confirms.
+    confirms: Confirms,
     generation: u64,
     /// The node it is connected to (an index into `Inner::nodes`).
     node: usize,
@@ -610,6 +618,7 @@ impl Inner {
         debug!(node = %self.node_url(node), generation, "connected");
         Ok(Link {
             connection,
+            confirms: Confirms::start(channel.clone()),
             channel,
             generation,
             node,
@@ -899,20 +908,16 @@ impl Inner {
         if let Some(headers) = property_headers(&message.headers)? {
             properties = properties.with_headers(headers);
         }
-        let confirm = link
-            .channel
-            .basic_publish(
-                route.exchange,
-                route.routing_key,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &message.body,
-                properties,
-            )
-            .await
-            .map_err(|e| self.broker_error("publish failed", e))?;
+        let confirm = link.confirms.publish(Publish {
+            exchange: route.exchange,
+            routing_key: route.routing_key,
+            body: message.body.clone(),
+            options: BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            properties,
+        });
         Ok(Started {
             confirm,
             delay_queue: route.delay_queue,
@@ -935,8 +940,22 @@ impl Inner {
         link: &Link,
         started: Started,
     ) -> std::result::Result<Confirmation, Attempt> {
-        started.confirm.await.map_err(|e| {
-            let err = self.broker_error("publisher confirm failed", e);
+        let outcome = match started.confirm.await {
+            Ok(Outcome::Confirmed(outcome)) => {
+                (*outcome).map_err(|e| self.broker_error("publisher confirm failed", e))
+            }
+            Ok(Outcome::NotSent(e)) => {
+                let err = self.broker_error("publish failed", e);
+                return Err(if interrupted(&err, link) {
+                    Attempt::Again(err)
+                } else {
+                    Attempt::Done(Err(err))
+                });
+            }
+            // Its collector ended with its runtime.
+            Err(gone) => Err(self.broker_error("publisher confirm lost", gone)),
+        };
+        outcome.map_err(|err| {
             if link_alive(link) {
                 Attempt::Done(Err(err))
             } else {
@@ -1032,10 +1051,8 @@ impl Inner {
                 Err(e) => started.push(Some(Err(e))),
             }
         }
-        // Every confirm first: lapin hands a returned (unroutable) message to whichever
-        // confirm of the acknowledged range it completes first, not always the confirm of the
-        // message returned (lapin 4 `Acknowledgements::complete_pending`, a `multiple` ack
-        // walks a HashMap). So returns are matched to the window's messages by body.
+        // Every confirm first (each with its own return: `confirms`), then the ones to send
+        // again, one by one.
         let mut confirms = Vec::with_capacity(window.len());
         for start in started {
             confirms.push(match start {
@@ -1046,30 +1063,6 @@ impl Inner {
                 Some(Err(e)) => Some(Err(e)),
                 None => None,
             });
-        }
-        let mut returned = Vec::new();
-        for (carrier, confirm) in confirms.iter_mut().enumerate() {
-            if let Some(Ok((Ok(Confirmation::Ack(carried)), _))) = confirm {
-                if let Some(message) = carried.take() {
-                    returned.push((carrier, message));
-                }
-            }
-        }
-        let mut owner: Vec<Option<usize>> = vec![None; returned.len()];
-        for (at, message) in window.iter().enumerate() {
-            let free = returned.iter().enumerate().position(|(r, (_, back))| {
-                owner[r].is_none() && back.delivery.data[..] == message.body[..]
-            });
-            if let Some(r) = free {
-                owner[r] = Some(at);
-            }
-        }
-        for ((carrier, message), owner) in returned.into_iter().zip(owner) {
-            // One that matches no message stays with the confirm that carried it.
-            let at = owner.unwrap_or(carrier);
-            if let Some(Some(Ok((Ok(Confirmation::Ack(slot)), _)))) = confirms.get_mut(at) {
-                *slot = Some(message);
-            }
         }
         let mut outcomes = Vec::with_capacity(window.len());
         for (message, confirm) in window.iter().zip(confirms) {
@@ -1675,25 +1668,28 @@ impl AmqpAcker {
         headers.insert("x-machinery-source-queue".into(), long_string(&self.queue));
         headers.insert("x-machinery-reason".into(), long_string(reason));
         // To the default exchange, which routes by queue name.
-        let confirm = link
-            .channel
-            .basic_publish(
-                ShortString::default(),
-                short("queue name", &queue)?,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &self.body,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
-            )
-            .await
-            .map_err(|e| self.broker.broker_error("dead-letter publish failed", e))?;
-        let confirmation = confirm
-            .await
-            .map_err(|e| self.broker.broker_error("dead-letter confirm failed", e))?;
+        let routing_key = short("queue name", &queue)?;
+        let confirm = link.confirms.publish(Publish {
+            exchange: ShortString::default(),
+            routing_key,
+            body: self.body.clone(),
+            options: BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            properties: BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        });
+        let confirmation = match confirm.await {
+            Ok(Outcome::Confirmed(outcome)) => {
+                outcome.map_err(|e| self.broker.broker_error("dead-letter confirm failed", e))?
+            }
+            Ok(Outcome::NotSent(e)) => {
+                return Err(self.broker.broker_error("dead-letter publish failed", e))
+            }
+            Err(gone) => return Err(self.broker.broker_error("dead-letter confirm lost", gone)),
+        };
         self.broker.check_confirmation(confirmation, &queue)
     }
 }
