@@ -959,7 +959,9 @@ fn rabbitmqctl(args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn passwords_appear_at_no_log_level() {
-    // lapin logs every frame it writes at TRACE, the login frame (`\0user\0password`) included.
+    // lapin logs every frame it writes at TRACE, the login frame (`\0user\0password`) included,
+    // and a message the broker returned, body and all, at WARN: a task's arguments may hold
+    // secrets too.
     let id = uuid::Uuid::new_v4().simple().to_string();
     let user = format!("machinery_log_test_{}", &id[..8]);
     let password = format!("Pw-{}-sEcReT", &id[8..24]);
@@ -982,6 +984,15 @@ async fn passwords_appear_at_no_log_level() {
         ))
         .await
         .unwrap();
+    let token = format!("Tk-{}-sEcReT", &id[..8]);
+    let returned = broker
+        .publish(Message::new(
+            "nobody_binds_this_key",
+            format!(r#"{{"token":"{token}"}}"#).into_bytes(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(returned.kind(), ErrorKind::Rejected, "{returned}");
     drop(broker);
     tokio::time::sleep(Duration::from_millis(200)).await;
     CAPTURING.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -1004,11 +1015,16 @@ async fn passwords_appear_at_no_log_level() {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    for secret in [password.clone(), as_bytes(&password)] {
+    for secret in [
+        password.clone(),
+        as_bytes(&password),
+        token.clone(),
+        as_bytes(&token),
+    ] {
         if let Some(at) = log.find(&secret) {
             let start = log[..at].rfind('\n').map_or(0, |n| n + 1);
             let end = log[at..].find('\n').map_or(log.len(), |n| at + n);
-            panic!("the password was logged:\n{}", &log[start..end]);
+            panic!("a secret was logged:\n{}", &log[start..end]);
         }
     }
 }

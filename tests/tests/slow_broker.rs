@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{amqp_url, cleanup, queue_depth, raw_channel, unique_config};
+use common::{amqp_url, cleanup, queue_depth, queue_probe, raw_channel, unique_config};
 use machinery::broker::amqp::AmqpBroker;
 use machinery::broker::{Broker, Message};
 use machinery::testing::SlowLink;
@@ -44,22 +44,6 @@ async fn settles_at(queue: &str, n: u32, within: Duration) -> u32 {
     }
 }
 
-/// Whether `queue` exists (a passive declaration, on a connection of its own).
-async fn exists(queue: &str) -> bool {
-    let (_conn, channel) = raw_channel().await;
-    channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .is_ok()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delayed_message_outlives_its_delay_queue_on_a_slow_broker() {
     // Go declares a delay queue with `x-expires` = 2 * delay (v2/brokers/amqp/amqp.go `delay`),
@@ -94,7 +78,7 @@ async fn a_delayed_message_outlives_its_delay_queue_on_a_slow_broker() {
     let delay_queue = AmqpBroker::delay_queue(100, &config.amqp.exchange, &key);
     let deadline = Instant::now() + Duration::from_secs(10);
     // Asked less often than it expires (200 ms): a passive declaration renews it too.
-    while exists(&delay_queue).await {
+    while queue_probe(&delay_queue).await.is_some() {
         assert!(
             Instant::now() < deadline,
             "{delay_queue} is kept declared without end"

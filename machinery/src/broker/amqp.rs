@@ -253,7 +253,7 @@ struct Route {
     hold: Option<LeaseHold>,
 }
 
-/// A publish sent, its confirm still to come.
+/// A publish handed to the channel's collector, its outcome still to come.
 struct Started {
     /// The confirm, with the publish's own return ([`confirms`]).
     confirm: tokio::sync::oneshot::Receiver<Outcome>,
@@ -618,7 +618,12 @@ impl Inner {
         debug!(node = %self.node_url(node), generation, "connected");
         Ok(Link {
             connection,
-            confirms: Confirms::start(channel.clone()),
+            confirms: Confirms::start(channel.clone()).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Broker,
+                    "the AMQP broker publishes from a Tokio runtime: none is running here",
+                )
+            })?,
             channel,
             generation,
             node,
@@ -895,7 +900,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Validates `message` and sends it on `link`, without waiting for its confirm.
+    /// Validates `message`, routes it and hands it to `link`'s collector, which writes it;
+    /// does not wait for it to be written or confirmed.
     async fn start_publish(&self, link: &Link, message: &Message) -> Result<Started> {
         self.validate(message)?;
         let route = self.route(link, message).await?;
@@ -1033,7 +1039,7 @@ impl Inner {
     /// returns one outcome per message. A message the broker cannot take fails alone; the ones
     /// interrupted by a lost connection go again one by one ([`publish_one`](Self::publish_one)).
     async fn publish_window(&self, link: &Link, window: &[Message]) -> Vec<Result<()>> {
-        // `None`: not sent, the connection was lost before its turn.
+        // `None`: not handed over, the connection was lost (routing it) before its turn.
         let mut started = Vec::with_capacity(window.len());
         let mut lost = false;
         for message in window {
@@ -1179,17 +1185,21 @@ async fn keep_delay_queue(broker: Weak<Inner>, queue: String, args: FieldTable) 
         let Next::At(at) = next else {
             return;
         };
-        if at > Instant::now() {
-            // A publish may declare it meanwhile, which moves the next declaration on.
-            tokio::time::sleep_until(at).await;
+        let now = Instant::now();
+        if at > now {
+            // A publish may declare it meanwhile, which moves the next declaration on, and
+            // the end of the last publish can bring it closer: look again at least every
+            // `lease::FINAL_WITHIN`.
+            tokio::time::sleep_until(at.min(now + lease::FINAL_WITHIN)).await;
             continue;
         }
         let Some(inner) = broker.upgrade() else {
             return;
         };
         let Some(link) = inner.current_link() else {
-            debug!(queue = %queue, "no connection to declare a delay queue again on; trying again");
-            lock(&inner.leases).failed(&queue, Instant::now());
+            // Reconnecting, or a publish holds the link a moment: look again soon.
+            drop(inner);
+            tokio::time::sleep(lease::RELOOK).await;
             continue;
         };
         match inner
@@ -1212,7 +1222,9 @@ async fn keep_delay_queue(broker: Weak<Inner>, queue: String, args: FieldTable) 
 }
 
 fn link_alive(link: &Link) -> bool {
-    link.channel.status().connected() && link.connection.status().connected()
+    link.channel.status().connected()
+        && link.connection.status().connected()
+        && link.confirms.is_alive()
 }
 
 /// Whether `err` came from losing `link` (so that publishing again on a new one may work).
@@ -1737,7 +1749,9 @@ impl Drop for AmqpAcker {
 }
 
 /// Keeps lapin's frame-level TRACE events, and with them the login frame that carries the
-/// password, out of the logs.
+/// password, out of the logs, and its WARN event of a returned message, which prints the
+/// message's body (a task's arguments may hold secrets); the publisher gets the return as a
+/// `Rejected` error instead.
 ///
 /// lapin logs every frame it writes at TRACE (`will write to buffer next_msg=...`), and the
 /// `connection.start-ok` frame holds the SASL response `\0user\0password`. It logs from its
@@ -1801,7 +1815,21 @@ pub(crate) mod quiet {
                 .any(|field| matches!(field.name(), "next_msg" | "frame" | "frames"))
     }
 
-    /// Forwards everything to `inner`, except [`carries_frames`] events.
+    /// Whether `metadata` is lapin's event of a message the broker returned, which prints the
+    /// whole message, body included (`returned_messages.rs`: "Server returned us a message").
+    pub(super) fn carries_body(metadata: &Metadata<'_>) -> bool {
+        metadata.is_event()
+            && metadata.target() == "lapin::returned_messages"
+            && *metadata.level() == Level::WARN
+    }
+
+    /// Whether `metadata` is an event kept out of the logs: [`carries_frames`],
+    /// [`carries_body`].
+    pub(super) fn hidden(metadata: &Metadata<'_>) -> bool {
+        carries_frames(metadata) || carries_body(metadata)
+    }
+
+    /// Forwards everything to `inner`, except [`hidden`] events.
     ///
     /// (`Dispatch` does not expose its subscriber's level hint or current span, so this one
     /// gives none: `Span::current()` inside lapin is `Span::none()`.)
@@ -1811,7 +1839,7 @@ pub(crate) mod quiet {
 
     impl Subscriber for HideFrames {
         fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
-            if carries_frames(metadata) {
+            if hidden(metadata) {
                 Interest::never()
             } else {
                 self.inner.register_callsite(metadata)
@@ -1819,7 +1847,7 @@ pub(crate) mod quiet {
         }
 
         fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-            !carries_frames(metadata) && self.inner.enabled(metadata)
+            !hidden(metadata) && self.inner.enabled(metadata)
         }
 
         fn new_span(&self, span: &Attributes<'_>) -> Id {
@@ -1835,7 +1863,7 @@ pub(crate) mod quiet {
         }
 
         fn event_enabled(&self, event: &Event<'_>) -> bool {
-            !carries_frames(event.metadata())
+            !hidden(event.metadata())
         }
 
         fn event(&self, event: &Event<'_>) {
@@ -2081,8 +2109,10 @@ mod tests {
             tracing::trace!(target: "lapin::io_loop", "io_loop run");
             tracing::debug!(target: "lapin::io_loop", next_msg = "x", "not a TRACE event");
             tracing::trace!(target: "elsewhere", frame = 1, "not lapin");
+            tracing::warn!(target: "lapin::returned_messages", message = "{\"token\":1}", "Server returned us a message");
+            tracing::trace!(target: "lapin::returned_messages", "storing it");
         });
-        assert_eq!(count.load(Ordering::SeqCst), 3);
+        assert_eq!(count.load(Ordering::SeqCst), 4);
     }
 
     #[test]

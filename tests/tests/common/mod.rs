@@ -196,6 +196,13 @@ pub async fn publish_raw(channel: &lapin::Channel, exchange: &str, key: &str, bo
 /// close the channel it was sent on, which must not be the caller's.
 pub async fn queue_depth(channel: &lapin::Channel, queue: &str) -> u32 {
     let _ = channel;
+    queue_probe(queue).await.unwrap_or(0)
+}
+
+/// Number of messages ready in `queue`, or `None` if it does not exist: a passive declaration
+/// on a connection of its own. RabbitMQ may count it as use of the queue (renewing its
+/// `x-expires`).
+pub async fn queue_probe(queue: &str) -> Option<u32> {
     let (_conn, channel) = raw_channel().await;
     channel
         .queue_declare(
@@ -207,8 +214,8 @@ pub async fn queue_depth(channel: &lapin::Channel, queue: &str) -> u32 {
             Default::default(),
         )
         .await
+        .ok()
         .map(|q| q.message_count())
-        .unwrap_or(0)
 }
 
 /// Number of messages ready in `queue`, asked on a channel of its own: asking about a queue that

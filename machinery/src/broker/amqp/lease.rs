@@ -37,7 +37,10 @@ const MIN_RETRY: Duration = Duration::from_millis(50);
 
 /// At most this long after the last publish to a queue ends, its last declaration is sent and
 /// the lease ends (a queue with a delay of hours is not kept for half of it).
-const FINAL_WITHIN: Duration = Duration::from_secs(1);
+pub(super) const FINAL_WITHIN: Duration = Duration::from_secs(1);
+
+/// How soon a keeper looks again when the connection is not free to declare on.
+pub(super) const RELOOK: Duration = Duration::from_millis(10);
 
 /// The delay queues kept declared, and when each was last declared.
 #[derive(Default)]
