@@ -81,10 +81,13 @@
 //! carries the password; it logs from its own tasks and its own I/O thread. machinery connects
 //! with a runtime that runs those tasks and that thread with a dispatcher wrapping the caller's
 //! current one (captured at connect time), which drops lapin's frame-level TRACE events (those
-//! with a `next_msg`, `frame` or `frames` field) and forwards everything else. Nothing is
-//! installed globally. To see the frames anyway, when debugging the protocol, set the
-//! environment variable [`MACHINERY_TRACE_AMQP_FRAMES`](TRACE_FRAMES_ENV)`=1`: the frames, login
-//! included, are then logged at TRACE as lapin writes them.
+//! with a `next_msg`, `frame` or `frames` field) and its WARN event of a message the broker
+//! returned, which prints the message's body (a task's arguments may hold secrets; the
+//! publisher gets the return as a [`Rejected`](ErrorKind::Rejected) error), and forwards
+//! everything else. Nothing is installed globally. To see the frames anyway, when debugging the
+//! protocol, set the environment variable [`MACHINERY_TRACE_AMQP_FRAMES`](TRACE_FRAMES_ENV)`=1`:
+//! the frames, login included, and returned messages, bodies included, are then logged as
+//! lapin writes them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -292,6 +295,9 @@ struct SideChannel {
     channel: Channel,
 }
 
+/// The connection lock was held by someone else.
+struct Busy;
+
 /// One connection and its publishing channel (publisher confirms on).
 #[derive(Clone)]
 struct Link {
@@ -476,9 +482,13 @@ impl Inner {
                 return Ok(link.clone());
             }
             if link.connection.status().connected() {
-                // The broker closed the publishing channel only (a channel error): open another
-                // one on the same connection.
-                warn!(node = %self.node_url(link.node), "publishing channel closed by the broker; reopening it");
+                // The broker closed the publishing channel only (a channel error), or its
+                // confirm collector ended with its runtime: open another one on the same
+                // connection.
+                if link.channel.status().connected() {
+                    let _ = link.channel.close(200, "reopening".into()).await;
+                }
+                warn!(node = %self.node_url(link.node), "publishing channel closed by the broker (or its confirm collector ended); reopening it");
                 match self
                     .open_publisher(link.connection.clone(), link.node)
                     .await
@@ -620,7 +630,7 @@ impl Inner {
             connection,
             confirms: Confirms::start(channel.clone()).ok_or_else(|| {
                 Error::new(
-                    ErrorKind::Broker,
+                    ErrorKind::Unsupported,
                     "the AMQP broker publishes from a Tokio runtime: none is running here",
                 )
             })?,
@@ -833,10 +843,11 @@ impl Inner {
         })
     }
 
-    /// The current connection, if it is up, without waiting for it or reconnecting.
-    fn current_link(&self) -> Option<Link> {
-        let current = self.link.try_lock().ok()?;
-        current.as_ref().filter(|link| link_alive(link)).cloned()
+    /// The current connection, if it is up, without waiting for it or reconnecting: `Err`
+    /// if someone holds it (a publish, for a moment; or a reconnect, for longer).
+    fn current_link(&self) -> std::result::Result<Option<Link>, Busy> {
+        let current = self.link.try_lock().map_err(|_| Busy)?;
+        Ok(current.as_ref().filter(|link| link_alive(link)).cloned())
     }
 
     /// Where a message goes: the exchange with its routing key, or (delayed) the delay queue,
@@ -1196,11 +1207,25 @@ async fn keep_delay_queue(broker: Weak<Inner>, queue: String, args: FieldTable) 
         let Some(inner) = broker.upgrade() else {
             return;
         };
-        let Some(link) = inner.current_link() else {
-            // Reconnecting, or a publish holds the link a moment: look again soon.
-            drop(inner);
-            tokio::time::sleep(lease::RELOOK).await;
-            continue;
+        let link = match inner.current_link() {
+            Ok(Some(link)) => link,
+            Ok(None) => {
+                // Down, and nobody reconnecting: publishes reconnect, and declare it anew.
+                lock(&inner.leases).failed(&queue, Instant::now());
+                continue;
+            }
+            Err(Busy) => {
+                // A publish holds the link a moment, or a reconnect for longer: look again
+                // soon, then less often (a failed declaration's pause).
+                drop(inner);
+                tokio::time::sleep(lease::RELOOK).await;
+                if let Some(inner) = broker.upgrade() {
+                    if matches!(inner.current_link(), Err(Busy)) {
+                        lock(&inner.leases).failed(&queue, Instant::now());
+                    }
+                }
+                continue;
+            }
         };
         match inner
             .declare_side_queue(&link, &queue, args.clone(), false, |_| false)

@@ -13,7 +13,8 @@
 //! (lapin's `basic_publish` ends when the frames are on the socket, and hands back the
 //! confirm), then every confirm that has completed, and again until neither has more. It
 //! takes the returned messages out of those confirms and gives each publish the return that is
-//! its own: the one with its exchange, routing key, headers and body. The broker sends a
+//! its own: the one with its exchange, routing key and body (headers, which RabbitMQ may add to,
+//! only choose between equals). The broker sends a
 //! message's return before its ack, and acks only what it received, so when a confirm holding
 //! a publish's return completes, the collector already holds that publish.
 //!
@@ -21,8 +22,16 @@
 //! for a publish still pending: lapin completes the confirms of one `multiple` ack one by one,
 //! and the collector may wake between two of them, seeing the confirm that holds another's
 //! return before the one that holds its own. Such a confirm waits (deferred) until the returns
-//! are claimed. A return that no pending publish can claim (its publish already settled) is
+//! are claimed: every routed confirm of the channel waits while any return waits for its
+//! publish's confirm (a few microseconds, or as long as the broker takes to ack that one). A return that no pending publish can claim (its publish already settled) is
 //! dropped with an error.
+//!
+//! What is left to chance: the collector sees completed confirms in the order of its futures'
+//! wakes, which follows lapin's completion order, except for a confirm handed over (and so
+//! queued) before it completed, ahead of one that completed earlier and holds its return. If
+//! `FuturesUnordered` stops short between the two on two drains in a row (with a yield
+//! between), the first is settled as routed. That needs a `multiple` ack, a return, and a
+//! transient stop at that one place.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
@@ -39,10 +48,6 @@ use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
-/// Returned messages kept for a publish whose confirm has not completed; beyond this many the
-/// oldest is dropped (with an error: it matched no publish).
-const MAX_WAITING_RETURNS: usize = 1024;
-
 /// A message to publish, as its return, if any, would carry it.
 pub(super) struct Publish {
     pub(super) exchange: ShortString,
@@ -53,15 +58,16 @@ pub(super) struct Publish {
 }
 
 impl Publish {
+    /// Whether `returned` is this message: the same exchange, routing key and body. Headers do
+    /// not count (RabbitMQ may add some before routing: `timestamp_in_ms`, `x-routed-by`), but
+    /// choose between returns that match otherwise ([`Ledger::claim`]).
     fn owns(&self, returned: &BasicReturnMessage) -> bool {
         returned.delivery.exchange == self.exchange
             && returned.delivery.routing_key == self.routing_key
-            && returned.delivery.properties.headers() == self.properties.headers()
             && returned.delivery.data[..] == self.body[..]
     }
 
-    /// What [`owns`](Self::owns) compares but the headers, hashed: which returns a pending
-    /// publish may claim.
+    /// What [`owns`](Self::owns) compares, hashed: which returns a pending publish may claim.
     fn key(&self) -> u64 {
         key(&self.exchange, &self.routing_key, &self.body)
     }
@@ -130,10 +136,11 @@ type Completed = (Request, lapin::Result<Confirmation>);
 /// The collector's state besides its futures.
 #[derive(Default)]
 struct Ledger {
-    /// Returns not claimed yet.
+    /// Returns not claimed yet. Each can be claimed by a publish in `pending` (the others are
+    /// dropped), so there are never more than publishes in flight.
     returns: VecDeque<BasicReturnMessage>,
-    /// Publishes written whose confirm has not completed, by [`Publish::key`]: who may still
-    /// claim a return.
+    /// Publishes received whose confirm has not completed (being written, or written), by
+    /// [`Publish::key`]: who may still claim a return.
     pending: HashMap<u64, u32>,
     /// Confirms without a return of their own, held while returns wait for their publishes.
     deferred: Vec<Completed>,
@@ -147,7 +154,10 @@ async fn collect(channel: Channel, mut incoming: mpsc::UnboundedReceiver<Request
     loop {
         tokio::select! {
             request = incoming.recv(), if open => match request {
-                Some(request) => writing.push(write(&channel, request)),
+                Some(request) => {
+                    ledger.received(&request);
+                    writing.push(write(&channel, request));
+                }
                 None => open = false,
             },
             Some(written) = writing.next(), if !writing.is_empty() => {
@@ -156,8 +166,11 @@ async fn collect(channel: Channel, mut incoming: mpsc::UnboundedReceiver<Request
             Some(first) = confirming.next(), if !confirming.is_empty() => {
                 let mut batch = vec![first];
                 // Every publish written so far, then every confirm completed so far, until
-                // neither has more.
-                loop {
+                // neither has more twice in a row, with a yield between: `FuturesUnordered`
+                // can answer `Pending` short of what is ready (its queue caught mid-update,
+                // or its cooperative yield), waking itself to be asked again.
+                let mut quiet = 0;
+                while quiet < 2 {
                     let mut more = false;
                     while let Some(Some(written)) = writing.next().now_or_never() {
                         ledger.written(written, &mut confirming);
@@ -167,8 +180,13 @@ async fn collect(channel: Channel, mut incoming: mpsc::UnboundedReceiver<Request
                         batch.push(completed);
                         more = true;
                     }
-                    if !more {
-                        break;
+                    if more {
+                        quiet = 0;
+                    } else {
+                        quiet += 1;
+                        if quiet < 2 {
+                            tokio::task::yield_now().await;
+                        }
                     }
                 }
                 ledger.settle(batch);
@@ -198,6 +216,43 @@ fn write(channel: &Channel, request: Request) -> BoxFuture<'static, Written> {
 }
 
 impl Ledger {
+    /// Which waiting return is `publish`'s: one it [owns](Publish::owns), with its headers if
+    /// there is a choice.
+    fn claim(&self, publish: &Publish) -> Option<usize> {
+        let same_headers = |r: &BasicReturnMessage| {
+            r.delivery.properties.headers() == publish.properties.headers()
+        };
+        let mut owned = self
+            .returns
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| publish.owns(r));
+        let first = owned.next()?;
+        Some(
+            std::iter::once(first)
+                .chain(owned)
+                .find(|(_, r)| same_headers(r))
+                .unwrap_or(first)
+                .0,
+        )
+    }
+
+    /// A publish was received: until its confirm completes, it may claim a return.
+    fn received(&mut self, request: &Request) {
+        *self.pending.entry(request.publish.key()).or_default() += 1;
+    }
+
+    /// A publish's confirm completed, or it was not written: it claims no more returns.
+    fn done(&mut self, request: &Request) {
+        let key = request.publish.key();
+        if let Some(n) = self.pending.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending.remove(&key);
+            }
+        }
+    }
+
     /// A publish was written: await its confirm, or tell it that it could not be written.
     fn written(
         &mut self,
@@ -206,10 +261,10 @@ impl Ledger {
     ) {
         match written {
             Ok(confirm) => {
-                *self.pending.entry(request.publish.key()).or_default() += 1;
                 confirming.push(confirm.map(move |outcome| (request, outcome)).boxed());
             }
             Err(e) => {
+                self.done(&request);
                 // The publish may have given up waiting (dropped): nothing to tell.
                 let _ = request.reply.send(Outcome::NotSent(e));
             }
@@ -220,13 +275,7 @@ impl Ledger {
     /// settles those it can (see the module docs).
     fn settle(&mut self, mut batch: Vec<Completed>) {
         for (request, outcome) in &mut batch {
-            let key = request.publish.key();
-            if let Some(n) = self.pending.get_mut(&key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.pending.remove(&key);
-                }
-            }
+            self.done(request);
             if let Some(returned) = slot(outcome).and_then(Option::take) {
                 self.returns.push_back(returned);
             }
@@ -238,7 +287,7 @@ impl Ledger {
                 self.send(request, outcome);
                 continue;
             };
-            match self.returns.iter().position(|r| request.publish.owns(r)) {
+            match self.claim(&request.publish) {
                 Some(at) => {
                     *slot = self.returns.remove(at);
                     self.send(request, outcome);
@@ -260,10 +309,6 @@ impl Ledger {
             }
             claimable
         });
-        while self.returns.len() > MAX_WAITING_RETURNS {
-            self.returns.pop_front();
-            error!("too many returned messages wait for their publishes; dropping the oldest");
-        }
         if self.returns.is_empty() {
             for (request, outcome) in unclaimed {
                 self.send(request, outcome);
@@ -315,7 +360,7 @@ mod tests {
     }
 
     fn written(ledger: &mut Ledger, request: &Request) {
-        *ledger.pending.entry(request.publish.key()).or_default() += 1;
+        ledger.received(request);
     }
 
     /// The return its publish was told, `None` for routed, or "waiting".
@@ -352,6 +397,22 @@ mod tests {
         assert_eq!(told(&mut z_told), Some(Some("Z".to_owned())));
         assert_eq!(told(&mut y_told), Some(None), "routed");
         assert!(ledger.returns.is_empty() && ledger.deferred.is_empty());
+    }
+
+    #[test]
+    fn a_return_is_claimed_though_the_broker_added_a_header() {
+        let mut ledger = Ledger::default();
+        let (a, mut a_told) = publish("A");
+        written(&mut ledger, &a);
+        let mut back = returned("A");
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "timestamp_in_ms".into(),
+            lapin::types::AMQPValue::LongLongInt(1),
+        );
+        back.delivery.properties = BasicProperties::default().with_headers(headers);
+        ledger.settle(vec![(a, Ok(Confirmation::Ack(Some(back))))]);
+        assert_eq!(told(&mut a_told), Some(Some("A".to_owned())));
     }
 
     #[test]
