@@ -39,7 +39,9 @@
 //! round trip each, and reports an outcome per message. One task per publishing channel makes
 //! every publish and awaits every confirm, so that each publish gets the return that is its own
 //! (`broker/amqp/confirms.rs`: lapin can hand a return to another confirm of the same `multiple`
-//! ack, reporting an unroutable message sent). Errors are classified:
+//! ack, reporting an unroutable message sent). A message is handed to that task as soon as it
+//! is routed: dropping a `publish` future after that does not withdraw it (delivery is at least
+//! once). Errors are classified:
 //!
 //! - [`ErrorKind::Encode`]: a routing key, delay queue name or header key (at any depth) longer
 //!   than the 255 bytes AMQP can carry, refused before anything is sent ([`Broker::validate`];
