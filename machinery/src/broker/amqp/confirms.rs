@@ -96,6 +96,8 @@ pub(super) enum Outcome {
 
 struct Request {
     publish: Publish,
+    /// [`Publish::key`], hashed once, by the caller.
+    key: u64,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -125,7 +127,12 @@ impl Confirms {
     pub(super) fn publish(&self, publish: Publish) -> oneshot::Receiver<Outcome> {
         let (reply, outcome) = oneshot::channel();
         // If the collector is gone, `reply` is dropped with the request: the receiver closes.
-        let _ = self.requests.send(Request { publish, reply });
+        let key = publish.key();
+        let _ = self.requests.send(Request {
+            publish,
+            key,
+            reply,
+        });
         outcome
     }
 }
@@ -239,12 +246,12 @@ impl Ledger {
 
     /// A publish was received: until its confirm completes, it may claim a return.
     fn received(&mut self, request: &Request) {
-        *self.pending.entry(request.publish.key()).or_default() += 1;
+        *self.pending.entry(request.key).or_default() += 1;
     }
 
     /// A publish's confirm completed, or it was not written: it claims no more returns.
     fn done(&mut self, request: &Request) {
-        let key = request.publish.key();
+        let key = request.key;
         if let Some(n) = self.pending.get_mut(&key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -348,7 +355,15 @@ mod tests {
             options: BasicPublishOptions::default(),
             properties: BasicProperties::default(),
         };
-        (Request { publish, reply }, outcome)
+        let key = publish.key();
+        (
+            Request {
+                publish,
+                key,
+                reply,
+            },
+            outcome,
+        )
     }
 
     fn returned(body: &str) -> BasicReturnMessage {
