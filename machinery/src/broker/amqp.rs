@@ -300,6 +300,22 @@ struct SideChannel {
 /// The connection lock was held by someone else.
 struct Busy;
 
+/// Why a publish has no confirmation.
+enum Unconfirmed {
+    /// It was not written.
+    NotSent(Error),
+    /// Written, but its confirm failed or was lost: the broker may have it.
+    Lost(Error),
+}
+
+impl Unconfirmed {
+    fn into_error(self) -> Error {
+        match self {
+            Unconfirmed::NotSent(e) | Unconfirmed::Lost(e) => e,
+        }
+    }
+}
+
 /// One connection and its publishing channel (publisher confirms on).
 #[derive(Clone)]
 struct Link {
@@ -823,7 +839,7 @@ impl Inner {
                     lock(&self.leases).kept_by(queue, keeper.abort_handle());
                 }
                 Err(_) => {
-                    lock(&self.leases).unkept(queue);
+                    lock(&self.leases).end(queue);
                     return None;
                 }
             },
@@ -959,20 +975,16 @@ impl Inner {
         link: &Link,
         started: Started,
     ) -> std::result::Result<Confirmation, Attempt> {
-        let outcome = match started.confirm.await {
-            Ok(Outcome::Confirmed(outcome)) => {
-                (*outcome).map_err(|e| self.broker_error("publisher confirm failed", e))
-            }
-            Ok(Outcome::NotSent(e)) => {
-                let err = self.broker_error("publish failed", e);
+        let outcome = match self.outcome(started.confirm.await, "publish") {
+            Err(Unconfirmed::NotSent(err)) => {
                 return Err(if interrupted(&err, link) {
                     Attempt::Again(err)
                 } else {
                     Attempt::Done(Err(err))
                 });
             }
-            // Its collector ended with its runtime.
-            Err(gone) => Err(self.broker_error("publisher confirm lost", gone)),
+            Err(Unconfirmed::Lost(err)) => Err(err),
+            Ok(confirmation) => Ok(confirmation),
         };
         outcome.map_err(|err| {
             if link_alive(link) {
@@ -982,6 +994,26 @@ impl Inner {
                 Attempt::Again(err)
             }
         })
+    }
+
+    /// What the collector said of a publish (`what`): its confirmation, or why there is none.
+    fn outcome(
+        &self,
+        received: std::result::Result<Outcome, tokio::sync::oneshot::error::RecvError>,
+        what: &str,
+    ) -> std::result::Result<Confirmation, Unconfirmed> {
+        match received {
+            Ok(Outcome::Confirmed(outcome)) => (*outcome).map_err(|e| {
+                Unconfirmed::Lost(self.broker_error(&format!("{what}: confirm failed"), e))
+            }),
+            Ok(Outcome::NotSent(e)) => Err(Unconfirmed::NotSent(
+                self.broker_error(&format!("{what} failed"), e),
+            )),
+            // Its collector ended with its runtime.
+            Err(gone) => Err(Unconfirmed::Lost(
+                self.broker_error(&format!("{what}: confirm lost"), gone),
+            )),
+        }
     }
 
     /// What a confirm means for `message`.
@@ -1720,15 +1752,10 @@ impl AmqpAcker {
                 .with_delivery_mode(2)
                 .with_headers(headers),
         });
-        let confirmation = match confirm.await {
-            Ok(Outcome::Confirmed(outcome)) => {
-                outcome.map_err(|e| self.broker.broker_error("dead-letter confirm failed", e))?
-            }
-            Ok(Outcome::NotSent(e)) => {
-                return Err(self.broker.broker_error("dead-letter publish failed", e))
-            }
-            Err(gone) => return Err(self.broker.broker_error("dead-letter confirm lost", gone)),
-        };
+        let confirmation = self
+            .broker
+            .outcome(confirm.await, "dead-letter publish")
+            .map_err(Unconfirmed::into_error)?;
         self.broker.check_confirmation(confirmation, &queue)
     }
 }

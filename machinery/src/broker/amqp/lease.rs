@@ -76,7 +76,7 @@ struct Lease {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Held {
     /// The queue is kept; no keeper runs for it: the caller starts one
-    /// ([`kept_by`](Leases::kept_by), or [`unkept`](Leases::unkept) if it cannot).
+    /// ([`kept_by`](Leases::kept_by), or [`end`](Leases::end) if it cannot).
     Start,
     /// The queue is kept, by the keeper running for it.
     Kept,
@@ -145,17 +145,9 @@ impl Leases {
         }
     }
 
-    /// No keeper could start for `queue` (no runtime): it is declared as Go does, unkept.
-    pub(super) fn unkept(&mut self, queue: &str) {
-        self.remove(queue);
-    }
-
-    /// Ends the lease of `queue` (the broker refuses its declaration for good).
+    /// Ends the lease of `queue`: its keeper could not start (no runtime; it is declared as
+    /// Go does, unkept), the broker refuses its declaration for good, or the lease is over.
     pub(super) fn end(&mut self, queue: &str) {
-        self.remove(queue);
-    }
-
-    fn remove(&mut self, queue: &str) {
         self.entries.remove(queue);
         if self.entries.len() < MAX_LEASES / 2 {
             self.full_reported = false;
@@ -203,7 +195,7 @@ impl Leases {
         };
         let expired = now >= lease.until + lease.every * 4;
         if lease.pending == 0 && (lease.sent.is_some_and(|sent| sent >= lease.until) || expired) {
-            self.remove(queue);
+            self.end(queue);
             return Next::Done;
         }
         Next::At(lease.due)
@@ -366,7 +358,7 @@ mod tests {
         assert!(!leases.covers("one.more", D, t0));
         assert_eq!(leases.len(), MAX_LEASES);
         for i in 0..=MAX_LEASES / 2 {
-            leases.unkept(&format!("delay.{i}"));
+            leases.end(&format!("delay.{i}"));
         }
         leases.hold("delay.0", D, t0);
         for i in leases.len()..MAX_LEASES {
