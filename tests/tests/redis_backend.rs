@@ -2056,3 +2056,255 @@ async fn a_group_result_waits_for_its_members_in_one_batch() {
     assert!(reads <= 5, "{commands:?}");
     worker.shutdown().await.unwrap();
 }
+
+// ---- A worker's outcome over its own STARTED ---------------------------------------------
+
+/// The arguments of the last `EVALSHA` the private server ran, from its slow log (every
+/// command is logged: `slowlog-log-slower-than 0`).
+async fn last_evalsha_args(conn: &mut MultiplexedConnection) -> Vec<String> {
+    let log: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(100)
+        .query_async(conn)
+        .await
+        .expect("SLOWLOG GET");
+    for entry in log {
+        let redis::Value::Array(fields) = entry else {
+            continue;
+        };
+        let Some(redis::Value::Array(args)) = fields.get(3) else {
+            continue;
+        };
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| match a {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if args
+            .first()
+            .is_some_and(|a| a.eq_ignore_ascii_case("evalsha"))
+        {
+            return args;
+        }
+    }
+    panic!("no EVALSHA in the slow log");
+}
+
+/// A private server whose slow log keeps every command, and a raw connection to it.
+async fn logged_redis() -> (common::PrivateRedis, MultiplexedConnection) {
+    let redis = common::PrivateRedis::start();
+    let mut conn = redis::Client::open(redis.url())
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("private Redis");
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(0)
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("CONFIG SET");
+    (redis, conn)
+}
+
+#[tokio::test]
+async fn an_outcome_over_the_workers_own_started_is_written_by_comparison() {
+    let (redis, mut conn) = logged_redis().await;
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let uuid = task_uuid();
+    raw_set(
+        &mut conn,
+        &uuid,
+        &go_json(&uuid, "add", "PENDING", "null", "", CREATED),
+    )
+    .await;
+    let previous = b
+        .start(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+    assert_eq!(previous.map(|p| p.state), Some(State::Pending));
+    let started = raw_get(&mut conn, &uuid).await.unwrap();
+    assert_eq!(
+        started,
+        go_json(&uuid, "add", "STARTED", "null", "", CREATED)
+    );
+
+    let (revoked, commands) = commands_during(&redis, b.record(success(&uuid))).await;
+    assert_eq!(revoked.unwrap(), None);
+    // One run: the stored record compared with the STARTED record `start` wrote, then the
+    // outcome written, the creation time carried by the caller.
+    assert_eq!(commands, calls(&[("evalsha", 1), ("get", 1), ("set", 1)]));
+    // The key, expiry, reply flag, then the write: its flags (`E`: by comparison, SUCCESS,
+    // the name and creation time carried, a revoke sent back) and two records (the slow log
+    // cuts arguments at 128 bytes).
+    let args = last_evalsha_args(&mut conn).await;
+    assert_eq!(args.len(), 9, "{args:?}");
+    assert_eq!(
+        args[3..7],
+        [uuid.clone(), "120".into(), "1".into(), "EU111".into()]
+    );
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "SUCCESS", FIVE, "", CREATED)
+    );
+    assert!(raw_ttl(&mut conn, &uuid).await > 100);
+}
+
+#[tokio::test]
+async fn an_outcome_over_a_started_record_changed_since_goes_through_the_guard() {
+    let redis = common::PrivateRedis::start();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+
+    // Revoked while it ran: the comparison fails, and the guard keeps the revoke.
+    let uuid = task_uuid();
+    b.set_state(pending(&uuid)).await.unwrap();
+    b.start(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+    assert_eq!(b.revoke(std::slice::from_ref(&uuid)).await.unwrap(), [true]);
+    let revoked_record = raw_get(&mut conn, &uuid).await.unwrap();
+    let (revoked, commands) = commands_during(&redis, b.record(success(&uuid))).await;
+    assert_eq!(revoked.unwrap().map(|r| r.error), Some("revoked".into()));
+    assert_eq!(commands.get("evalsha"), Some(&2), "{commands:?}");
+    assert_eq!(raw_get(&mut conn, &uuid).await.unwrap(), revoked_record);
+
+    // Rewritten by another writer (a Go worker's STARTED, another creation time): the guard
+    // writes the outcome and carries what is stored now.
+    let uuid = task_uuid();
+    b.set_state(pending(&uuid)).await.unwrap();
+    b.start(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+    let later = "2026-12-01T00:00:00Z";
+    raw_set(
+        &mut conn,
+        &uuid,
+        &go_json(&uuid, "add", "STARTED", "null", "", later),
+    )
+    .await;
+    let (revoked, commands) = commands_during(&redis, b.record(success(&uuid))).await;
+    assert_eq!(revoked.unwrap(), None);
+    assert_eq!(commands.get("evalsha"), Some(&2), "{commands:?}");
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "SUCCESS", FIVE, "", later)
+    );
+
+    // Finished by a duplicate meanwhile: SUCCESS over SUCCESS, through the guard.
+    let uuid = task_uuid();
+    b.set_state(pending(&uuid)).await.unwrap();
+    b.start(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+    b.set_state(success(&uuid)).await.unwrap();
+    let failed = TaskState {
+        error: "boom".into(),
+        ..TaskState::new(&uuid, State::Failure)
+    };
+    assert_eq!(b.record(failed).await.unwrap(), None);
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "FAILURE", "null", "boom", CREATED)
+    );
+}
+
+/// `start` then `record`, against `set_state` of the same two states (the guarded path),
+/// over each stored record: the same bytes.
+#[tokio::test]
+async fn an_outcome_by_comparison_writes_the_bytes_the_guard_writes() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let stored = [
+        Some(go_json("@ID@", "add", "PENDING", "null", "", CREATED)),
+        // Read by decoding it (keys in another case, a name that needs escaping).
+        Some(r#"{"taskuuid":"@ID@","taskname":"a<b","state":"PENDING","createdat":"2026-11-29T20:17:52Z"}"#.to_owned()),
+        // A RETRY with its error, then run again.
+        Some(go_json("@ID@", "add", "RETRY", "null", "try again", CREATED)),
+        // No record at all: the zero time is carried.
+        None,
+    ];
+    let outcomes = [
+        success(""),
+        TaskState {
+            error: "it \"failed\" <badly>".into(),
+            ..TaskState::new("", State::Failure)
+        },
+        TaskState {
+            error: "later".into(),
+            ..TaskState::new("", State::Retry)
+        },
+    ];
+    for record in &stored {
+        for outcome in &outcomes {
+            let mut written = Vec::new();
+            for way in ["compared", "guarded"] {
+                let uuid = task_uuid();
+                if let Some(record) = record {
+                    raw_set(&mut conn, &uuid, &record.replace("@ID@", &uuid)).await;
+                }
+                let started = TaskState {
+                    task_name: "add".into(),
+                    ..TaskState::new(&uuid, State::Started)
+                };
+                let outcome = TaskState {
+                    task_uuid: uuid.clone(),
+                    task_name: "add".into(),
+                    ..outcome.clone()
+                };
+                if way == "compared" {
+                    b.start(started).await.unwrap();
+                    b.record(outcome).await.unwrap();
+                } else {
+                    b.set_state(started).await.unwrap();
+                    b.set_state(outcome).await.unwrap();
+                }
+                written.push(
+                    raw_get(&mut conn, &uuid)
+                        .await
+                        .unwrap()
+                        .replace(&uuid, "@ID@"),
+                );
+            }
+            assert_eq!(written[0], written[1], "over {record:?}");
+        }
+    }
+}
+
+/// The outcome's first write fails with the server down; the store retries it, and the retry
+/// (which no longer holds the STARTED record) goes through the guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_whose_first_write_failed_is_written_through_the_guard() {
+    let mut redis = common::PrivateRedis::start_durable();
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let uuid = task_uuid();
+    b.set_state(pending(&uuid)).await.unwrap();
+    b.start(TaskState::new(&uuid, State::Started))
+        .await
+        .unwrap();
+
+    redis.kill9();
+    fails_in_time("record", b.record(success(&uuid))).await;
+    redis.restart();
+    let (b2, id) = (b.clone(), uuid.clone());
+    recovers("record", move || {
+        let (b, id) = (b2.clone(), id.clone());
+        Box::pin(async move { b.record(success(&id)).await })
+    })
+    .await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    assert_eq!(
+        raw_get(&mut conn, &uuid).await.unwrap(),
+        go_json(&uuid, "add", "SUCCESS", FIVE, "", CREATED)
+    );
+}

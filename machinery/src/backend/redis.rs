@@ -61,6 +61,14 @@
 //! exactly those of the wire format. A stored value that is not a JSON object, or whose
 //! `State` is none of the six, counts as no record: it is replaced, as Go replaces it.
 //!
+//! A worker's outcome (RETRY, SUCCESS or FAILURE, through [`record`](ResultBackend::record))
+//! is written over the STARTED record its [`start`](ResultBackend::start) wrote by comparison
+//! instead: the script is handed that record and the outcome's JSON, the name and creation
+//! time already carried from it, and writes the JSON when the store holds exactly that record.
+//! Nothing can then refuse the outcome, so the bytes are those the guard would write, and the
+//! script neither matches nor joins. When the record has changed (a revoke, a duplicate's
+//! outcome, any write since), nothing is written and the outcome goes through the guard.
+//!
 //! Single writes ([`set_state`](ResultBackend::set_state), [`transition`](ResultBackend::transition),
 //! [`start`](ResultBackend::start), [`record`](ResultBackend::record)) made at the same time, by the tasks a worker runs at once, share runs of the script: one
 //! write or batch is in flight per backend (and its clones), and the writes made meanwhile go
@@ -114,17 +122,33 @@ const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// stored revoke (see [`allowed`](super::allowed)).
 ///
 /// `KEYS`: the task UUIDs. `ARGV[1]`: expiry in seconds. `ARGV[2]`: `1` to return the stored
-/// records. Then seven arguments per key: the new JSON around the `TaskName` value and the
-/// `CreatedAt` value (head, name, mid, created, tail), the new state's name, and three flags:
-/// carry `TaskName` forward (`1` or `0`), carry `CreatedAt` forward (`1` or `0`), and which
-/// stored records to send back (`0`: all; `1`: a revoke only; `2`: a final state only, a
-/// revoke included). `100`: carry the name only, and send the record back.
+/// records. Then, per key, five flag bytes in one argument, and the arguments of its form:
 ///
-/// Returns, per key, `1` when it wrote, `0` when it refused and `-1` when the key holds a value
-/// of another type than a string (left alone); with `ARGV[2]` = `1`, also the
-/// stored record (nil when none, or when the third flag leaves it out) and the state
-/// name the guard read from it (nil when there is no record, or it is not JSON or has a state
-/// that is none of the six).
+/// - the form: `P` (pieces) or `E` (expected);
+/// - the new state: `P`ENDING, re`C`EIVED, `S`TARTED, re`T`RY, s`U`CCESS, `F`AILURE, or `R`
+///   for a revoke;
+/// - carry `TaskName` forward (`1` or `0`), carry `CreatedAt` forward (`1` or `0`);
+/// - which record to send back: `0`: the stored one; `1`: the stored one when it is a revoke;
+///   `2`: the stored one when it is final, a revoke included; `3`: as `2`, and the record
+///   written when it wrote.
+///
+/// `P`: five arguments follow, the new JSON around the `TaskName` value and the `CreatedAt`
+/// value (head, name, mid, created, tail), and the stored record is read and guarded as
+/// described. `E`: two arguments follow, a record and a JSON: when the stored record is
+/// exactly that record, the JSON is written as it is (a worker's outcome over the STARTED
+/// record it wrote, so the guard and the carry are known to allow it, and have already been
+/// applied by the caller); otherwise nothing is written and the reply is `2`, for the caller
+/// to write it again in the `P` form.
+///
+/// Returns, per key, `1` when it wrote, `0` when it refused, `-1` when the key holds a value
+/// of another type than a string (left alone) and `2` when an `E` record did not match; with
+/// `ARGV[2]` = `1`, also a record (the stored one, as the flag says, or the written one for
+/// `3`; nil otherwise) and the state name the guard read from the stored record (nil when
+/// there is no record, or it is not JSON or has a state that is none of the six, and for `E`).
+///
+/// The flags are one argument, read with one `string.byte`, and `E` neither matches nor
+/// joins: these are where the script's time goes besides its `GET` and `SET` (README,
+/// "Outcomes written by comparison").
 const WRITE_STATES_LUA: &str = r#"
 local escapes = { ['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
                   ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t',
@@ -161,66 +185,100 @@ local FAST = '^{"TaskUUID":"[^"\\%c]*","TaskName":"' .. plain .. '","State":"(%u
              '"Results":null,"Error":"' .. plain .. '","CreatedAt":"' .. plain .. '"(.*)$'
 local kinds = { [''] = 'pending', PENDING = 'pending', RETRY = 'retry', RECEIVED = 'running',
                 STARTED = 'running', SUCCESS = 'final', FAILURE = 'final' }
+-- The state named by the second flag byte.
+local states = { [80] = 'PENDING', [67] = 'RECEIVED', [83] = 'STARTED', [84] = 'RETRY',
+                 [85] = 'SUCCESS', [70] = 'FAILURE', [82] = 'REVOKED' }
 local expiry, keep = ARGV[1], ARGV[2] == '1'
-local out = {}
-for i, key in ipairs(KEYS) do
-  local a = 2 + (i - 1) * 7
-  local name, created, nxt, carry = ARGV[a + 2], ARGV[a + 4], ARGV[a + 6], ARGV[a + 7]
-  local old = redis.pcall('GET', key)
-  -- A key of another type (a list, a hash) is no task state: this write fails alone and the
-  -- key is left as it is.
-  local wrong = type(old) == 'table' and old.err ~= nil
-  if wrong then old = false end
-  -- What the guard reads from the stored record: its state, its error, and its TaskName and
-  -- CreatedAt as JSON strings (nil when empty or absent).
-  local stored, olderror, oldname, oldcreated = nil, nil, nil, nil
-  if old then
-    -- The common case first: a record in the layout of Go's TaskState and of ours, with no
-    -- results, a name, error and creation time of plain printable ASCII and a JSON integer
-    -- TTL, read without decoding it. Anything else is decoded.
-    local n, st, e, c, tail = string.match(old, FAST)
-    if n and kinds[st] and (tail == '}' or string.match(tail, '^,"TTL":%-?0}$')
-                            or string.match(tail, '^,"TTL":%-?[1-9]%d*}$')) then
-      stored, olderror = st, e
-      if n ~= '' then oldname = '"' .. n .. '"' end
-      if c ~= '' then oldcreated = '"' .. c .. '"' end
-    else
-      local ok, decoded = pcall(cjson.decode, old)
-      if ok and type(decoded) == 'table' then
-        local state = field(decoded, 'State')
-        if state == nil or state == cjson.null then state = '' end
-        if type(state) == 'string' and kinds[state] then
-          stored, olderror = state, field(decoded, 'Error')
-          oldname, oldcreated = carried(decoded, 'TaskName'), carried(decoded, 'CreatedAt')
+local out, o, a = {}, 0, 3
+for _, key in ipairs(KEYS) do
+  local form, code, carryname, carrycreated, back = string.byte(ARGV[a], 1, 5)
+  local nxt = states[code]
+  if not (nxt and back) then return redis.error_reply('ERR bad state flags') end
+  if form == 69 then
+    -- E: the stored record is the one given, or nothing is written.
+    local expected, json = ARGV[a + 1], ARGV[a + 2]
+    a = a + 3
+    local old = redis.pcall('GET', key)
+    local written = 2
+    if old == expected then
+      redis.call('SET', key, json, 'EX', expiry)
+      written = 1
+    end
+    o = o + 1
+    out[o] = written
+    if keep then
+      out[o + 1] = (back == 51 and written == 1) and json or false
+      out[o + 2] = false
+      o = o + 2
+    end
+  else
+    local head, name, mid, created, tail = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+                                           ARGV[a + 5]
+    a = a + 6
+    local old = redis.pcall('GET', key)
+    -- A key of another type (a list, a hash) is no task state: this write fails alone and the
+    -- key is left as it is.
+    local wrong = type(old) == 'table' and old.err ~= nil
+    if wrong then old = false end
+    -- What the guard reads from the stored record: its state, its error, and its TaskName and
+    -- CreatedAt as JSON strings (nil when empty or absent).
+    local stored, olderror, oldname, oldcreated = nil, nil, nil, nil
+    if old then
+      -- The common case first: a record in the layout of Go's TaskState and of ours, with no
+      -- results, a name, error and creation time of plain printable ASCII and a JSON integer
+      -- TTL, read without decoding it. Anything else is decoded.
+      local n, st, e, c, tl = string.match(old, FAST)
+      if n and kinds[st] and (tl == '}' or string.match(tl, '^,"TTL":%-?0}$')
+                              or string.match(tl, '^,"TTL":%-?[1-9]%d*}$')) then
+        stored, olderror = st, e
+        if n ~= '' then oldname = '"' .. n .. '"' end
+        if c ~= '' then oldcreated = '"' .. c .. '"' end
+      else
+        local ok, decoded = pcall(cjson.decode, old)
+        if ok and type(decoded) == 'table' then
+          local state = field(decoded, 'State')
+          if state == nil or state == cjson.null then state = '' end
+          if type(state) == 'string' and kinds[state] then
+            stored, olderror = state, field(decoded, 'Error')
+            oldname, oldcreated = carried(decoded, 'TaskName'), carried(decoded, 'CreatedAt')
+          end
         end
       end
     end
-  end
-  local kind = stored and kinds[stored]
-  if stored == 'FAILURE' and olderror == 'revoked' then kind = 'revoked' end
-  local allowed = true
-  if kind == 'revoked' then
-    allowed = false
-  elseif nxt == 'REVOKED' then
-    allowed = kind ~= 'final'
-  elseif kind == 'final' then
-    allowed = nxt == 'SUCCESS' or nxt == 'FAILURE'
-  elseif kind and nxt == 'PENDING' then
-    allowed = kind == 'pending' or kind == 'retry'
-  end
-  if wrong then allowed = false end
-  if allowed then
-    if string.sub(carry, 1, 1) == '1' then name = oldname or name end
-    if string.sub(carry, 2, 2) == '1' then created = oldcreated or created end
-    redis.call('SET', key, ARGV[a + 1] .. name .. ARGV[a + 3] .. created .. ARGV[a + 5],
-               'EX', expiry)
-  end
-  out[#out + 1] = wrong and -1 or (allowed and 1 or 0)
-  if keep then
-    local back = string.sub(carry, 3, 3)
-    local send = back == '0' or kind == 'revoked' or (back == '2' and kind == 'final')
-    out[#out + 1] = send and old or false
-    out[#out + 1] = stored or false
+    local kind = stored and kinds[stored]
+    if stored == 'FAILURE' and olderror == 'revoked' then kind = 'revoked' end
+    local allowed = true
+    if kind == 'revoked' then
+      allowed = false
+    elseif nxt == 'REVOKED' then
+      allowed = kind ~= 'final'
+    elseif kind == 'final' then
+      allowed = nxt == 'SUCCESS' or nxt == 'FAILURE'
+    elseif kind and nxt == 'PENDING' then
+      allowed = kind == 'pending' or kind == 'retry'
+    end
+    if wrong then allowed = false end
+    local value = false
+    if allowed then
+      if carryname == 49 then name = oldname or name end
+      if carrycreated == 49 then created = oldcreated or created end
+      value = head .. name .. mid .. created .. tail
+      redis.call('SET', key, value, 'EX', expiry)
+    end
+    o = o + 1
+    out[o] = wrong and -1 or (allowed and 1 or 0)
+    if keep then
+      local send = back == 48 or kind == 'revoked' or (back >= 50 and kind == 'final')
+      if send then
+        out[o + 1] = old
+      elseif back == 51 then
+        out[o + 1] = value
+      else
+        out[o + 1] = false
+      end
+      out[o + 2] = stored or false
+      o = o + 2
+    end
   end
 end
 return out
@@ -264,6 +322,8 @@ pub struct RedisBackend {
     waiters: Arc<Waiters>,
     /// Single state writes waiting to share a script run, shared by clones.
     batcher: Arc<Batcher>,
+    /// The STARTED records `start` wrote, until their tasks' outcomes, shared by clones.
+    started: Arc<Started>,
 }
 
 impl RedisBackend {
@@ -319,6 +379,7 @@ impl RedisBackend {
             trigger_chord_script: Script::new(TRIGGER_CHORD_LUA),
             waiters: Arc::default(),
             batcher: Arc::default(),
+            started: Arc::default(),
         })
     }
 
@@ -392,14 +453,17 @@ impl RedisBackend {
             }
             cmd.arg(self.expiry_secs).arg(if keep { "1" } else { "0" });
             for state in chunk {
-                let [head, name, mid, created, tail] = state.pieces.parts();
-                cmd.arg(head)
-                    .arg(name)
-                    .arg(mid)
-                    .arg(created)
-                    .arg(tail)
-                    .arg(state.next)
-                    .arg(&state.carry[..]);
+                cmd.arg(&state.flags[..]);
+                match &state.form {
+                    Form::Pieces(pieces) => {
+                        for part in pieces.parts() {
+                            cmd.arg(part);
+                        }
+                    }
+                    Form::Expected { expected, json } => {
+                        cmd.arg(&expected[..]).arg(&json[..]);
+                    }
+                }
             }
         }
         let mut conn = self.conn.clone();
@@ -470,12 +534,35 @@ impl RedisBackend {
     /// wrote, the stored record and the state name the script read. A key of another type is
     /// an error ([`check_written`](Self::check_written)).
     async fn write_one(&self, state: &TaskState, back: Back) -> Result<Reply> {
-        let reply = self
-            .batcher
-            .write(self, Encoded::with(state, back)?)
-            .await?;
-        self.check_written(&state.task_uuid, &reply[0])?;
+        self.write_encoded_one(Encoded::with(state, back)?).await
+    }
+
+    /// [`write_one`](Self::write_one) of a state already encoded.
+    async fn write_encoded_one(&self, encoded: Encoded) -> Result<Reply> {
+        let uuid = encoded.uuid.clone();
+        let reply = self.batcher.write(self, encoded).await?;
+        self.check_written(&uuid, &reply[0])?;
         Ok(reply)
+    }
+
+    /// A worker's outcome over the STARTED record its [`start`](ResultBackend::start) wrote,
+    /// by comparison ([`Encoded::over_started`]); `None` when there is no such record here,
+    /// the outcome cannot be written so, or the store no longer holds that record (then the
+    /// guarded write decides, as for any other write).
+    async fn write_over_started(&self, state: &TaskState, back: Back) -> Result<Option<Reply>> {
+        let Some(started) = self.started.take(&state.task_uuid) else {
+            return Ok(None);
+        };
+        let Some(encoded) = Encoded::over_started(state, &started, back)? else {
+            return Ok(None);
+        };
+        drop(started);
+        let reply = self.write_encoded_one(encoded).await?;
+        if reply[0] == redis::Value::Int(2) {
+            debug!(task = %state.task_uuid, "the stored record changed since STARTED; the outcome goes through the guard");
+            return Ok(None);
+        }
+        Ok(Some(reply))
     }
 
     /// An error for a write the script refused because `uuid` names a key of another type
@@ -988,14 +1075,24 @@ impl ResultBackend for RedisBackend {
     /// read stands for it. A stored value that is not a state is replaced and reported as
     /// nothing stored, as `transition` does, without `transition`'s warning (the script's
     /// reply does not tell it from no record).
+    ///
+    /// The record it wrote is kept until the task's [`record`](ResultBackend::record), which
+    /// then writes the outcome over it by comparison (see the [module docs](self)).
     async fn start(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let [written, old, stored] = self.write_one(&state, Back::Final).await?;
+        let [written, old, stored] = self.write_one(&state, Back::FinalOrWritten).await?;
         let uuid = &state.task_uuid;
-        if written == redis::Value::Int(0) {
-            debug!(task = %uuid, state = %state.state, "refused a backward transition");
-        }
-        if old != redis::Value::Nil {
-            return self.previous(uuid, old, stored, "record task state");
+        if written == redis::Value::Int(1) {
+            // It wrote: the record sent back is the one written, not a stored one.
+            if let redis::Value::BulkString(record) = old {
+                self.started.put(uuid, record.into_boxed_slice());
+            }
+        } else {
+            if written == redis::Value::Int(0) {
+                debug!(task = %uuid, state = %state.state, "refused a backward transition");
+            }
+            if old != redis::Value::Nil {
+                return self.previous(uuid, old, stored, "record task state");
+            }
         }
         match stored {
             redis::Value::Nil => Ok(None),
@@ -1015,8 +1112,16 @@ impl ResultBackend for RedisBackend {
     ///
     /// A record sent back is a revoke by construction: one that does not decode as a state
     /// still counts as one.
+    ///
+    /// Over the STARTED record this backend's [`start`](ResultBackend::start) wrote for the
+    /// task, when the store still holds it, the outcome is written by comparison, without the
+    /// guard reading the record (see the [module docs](self)): the same bytes, for less of
+    /// Redis's time.
     async fn record(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let [written, old, stored] = self.write_one(&state, Back::Revoke).await?;
+        let [written, old, stored] = match self.write_over_started(&state, Back::Revoke).await? {
+            Some(reply) => reply,
+            None => self.write_one(&state, Back::Revoke).await?,
+        };
         let uuid = &state.task_uuid;
         let revoked = old != redis::Value::Nil;
         if written == redis::Value::Int(0) {
@@ -1246,31 +1351,81 @@ impl Pieces {
     }
 }
 
-/// A state ready for [`WRITE_STATES_LUA`]: its key, its pieces, the state name the guard
-/// reads and the carry flags.
+/// The most STARTED records a backend keeps for [`Started`]; when it is full, it is emptied
+/// (the outcomes of the tasks it held then take the guarded path).
+const STARTED_MAX: usize = 4096;
+
+/// The STARTED records a backend's [`start`](ResultBackend::start) wrote, by task UUID, until
+/// the task's [`record`](ResultBackend::record) writes its outcome over one.
+///
+/// A worker writes STARTED and then its task's outcome. The first reads the stored record to
+/// guard the task (a finished or revoked one is not run) and carries its name and creation
+/// time forward. For the second, the script would read and match the record again. Instead,
+/// `record` sends the STARTED record `start` wrote along with the outcome, its creation time
+/// already carried, and the script writes the outcome when the store still holds exactly
+/// that record ([`Encoded::over_started`]). When it does not (a revoke, or any other write
+/// since), nothing is written and the outcome goes through the guard as before. A record
+/// kept here is never trusted alone: it is only compared with the store.
+#[derive(Debug, Default)]
+struct Started {
+    records: Mutex<HashMap<String, Box<[u8]>>>,
+}
+
+impl Started {
+    fn put(&self, uuid: &str, record: Box<[u8]>) {
+        let mut records = lock(&self.records);
+        if records.len() >= STARTED_MAX && !records.contains_key(uuid) {
+            // Tasks that started here and never recorded an outcome (a process stopped in
+            // the middle, a task cancelled), or more tasks at once than this holds.
+            records.clear();
+        }
+        records.insert(uuid.to_owned(), record);
+    }
+
+    fn take(&self, uuid: &str) -> Option<Box<[u8]>> {
+        lock(&self.records).remove(uuid)
+    }
+}
+
+/// A state ready for [`WRITE_STATES_LUA`]: its key, its flags and the arguments of its form.
 #[derive(Debug)]
 pub(super) struct Encoded {
     uuid: String,
-    pieces: Pieces,
-    next: &'static str,
-    carry: [u8; 3],
+    /// Form, new state, carry `TaskName`, carry `CreatedAt`, which record to send back.
+    flags: [u8; 5],
+    form: Form,
 }
 
-/// Which stored records a write has sent back (the script's third flag).
+/// The arguments of a write after its flags.
+#[derive(Debug)]
+enum Form {
+    /// The new JSON in pieces, for the script to guard and join.
+    Pieces(Pieces),
+    /// The record expected in the store, and the JSON that replaces it when it is there.
+    Expected { expected: Box<[u8]>, json: Vec<u8> },
+}
+
+/// Which stored records a write has sent back (the script's last flag).
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Back {
     /// Every one.
     All = 0,
     /// A revoke only.
     Revoke = 1,
-    /// A final state only, a revoke included.
-    Final = 2,
+    /// A final state only, a revoke included; and the record written when it wrote (a
+    /// worker's STARTED, which its outcome is then written over by comparison; see
+    /// [`Started`]). (The script's `2`, a final state alone, is not used.)
+    FinalOrWritten = 3,
 }
 
 impl Encoded {
     /// The bytes it sends.
     pub(super) fn len(&self) -> usize {
-        self.uuid.len() + self.pieces.json.len()
+        self.uuid.len()
+            + match &self.form {
+                Form::Pieces(pieces) => pieces.json.len(),
+                Form::Expected { expected, json } => expected.len() + json.len(),
+            }
     }
 
     /// A write that has every stored record sent back.
@@ -1281,22 +1436,129 @@ impl Encoded {
     /// A write that has only the stored records `back` names sent back.
     pub(super) fn with(state: &TaskState, back: Back) -> Result<Encoded> {
         let flag = |on: bool| if on { b'1' } else { b'0' };
-        let carry = [
-            flag(state.task_name.is_empty()),
-            flag(state.created_at.is_zero()),
-            b'0' + back as u8,
-        ];
         Ok(Encoded {
             uuid: state.task_uuid.clone(),
-            pieces: Pieces::new(state)?,
-            next: if is_revoked(state) {
-                "REVOKED"
-            } else {
-                state.state.as_str()
-            },
-            carry,
+            flags: [
+                b'P',
+                state_flag(state),
+                flag(state.task_name.is_empty()),
+                flag(state.created_at.is_zero()),
+                b'0' + back as u8,
+            ],
+            form: Form::Pieces(Pieces::new(state)?),
         })
     }
+
+    /// A worker's outcome written over `started`, the exact STARTED record its `start` wrote,
+    /// if the store still holds it: then the guard allows it (nothing moves a task backwards
+    /// from STARTED to RETRY, SUCCESS or FAILURE), and the name and creation time to carry are
+    /// those in `started`, which are joined in here as the script would join them, so that
+    /// the script need not read the record. `None` for anything but RETRY, SUCCESS and
+    /// FAILURE, for a revoke (which has rules of its own), and when `started` is not in the
+    /// layout the write script writes.
+    fn over_started(state: &TaskState, started: &[u8], back: Back) -> Result<Option<Encoded>> {
+        let outcome = matches!(state.state, State::Retry | State::Success | State::Failure);
+        if !outcome || is_revoked(state) {
+            return Ok(None);
+        }
+        let Some([stored_name, stored_created]) = carried_literals(started) else {
+            return Ok(None);
+        };
+        let pieces = Pieces::new(state)?;
+        let [head, mut name, mid, mut created, tail] = pieces.parts();
+        // The script carries a stored string only when it is not empty.
+        if state.task_name.is_empty() && stored_name != b"\"\"" {
+            name = stored_name;
+        }
+        if state.created_at.is_zero() && stored_created != b"\"\"" {
+            created = stored_created;
+        }
+        let mut json =
+            Vec::with_capacity(head.len() + name.len() + mid.len() + created.len() + tail.len());
+        for part in [head, name, mid, created, tail] {
+            json.extend_from_slice(part);
+        }
+        let flag = |on: bool| if on { b'1' } else { b'0' };
+        Ok(Some(Encoded {
+            uuid: state.task_uuid.clone(),
+            flags: [
+                b'E',
+                state_flag(state),
+                flag(state.task_name.is_empty()),
+                flag(state.created_at.is_zero()),
+                b'0' + back as u8,
+            ],
+            form: Form::Expected {
+                expected: started.into(),
+                json,
+            },
+        }))
+    }
+}
+
+/// The script's flag for the state `state` writes.
+fn state_flag(state: &TaskState) -> u8 {
+    if is_revoked(state) {
+        return b'R';
+    }
+    match state.state {
+        State::Pending => b'P',
+        State::Received => b'C',
+        State::Started => b'S',
+        State::Retry => b'T',
+        State::Success => b'U',
+        State::Failure => b'F',
+    }
+}
+
+/// The `TaskName` and `CreatedAt` values of a record the write script wrote, as JSON strings
+/// with their quotes. Such a record is in the wire layout, `{"TaskUUID":<string>,
+/// "TaskName":<string>,"State":...,"CreatedAt":<string>,"TTL":<integer>}`: a JSON string
+/// holds no unescaped `"`, so the first `,"TaskName":` and `,"State":` and the last
+/// `,"CreatedAt":` and `,"TTL":` are the keys'. `None` for anything else.
+fn carried_literals(record: &[u8]) -> Option<[&[u8]; 2]> {
+    const NAME: &[u8] = b",\"TaskName\":";
+    const STATE: &[u8] = b",\"State\":";
+    const CREATED: &[u8] = b",\"CreatedAt\":";
+    const TTL: &[u8] = b",\"TTL\":";
+    if !record.starts_with(b"{\"TaskUUID\":\"") {
+        return None;
+    }
+    let name_start = find(record, NAME)? + NAME.len();
+    let name_end = name_start + find(&record[name_start..], STATE)?;
+    let end = rfind(record, TTL)?;
+    let created_start = rfind(&record[..end], CREATED)? + CREATED.len();
+    if created_start < name_end {
+        return None;
+    }
+    let ttl = record[end + TTL.len()..]
+        .strip_suffix(b"}")
+        .is_some_and(|n| {
+            let n = n.strip_prefix(b"-").unwrap_or(n);
+            !n.is_empty() && n.iter().all(u8::is_ascii_digit)
+        });
+    let name = &record[name_start..name_end];
+    let created = &record[created_start..end];
+    (ttl && is_string(name) && is_string(created)).then_some([name, created])
+}
+
+/// Whether `literal` is one JSON string with no quote inside (escaped or not), which is all
+/// a name or creation time the script writes holds.
+fn is_string(literal: &[u8]) -> bool {
+    literal.len() >= 2
+        && literal.starts_with(b"\"")
+        && literal.ends_with(b"\"")
+        && !literal[1..literal.len() - 1].contains(&b'"')
+}
+
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Where `needle` last occurs in `haystack`.
+fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
 }
 
 /// A client for one Redis server named by `url` (the Redis broker's; it does not go through
@@ -1499,10 +1761,93 @@ mod tests {
     fn a_single_state_write_is_a_small_future() {
         let size = returned_size(
             |(backend, state): (&'static RedisBackend, &'static TaskState)| {
-                backend.write_one(state, Back::Final)
+                backend.write_one(state, Back::FinalOrWritten)
             },
         );
         assert!(size <= 512, "write_one: {size} bytes");
+    }
+
+    #[test]
+    fn the_carried_values_are_read_from_a_record_the_script_wrote() {
+        let record = br#"{"TaskUUID":"t1","TaskName":"add","State":"STARTED","Results":null,"Error":"","CreatedAt":"2026-11-29T20:17:52.337696883Z","TTL":0}"#;
+        assert_eq!(
+            carried_literals(record),
+            Some([
+                &br#""add""#[..],
+                &br#""2026-11-29T20:17:52.337696883Z""#[..]
+            ])
+        );
+        // Escapes stay as they are; the keys' text inside a string is always escaped.
+        let record = br#"{"TaskUUID":"t\",\"TaskName\":\"x","TaskName":"a\u003cb","State":"RETRY","Results":null,"Error":"x\",\"CreatedAt\":\"y","CreatedAt":"","TTL":-5}"#;
+        assert_eq!(
+            carried_literals(record),
+            Some([&br#""a\u003cb""#[..], &br#""""#[..]])
+        );
+        for not_ours in [
+            &br#"{"TaskName":"add","TaskUUID":"t1","State":"STARTED","CreatedAt":"x","TTL":0}"#[..],
+            br#"{"TaskUUID":"t1","TaskName":"add","State":"STARTED","CreatedAt":"x","TTL":0.5}"#,
+            br#"{"TaskUUID":"t1","TaskName":"add","State":"STARTED","CreatedAt":"x"}"#,
+            br#"{"TaskUUID":"t1","TaskName":add,"State":"STARTED","CreatedAt":"x","TTL":0}"#,
+            br#"{"TaskUUID":"t1","TaskName":"a\"b","State":"STARTED","CreatedAt":"x","TTL":0}"#,
+            b"",
+        ] {
+            assert_eq!(
+                carried_literals(not_ours),
+                None,
+                "{}",
+                String::from_utf8_lossy(not_ours)
+            );
+        }
+    }
+
+    #[test]
+    fn only_outcomes_are_written_by_comparison() {
+        let started = br#"{"TaskUUID":"t1","TaskName":"add","State":"STARTED","Results":null,"Error":"","CreatedAt":"2026-11-29T20:17:52Z","TTL":0}"#;
+        for state in [State::Retry, State::Success, State::Failure] {
+            let encoded =
+                Encoded::over_started(&TaskState::new("t1", state), started, Back::Revoke);
+            let Ok(Some(Encoded {
+                flags,
+                form: Form::Expected { json, .. },
+                ..
+            })) = encoded
+            else {
+                panic!("{state}: {encoded:?}");
+            };
+            assert_eq!(flags[0], b'E');
+            let json = String::from_utf8(json).unwrap();
+            assert!(
+                json.contains(r#""TaskName":"add""#)
+                    && json.contains(r#""CreatedAt":"2026-11-29T20:17:52Z""#),
+                "{json}"
+            );
+        }
+        for state in [State::Pending, State::Received, State::Started] {
+            let encoded =
+                Encoded::over_started(&TaskState::new("t1", state), started, Back::Revoke);
+            assert!(matches!(encoded, Ok(None)), "{state}");
+        }
+        let revoke = crate::backend::revoked_state("t1");
+        assert!(matches!(
+            Encoded::over_started(&revoke, started, Back::Revoke),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn the_started_records_kept_are_bounded() {
+        let started = Started::default();
+        for i in 0..STARTED_MAX {
+            started.put(&format!("t{i}"), Box::new([1]));
+        }
+        // Replacing one keeps the rest.
+        started.put("t0", Box::new([2]));
+        assert_eq!(started.take("t0").as_deref(), Some(&[2][..]));
+        started.put("t0", Box::new([2]));
+        // One more empties it first.
+        started.put("another", Box::new([3]));
+        assert_eq!(started.take("t1"), None);
+        assert_eq!(started.take("another").as_deref(), Some(&[3][..]));
     }
 
     fn parse(url: &str) -> RedisUrl {
