@@ -1721,7 +1721,11 @@ impl RedisUrl {
         let info = addr
             .into_connection_info()
             .map_err(|e| backend_error(format!("invalid Redis address {}", self.display()), e))?;
-        Ok(info.set_redis_settings(settings))
+        // TCP_NODELAY, as Go's `net.Dial` sets it on every connection (redis-rs leaves it
+        // off): a batch larger than a segment is not held back for an acknowledgement.
+        Ok(info
+            .set_redis_settings(settings)
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)))
     }
 }
 
@@ -1993,6 +1997,9 @@ mod tests {
         assert_eq!(settings.db(), 2);
         assert_eq!(settings.username(), Some("alice"));
         assert_eq!(settings.password(), Some("secret"));
+        // As Go's net.Dial (and so go-redis) sets it: a command is sent at once, not held for
+        // the acknowledgement of the one before.
+        assert!(info.tcp_settings().nodelay());
     }
 
     #[test]
