@@ -2092,14 +2092,19 @@ async fn last_evalsha_args(conn: &mut MultiplexedConnection) -> Vec<String> {
     panic!("no EVALSHA in the slow log");
 }
 
-/// A private server whose slow log keeps every command, and a raw connection to it.
-async fn logged_redis() -> (common::PrivateRedis, MultiplexedConnection) {
-    let redis = common::PrivateRedis::start();
-    let mut conn = redis::Client::open(redis.url())
+/// A raw connection to a private server.
+async fn raw_to(redis: &common::PrivateRedis) -> MultiplexedConnection {
+    redis::Client::open(redis.url())
         .expect("client")
         .get_multiplexed_async_connection()
         .await
-        .expect("private Redis");
+        .expect("private Redis")
+}
+
+/// A private server whose slow log keeps every command, and a raw connection to it.
+async fn logged_redis() -> (common::PrivateRedis, MultiplexedConnection) {
+    let redis = common::PrivateRedis::start();
+    let mut conn = raw_to(&redis).await;
     redis::cmd("CONFIG")
         .arg("SET")
         .arg("slowlog-log-slower-than")
@@ -2157,11 +2162,7 @@ async fn an_outcome_over_the_workers_own_started_is_written_by_comparison() {
 async fn an_outcome_over_a_started_record_changed_since_goes_through_the_guard() {
     let redis = common::PrivateRedis::start();
     let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = raw_to(&redis).await;
 
     // Revoked while it ran: the comparison fails, and the guard keeps the revoke.
     let uuid = task_uuid();
@@ -2217,18 +2218,43 @@ async fn an_outcome_over_a_started_record_changed_since_goes_through_the_guard()
 }
 
 /// `start` then `record`, against `set_state` of the same two states (the guarded path),
-/// over each stored record: the same bytes.
+/// over each stored record, with and without the worker's task name: the same bytes, and
+/// the outcome written by comparison in one run (`E`) wherever the STARTED record allows it.
 #[tokio::test]
 async fn an_outcome_by_comparison_writes_the_bytes_the_guard_writes() {
-    let (b, mut conn) = (backend().await, raw().await);
+    let (redis, mut conn) = logged_redis().await;
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    let decoded = |name: &str| {
+        format!(
+            r#"{{"taskuuid":"@ID@","taskname":{},"state":"PENDING","createdat":"2026-11-29T20:17:52Z"}}"#,
+            serde_json::to_string(name).unwrap()
+        )
+    };
+    // Each stored record, and whether its name can be carried by comparison (a name with a
+    // quote in it cannot: the guard carries it).
     let stored = [
-        Some(go_json("@ID@", "add", "PENDING", "null", "", CREATED)),
-        // Read by decoding it (keys in another case, a name that needs escaping).
-        Some(r#"{"taskuuid":"@ID@","taskname":"a<b","state":"PENDING","createdat":"2026-11-29T20:17:52Z"}"#.to_owned()),
+        (
+            Some(go_json("@ID@", "add", "PENDING", "null", "", CREATED)),
+            true,
+        ),
+        // Read by decoding them (keys in another case), names that need escaping.
+        (Some(decoded("a<b")), true),
+        (Some(decoded("é\u{2028}\u{1}")), true),
+        (Some(decoded("say \"hi\"")), false),
         // A RETRY with its error, then run again.
-        Some(go_json("@ID@", "add", "RETRY", "null", "try again", CREATED)),
+        (
+            Some(go_json(
+                "@ID@",
+                "add",
+                "RETRY",
+                "null",
+                "try again",
+                CREATED,
+            )),
+            true,
+        ),
         // No record at all: the zero time is carried.
-        None,
+        (None, true),
     ];
     let outcomes = [
         success(""),
@@ -2241,38 +2267,47 @@ async fn an_outcome_by_comparison_writes_the_bytes_the_guard_writes() {
             ..TaskState::new("", State::Retry)
         },
     ];
-    for record in &stored {
+    for (record, name_by_comparison) in &stored {
         for outcome in &outcomes {
-            let mut written = Vec::new();
-            for way in ["compared", "guarded"] {
-                let uuid = task_uuid();
-                if let Some(record) = record {
-                    raw_set(&mut conn, &uuid, &record.replace("@ID@", &uuid)).await;
+            for name in ["add", ""] {
+                for start in [State::Started, State::Received] {
+                    let mut written = Vec::new();
+                    for way in ["compared", "guarded"] {
+                        let uuid = task_uuid();
+                        if let Some(record) = record {
+                            raw_set(&mut conn, &uuid, &record.replace("@ID@", &uuid)).await;
+                        }
+                        let started = TaskState {
+                            task_name: name.into(),
+                            ..TaskState::new(&uuid, start)
+                        };
+                        let outcome = TaskState {
+                            task_uuid: uuid.clone(),
+                            task_name: name.into(),
+                            ..outcome.clone()
+                        };
+                        if way == "compared" {
+                            b.start(started).await.unwrap();
+                            let (_, commands) = commands_during(&redis, b.record(outcome)).await;
+                            let form = last_evalsha_args(&mut conn).await[6].clone();
+                            let compared = *name_by_comparison || !name.is_empty();
+                            let case = format!("{record:?} {name:?} {start}: {form}");
+                            assert_eq!(form.starts_with('E'), compared, "{case}");
+                            assert_eq!(commands.get("evalsha"), Some(&1), "{case}");
+                        } else {
+                            b.set_state(started).await.unwrap();
+                            b.set_state(outcome).await.unwrap();
+                        }
+                        written.push(
+                            raw_get(&mut conn, &uuid)
+                                .await
+                                .unwrap()
+                                .replace(&uuid, "@ID@"),
+                        );
+                    }
+                    assert_eq!(written[0], written[1], "over {record:?}, {name:?}, {start}");
                 }
-                let started = TaskState {
-                    task_name: "add".into(),
-                    ..TaskState::new(&uuid, State::Started)
-                };
-                let outcome = TaskState {
-                    task_uuid: uuid.clone(),
-                    task_name: "add".into(),
-                    ..outcome.clone()
-                };
-                if way == "compared" {
-                    b.start(started).await.unwrap();
-                    b.record(outcome).await.unwrap();
-                } else {
-                    b.set_state(started).await.unwrap();
-                    b.set_state(outcome).await.unwrap();
-                }
-                written.push(
-                    raw_get(&mut conn, &uuid)
-                        .await
-                        .unwrap()
-                        .replace(&uuid, "@ID@"),
-                );
             }
-            assert_eq!(written[0], written[1], "over {record:?}");
         }
     }
 }
@@ -2298,13 +2333,37 @@ async fn an_outcome_whose_first_write_failed_is_written_through_the_guard() {
         Box::pin(async move { b.record(success(&id)).await })
     })
     .await;
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = raw_to(&redis).await;
     assert_eq!(
         raw_get(&mut conn, &uuid).await.unwrap(),
         go_json(&uuid, "add", "SUCCESS", FIVE, "", CREATED)
     );
+}
+
+/// Only STARTED and RECEIVED records are kept for a comparison: `start` with any other state
+/// reports the stored final record whole, as before, and a revoke written through `start`
+/// is never overwritten by an outcome.
+#[tokio::test]
+async fn start_keeps_only_a_started_or_received_record_for_a_comparison() {
+    let (b, mut conn) = (backend().await, raw().await);
+    let uuid = go_stored(&mut conn, "SUCCESS").await;
+    let previous = b.start(success(&uuid)).await.unwrap().unwrap();
+    assert_eq!(previous.state, State::Success);
+    assert_eq!(
+        previous.task_name, "add",
+        "the final record comes back whole"
+    );
+
+    let uuid = go_stored(&mut conn, "PENDING").await;
+    let revoke = TaskState {
+        error: "revoked".into(),
+        ..TaskState::new(&uuid, State::Failure)
+    };
+    b.start(revoke).await.unwrap();
+    let revoked = raw_get(&mut conn, &uuid).await.unwrap();
+    assert_eq!(
+        b.record(success(&uuid)).await.unwrap().map(|r| r.error),
+        Some("revoked".into())
+    );
+    assert_eq!(raw_get(&mut conn, &uuid).await.unwrap(), revoked);
 }

@@ -62,12 +62,13 @@
 //! `State` is none of the six, counts as no record: it is replaced, as Go replaces it.
 //!
 //! A worker's outcome (RETRY, SUCCESS or FAILURE, through [`record`](ResultBackend::record))
-//! is written over the STARTED record its [`start`](ResultBackend::start) wrote by comparison
-//! instead: the script is handed that record and the outcome's JSON, the name and creation
-//! time already carried from it, and writes the JSON when the store holds exactly that record.
-//! Nothing can then refuse the outcome, so the bytes are those the guard would write, and the
-//! script neither matches nor joins. When the record has changed (a revoke, a duplicate's
-//! outcome, any write since), nothing is written and the outcome goes through the guard.
+//! is written over the STARTED (or RECEIVED) record its [`start`](ResultBackend::start) wrote
+//! by comparison instead: the script is handed that record and the outcome's JSON, the name
+//! and creation time already carried from it, and writes the JSON when the store holds exactly
+//! that record. The guard never refuses an outcome over such a record, so the bytes are those
+//! it would write, and the script neither matches nor joins. When the record has changed (a
+//! revoke, a duplicate's outcome, another state written since), nothing is written and the
+//! outcome goes through the guard.
 //!
 //! Single writes ([`set_state`](ResultBackend::set_state), [`transition`](ResultBackend::transition),
 //! [`start`](ResultBackend::start), [`record`](ResultBackend::record)) made at the same time, by the tasks a worker runs at once, share runs of the script: one
@@ -129,16 +130,19 @@ const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 ///   for a revoke;
 /// - carry `TaskName` forward (`1` or `0`), carry `CreatedAt` forward (`1` or `0`);
 /// - which record to send back: `0`: the stored one; `1`: the stored one when it is a revoke;
-///   `2`: the stored one when it is final, a revoke included; `3`: as `2`, and the record
-///   written when it wrote.
+///   `2`: the stored one when it is final, a revoke included; `3`: the record written when it
+///   wrote, else as `2`.
 ///
 /// `P`: five arguments follow, the new JSON around the `TaskName` value and the `CreatedAt`
 /// value (head, name, mid, created, tail), and the stored record is read and guarded as
-/// described. `E`: two arguments follow, a record and a JSON: when the stored record is
-/// exactly that record, the JSON is written as it is (a worker's outcome over the STARTED
+/// described. `E` (RETRY, SUCCESS and FAILURE only): two arguments follow, a record and a
+/// JSON: when the stored record is exactly that record, the JSON is written as it is (a worker's outcome over the STARTED
 /// record it wrote, so the guard and the carry are known to allow it, and have already been
 /// applied by the caller); otherwise nothing is written and the reply is `2`, for the caller
 /// to write it again in the `P` form.
+///
+/// Every write's flags (and the number of arguments) are checked before anything is written;
+/// a run with one bad write is an error and writes nothing.
 ///
 /// Returns, per key, `1` when it wrote, `0` when it refused, `-1` when the key holds a value
 /// of another type than a string (left alone) and `2` when an `E` record did not match; with
@@ -189,11 +193,30 @@ local kinds = { [''] = 'pending', PENDING = 'pending', RETRY = 'retry', RECEIVED
 local states = { [80] = 'PENDING', [67] = 'RECEIVED', [83] = 'STARTED', [84] = 'RETRY',
                  [85] = 'SUCCESS', [70] = 'FAILURE', [82] = 'REVOKED' }
 local expiry, keep = ARGV[1], ARGV[2] == '1'
-local out, o, a = {}, 0, 3
+-- Every write's flags are checked before anything is written.
+local outcomes = { [84] = true, [85] = true, [70] = true }
+local a = 3
+for _ = 1, #KEYS do
+  local flags = ARGV[a] or ''
+  local form, code, carryname, carrycreated, back = string.byte(flags, 1, 5)
+  local ok = #flags == 5 and states[code] and (carryname == 48 or carryname == 49)
+             and (carrycreated == 48 or carrycreated == 49) and back >= 48 and back <= 51
+  if ok and form == 69 then
+    ok = outcomes[code]
+    a = a + 3
+  elseif ok and form == 80 then
+    a = a + 6
+  else
+    ok = false
+  end
+  if not ok then return redis.error_reply('ERR bad state flags') end
+end
+if a - 1 ~= #ARGV then return redis.error_reply('ERR bad state arguments') end
+local out, o = {}, 0
+a = 3
 for _, key in ipairs(KEYS) do
   local form, code, carryname, carrycreated, back = string.byte(ARGV[a], 1, 5)
   local nxt = states[code]
-  if not (nxt and back) then return redis.error_reply('ERR bad state flags') end
   if form == 69 then
     -- E: the stored record is the one given, or nothing is written.
     local expected, json = ARGV[a + 1], ARGV[a + 2]
@@ -269,10 +292,10 @@ for _, key in ipairs(KEYS) do
     out[o] = wrong and -1 or (allowed and 1 or 0)
     if keep then
       local send = back == 48 or kind == 'revoked' or (back >= 50 and kind == 'final')
-      if send then
-        out[o + 1] = old
-      elseif back == 51 then
+      if back == 51 and allowed then
         out[o + 1] = value
+      elseif send then
+        out[o + 1] = old
       else
         out[o + 1] = false
       end
@@ -553,10 +576,9 @@ impl RedisBackend {
         let Some(started) = self.started.take(&state.task_uuid) else {
             return Ok(None);
         };
-        let Some(encoded) = Encoded::over_started(state, &started, back)? else {
+        let Some(encoded) = Encoded::over_started(state, started, back)? else {
             return Ok(None);
         };
-        drop(started);
         let reply = self.write_encoded_one(encoded).await?;
         if reply[0] == redis::Value::Int(2) {
             debug!(task = %state.task_uuid, "the stored record changed since STARTED; the outcome goes through the guard");
@@ -1079,12 +1101,21 @@ impl ResultBackend for RedisBackend {
     /// The record it wrote is kept until the task's [`record`](ResultBackend::record), which
     /// then writes the outcome over it by comparison (see the [module docs](self)).
     async fn start(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let [written, old, stored] = self.write_one(&state, Back::FinalOrWritten).await?;
+        // Only a STARTED or RECEIVED record is kept: nothing else is written only over a state
+        // that is not final, so only for these is the record sent back always the one written.
+        let keep = matches!(state.state, State::Started | State::Received) && !is_revoked(&state);
+        let back = if keep {
+            Back::FinalOrWritten
+        } else {
+            Back::Final
+        };
+        let [written, old, stored] = self.write_one(&state, back).await?;
         let uuid = &state.task_uuid;
-        if written == redis::Value::Int(1) {
-            // It wrote: the record sent back is the one written, not a stored one.
+        if keep && written == redis::Value::Int(1) {
+            // It wrote over a state that is not final: the record sent back is the one
+            // written, not a stored one.
             if let redis::Value::BulkString(record) = old {
-                self.started.put(uuid, record.into_boxed_slice());
+                self.started.put(uuid, record);
             }
         } else {
             if written == redis::Value::Int(0) {
@@ -1351,9 +1382,13 @@ impl Pieces {
     }
 }
 
-/// The most STARTED records a backend keeps for [`Started`]; when it is full, it is emptied
-/// (the outcomes of the tasks it held then take the guarded path).
+/// The most STARTED records a backend (with its clones) keeps for [`Started`], and the most
+/// bytes they take; beyond either, the oldest go first.
 const STARTED_MAX: usize = 4096;
+const STARTED_MAX_BYTES: usize = 2 << 20;
+
+/// The largest STARTED record kept (one with a long UUID or name takes the guarded path).
+const STARTED_MAX_RECORD: usize = 1024;
 
 /// The STARTED records a backend's [`start`](ResultBackend::start) wrote, by task UUID, until
 /// the task's [`record`](ResultBackend::record) writes its outcome over one.
@@ -1361,29 +1396,73 @@ const STARTED_MAX: usize = 4096;
 /// A worker writes STARTED and then its task's outcome. The first reads the stored record to
 /// guard the task (a finished or revoked one is not run) and carries its name and creation
 /// time forward. For the second, the script would read and match the record again. Instead,
-/// `record` sends the STARTED record `start` wrote along with the outcome, its creation time
-/// already carried, and the script writes the outcome when the store still holds exactly
-/// that record ([`Encoded::over_started`]). When it does not (a revoke, or any other write
-/// since), nothing is written and the outcome goes through the guard as before. A record
-/// kept here is never trusted alone: it is only compared with the store.
+/// `record` sends the STARTED record `start` wrote along with the outcome, its name and
+/// creation time already carried, and the script writes the outcome when the store holds
+/// exactly that record ([`Encoded::over_started`]). When it does not (a revoke, another
+/// state written since), nothing is written and the outcome goes through the guard as before.
+/// A record kept here is never trusted alone: it is only compared with the store. Records of
+/// tasks that never record an outcome here (a duplicate, a task cancelled, a process stopping)
+/// are pushed out, oldest first, by newer ones.
 #[derive(Debug, Default)]
 struct Started {
-    records: Mutex<HashMap<String, Box<[u8]>>>,
+    records: Mutex<StartedRecords>,
+}
+
+#[derive(Debug, Default)]
+struct StartedRecords {
+    /// Each record, with the number it was put under.
+    by_task: HashMap<String, (Vec<u8>, u64)>,
+    /// Task UUIDs with those numbers, oldest first; an entry whose record was taken or put
+    /// again since is stale.
+    order: std::collections::VecDeque<(String, u64)>,
+    bytes: usize,
+    next: u64,
 }
 
 impl Started {
-    fn put(&self, uuid: &str, record: Box<[u8]>) {
+    fn put(&self, uuid: &str, record: Vec<u8>) {
+        let size = uuid.len() + record.len();
         let mut records = lock(&self.records);
-        if records.len() >= STARTED_MAX && !records.contains_key(uuid) {
-            // Tasks that started here and never recorded an outcome (a process stopped in
-            // the middle, a task cancelled), or more tasks at once than this holds.
-            records.clear();
+        let records = &mut *records;
+        if let Some((old, _)) = records.by_task.remove(uuid) {
+            records.bytes -= uuid.len() + old.len();
         }
-        records.insert(uuid.to_owned(), record);
+        if size > STARTED_MAX_RECORD {
+            return;
+        }
+        let number = records.next;
+        records.next += 1;
+        records.by_task.insert(uuid.to_owned(), (record, number));
+        records.order.push_back((uuid.to_owned(), number));
+        records.bytes += size;
+        while records.by_task.len() > STARTED_MAX || records.bytes > STARTED_MAX_BYTES {
+            let Some((oldest, number)) = records.order.pop_front() else {
+                break;
+            };
+            if records
+                .by_task
+                .get(&oldest)
+                .is_some_and(|(_, n)| *n == number)
+            {
+                if let Some((old, _)) = records.by_task.remove(&oldest) {
+                    records.bytes -= oldest.len() + old.len();
+                }
+            }
+        }
+        // Stale entries are dropped once they are half the queue.
+        if records.order.len() > 2 * records.by_task.len() + 64 {
+            let by_task = &records.by_task;
+            records
+                .order
+                .retain(|(uuid, number)| by_task.get(uuid).is_some_and(|(_, n)| n == number));
+        }
     }
 
-    fn take(&self, uuid: &str) -> Option<Box<[u8]>> {
-        lock(&self.records).remove(uuid)
+    fn take(&self, uuid: &str) -> Option<Vec<u8>> {
+        let mut records = lock(&self.records);
+        let (record, _) = records.by_task.remove(uuid)?;
+        records.bytes -= uuid.len() + record.len();
+        Some(record)
     }
 }
 
@@ -1402,7 +1481,7 @@ enum Form {
     /// The new JSON in pieces, for the script to guard and join.
     Pieces(Pieces),
     /// The record expected in the store, and the JSON that replaces it when it is there.
-    Expected { expected: Box<[u8]>, json: Vec<u8> },
+    Expected { expected: Vec<u8>, json: Vec<u8> },
 }
 
 /// Which stored records a write has sent back (the script's last flag).
@@ -1412,9 +1491,10 @@ pub(super) enum Back {
     All = 0,
     /// A revoke only.
     Revoke = 1,
-    /// A final state only, a revoke included; and the record written when it wrote (a
-    /// worker's STARTED, which its outcome is then written over by comparison; see
-    /// [`Started`]). (The script's `2`, a final state alone, is not used.)
+    /// A final state only, a revoke included.
+    Final = 2,
+    /// The record written when it wrote, else as [`Final`](Back::Final) (a worker's STARTED,
+    /// which its outcome is then written over by comparison; see [`Started`]).
     FinalOrWritten = 3,
 }
 
@@ -1435,16 +1515,9 @@ impl Encoded {
 
     /// A write that has only the stored records `back` names sent back.
     pub(super) fn with(state: &TaskState, back: Back) -> Result<Encoded> {
-        let flag = |on: bool| if on { b'1' } else { b'0' };
         Ok(Encoded {
             uuid: state.task_uuid.clone(),
-            flags: [
-                b'P',
-                state_flag(state),
-                flag(state.task_name.is_empty()),
-                flag(state.created_at.is_zero()),
-                b'0' + back as u8,
-            ],
+            flags: flags(b'P', state, back),
             form: Form::Pieces(Pieces::new(state)?),
         })
     }
@@ -1456,44 +1529,56 @@ impl Encoded {
     /// the script need not read the record. `None` for anything but RETRY, SUCCESS and
     /// FAILURE, for a revoke (which has rules of its own), and when `started` is not in the
     /// layout the write script writes.
-    fn over_started(state: &TaskState, started: &[u8], back: Back) -> Result<Option<Encoded>> {
+    fn over_started(state: &TaskState, started: Vec<u8>, back: Back) -> Result<Option<Encoded>> {
         let outcome = matches!(state.state, State::Retry | State::Success | State::Failure);
         if !outcome || is_revoked(state) {
             return Ok(None);
         }
-        let Some([stored_name, stored_created]) = carried_literals(started) else {
+        let Some([name, stored_state, created]) = carried_literals(&started) else {
             return Ok(None);
         };
-        let pieces = Pieces::new(state)?;
-        let [head, mut name, mid, mut created, tail] = pieces.parts();
+        // Only over a STARTED or RECEIVED record is an outcome never refused.
+        if !matches!(stored_state, b"\"STARTED\"" | b"\"RECEIVED\"") {
+            return Ok(None);
+        }
         // The script carries a stored string only when it is not empty.
-        if state.task_name.is_empty() && stored_name != b"\"\"" {
-            name = stored_name;
+        let name = (state.task_name.is_empty() && name != b"\"\"").then_some(name);
+        let created = (state.created_at.is_zero() && created != b"\"\"").then_some(created);
+        let mut pieces = Pieces::new(state)?;
+        let [name_start, name_end, created_start, created_end] = pieces.cuts;
+        // The later piece first, so that the earlier cuts still hold.
+        if let Some(created) = created {
+            pieces
+                .json
+                .splice(created_start..created_end, created.iter().copied());
         }
-        if state.created_at.is_zero() && stored_created != b"\"\"" {
-            created = stored_created;
+        if let Some(name) = name {
+            pieces
+                .json
+                .splice(name_start..name_end, name.iter().copied());
         }
-        let mut json =
-            Vec::with_capacity(head.len() + name.len() + mid.len() + created.len() + tail.len());
-        for part in [head, name, mid, created, tail] {
-            json.extend_from_slice(part);
-        }
-        let flag = |on: bool| if on { b'1' } else { b'0' };
         Ok(Some(Encoded {
             uuid: state.task_uuid.clone(),
-            flags: [
-                b'E',
-                state_flag(state),
-                flag(state.task_name.is_empty()),
-                flag(state.created_at.is_zero()),
-                b'0' + back as u8,
-            ],
+            flags: flags(b'E', state, back),
             form: Form::Expected {
-                expected: started.into(),
-                json,
+                expected: started,
+                json: pieces.json,
             },
         }))
     }
+}
+
+/// The script's flags for `state` in `form` (`P` or `E`): the form, the state it writes,
+/// whether its name and its creation time are carried, and which record to send back.
+fn flags(form: u8, state: &TaskState, back: Back) -> [u8; 5] {
+    let flag = |on: bool| if on { b'1' } else { b'0' };
+    [
+        form,
+        state_flag(state),
+        flag(state.task_name.is_empty()),
+        flag(state.created_at.is_zero()),
+        b'0' + back as u8,
+    ]
 }
 
 /// The script's flag for the state `state` writes.
@@ -1511,14 +1596,16 @@ fn state_flag(state: &TaskState) -> u8 {
     }
 }
 
-/// The `TaskName` and `CreatedAt` values of a record the write script wrote, as JSON strings
-/// with their quotes. Such a record is in the wire layout, `{"TaskUUID":<string>,
-/// "TaskName":<string>,"State":...,"CreatedAt":<string>,"TTL":<integer>}`: a JSON string
-/// holds no unescaped `"`, so the first `,"TaskName":` and `,"State":` and the last
-/// `,"CreatedAt":` and `,"TTL":` are the keys'. `None` for anything else.
-fn carried_literals(record: &[u8]) -> Option<[&[u8]; 2]> {
+/// The `TaskName`, `State` and `CreatedAt` values of a record the write script wrote, as
+/// JSON strings with their quotes. Such a record is in the wire layout, `{"TaskUUID":<string>,
+/// "TaskName":<string>,"State":<string>,"Results":...,"CreatedAt":<string>,"TTL":<integer>}`:
+/// a JSON string holds no unescaped `"`, so the first `,"TaskName":`, `,"State":` and
+/// `,"Results":` and the last `,"CreatedAt":` and `,"TTL":` are the keys'. `None` for
+/// anything else.
+fn carried_literals(record: &[u8]) -> Option<[&[u8]; 3]> {
     const NAME: &[u8] = b",\"TaskName\":";
     const STATE: &[u8] = b",\"State\":";
+    const RESULTS: &[u8] = b",\"Results\":";
     const CREATED: &[u8] = b",\"CreatedAt\":";
     const TTL: &[u8] = b",\"TTL\":";
     if !record.starts_with(b"{\"TaskUUID\":\"") {
@@ -1526,9 +1613,11 @@ fn carried_literals(record: &[u8]) -> Option<[&[u8]; 2]> {
     }
     let name_start = find(record, NAME)? + NAME.len();
     let name_end = name_start + find(&record[name_start..], STATE)?;
+    let state_start = name_end + STATE.len();
+    let state_end = state_start + find(&record[state_start..], RESULTS)?;
     let end = rfind(record, TTL)?;
     let created_start = rfind(&record[..end], CREATED)? + CREATED.len();
-    if created_start < name_end {
+    if created_start < state_end {
         return None;
     }
     let ttl = record[end + TTL.len()..]
@@ -1537,9 +1626,12 @@ fn carried_literals(record: &[u8]) -> Option<[&[u8]; 2]> {
             let n = n.strip_prefix(b"-").unwrap_or(n);
             !n.is_empty() && n.iter().all(u8::is_ascii_digit)
         });
-    let name = &record[name_start..name_end];
-    let created = &record[created_start..end];
-    (ttl && is_string(name) && is_string(created)).then_some([name, created])
+    let literals = [
+        &record[name_start..name_end],
+        &record[state_start..state_end],
+        &record[created_start..end],
+    ];
+    (ttl && literals.iter().all(|l| is_string(l))).then_some(literals)
 }
 
 /// Whether `literal` is one JSON string with no quote inside (escaped or not), which is all
@@ -1778,21 +1870,24 @@ mod tests {
             carried_literals(record),
             Some([
                 &br#""add""#[..],
-                &br#""2026-11-29T20:17:52.337696883Z""#[..]
+                br#""STARTED""#,
+                br#""2026-11-29T20:17:52.337696883Z""#
             ])
         );
         // Escapes stay as they are; the keys' text inside a string is always escaped.
         let record = br#"{"TaskUUID":"t\",\"TaskName\":\"x","TaskName":"a\u003cb","State":"RETRY","Results":null,"Error":"x\",\"CreatedAt\":\"y","CreatedAt":"","TTL":-5}"#;
         assert_eq!(
             carried_literals(record),
-            Some([&br#""a\u003cb""#[..], &br#""""#[..]])
+            Some([&br#""a\u003cb""#[..], br#""RETRY""#, br#""""#])
         );
         for not_ours in [
-            &br#"{"TaskName":"add","TaskUUID":"t1","State":"STARTED","CreatedAt":"x","TTL":0}"#[..],
-            br#"{"TaskUUID":"t1","TaskName":"add","State":"STARTED","CreatedAt":"x","TTL":0.5}"#,
-            br#"{"TaskUUID":"t1","TaskName":"add","State":"STARTED","CreatedAt":"x"}"#,
-            br#"{"TaskUUID":"t1","TaskName":add,"State":"STARTED","CreatedAt":"x","TTL":0}"#,
-            br#"{"TaskUUID":"t1","TaskName":"a\"b","State":"STARTED","CreatedAt":"x","TTL":0}"#,
+            &br#"{"TaskName":"add","TaskUUID":"t1","State":"STARTED","Results":null,"CreatedAt":"x","TTL":0}"#[..],
+            br#"{"TaskUUID":"t1","TaskName":"add","State":"STARTED","Results":null,"CreatedAt":"x","TTL":0.5}"#,
+            br#"{"TaskUUID":"t1","TaskName":"add","State":"STARTED","Results":null,"CreatedAt":"x"}"#,
+            br#"{"TaskUUID":"t1","TaskName":add,"State":"STARTED","Results":null,"CreatedAt":"x","TTL":0}"#,
+            br#"{"TaskUUID":"t1","TaskName":"a\"b","State":"STARTED","Results":null,"CreatedAt":"x","TTL":0}"#,
+            br#"{"TaskUUID":"t1","TaskName":"add","State":null,"Results":null,"CreatedAt":"x","TTL":0}"#,
+            br#"{"TaskUUID":"t1","TaskName":"add","State":"STARTED","CreatedAt":"x","TTL":0}"#,
             b"",
         ] {
             assert_eq!(
@@ -1809,7 +1904,7 @@ mod tests {
         let started = br#"{"TaskUUID":"t1","TaskName":"add","State":"STARTED","Results":null,"Error":"","CreatedAt":"2026-11-29T20:17:52Z","TTL":0}"#;
         for state in [State::Retry, State::Success, State::Failure] {
             let encoded =
-                Encoded::over_started(&TaskState::new("t1", state), started, Back::Revoke);
+                Encoded::over_started(&TaskState::new("t1", state), started.to_vec(), Back::Revoke);
             let Ok(Some(Encoded {
                 flags,
                 form: Form::Expected { json, .. },
@@ -1828,30 +1923,52 @@ mod tests {
         }
         for state in [State::Pending, State::Received, State::Started] {
             let encoded =
-                Encoded::over_started(&TaskState::new("t1", state), started, Back::Revoke);
+                Encoded::over_started(&TaskState::new("t1", state), started.to_vec(), Back::Revoke);
             assert!(matches!(encoded, Ok(None)), "{state}");
         }
         let revoke = crate::backend::revoked_state("t1");
         assert!(matches!(
-            Encoded::over_started(&revoke, started, Back::Revoke),
+            Encoded::over_started(&revoke, started.to_vec(), Back::Revoke),
             Ok(None)
         ));
+        // Over anything but a STARTED or RECEIVED record, the guard decides.
+        let success = TaskState::new("t1", State::Success);
+        for kept in ["PENDING", "RETRY", "SUCCESS", "FAILURE"] {
+            let record = String::from_utf8_lossy(started).replace("STARTED", kept);
+            let encoded = Encoded::over_started(&success, record.into_bytes(), Back::Revoke);
+            assert!(matches!(encoded, Ok(None)), "{kept}");
+        }
+        let received = String::from_utf8_lossy(started).replace("STARTED", "RECEIVED");
+        let encoded = Encoded::over_started(&success, received.into_bytes(), Back::Revoke);
+        assert!(matches!(encoded, Ok(Some(_))));
     }
 
     #[test]
-    fn the_started_records_kept_are_bounded() {
+    fn the_started_records_kept_are_bounded_oldest_first() {
         let started = Started::default();
         for i in 0..STARTED_MAX {
-            started.put(&format!("t{i}"), Box::new([1]));
+            started.put(&format!("t{i}"), vec![1]);
         }
-        // Replacing one keeps the rest.
-        started.put("t0", Box::new([2]));
-        assert_eq!(started.take("t0").as_deref(), Some(&[2][..]));
-        started.put("t0", Box::new([2]));
-        // One more empties it first.
-        started.put("another", Box::new([3]));
+        // Put again, a record is the newest.
+        started.put("t0", vec![2]);
+        // One more pushes out the oldest: t1, not t0.
+        started.put("another", vec![3]);
         assert_eq!(started.take("t1"), None);
-        assert_eq!(started.take("another").as_deref(), Some(&[3][..]));
+        assert_eq!(started.take("t0"), Some(vec![2]));
+        assert_eq!(started.take("t2"), Some(vec![1]));
+        assert_eq!(started.take("another"), Some(vec![3]));
+        // Bytes are bounded too, and a record too large is not kept.
+        started.put("big", vec![0; STARTED_MAX_RECORD]);
+        assert_eq!(started.take("big"), None);
+        let per = STARTED_MAX_RECORD - 8;
+        let last = STARTED_MAX_BYTES / per + 8;
+        for i in 0..=last {
+            started.put(&format!("b{i:07}"), vec![0; per - 8]);
+        }
+        let records = lock(&started.records);
+        assert!(records.bytes <= STARTED_MAX_BYTES, "{}", records.bytes);
+        assert!(records.by_task.contains_key(&format!("b{last:07}")));
+        assert!(records.order.len() <= 2 * records.by_task.len() + 64);
     }
 
     fn parse(url: &str) -> RedisUrl {
