@@ -1101,8 +1101,9 @@ impl ResultBackend for RedisBackend {
     /// The record it wrote is kept until the task's [`record`](ResultBackend::record), which
     /// then writes the outcome over it by comparison (see the [module docs](self)).
     async fn start(&self, state: TaskState) -> Result<Option<TaskState>> {
-        // Only a STARTED or RECEIVED record is kept: nothing else is written only over a state
-        // that is not final, so only for these is the record sent back always the one written.
+        // Only a STARTED or RECEIVED record is kept: only over one of these is an outcome never
+        // refused (and these are written only over a state that is not final, so the record
+        // sent back when one is written is always the one written).
         let keep = matches!(state.state, State::Started | State::Received) && !is_revoked(&state);
         let back = if keep {
             Back::FinalOrWritten
@@ -1118,6 +1119,8 @@ impl ResultBackend for RedisBackend {
                 self.started.put(uuid, record);
             }
         } else {
+            // A record kept from an earlier start of the task is stale now.
+            drop(self.started.take(uuid));
             if written == redis::Value::Int(0) {
                 debug!(task = %uuid, state = %state.state, "refused a backward transition");
             }
