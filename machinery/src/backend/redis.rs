@@ -136,10 +136,10 @@ const CHORD_LOCK_WAIT: Duration = Duration::from_secs(10);
 /// `P`: five arguments follow, the new JSON around the `TaskName` value and the `CreatedAt`
 /// value (head, name, mid, created, tail), and the stored record is read and guarded as
 /// described. `E` (RETRY, SUCCESS and FAILURE only): two arguments follow, a record and a
-/// JSON: when the stored record is exactly that record, the JSON is written as it is (a worker's outcome over the STARTED
-/// record it wrote, so the guard and the carry are known to allow it, and have already been
-/// applied by the caller); otherwise nothing is written and the reply is `2`, for the caller
-/// to write it again in the `P` form.
+/// JSON: when the stored record is exactly that record, the JSON is written as it is (a
+/// worker's outcome over the STARTED record it wrote, so the guard is known to allow it and
+/// the caller has applied the carry); otherwise nothing is written and the reply is `2`, for
+/// the caller to write it again in the `P` form.
 ///
 /// Every write's flags (and the number of arguments) are checked before anything is written;
 /// a run with one bad write is an error and writes nothing.
