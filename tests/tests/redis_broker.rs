@@ -273,6 +273,71 @@ async fn pending_and_delayed_tasks_read_go_s_layout() {
     cleanup(&config).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn pending_and_delayed_tasks_read_in_pages() {
+    let config = config("pages");
+    let q = config.default_queue.clone();
+    let server = Server::new(config.clone()).await.unwrap();
+    let raw = broker(&config).await;
+    let mut now = Vec::new();
+    let mut later = Vec::new();
+    for i in 0..7 {
+        now.push(
+            server
+                .send(add::signature(vec![i]))
+                .await
+                .unwrap()
+                .task_uuid()
+                .to_owned(),
+        );
+        let eta = chrono::Utc::now() + chrono::Duration::seconds(60 + i);
+        let sent = server
+            .send(add::signature(vec![i]).with_eta(eta))
+            .await
+            .unwrap();
+        later.push(sent.task_uuid().to_owned());
+    }
+    let uuids = |page: Vec<machinery::wire::Signature>| -> Vec<String> {
+        page.into_iter().map(|s| s.uuid).collect()
+    };
+    // Head first, then the next page, a short last page, and nothing past the end.
+    assert_eq!(
+        uuids(raw.pending_tasks_range(&q, 0, 3).await.unwrap()),
+        now[..3]
+    );
+    assert_eq!(
+        uuids(raw.pending_tasks_range(&q, 3, 3).await.unwrap()),
+        now[3..6]
+    );
+    assert_eq!(
+        uuids(raw.pending_tasks_range("", 6, 3).await.unwrap()),
+        now[6..]
+    );
+    assert!(raw.pending_tasks_range(&q, 7, 3).await.unwrap().is_empty());
+    assert!(raw.pending_tasks_range(&q, 0, 0).await.unwrap().is_empty());
+    assert!(raw
+        .pending_tasks_range(&q, usize::MAX, 3)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        uuids(raw.pending_tasks_range(&q, 5, usize::MAX).await.unwrap()),
+        now[5..]
+    );
+    // Earliest first.
+    assert_eq!(
+        uuids(raw.delayed_tasks_range(0, 4).await.unwrap()),
+        later[..4]
+    );
+    assert_eq!(
+        uuids(raw.delayed_tasks_range(4, 4).await.unwrap()),
+        later[4..]
+    );
+    assert!(raw.delayed_tasks_range(7, 1).await.unwrap().is_empty());
+    assert!(raw.delayed_tasks_range(1, 0).await.unwrap().is_empty());
+    cleanup(&config).await;
+}
+
 // ---- reliability ----
 
 #[tokio::test(flavor = "multi_thread")]

@@ -454,7 +454,8 @@ impl RedisBroker {
 
     /// The signatures waiting in `queue` (the default queue when empty), head first (Go:
     /// `GetPendingTasks`, an `LRANGE`). Fails on a message that is not a signature, as Go's
-    /// does, or that is larger than `max_message_size`.
+    /// does, or that is larger than `max_message_size`. It reads the whole queue; for a long
+    /// one, read it in pages with [`pending_tasks_range`](Self::pending_tasks_range).
     ///
     /// ```no_run
     /// # async fn demo(broker: machinery::broker::redis::RedisBroker) -> machinery::Result<()> {
@@ -463,6 +464,39 @@ impl RedisBroker {
     /// # }
     /// ```
     pub async fn pending_tasks(&self, queue: &str) -> Result<Vec<Signature>> {
+        self.read_queue(queue, 0, -1).await
+    }
+
+    /// Like [`pending_tasks`](Self::pending_tasks), at most `count` signatures from position
+    /// `start` (0 is the head): one page of a queue, so that a long queue is never held in
+    /// memory whole. Past the end, it is empty.
+    ///
+    /// ```no_run
+    /// # async fn demo(broker: machinery::broker::redis::RedisBroker) -> machinery::Result<()> {
+    /// let mut start = 0;
+    /// loop {
+    ///     let page = broker.pending_tasks_range("machinery_tasks", start, 500).await?;
+    ///     if page.is_empty() {
+    ///         break;
+    ///     }
+    ///     start += page.len();
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn pending_tasks_range(
+        &self,
+        queue: &str,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<Signature>> {
+        match range(start, count) {
+            Some((start, stop)) => self.read_queue(queue, start, stop).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn read_queue(&self, queue: &str, start: i64, stop: i64) -> Result<Vec<Signature>> {
         let queue = if queue.is_empty() {
             self.shared.default_queue.as_str()
         } else {
@@ -471,14 +505,15 @@ impl RedisBroker {
         let bodies: Vec<Vec<u8>> = self
             .shared
             .query(
-                redis::cmd("LRANGE").arg(queue).arg(0).arg(-1),
+                redis::cmd("LRANGE").arg(queue).arg(start).arg(stop),
                 "read a queue",
             )
             .await?;
         self.shared.decode_all(&bodies)
     }
 
-    /// The delayed signatures, earliest first (Go: `GetDelayedTasks`, a `ZRANGE`).
+    /// The delayed signatures, earliest first (Go: `GetDelayedTasks`, a `ZRANGE`). It reads
+    /// them all; read many in pages with [`delayed_tasks_range`](Self::delayed_tasks_range).
     ///
     /// ```no_run
     /// # async fn demo(broker: machinery::broker::redis::RedisBroker) -> machinery::Result<()> {
@@ -487,13 +522,33 @@ impl RedisBroker {
     /// # }
     /// ```
     pub async fn delayed_tasks(&self) -> Result<Vec<Signature>> {
+        self.read_delayed(0, -1).await
+    }
+
+    /// Like [`delayed_tasks`](Self::delayed_tasks), at most `count` signatures from position
+    /// `start` (0 is the earliest). Past the end, it is empty.
+    ///
+    /// ```no_run
+    /// # async fn demo(broker: machinery::broker::redis::RedisBroker) -> machinery::Result<()> {
+    /// let next_ten = broker.delayed_tasks_range(0, 10).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn delayed_tasks_range(&self, start: usize, count: usize) -> Result<Vec<Signature>> {
+        match range(start, count) {
+            Some((start, stop)) => self.read_delayed(start, stop).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn read_delayed(&self, start: i64, stop: i64) -> Result<Vec<Signature>> {
         let bodies: Vec<Vec<u8>> = self
             .shared
             .query(
                 redis::cmd("ZRANGE")
                     .arg(&self.shared.delayed_key)
-                    .arg(0)
-                    .arg(-1),
+                    .arg(start)
+                    .arg(stop),
                 "read the delayed tasks",
             )
             .await?;
@@ -1325,6 +1380,14 @@ impl Drop for RedisAcker {
             }
         });
     }
+}
+
+/// The inclusive positions of `count` items from `start`, as `LRANGE` and `ZRANGE` take them;
+/// `None` when there are none to read (a count of zero, or a start past what Redis indexes).
+fn range(start: usize, count: usize) -> Option<(i64, i64)> {
+    let start = i64::try_from(start).ok()?;
+    let count = i64::try_from(count).unwrap_or(i64::MAX);
+    (count > 0).then(|| (start, start.saturating_add(count - 1)))
 }
 
 #[cfg(test)]
