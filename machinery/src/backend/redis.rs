@@ -557,14 +557,14 @@ impl RedisBackend {
     /// wrote, the stored record and the state name the script read. A key of another type is
     /// an error ([`check_written`](Self::check_written)).
     async fn write_one(&self, state: &TaskState, back: Back) -> Result<Reply> {
-        self.write_encoded_one(Encoded::with(state, back)?).await
+        self.write_encoded_one(&state.task_uuid, Encoded::with(state, back)?)
+            .await
     }
 
-    /// [`write_one`](Self::write_one) of a state already encoded.
-    async fn write_encoded_one(&self, encoded: Encoded) -> Result<Reply> {
-        let uuid = encoded.uuid.clone();
+    /// [`write_one`](Self::write_one) of a state already encoded, of the task `uuid`.
+    async fn write_encoded_one(&self, uuid: &str, encoded: Encoded) -> Result<Reply> {
         let reply = self.batcher.write(self, encoded).await?;
-        self.check_written(&uuid, &reply[0])?;
+        self.check_written(uuid, &reply[0])?;
         Ok(reply)
     }
 
@@ -579,7 +579,7 @@ impl RedisBackend {
         let Some(encoded) = Encoded::over_started(state, started, back)? else {
             return Ok(None);
         };
-        let reply = self.write_encoded_one(encoded).await?;
+        let reply = self.write_encoded_one(&state.task_uuid, encoded).await?;
         if reply[0] == redis::Value::Int(2) {
             debug!(task = %state.task_uuid, "the stored record changed since STARTED; the outcome goes through the guard");
             return Ok(None);
