@@ -1414,10 +1414,10 @@ struct Started {
 #[derive(Debug, Default)]
 struct StartedRecords {
     /// Each record, with the number it was put under.
-    by_task: HashMap<String, (Vec<u8>, u64)>,
-    /// Task UUIDs with those numbers, oldest first; an entry whose record was taken or put
-    /// again since is stale.
-    order: std::collections::VecDeque<(String, u64)>,
+    by_task: HashMap<Arc<str>, (Vec<u8>, u64)>,
+    /// Task UUIDs (shared with `by_task`) with those numbers, oldest first; an entry whose
+    /// record was taken or put again since is stale.
+    order: std::collections::VecDeque<(Arc<str>, u64)>,
     bytes: usize,
     next: u64,
 }
@@ -1435,8 +1435,9 @@ impl Started {
         }
         let number = records.next;
         records.next += 1;
-        records.by_task.insert(uuid.to_owned(), (record, number));
-        records.order.push_back((uuid.to_owned(), number));
+        let uuid: Arc<str> = Arc::from(uuid);
+        records.by_task.insert(Arc::clone(&uuid), (record, number));
+        records.order.push_back((uuid, number));
         records.bytes += size;
         while records.by_task.len() > STARTED_MAX || records.bytes > STARTED_MAX_BYTES {
             let Some((oldest, number)) = records.order.pop_front() else {
@@ -1444,10 +1445,10 @@ impl Started {
             };
             if records
                 .by_task
-                .get(&oldest)
+                .get(&*oldest)
                 .is_some_and(|(_, n)| *n == number)
             {
-                if let Some((old, _)) = records.by_task.remove(&oldest) {
+                if let Some((old, _)) = records.by_task.remove(&*oldest) {
                     records.bytes -= oldest.len() + old.len();
                 }
             }
@@ -1457,7 +1458,7 @@ impl Started {
             let by_task = &records.by_task;
             records
                 .order
-                .retain(|(uuid, number)| by_task.get(uuid).is_some_and(|(_, n)| n == number));
+                .retain(|(uuid, number)| by_task.get(&**uuid).is_some_and(|(_, n)| n == number));
         }
     }
 
@@ -1970,7 +1971,7 @@ mod tests {
         }
         let records = lock(&started.records);
         assert!(records.bytes <= STARTED_MAX_BYTES, "{}", records.bytes);
-        assert!(records.by_task.contains_key(&format!("b{last:07}")));
+        assert!(records.by_task.contains_key(format!("b{last:07}").as_str()));
         assert!(records.order.len() <= 2 * records.by_task.len() + 64);
     }
 
