@@ -1523,6 +1523,8 @@ struct ConsumerState {
     channel: Channel,
     stream: lapin::Consumer,
     acks: mpsc::UnboundedSender<Settle>,
+    /// The highest delivery tag received, for the settler to see how full the window is.
+    delivered: acks::Delivered,
     settler: tokio::task::JoinHandle<()>,
     _link: Link,
 }
@@ -1562,12 +1564,19 @@ impl AmqpConsumer {
             .map_err(|e| b.broker_error(&format!("cannot consume queue `{}`", self.queue), e))?;
         let (acks, rx) = mpsc::unbounded_channel();
         let frames = ChannelFrames(channel.clone());
-        let settler = tokio::spawn(acks::settle_loop(frames, self.prefetch, rx));
+        let delivered = acks::Delivered::default();
+        let settler = tokio::spawn(acks::settle_loop(
+            frames,
+            self.prefetch,
+            delivered.clone(),
+            rx,
+        ));
         info!(queue = %self.queue, prefetch = self.prefetch, node = %b.node_url(link.node), "consuming");
         self.state = Some(ConsumerState {
             channel,
             stream,
             acks,
+            delivered,
             settler,
             _link: link,
         });
@@ -1592,6 +1601,7 @@ impl AmqpConsumer {
             let state = self.state.as_mut()?;
             match state.stream.next().await {
                 Some(Ok(delivery)) => {
+                    state.delivered.saw(delivery.delivery_tag);
                     let body = Bytes::from(delivery.data);
                     let acker = AmqpAcker {
                         acks: state.acks.clone(),

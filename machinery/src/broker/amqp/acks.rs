@@ -11,30 +11,34 @@
 //! multiple ack if the gap closes meanwhile. Such a gap is common: a worker that stores its
 //! states in Redis ends its tasks in the order their writes come back, and a task whose write
 //! went one batch later leaves a gap for about one round trip while dozens of tasks above it
-//! end. Held above a gap for [`ACK_LINGER`] alone, those acks went one frame each: 3,000-4,000
-//! frames for 20,000 tasks, where the raw consumer sends 625. So the acks above a gap wait
-//! longer, [`GAP_LINGER`], or until half the prefetch is held above it (at most
-//! [`MAX_HOLD`]); then they go one by one, so a long task never holds back the acks of the
-//! tasks after it for longer than that, nor more than half the window. A run below the gap
-//! goes as before. Rejections are sent at once.
+//! end. Held above a gap for [`ACK_LINGER`] alone, those acks went one frame each: 3,000-5,000
+//! single acks for 20,000 tasks, where the raw consumer sends 625 multiple ones. So the acks
+//! above a gap wait longer, up to [`GAP_LINGER`], then go one by one, so that a long task never
+//! holds back the acks of the tasks after it for longer than that. They go at once when half
+//! the prefetch is held above the gap (at most [`MAX_HOLD`]), and whenever the broker's window
+//! is full while acks are held here ([`Delivered`]): held acks never keep the broker from
+//! sending more. The run below a gap goes as before. Rejections are sent at once.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// How long an ack may wait to be sent with others. Short beside any task's run time, and
-/// short enough that held acks never starve the prefetch window for long.
+/// How long the acks of a run may wait to be sent with others. Short beside any task's run
+/// time, and short enough that held acks never starve the prefetch window for long.
 pub(super) const ACK_LINGER: Duration = Duration::from_millis(1);
 
 /// How long an ack above a gap may wait for the gap to close: a few round trips of a state
-/// write under load (1.5-3 ms to Redis in the benchmark's drain).
-pub(super) const GAP_LINGER: Duration = Duration::from_millis(5);
+/// write under load (1.5-3 ms to Redis in the benchmark's drain). The deadline runs from when
+/// the first of the acks held above a gap arrived, so the ones that came after may go sooner.
+const GAP_LINGER: Duration = Duration::from_millis(5);
 
 /// The most acks held above a gap.
-const MAX_HOLD: u64 = 256;
+const MAX_HOLD: usize = 256;
 
 /// The most acks one multiple ack waits for.
 const MAX_EVERY: u64 = 32;
@@ -61,6 +65,22 @@ pub(super) enum Frame {
     Reject(u64, bool),
 }
 
+/// The highest delivery tag a channel's consumer has received, shared with its
+/// [`settle_loop`]: with the acks sent, it tells how full the broker's window is.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Delivered(Arc<AtomicU64>);
+
+impl Delivered {
+    /// A delivery with `tag` arrived.
+    pub(super) fn saw(&self, tag: u64) {
+        self.0.fetch_max(tag, Ordering::Relaxed);
+    }
+
+    fn highest(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// The acks of one channel not yet sent, and the tags already settled.
 #[derive(Debug)]
 pub(super) struct AckWindow {
@@ -76,10 +96,13 @@ pub(super) struct AckWindow {
     settled: BTreeSet<u64>,
     /// Whether acks are still coalesced (see [`MAX_SETTLED_AHEAD`]).
     coalesce: bool,
-    /// How many acks in the run go at once.
+    /// The prefetch: how many deliveries the broker leaves unacknowledged at most (0: no
+    /// limit).
+    limit: u64,
+    /// How many acks in the run make it due.
     every: u64,
-    /// How many acks above a gap go at once (one by one).
-    hold: u64,
+    /// How many acks held above a gap make them all due (each sent alone).
+    hold: usize,
 }
 
 impl AckWindow {
@@ -88,13 +111,13 @@ impl AckWindow {
     /// held acks take little of the window from the broker. (A quarter, at most 64, sent
     /// fewer frames but slowed a worker running its deliveries in place: its deliveries came
     /// in bursts.) The acks above a gap go once they reach half of it (at least 1, at most
-    /// [`MAX_HOLD`]): with Go's default prefetch of 3 that is at once, as before.
+    /// [`MAX_HOLD`]), or once the window is full (see [`due`](Self::due)).
     pub(super) fn new(prefetch: u16) -> AckWindow {
         let (every, hold) = match prefetch {
             0 => (MAX_EVERY, MAX_HOLD),
             limit => (
                 (u64::from(limit) / 8).clamp(1, MAX_EVERY),
-                (u64::from(limit) / 2).clamp(1, MAX_HOLD),
+                (usize::from(limit) / 2).clamp(1, MAX_HOLD),
             ),
         };
         AckWindow {
@@ -104,24 +127,24 @@ impl AckWindow {
             held: BTreeSet::new(),
             settled: BTreeSet::new(),
             coalesce: true,
+            limit: u64::from(prefetch),
             every,
             hold,
         }
     }
 
     /// Whether nothing waits to be sent (no deadline is needed).
-    #[cfg(test)]
     fn is_idle(&self) -> bool {
         !self.has_run() && !self.has_gap()
     }
 
     /// Whether a run of acks waits to be sent (its deadline is [`ACK_LINGER`]).
-    pub(super) fn has_run(&self) -> bool {
+    fn has_run(&self) -> bool {
         self.top.is_some()
     }
 
     /// Whether acks above a gap wait (their deadline is [`GAP_LINGER`]).
-    pub(super) fn has_gap(&self) -> bool {
+    fn has_gap(&self) -> bool {
         !self.held.is_empty()
     }
 
@@ -156,11 +179,31 @@ impl AckWindow {
         }
     }
 
-    /// Pushes what is due onto `out`: everything once half the prefetch is held above a gap,
-    /// else the run once it has reached an eighth of the prefetch.
-    pub(super) fn due(&mut self, out: &mut Vec<Frame>) {
-        if u64::try_from(self.held.len()).unwrap_or(u64::MAX) >= self.hold {
+    /// Whether the broker's window is full (it has `prefetch` deliveries unacknowledged, the
+    /// highest tag it delivered being `delivered`) while acks wait here.
+    fn starves(&self, delivered: u64) -> bool {
+        if self.limit == 0 || self.is_idle() {
+            return false;
+        }
+        // Acked by frames already sent: below `low` all but the run, above it those settled.
+        let sent = (self.low - 1 - self.run)
+            .saturating_add(u64::try_from(self.settled.len()).unwrap_or(u64::MAX));
+        delivered.saturating_sub(sent) >= self.limit
+    }
+
+    /// Pushes what is due onto `out`, the highest tag delivered being `delivered`: everything
+    /// once half the prefetch is held above a gap; while the broker's window is full, the run
+    /// (or, without one, everything); else the run once it has reached an eighth of the
+    /// prefetch.
+    pub(super) fn due(&mut self, delivered: u64, out: &mut Vec<Frame>) {
+        if self.held.len() >= self.hold {
             self.flush(out);
+        } else if self.starves(delivered) {
+            if self.has_run() {
+                self.send_run(out);
+            } else {
+                self.flush(out);
+            }
         } else if self.run >= self.every {
             self.send_run(out);
         }
@@ -185,7 +228,7 @@ impl AckWindow {
     }
 
     /// Pushes the run, if any, as one multiple ack onto `out`; the acks above a gap stay.
-    pub(super) fn send_run(&mut self, out: &mut Vec<Frame>) {
+    fn send_run(&mut self, out: &mut Vec<Frame>) {
         if let Some(top) = self.top.take() {
             out.push(Frame::AckUpTo(top));
             self.run = 0;
@@ -206,30 +249,31 @@ pub(super) trait Frames: Send + Sync {
 
 /// Settles a channel's deliveries off the consume loop: settlements go into its [`AckWindow`],
 /// and the frames it says are due go out, at once or when the oldest ack of the run has waited
-/// [`ACK_LINGER`] (the run), or the oldest ack above a gap [`GAP_LINGER`] (everything). Ends,
-/// having sent every frame, when every sender of `rx` is gone.
+/// [`ACK_LINGER`] (the run), or the first of the acks above a gap [`GAP_LINGER`] (everything).
+/// `delivered` is the consumer's highest delivery tag. Ends, having sent every frame, when
+/// every sender of `rx` is gone.
 pub(super) async fn settle_loop(
     frames: impl Frames,
     prefetch: u16,
+    delivered: Delivered,
     mut rx: mpsc::UnboundedReceiver<Settle>,
 ) {
     let mut window = AckWindow::new(prefetch);
     let mut batch = Vec::new();
     let mut due = Vec::new();
-    // When the oldest ack of the run, and the oldest above a gap, must be sent.
+    // When the run, and the acks above a gap, must be sent.
     let mut run_at: Option<Instant> = None;
     let mut gap_at: Option<Instant> = None;
     loop {
-        let deadline = match (run_at, gap_at) {
-            (Some(run), Some(gap)) => Some(run.min(gap)),
-            (run, gap) => run.or(gap),
-        };
+        let deadline = [run_at, gap_at].into_iter().flatten().min();
         let received = match deadline {
             None => rx.recv_many(&mut batch, 1024).await,
-            // `recv_many` is cancel safe: nothing is lost when the deadline comes first.
-            Some(at) => tokio::time::timeout_at(at, rx.recv_many(&mut batch, 1024))
-                .await
-                .unwrap_or(usize::MAX),
+            // `recv_many` is cancel safe: nothing is lost when the deadline comes first. Then
+            // nothing was received, and the deadlines are looked at below.
+            Some(at) => match tokio::time::timeout_at(at, rx.recv_many(&mut batch, 1024)).await {
+                Ok(received) => received,
+                Err(_elapsed) => usize::MAX,
+            },
         };
         if received == 0 {
             window.flush(&mut due);
@@ -239,7 +283,7 @@ pub(super) async fn settle_loop(
         for settle in batch.drain(..) {
             window.settle(settle, &mut due);
         }
-        window.due(&mut due);
+        window.due(delivered.highest(), &mut due);
         // Under a steady stream `recv_many` is always ready and the timeout never looks at
         // the deadlines: look here.
         let now = Instant::now();
@@ -249,7 +293,11 @@ pub(super) async fn settle_loop(
             window.send_run(&mut due);
         }
         send(&frames, &mut due).await;
-        run_at = window.has_run().then(|| run_at.unwrap_or(now + ACK_LINGER));
+        // A run that took in acks held above a closed gap keeps their deadline.
+        let run_deadline = run_at.unwrap_or(now + ACK_LINGER);
+        run_at = window
+            .has_run()
+            .then(|| gap_at.map_or(run_deadline, |gap| gap.min(run_deadline)));
         gap_at = window.has_gap().then(|| gap_at.unwrap_or(now + GAP_LINGER));
     }
 }
@@ -294,7 +342,7 @@ mod tests {
         let sent = Sent::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let start = Instant::now();
-        let settler = tokio::spawn(settle_loop(sent.clone(), 256, rx));
+        let settler = tokio::spawn(settle_loop(sent.clone(), 256, Delivered::default(), rx));
         tx.send(Settle::Ack(1)).unwrap();
         tx.send(Settle::Ack(3)).unwrap();
         tokio::time::sleep(ACK_LINGER / 2).await;
@@ -332,7 +380,7 @@ mod tests {
         for s in settles {
             window.settle(*s, &mut out);
         }
-        window.due(&mut out);
+        window.due(0, &mut out);
         out
     }
 
@@ -344,7 +392,7 @@ mod tests {
     }
 
     #[test]
-    fn a_small_prefetch_never_holds_an_ack_above_a_gap() {
+    fn go_s_default_prefetch_never_holds_an_ack_above_a_gap() {
         // Prefetch 3, tag 1 still running: the broker has no room left until 2 and 3 are
         // acked, so they go at once, on their own.
         let mut window = AckWindow::new(3);
@@ -385,7 +433,7 @@ mod tests {
         tx.send(Settle::Ack(2)).unwrap();
         tx.send(Settle::Ack(4)).unwrap();
         tx.send(Settle::Reject(5, false)).unwrap();
-        let settler = tokio::spawn(settle_loop(frames, 2, rx));
+        let settler = tokio::spawn(settle_loop(frames, 2, Delivered::default(), rx));
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }
@@ -412,6 +460,7 @@ mod tests {
         assert_eq!(AckWindow::new(0).every, MAX_EVERY);
         // Above a gap: half the prefetch, at once for Go's default of 3.
         let holds = [0, 1, 3, 8, 256, 1024].map(|p| AckWindow::new(p).hold);
+        assert_eq!(AckWindow::new(16).hold, 8);
         assert_eq!(holds, [MAX_HOLD, 1, 1, 4, 128, MAX_HOLD]);
     }
 
@@ -494,7 +543,7 @@ mod tests {
     async fn acks_above_a_gap_of_a_round_trip_wait_and_go_as_one_frame() {
         let sent = Sent::default();
         let (tx, rx) = mpsc::unbounded_channel();
-        let settler = tokio::spawn(settle_loop(sent.clone(), 256, rx));
+        let settler = tokio::spawn(settle_loop(sent.clone(), 256, Delivered::default(), rx));
         // Tag 1's write is a batch late; 2-60 end now (more than an eighth of the prefetch).
         for tag in 2..=60 {
             tx.send(Settle::Ack(tag)).unwrap();
@@ -516,7 +565,7 @@ mod tests {
         let sent = Sent::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let start = Instant::now();
-        let settler = tokio::spawn(settle_loop(sent.clone(), 256, rx));
+        let settler = tokio::spawn(settle_loop(sent.clone(), 256, Delivered::default(), rx));
         tx.send(Settle::Ack(1)).unwrap();
         tx.send(Settle::Ack(3)).unwrap();
         tokio::time::sleep(ACK_LINGER * 3 / 2).await;
@@ -538,8 +587,92 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let frames = sent.frames();
-        assert_eq!(frames.len(), 2 + 128, "{frames:?}");
-        assert!(frames[2..].iter().all(|f| matches!(f, Frame::Ack(_))));
+        let alone: Vec<Frame> = (4..=131).map(Frame::Ack).collect();
+        assert_eq!(frames[2..], alone[..], "{frames:?}");
+        drop(tx);
+        settler.await.unwrap();
+    }
+
+    /// A worker's default prefetch is its concurrency, 16: nine slow tasks and seven quick
+    /// ones fill it. The quick ones' acks, above the gap the slow ones leave, go at once: held,
+    /// they would keep the broker from sending anything for [`GAP_LINGER`].
+    #[tokio::test(start_paused = true)]
+    async fn acks_above_a_gap_go_at_once_when_the_brokers_window_is_full() {
+        let sent = Sent::default();
+        let delivered = Delivered::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let settler = tokio::spawn(settle_loop(sent.clone(), 16, delivered.clone(), rx));
+        // Twelve of sixteen delivered: 10-12 end and wait above the gap (1-9 still run).
+        delivered.saw(12);
+        for tag in 10..=12 {
+            tx.send(Settle::Ack(tag)).unwrap();
+        }
+        tokio::time::sleep(ACK_LINGER * 2).await;
+        assert!(sent.frames().is_empty(), "{:?}", sent.frames());
+        // All sixteen delivered: the next ack finds the window full.
+        delivered.saw(16);
+        tx.send(Settle::Ack(13)).unwrap();
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        let alone: Vec<Frame> = (10..=13).map(Frame::Ack).collect();
+        assert_eq!(sent.frames(), alone);
+        drop(tx);
+        settler.await.unwrap();
+    }
+
+    #[test]
+    fn a_full_window_gets_the_run_first_then_the_acks_above_the_gap() {
+        // Prefetch 64: the run goes at 8, the acks above a gap at 32.
+        let mut window = AckWindow::new(64);
+        let mut out = Vec::new();
+        for tag in [1, 2, 3, 4, 6, 7, 8] {
+            window.settle(Settle::Ack(tag), &mut out);
+        }
+        // 64 delivered, none acked: the run of four goes, 6-8 stay above tag 5.
+        window.due(64, &mut out);
+        assert_eq!(out, vec![Frame::AckUpTo(4)]);
+        out.clear();
+        window.settle(Settle::Ack(9), &mut out);
+        window.due(64, &mut out);
+        assert!(out.is_empty(), "four acked, room for four: {out:?}");
+        // Four more delivered: full again, and no run: everything held goes.
+        window.settle(Settle::Ack(10), &mut out);
+        window.due(68, &mut out);
+        assert_eq!(out, (6..=10).map(Frame::Ack).collect::<Vec<_>>());
+        // Unlimited (0): never full.
+        let mut window = AckWindow::new(0);
+        window.settle(Settle::Ack(2), &mut out);
+        out.clear();
+        window.due(u64::MAX, &mut out);
+        assert!(out.is_empty());
+    }
+
+    /// A gap that closes just before its deadline: the run it joins goes by that deadline, not
+    /// [`ACK_LINGER`] later.
+    #[tokio::test(start_paused = true)]
+    async fn a_gap_that_closes_keeps_its_deadline_for_the_run() {
+        let sent = Sent::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let start = Instant::now();
+        let settler = tokio::spawn(settle_loop(sent.clone(), 256, Delivered::default(), rx));
+        let settle = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tx.send(Settle::Ack(2)).unwrap();
+        settle().await;
+        // The clock moved by hand: timers fire on whole milliseconds.
+        tokio::time::advance(GAP_LINGER - Duration::from_micros(500)).await;
+        tx.send(Settle::Ack(1)).unwrap();
+        settle().await;
+        tokio::time::advance(Duration::from_micros(400)).await;
+        settle().await;
+        assert!(sent.frames().is_empty());
+        tokio::time::advance(Duration::from_micros(100)).await;
+        settle().await;
+        assert_eq!(sent.frames(), vec![Frame::AckUpTo(2)]);
+        let at = sent.0.lock().unwrap()[0].1;
+        assert_eq!(at - start, GAP_LINGER);
         drop(tx);
         settler.await.unwrap();
     }
