@@ -604,6 +604,26 @@ async fn bad_bodies_are_dead_lettered_with_their_reason() {
         "{reasons:?}"
     );
     assert!(reasons.iter().all(|r| !r.is_empty()), "{reasons:?}");
+    // In pages: each message with its own reason, a count of 0 and past the end empty.
+    let pages = [
+        raw.dead_letters_range(&q, 0, 1).await.unwrap(),
+        raw.dead_letters_range(&q, 1, 5).await.unwrap(),
+    ];
+    assert_eq!(pages.concat(), dead);
+    assert_eq!(pages[0].len(), 1);
+    assert_eq!(
+        raw.dead_letters_range(&q, 0, usize::MAX).await.unwrap(),
+        dead
+    );
+    for (start, count) in [(0, 0), (2, 1), (usize::MAX, 1)] {
+        assert!(
+            raw.dead_letters_range(&q, start, count)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{start} {count}"
+        );
+    }
     wait_depth_zero(&raw, &q).await;
     // The dead-letter list's length, as the metrics read it.
     assert_eq!(raw.dead_letter_depth(&q).await.unwrap(), Some(2));

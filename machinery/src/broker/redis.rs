@@ -556,7 +556,8 @@ impl RedisBroker {
     }
 
     /// The messages dead-lettered from `queue`, oldest first, each with its reason (empty if
-    /// the reason is missing).
+    /// the reason is missing). It reads the whole list; for a long one, read it in pages with
+    /// [`dead_letters_range`](Self::dead_letters_range).
     ///
     /// ```no_run
     /// # async fn demo(broker: machinery::broker::redis::RedisBroker) -> machinery::Result<()> {
@@ -567,29 +568,54 @@ impl RedisBroker {
     /// # }
     /// ```
     pub async fn dead_letters(&self, queue: &str) -> Result<Vec<(Bytes, String)>> {
+        self.dead_letters_range(queue, 0, usize::MAX).await
+    }
+
+    /// Like [`dead_letters`](Self::dead_letters), at most `count` messages from position
+    /// `start` (0 is the oldest), with the reasons of those alone: one page of the list, so
+    /// that a long one is never held in memory whole. Past the end, it is empty.
+    ///
+    /// ```no_run
+    /// # async fn demo(broker: machinery::broker::redis::RedisBroker) -> machinery::Result<()> {
+    /// let first = broker.dead_letters_range("machinery_tasks", 0, 100).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn dead_letters_range(
+        &self,
+        queue: &str,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<(Bytes, String)>> {
+        let Some((start, stop)) = range(start, count) else {
+            return Ok(Vec::new());
+        };
         let bodies: Vec<Vec<u8>> = self
             .shared
             .query(
                 redis::cmd("LRANGE")
                     .arg(RedisBroker::dead_letter_list(queue))
-                    .arg(0)
-                    .arg(-1),
+                    .arg(start)
+                    .arg(stop),
                 "read a dead-letter list",
             )
             .await?;
-        let reasons: std::collections::HashMap<String, String> = self
+        if bodies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut hmget = redis::cmd("HMGET");
+        hmget.arg(RedisBroker::dead_letter_reasons(queue));
+        for body in &bodies {
+            hmget.arg(sha1_hex(body));
+        }
+        let reasons: Vec<Option<String>> = self
             .shared
-            .query(
-                redis::cmd("HGETALL").arg(RedisBroker::dead_letter_reasons(queue)),
-                "read dead-letter reasons",
-            )
+            .query(&hmget, "read dead-letter reasons")
             .await?;
         Ok(bodies
             .into_iter()
-            .map(|body| {
-                let reason = reasons.get(&sha1_hex(&body)).cloned().unwrap_or_default();
-                (Bytes::from(body), reason)
-            })
+            .zip(reasons.into_iter().chain(std::iter::repeat(None)))
+            .map(|(body, reason)| (Bytes::from(body), reason.unwrap_or_default()))
             .collect())
     }
 

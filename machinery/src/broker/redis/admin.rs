@@ -2,7 +2,6 @@
 //! the dead-letter list with its reasons hash, requeue and purge, on the keys the broker's
 //! scripts maintain ([`RedisBroker::dead_letter_list`], [`RedisBroker::dead_letter_reasons`]).
 
-use bytes::Bytes;
 use redis::Value;
 
 use super::{sha1_hex, Keys, RedisBroker};
@@ -38,43 +37,6 @@ impl RedisBroker {
         })
     }
 
-    /// `count` dead letters of `queue` from index `start`, with their reasons.
-    async fn dead_letter_range(
-        &self,
-        queue: &str,
-        start: usize,
-        count: usize,
-    ) -> Result<Vec<(Bytes, String)>> {
-        let stop = start.saturating_add(count).saturating_sub(1);
-        let bodies: Vec<Vec<u8>> = self
-            .shared
-            .query(
-                redis::cmd("LRANGE")
-                    .arg(RedisBroker::dead_letter_list(queue))
-                    .arg(start)
-                    .arg(stop),
-                "read a dead-letter list",
-            )
-            .await?;
-        if bodies.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut hmget = redis::cmd("HMGET");
-        hmget.arg(RedisBroker::dead_letter_reasons(queue));
-        for body in &bodies {
-            hmget.arg(sha1_hex(body));
-        }
-        let reasons: Vec<Option<String>> = self
-            .shared
-            .query(&hmget, "read dead-letter reasons")
-            .await?;
-        Ok(bodies
-            .into_iter()
-            .zip(reasons.into_iter().chain(std::iter::repeat(None)))
-            .map(|(body, reason)| (Bytes::from(body), reason.unwrap_or_default()))
-            .collect())
-    }
-
     pub(crate) async fn admin_dead_letters(
         &self,
         queue: &str,
@@ -89,7 +51,7 @@ impl RedisBroker {
             .await?;
         let limit = page.capped_limit();
         let items: Vec<DeadLetter> = self
-            .dead_letter_range(queue, page.offset, limit)
+            .dead_letters_range(queue, page.offset, limit)
             .await?
             .into_iter()
             .map(|(body, reason)| describe(queue, &body, reason))
@@ -127,7 +89,7 @@ impl RedisBroker {
                 break;
             }
             let chunk = self
-                .dead_letter_range(queue, index, CHUNK.min(count - examined))
+                .dead_letters_range(queue, index, CHUNK.min(count - examined))
                 .await?;
             if chunk.is_empty() {
                 break;
