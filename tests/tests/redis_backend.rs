@@ -2367,3 +2367,113 @@ async fn start_keeps_only_a_started_or_received_record_for_a_comparison() {
     );
     assert_eq!(raw_get(&mut conn, &uuid).await.unwrap(), revoked);
 }
+
+/// The write script checks every write's flags and the number of its arguments before it writes
+/// anything: a run with one bad write is an error and leaves every key as it was. Nothing in
+/// the library sends bad flags, so the script is called here by hand, by the SHA a real write
+/// used (read from the slow log).
+#[tokio::test]
+async fn the_write_script_refuses_a_run_with_bad_flags_before_it_writes() {
+    let (redis, mut conn) = logged_redis().await;
+    let b = RedisBackend::connect(&redis.url(), TTL).await.unwrap();
+    b.set_state(TaskState::new(task_uuid(), State::Pending))
+        .await
+        .unwrap();
+    let sha = last_evalsha_args(&mut conn).await[1].clone();
+    let (first, second) = (task_uuid(), task_uuid());
+    let pieces = |uuid: &str| -> Vec<String> {
+        vec![
+            format!(r#"{{"TaskUUID":"{uuid}","TaskName":"#),
+            r#""add""#.to_owned(),
+            r#","State":"STARTED","Results":null,"Error":"","CreatedAt":"#.to_owned(),
+            r#""0001-01-01T00:00:00Z""#.to_owned(),
+            r#","TTL":0}"#.to_owned(),
+        ]
+    };
+    let run = |second_write: Vec<String>| {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&sha)
+            .arg(2)
+            .arg(&first)
+            .arg(&second)
+            .arg(60)
+            .arg("0");
+        cmd.arg("PS110");
+        for piece in pieces(&first) {
+            cmd.arg(piece);
+        }
+        for arg in second_write {
+            cmd.arg(arg);
+        }
+        cmd
+    };
+    let with = |flags: &str, rest: Vec<String>| -> Vec<String> {
+        std::iter::once(flags.to_owned()).chain(rest).collect()
+    };
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "an unknown form",
+            with("XS110", pieces(&second)),
+            "bad state flags",
+        ),
+        (
+            "an unknown state",
+            with("PZ110", pieces(&second)),
+            "bad state flags",
+        ),
+        (
+            "a carry flag not 0 or 1",
+            with("PS210", pieces(&second)),
+            "bad state flags",
+        ),
+        (
+            "an unknown record to send back",
+            with("PS114", pieces(&second)),
+            "bad state flags",
+        ),
+        (
+            "four flag bytes",
+            with("PS11", pieces(&second)),
+            "bad state flags",
+        ),
+        (
+            "a comparison for a STARTED",
+            with("ES110", vec!["{}".to_owned(), "{}".to_owned()]),
+            "bad state flags",
+        ),
+        ("no flags", Vec::new(), "bad state flags"),
+        (
+            "a piece missing",
+            with("PS110", pieces(&second)[..4].to_vec()),
+            "bad state arguments",
+        ),
+        (
+            "an argument too many",
+            with("PS110", [pieces(&second), vec!["x".to_owned()]].concat()),
+            "bad state arguments",
+        ),
+    ];
+    for (what, second_write, error) in cases {
+        let refused = run(second_write)
+            .query_async::<redis::Value>(&mut conn)
+            .await;
+        let e = refused.expect_err(what);
+        assert!(e.to_string().contains(error), "{what}: {e}");
+        assert_eq!(
+            raw_get(&mut conn, &first).await,
+            None,
+            "{what}: the good write went in"
+        );
+        assert_eq!(raw_get(&mut conn, &second).await, None, "{what}");
+    }
+    // The same run with good flags writes both.
+    let written: Vec<i64> = run(with("PS110", pieces(&second)))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(written, vec![1, 1]);
+    for uuid in [&first, &second] {
+        let stored = raw_get(&mut conn, uuid).await.unwrap();
+        assert_eq!(stored, pieces(uuid).concat());
+    }
+}
