@@ -15,9 +15,11 @@
 //! single acks for 20,000 tasks, where the raw consumer sends 625 multiple ones. So the acks
 //! above a gap wait longer, up to [`GAP_LINGER`], then go one by one, so that a long task never
 //! holds back the acks of the tasks after it for longer than that. They go at once when half
-//! the prefetch is held above the gap (at most [`MAX_HOLD`]), and whenever the broker's window
-//! is full while acks are held here ([`Delivered`]): held acks never keep the broker from
-//! sending more. The run below a gap goes as before. Rejections are sent at once.
+//! the prefetch is held above the gap (at most [`MAX_HOLD`]). And whenever the broker's window
+//! is full while acks are held here ([`Delivered`]: a settlement, or the delivery that fills
+//! it, wakes the loop), the run goes at once, or without a run everything held: held acks
+//! never keep the broker from sending more. The run below a gap goes as before. Rejections
+//! are sent at once.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,12 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 /// How long the acks of a run may wait to be sent with others. Short beside any task's run
 /// time, and short enough that held acks never starve the prefetch window for long.
-pub(super) const ACK_LINGER: Duration = Duration::from_millis(1);
+const ACK_LINGER: Duration = Duration::from_millis(1);
 
 /// How long an ack above a gap may wait for the gap to close: a few round trips of a state
 /// write under load (1.5-3 ms to Redis in the benchmark's drain). The deadline runs from when
@@ -45,7 +47,7 @@ const MAX_EVERY: u64 = 32;
 
 /// How many deliveries settled after a still-running one the window remembers; past that it
 /// stops coalescing on this channel (every ack is then single).
-pub(super) const MAX_SETTLED_AHEAD: usize = 65_536;
+const MAX_SETTLED_AHEAD: usize = 65_536;
 
 /// What to do with a delivery tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,24 +68,59 @@ pub(super) enum Frame {
 }
 
 /// The highest delivery tag a channel's consumer has received, shared with its
-/// [`settle_loop`]: with the acks sent, it tells how full the broker's window is.
-#[derive(Debug, Clone, Default)]
-pub(super) struct Delivered(Arc<AtomicU64>);
+/// [`settle_loop`]: with the acks sent, it tells how full the broker's window is. While the
+/// loop holds acks it also leaves here the tag that fills the window, and the delivery with
+/// that tag wakes it.
+#[derive(Debug, Clone)]
+pub(super) struct Delivered(Arc<DeliveredInner>);
+
+#[derive(Debug)]
+struct DeliveredInner {
+    highest: AtomicU64,
+    /// The tag that fills the window while acks are held ([`u64::MAX`]: none).
+    full_at: AtomicU64,
+    full: Notify,
+}
+
+impl Default for Delivered {
+    fn default() -> Self {
+        Delivered(Arc::new(DeliveredInner {
+            highest: AtomicU64::new(0),
+            full_at: AtomicU64::new(u64::MAX),
+            full: Notify::new(),
+        }))
+    }
+}
 
 impl Delivered {
-    /// A delivery with `tag` arrived.
+    /// A delivery with `tag` arrived (tags only grow, and one consumer task sees them).
     pub(super) fn saw(&self, tag: u64) {
-        self.0.fetch_max(tag, Ordering::Relaxed);
+        self.0.highest.store(tag, Ordering::Relaxed);
+        if tag >= self.0.full_at.load(Ordering::Relaxed) {
+            self.0.full.notify_one();
+        }
     }
 
     fn highest(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.highest.load(Ordering::Relaxed)
+    }
+
+    /// Leaves the tag that fills the window (`None`: no acks held, nothing to wake for).
+    fn wake_at(&self, full_at: Option<u64>) {
+        self.0
+            .full_at
+            .store(full_at.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Completes when a delivery filled the window (at once if one did since the last call).
+    async fn filled(&self) {
+        self.0.full.notified().await;
     }
 }
 
 /// The acks of one channel not yet sent, and the tags already settled.
 #[derive(Debug)]
-pub(super) struct AckWindow {
+struct AckWindow {
     /// The lowest tag not settled (tags start at 1).
     low: u64,
     /// The highest tag of the contiguous run below `low` that no frame has acked yet.
@@ -112,7 +149,7 @@ impl AckWindow {
     /// fewer frames but slowed a worker running its deliveries in place: its deliveries came
     /// in bursts.) The acks above a gap go once they reach half of it (at least 1, at most
     /// [`MAX_HOLD`]), or once the window is full (see [`due`](Self::due)).
-    pub(super) fn new(prefetch: u16) -> AckWindow {
+    fn new(prefetch: u16) -> AckWindow {
         let (every, hold) = match prefetch {
             0 => (MAX_EVERY, MAX_HOLD),
             limit => (
@@ -152,7 +189,7 @@ impl AckWindow {
     /// each batch of settlements.
     ///
     /// [`due`]: AckWindow::due
-    pub(super) fn settle(&mut self, settle: Settle, out: &mut Vec<Frame>) {
+    fn settle(&mut self, settle: Settle, out: &mut Vec<Frame>) {
         match settle {
             Settle::Reject(tag, requeue) => {
                 out.push(Frame::Reject(tag, requeue));
@@ -179,23 +216,30 @@ impl AckWindow {
         }
     }
 
-    /// Whether the broker's window is full (it has `prefetch` deliveries unacknowledged, the
-    /// highest tag it delivered being `delivered`) while acks wait here.
-    fn starves(&self, delivered: u64) -> bool {
+    /// While acks wait here, the delivery tag that fills the broker's window (`prefetch`
+    /// deliveries it counts as unsettled); `None` with nothing held, or no limit.
+    fn full_at(&self) -> Option<u64> {
         if self.limit == 0 || self.is_idle() {
-            return false;
+            return None;
         }
-        // Acked by frames already sent: below `low` all but the run, above it those settled.
+        // Settled by frames already sent (acks and rejections): below `low` all but the run,
+        // above it those in `settled`. (`run` never exceeds `low - 1`.)
         let sent = (self.low - 1 - self.run)
             .saturating_add(u64::try_from(self.settled.len()).unwrap_or(u64::MAX));
-        delivered.saturating_sub(sent) >= self.limit
+        Some(sent.saturating_add(self.limit))
+    }
+
+    /// Whether the broker's window is full while acks wait here, the highest tag the consumer
+    /// has received being `delivered`.
+    fn starves(&self, delivered: u64) -> bool {
+        self.full_at().is_some_and(|at| delivered >= at)
     }
 
     /// Pushes what is due onto `out`, the highest tag delivered being `delivered`: everything
     /// once half the prefetch is held above a gap; while the broker's window is full, the run
     /// (or, without one, everything); else the run once it has reached an eighth of the
     /// prefetch.
-    pub(super) fn due(&mut self, delivered: u64, out: &mut Vec<Frame>) {
+    fn due(&mut self, delivered: u64, out: &mut Vec<Frame>) {
         if self.held.len() >= self.hold {
             self.flush(out);
         } else if self.starves(delivered) {
@@ -211,7 +255,7 @@ impl AckWindow {
 
     /// Pushes every frame still unsent onto `out`: the run as one multiple ack, the acks above
     /// a gap one by one.
-    pub(super) fn flush(&mut self, out: &mut Vec<Frame>) {
+    fn flush(&mut self, out: &mut Vec<Frame>) {
         self.send_run(out);
         for tag in std::mem::take(&mut self.held) {
             out.push(Frame::Ack(tag));
@@ -249,9 +293,9 @@ pub(super) trait Frames: Send + Sync {
 
 /// Settles a channel's deliveries off the consume loop: settlements go into its [`AckWindow`],
 /// and the frames it says are due go out, at once or when the oldest ack of the run has waited
-/// [`ACK_LINGER`] (the run), or the first of the acks above a gap [`GAP_LINGER`] (everything).
-/// `delivered` is the consumer's highest delivery tag. Ends, having sent every frame, when
-/// every sender of `rx` is gone.
+/// [`ACK_LINGER`] (the run), or the first of the acks above a gap [`GAP_LINGER`] (everything),
+/// or the broker's window is full (`delivered`: the consumer's highest delivery tag). Ends,
+/// having sent every frame, when every sender of `rx` is gone.
 pub(super) async fn settle_loop(
     frames: impl Frames,
     prefetch: u16,
@@ -265,15 +309,22 @@ pub(super) async fn settle_loop(
     let mut run_at: Option<Instant> = None;
     let mut gap_at: Option<Instant> = None;
     loop {
+        delivered.wake_at(window.full_at());
         let deadline = [run_at, gap_at].into_iter().flatten().min();
-        let received = match deadline {
-            None => rx.recv_many(&mut batch, 1024).await,
-            // `recv_many` is cancel safe: nothing is lost when the deadline comes first. Then
-            // nothing was received, and the deadlines are looked at below.
-            Some(at) => match tokio::time::timeout_at(at, rx.recv_many(&mut batch, 1024)).await {
-                Ok(received) => received,
-                Err(_elapsed) => usize::MAX,
-            },
+        // `recv_many` is cancel safe: nothing is lost when the deadline, or a delivery that
+        // fills the window, comes first. Then nothing was received, and what is due is looked
+        // at below.
+        let settlements = async {
+            match deadline {
+                None => rx.recv_many(&mut batch, 1024).await,
+                Some(at) => tokio::time::timeout_at(at, rx.recv_many(&mut batch, 1024))
+                    .await
+                    .unwrap_or(usize::MAX),
+            }
+        };
+        let received = tokio::select! {
+            received = settlements => received,
+            () = delivered.filled() => usize::MAX,
         };
         if received == 0 {
             window.flush(&mut due);
@@ -392,7 +443,7 @@ mod tests {
     }
 
     #[test]
-    fn go_s_default_prefetch_never_holds_an_ack_above_a_gap() {
+    fn a_prefetch_of_three_never_holds_an_ack_above_a_gap() {
         // Prefetch 3, tag 1 still running: the broker has no room left until 2 and 3 are
         // acked, so they go at once, on their own.
         let mut window = AckWindow::new(3);
@@ -594,8 +645,9 @@ mod tests {
     }
 
     /// A worker's default prefetch is its concurrency, 16: nine slow tasks and seven quick
-    /// ones fill it. The quick ones' acks, above the gap the slow ones leave, go at once: held,
-    /// they would keep the broker from sending anything for [`GAP_LINGER`].
+    /// ones fill it. The quick ones' acks, above the gap the slow ones leave, go once the
+    /// window is full: held, they would keep the broker from sending anything for
+    /// [`GAP_LINGER`].
     #[tokio::test(start_paused = true)]
     async fn acks_above_a_gap_go_at_once_when_the_brokers_window_is_full() {
         let sent = Sent::default();
@@ -609,12 +661,49 @@ mod tests {
         }
         tokio::time::sleep(ACK_LINGER * 2).await;
         assert!(sent.frames().is_empty(), "{:?}", sent.frames());
-        // All sixteen delivered: the next ack finds the window full.
+        // All sixteen delivered: the window is full, and the delivery of the last wakes the
+        // loop.
         delivered.saw(16);
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        let alone: Vec<Frame> = (10..=12).map(Frame::Ack).collect();
+        assert_eq!(sent.frames(), alone);
+        // Three acked: 13 waits until the broker has sent three more.
         tx.send(Settle::Ack(13)).unwrap();
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        assert_eq!(sent.frames().len(), 3);
+        delivered.saw(18);
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        assert_eq!(sent.frames().len(), 3);
+        delivered.saw(19);
         tokio::time::sleep(Duration::from_micros(10)).await;
         let alone: Vec<Frame> = (10..=13).map(Frame::Ack).collect();
         assert_eq!(sent.frames(), alone);
+        drop(tx);
+        settler.await.unwrap();
+    }
+
+    /// The delivery that fills the window, not only a settlement, sends the acks held: after
+    /// the run went, 11 and 12 wait above slow tasks, and the broker sends 17, the last it
+    /// may: the loop wakes for it.
+    #[tokio::test(start_paused = true)]
+    async fn the_delivery_that_fills_the_window_sends_the_acks_held() {
+        let sent = Sent::default();
+        let delivered = Delivered::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let settler = tokio::spawn(settle_loop(sent.clone(), 16, delivered.clone(), rx));
+        delivered.saw(16);
+        for tag in [1, 11, 12] {
+            tx.send(Settle::Ack(tag)).unwrap();
+        }
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        assert_eq!(sent.frames(), vec![Frame::AckUpTo(1)]);
+        // 16 unsettled at the broker's count again, 2 of them held here.
+        delivered.saw(17);
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        assert_eq!(
+            sent.frames(),
+            vec![Frame::AckUpTo(1), Frame::Ack(11), Frame::Ack(12)]
+        );
         drop(tx);
         settler.await.unwrap();
     }
@@ -638,6 +727,21 @@ mod tests {
         window.settle(Settle::Ack(10), &mut out);
         window.due(68, &mut out);
         assert_eq!(out, (6..=10).map(Frame::Ack).collect::<Vec<_>>());
+        // Acks and rejections sent above the gap count as sent: 4 below it and 6-10 above,
+        // so the window fills at tag 73, then (with 12 rejected) at 75.
+        out.clear();
+        window.settle(Settle::Ack(11), &mut out);
+        window.due(72, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        window.due(73, &mut out);
+        assert_eq!(out, vec![Frame::Ack(11)]);
+        out.clear();
+        window.settle(Settle::Reject(12, false), &mut out);
+        window.settle(Settle::Ack(13), &mut out);
+        window.due(74, &mut out);
+        assert_eq!(out, vec![Frame::Reject(12, false)]);
+        window.due(75, &mut out);
+        assert_eq!(out, vec![Frame::Reject(12, false), Frame::Ack(13)]);
         // Unlimited (0): never full.
         let mut window = AckWindow::new(0);
         window.settle(Settle::Ack(2), &mut out);
