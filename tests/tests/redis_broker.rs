@@ -604,17 +604,54 @@ async fn bad_bodies_are_dead_lettered_with_their_reason() {
         "{reasons:?}"
     );
     assert!(reasons.iter().all(|r| !r.is_empty()), "{reasons:?}");
-    // In pages: each message with its own reason, a count of 0 and past the end empty.
+    // Each message with its own reason, read here apart from the broker: the list, and the
+    // hash by the SHA-1 Redis computes.
+    let mut conn = redis().await;
+    let (list, hash) = (
+        RedisBroker::dead_letter_list(&q),
+        RedisBroker::dead_letter_reasons(&q),
+    );
+    let read_apart = |mut conn: redis::aio::MultiplexedConnection| {
+        let (list, hash) = (list.clone(), hash.clone());
+        async move {
+            let bodies: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                .arg(&list)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let mut read = Vec::new();
+            for body in bodies {
+                let sha: String = redis::cmd("EVAL")
+                    .arg("return redis.sha1hex(ARGV[1])")
+                    .arg(0)
+                    .arg(&body)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                let reason: Option<String> = redis::cmd("HGET")
+                    .arg(&hash)
+                    .arg(sha)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                read.push((body, reason.unwrap_or_default()));
+            }
+            read
+        }
+    };
+    let bytes = |dead: Vec<(bytes::Bytes, String)>| -> Vec<(Vec<u8>, String)> {
+        dead.into_iter().map(|(b, r)| (b.to_vec(), r)).collect()
+    };
+    assert_eq!(bytes(dead.clone()), read_apart(conn.clone()).await);
+    // In pages: a count of 0 and past the end empty.
     let pages = [
         raw.dead_letters_range(&q, 0, 1).await.unwrap(),
         raw.dead_letters_range(&q, 1, 5).await.unwrap(),
     ];
     assert_eq!(pages.concat(), dead);
     assert_eq!(pages[0].len(), 1);
-    assert_eq!(
-        raw.dead_letters_range(&q, 0, usize::MAX).await.unwrap(),
-        dead
-    );
     for (start, count) in [(0, 0), (2, 1), (usize::MAX, 1)] {
         assert!(
             raw.dead_letters_range(&q, start, count)
@@ -627,6 +664,18 @@ async fn bad_bodies_are_dead_lettered_with_their_reason() {
     wait_depth_zero(&raw, &q).await;
     // The dead-letter list's length, as the metrics read it.
     assert_eq!(raw.dead_letter_depth(&q).await.unwrap(), Some(2));
+    // The same body twice: both with its one reason.
+    let _: () = redis::cmd("RPUSH")
+        .arg(&list)
+        .arg(b"not json".as_slice())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let again = raw.dead_letters(&q).await.unwrap();
+    assert_eq!(again.len(), 3);
+    assert_eq!(bytes(again.clone()), read_apart(conn.clone()).await);
+    let first = again.iter().find(|(b, _)| &b[..] == b"not json").unwrap();
+    assert_eq!(again[2], *first);
     worker.shutdown().await.unwrap();
     cleanup(&config).await;
 }

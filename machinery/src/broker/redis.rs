@@ -603,18 +603,33 @@ impl RedisBroker {
         if bodies.is_empty() {
             return Ok(Vec::new());
         }
-        let mut hmget = redis::cmd("HMGET");
-        hmget.arg(RedisBroker::dead_letter_reasons(queue));
-        for body in &bodies {
-            hmget.arg(sha1_hex(body));
+        // A thousand reasons a command: a long list read whole stays far below the argument
+        // limit of Redis before 7 (1,048,576), where going over closes the connection.
+        let hash = RedisBroker::dead_letter_reasons(queue);
+        let mut pipe = redis::pipe();
+        for chunk in bodies.chunks(1_000) {
+            let hmget = pipe.cmd("HMGET").arg(&hash);
+            for body in chunk {
+                hmget.arg(sha1_hex(body));
+            }
         }
-        let reasons: Vec<Option<String>> = self
+        let what = "read dead-letter reasons";
+        let reasons = self
             .shared
-            .query(&hmget, "read dead-letter reasons")
-            .await?;
+            .query_pipe(&pipe, what)
+            .await?
+            .into_iter()
+            .map(redis::from_redis_value::<Vec<Option<String>>>)
+            .collect::<std::result::Result<Vec<_>, redis::ParsingError>>()
+            .map_err(|e| {
+                broker_error(
+                    format!("Redis at {}: cannot {what}", self.shared.display),
+                    e.into(),
+                )
+            })?;
         Ok(bodies
             .into_iter()
-            .zip(reasons.into_iter().chain(std::iter::repeat(None)))
+            .zip(reasons.into_iter().flatten().chain(std::iter::repeat(None)))
             .map(|(body, reason)| (Bytes::from(body), reason.unwrap_or_default()))
             .collect())
     }
