@@ -95,8 +95,10 @@ impl Default for Delivered {
 impl Delivered {
     /// A delivery with `tag` arrived (tags only grow, and one consumer task sees them).
     pub(super) fn saw(&self, tag: u64) {
-        self.0.highest.store(tag, Ordering::Relaxed);
-        if tag >= self.0.full_at.load(Ordering::Relaxed) {
+        // Sequentially consistent with `wake_at`: of a delivery and a threshold published at
+        // the same time, at least one side sees the other.
+        self.0.highest.store(tag, Ordering::SeqCst);
+        if tag >= self.0.full_at.load(Ordering::SeqCst) {
             self.0.full.notify_one();
         }
     }
@@ -105,14 +107,16 @@ impl Delivered {
         self.0.highest.load(Ordering::Relaxed)
     }
 
-    /// Leaves the tag that fills the window (`None`: no acks held, nothing to wake for).
-    fn wake_at(&self, full_at: Option<u64>) {
-        self.0
-            .full_at
-            .store(full_at.unwrap_or(u64::MAX), Ordering::Relaxed);
+    /// Leaves the tag that fills the window (`None`: no acks held, nothing to wake for);
+    /// whether a delivery has reached it already (then no wake comes for that delivery).
+    fn wake_at(&self, full_at: Option<u64>) -> bool {
+        let at = full_at.unwrap_or(u64::MAX);
+        self.0.full_at.store(at, Ordering::SeqCst);
+        self.0.highest.load(Ordering::SeqCst) >= at
     }
 
-    /// Completes when a delivery filled the window (at once if one did since the last call).
+    /// Completes when a delivery filled the window, or at once if one did since the last call
+    /// (a permit that may be stale: the loop then finds nothing due).
     async fn filled(&self) {
         self.0.full.notified().await;
     }
@@ -309,22 +313,27 @@ pub(super) async fn settle_loop(
     let mut run_at: Option<Instant> = None;
     let mut gap_at: Option<Instant> = None;
     loop {
-        delivered.wake_at(window.full_at());
+        // A delivery that filled the window already is looked at now: no wake comes for it.
+        let full = delivered.wake_at(window.full_at());
         let deadline = [run_at, gap_at].into_iter().flatten().min();
         // `recv_many` is cancel safe: nothing is lost when the deadline, or a delivery that
         // fills the window, comes first. Then nothing was received, and what is due is looked
         // at below.
-        let settlements = async {
-            match deadline {
-                None => rx.recv_many(&mut batch, 1024).await,
-                Some(at) => tokio::time::timeout_at(at, rx.recv_many(&mut batch, 1024))
-                    .await
-                    .unwrap_or(usize::MAX),
+        let received = if full {
+            usize::MAX
+        } else {
+            let settlements = async {
+                match deadline {
+                    None => rx.recv_many(&mut batch, 1024).await,
+                    Some(at) => tokio::time::timeout_at(at, rx.recv_many(&mut batch, 1024))
+                        .await
+                        .unwrap_or(usize::MAX),
+                }
+            };
+            tokio::select! {
+                received = settlements => received,
+                () = delivered.filled() => usize::MAX,
             }
-        };
-        let received = tokio::select! {
-            received = settlements => received,
-            () = delivered.filled() => usize::MAX,
         };
         if received == 0 {
             window.flush(&mut due);
@@ -708,6 +717,42 @@ mod tests {
         settler.await.unwrap();
     }
 
+    /// The broker's next delivery may arrive while the loop sends frames, before it has said
+    /// which tag fills the window: the loop looks at the highest tag after saying so.
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_that_fills_the_window_while_frames_go_out_is_seen() {
+        /// Frames sent; a rejection makes the broker deliver tag 17 during its send.
+        struct Delivering {
+            sent: Sent,
+            delivered: Delivered,
+        }
+        #[async_trait]
+        impl Frames for Delivering {
+            async fn send(&self, frame: Frame) {
+                self.sent.send(frame).await;
+                if matches!(frame, Frame::Reject(..)) {
+                    self.delivered.saw(17);
+                }
+            }
+        }
+        let sent = Sent::default();
+        let delivered = Delivered::default();
+        let frames = Delivering {
+            sent: sent.clone(),
+            delivered: delivered.clone(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        delivered.saw(15);
+        // 2 is rejected, 3 waits above 1: one sent, so the window fills at 17.
+        tx.send(Settle::Reject(2, false)).unwrap();
+        tx.send(Settle::Ack(3)).unwrap();
+        let settler = tokio::spawn(settle_loop(frames, 16, delivered.clone(), rx));
+        tokio::time::sleep(Duration::from_micros(10)).await;
+        assert_eq!(sent.frames(), vec![Frame::Reject(2, false), Frame::Ack(3)]);
+        drop(tx);
+        settler.await.unwrap();
+    }
+
     #[test]
     fn a_full_window_gets_the_run_first_then_the_acks_above_the_gap() {
         // Prefetch 64: the run goes at 8, the acks above a gap at 32.
@@ -728,7 +773,8 @@ mod tests {
         window.due(68, &mut out);
         assert_eq!(out, (6..=10).map(Frame::Ack).collect::<Vec<_>>());
         // Acks and rejections sent above the gap count as sent: 4 below it and 6-10 above,
-        // so the window fills at tag 73, then (with 12 rejected) at 75.
+        // so the window fills at tag 73, then at 74 with 11 sent too, and at 75 with 12
+        // rejected.
         out.clear();
         window.settle(Settle::Ack(11), &mut out);
         window.due(72, &mut out);
