@@ -680,6 +680,40 @@ async fn bad_bodies_are_dead_lettered_with_their_reason() {
     cleanup(&config).await;
 }
 
+/// A dead-letter list longer than one read of reasons (1,000 to a command): every message keeps
+/// its own reason, whole and in a page across the seam.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_dead_letter_list_keeps_each_reason() {
+    let config = config("deadlong");
+    let q = config.default_queue.clone();
+    let raw = broker(&config).await;
+    let mut conn = redis().await;
+    let n = 2_500;
+    // The bodies and their reasons, keyed by the SHA-1 Redis computes.
+    let _: () = redis::cmd("EVAL")
+        .arg(
+            "for i = 1, tonumber(ARGV[1]) do local b = 'm' .. i \
+             redis.call('RPUSH', KEYS[1], b) \
+             redis.call('HSET', KEYS[2], redis.sha1hex(b), 'reason ' .. i) end",
+        )
+        .arg(2)
+        .arg(RedisBroker::dead_letter_list(&q))
+        .arg(RedisBroker::dead_letter_reasons(&q))
+        .arg(n)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let expected = |i: usize| (format!("m{i}").into_bytes(), format!("reason {i}"));
+    let got = |dead: Vec<(bytes::Bytes, String)>| -> Vec<(Vec<u8>, String)> {
+        dead.into_iter().map(|(b, r)| (b.to_vec(), r)).collect()
+    };
+    let whole = got(raw.dead_letters(&q).await.unwrap());
+    assert_eq!(whole, (1..=n).map(expected).collect::<Vec<_>>());
+    let page = got(raw.dead_letters_range(&q, 995, 10).await.unwrap());
+    assert_eq!(page, (996..=1005).map(expected).collect::<Vec<_>>());
+    cleanup(&config).await;
+}
+
 // ---- fault injection ----
 
 async fn faulty_server(config: &Config) -> (Server, Arc<FaultyBroker>, Arc<FaultyBackend>) {
