@@ -641,10 +641,7 @@ async fn bad_bodies_are_dead_lettered_with_their_reason() {
             read
         }
     };
-    let bytes = |dead: Vec<(bytes::Bytes, String)>| -> Vec<(Vec<u8>, String)> {
-        dead.into_iter().map(|(b, r)| (b.to_vec(), r)).collect()
-    };
-    assert_eq!(bytes(dead.clone()), read_apart(conn.clone()).await);
+    assert_eq!(owned(dead.clone()), read_apart(conn.clone()).await);
     // In pages: a count of 0 and past the end empty.
     let pages = [
         raw.dead_letters_range(&q, 0, 1).await.unwrap(),
@@ -673,11 +670,16 @@ async fn bad_bodies_are_dead_lettered_with_their_reason() {
         .unwrap();
     let again = raw.dead_letters(&q).await.unwrap();
     assert_eq!(again.len(), 3);
-    assert_eq!(bytes(again.clone()), read_apart(conn.clone()).await);
+    assert_eq!(owned(again.clone()), read_apart(conn.clone()).await);
     let first = again.iter().find(|(b, _)| &b[..] == b"not json").unwrap();
     assert_eq!(again[2], *first);
     worker.shutdown().await.unwrap();
     cleanup(&config).await;
+}
+
+/// Dead letters as plain bytes, to compare with what a test reads itself.
+fn owned(dead: Vec<(bytes::Bytes, String)>) -> Vec<(Vec<u8>, String)> {
+    dead.into_iter().map(|(b, r)| (b.to_vec(), r)).collect()
 }
 
 /// A dead-letter list longer than one read of reasons (1,000 to a command): every message keeps
@@ -704,12 +706,9 @@ async fn a_long_dead_letter_list_keeps_each_reason() {
         .await
         .unwrap();
     let expected = |i: usize| (format!("m{i}").into_bytes(), format!("reason {i}"));
-    let got = |dead: Vec<(bytes::Bytes, String)>| -> Vec<(Vec<u8>, String)> {
-        dead.into_iter().map(|(b, r)| (b.to_vec(), r)).collect()
-    };
-    let whole = got(raw.dead_letters(&q).await.unwrap());
+    let whole = owned(raw.dead_letters(&q).await.unwrap());
     assert_eq!(whole, (1..=n).map(expected).collect::<Vec<_>>());
-    let page = got(raw.dead_letters_range(&q, 995, 10).await.unwrap());
+    let page = owned(raw.dead_letters_range(&q, 995, 10).await.unwrap());
     assert_eq!(page, (996..=1005).map(expected).collect::<Vec<_>>());
     cleanup(&config).await;
 }
