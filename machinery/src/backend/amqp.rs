@@ -53,6 +53,7 @@
 //! [`ErrorKind::Encode`] error. The URL's password never appears in errors or logs.
 
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,8 +100,32 @@ const MAX_MESSAGES: usize = 1_000;
 /// How long an operation waits for a lock held by another process.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
-/// How long one whole operation may take (a broker that stopped answering).
+/// How long one whole operation may take (a broker that stopped answering), not counting
+/// its wait for a turn ([`MAX_OPS`]).
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The most operations a backend (with its clones) runs at once; the others wait their turn.
+/// Each opens a channel or two (its lock's, its own) whose closes may end after it, and a
+/// connection has at most 2,047 (RabbitMQ's default `channel_max`): waiting on a group of a
+/// few thousand members at once reads them all together.
+const MAX_OPS: usize = 256;
+
+/// The most lock channels a backend keeps open or closing: a lock's channel is closed after
+/// its operation ends, by a task of its own, which holds one of these until the broker has
+/// closed it.
+const MAX_LOCKS: usize = 2 * MAX_OPS;
+
+/// How many channels a connection opens before the next operation gets a new one. lapin (4.12)
+/// never frees the number of a channel the broker closed (a passive declaration or a
+/// `basic.get` of a missing queue, a refused lock), and a connection has 2,047: without this,
+/// a process reading states that do not exist yet, or checking chords, could open no channel
+/// at all after a few thousand operations. Operations already running finish on the old
+/// connection, which is closed [`RETIRE_AFTER`] later.
+const RECYCLE_AFTER: usize = 1_024;
+
+/// How long a replaced connection stays open for the operations still running on it (more
+/// than one operation may take).
+const RETIRE_AFTER: Duration = Duration::from_secs(45);
 
 /// A result backend in RabbitMQ queues, in Go Machinery's layout; see the [module docs](self).
 ///
@@ -137,6 +162,12 @@ struct Inner {
     max_message_size: usize,
     trace_frames: bool,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// Turns for operations ([`MAX_OPS`]).
+    turns: tokio::sync::Semaphore,
+    /// Lock channels open or closing ([`MAX_LOCKS`]).
+    lock_channels: Arc<tokio::sync::Semaphore>,
+    /// Channels opened on the current connection ([`RECYCLE_AFTER`]).
+    opened: std::sync::atomic::AtomicUsize,
 }
 
 /// A channel holding the lock on one name (its exclusive consumer); dropping it closes the
@@ -145,6 +176,8 @@ struct Locked {
     channel: Channel,
     /// The lock itself; `None` once handed to the closing task.
     consumer: Option<lapin::Consumer>,
+    /// Counts the channel among [`MAX_LOCKS`] until it is closed.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Locked {
@@ -163,9 +196,12 @@ impl Drop for Locked {
     fn drop(&mut self) {
         let channel = self.channel.clone();
         let consumer = self.consumer.take();
+        let slot = self.slot.take();
         let close = async move {
-            let _ = channel.close(200, "done".into()).await;
+            // Bounded, so that a broker that stopped answering cannot keep the slot.
+            let _ = tokio::time::timeout(OP_TIMEOUT, channel.close(200, "done".into())).await;
             drop(consumer);
+            drop(slot);
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn(close)),
@@ -231,6 +267,9 @@ impl AmqpBackend {
                 max_message_size: config.max_message_size,
                 trace_frames: std::env::var(TRACE_FRAMES_ENV).is_ok_and(|v| v == "1"),
                 connection: tokio::sync::Mutex::new(None),
+                turns: tokio::sync::Semaphore::new(MAX_OPS),
+                lock_channels: Arc::new(tokio::sync::Semaphore::new(MAX_LOCKS)),
+                opened: std::sync::atomic::AtomicUsize::new(0),
             }),
         };
         backend.inner.connection().await?;
@@ -341,7 +380,10 @@ impl AmqpBackend {
     /// # }
     /// ```
     pub async fn group_completed(&self, group_uuid: &str, group_task_count: usize) -> Result<bool> {
-        let count = self.inner.message_count(group_uuid).await?;
+        let count = self
+            .inner
+            .bounded("count a group", self.inner.message_count(group_uuid))
+            .await?;
         Ok(count.is_some_and(|n| usize::try_from(n).is_ok_and(|n| n == group_task_count)))
     }
 
@@ -355,14 +397,19 @@ impl AmqpBackend {
     /// # }
     /// ```
     pub async fn purge_group_meta(&self, group_uuid: &str) -> Result<()> {
-        for queue in [
-            Self::chord_triggered_queue(group_uuid),
-            Self::group_meta_queue(group_uuid),
-            group_uuid.to_owned(),
-        ] {
-            self.inner.delete_queue(&queue).await?;
-        }
-        Ok(())
+        let inner = &self.inner;
+        inner
+            .bounded("delete a group", async {
+                for queue in [
+                    Self::chord_triggered_queue(group_uuid),
+                    Self::group_meta_queue(group_uuid),
+                    group_uuid.to_owned(),
+                ] {
+                    inner.delete_queue(&queue).await?;
+                }
+                Ok(())
+            })
+            .await
     }
 }
 
@@ -380,13 +427,17 @@ impl Inner {
         )
     }
 
-    /// Runs one operation, failing with a retryable [`ErrorKind::Backend`] error when it takes
-    /// longer than [`OP_TIMEOUT`].
+    /// Runs one operation when its turn comes ([`MAX_OPS`] at once), failing with a
+    /// retryable [`ErrorKind::Backend`] error when it takes longer than [`OP_TIMEOUT`]. Every
+    /// operation that opens a channel runs through here, once: none waits for a second turn
+    /// while it holds one.
     async fn bounded<T>(
         &self,
         what: &str,
         op: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
+        // The semaphore is never closed; a closed one would only let the operation run.
+        let _turn = self.turns.acquire().await.ok();
         tokio::time::timeout(OP_TIMEOUT, op)
             .await
             .unwrap_or_else(|_| {
@@ -400,14 +451,21 @@ impl Inner {
             })
     }
 
-    /// The connection, opened again (and the exchange declared again) when it was lost.
+    /// The connection for one new channel (every caller opens one on it), opened again (and
+    /// the exchange declared again) when it was lost or has given [`RECYCLE_AFTER`] channels.
     async fn connection(&self) -> Result<Arc<Connection>> {
         let mut current = self.connection.lock().await;
         if let Some(connection) = current.as_ref() {
-            if connection.status().connected() {
+            let connected = connection.status().connected();
+            if connected && self.opened.fetch_add(1, Ordering::Relaxed) < RECYCLE_AFTER {
                 return Ok(connection.clone());
             }
-            warn!(backend = %self.masked_url, "connection to the result backend lost; reconnecting");
+            if connected {
+                debug!(backend = %self.masked_url, "replacing the result backend's connection after {RECYCLE_AFTER} channels");
+                retire(connection.clone());
+            } else {
+                warn!(backend = %self.masked_url, "connection to the result backend lost; reconnecting");
+            }
         }
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("machinery-results-{}", std::process::id()),
@@ -447,6 +505,7 @@ impl Inner {
             let _ = channel.close(200, "declared".into()).await;
         }
         debug!(backend = %self.masked_url, "connected to the result backend");
+        self.opened.store(0, Ordering::Relaxed);
         *current = Some(connection.clone());
         Ok(connection)
     }
@@ -463,6 +522,8 @@ impl Inner {
     /// [`LOCK_WAIT`]) while another channel, of any process, holds it.
     async fn lock(&self, name: &str) -> Result<Locked> {
         let lock_queue = queue_name("lock queue", &format!("{name}{LOCK_SUFFIX}"))?;
+        // Never closed (a closed one would only let the lock go uncounted).
+        let slot = Arc::clone(&self.lock_channels).acquire_owned().await.ok();
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
@@ -505,6 +566,7 @@ impl Inner {
                     return Ok(Locked {
                         channel,
                         consumer: Some(consumer),
+                        slot,
                     })
                 }
                 // Held by another channel (ACCESS_REFUSED, which closes this channel; lapin
@@ -820,6 +882,18 @@ impl Inner {
     }
 }
 
+/// Closes a replaced connection once the operations still running on it have had their time
+/// ([`RETIRE_AFTER`]).
+fn retire(connection: Arc<Connection>) {
+    let close = async move {
+        tokio::time::sleep(RETIRE_AFTER).await;
+        let _ = connection.close(200, "replaced".into()).await;
+    };
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        drop(runtime.spawn(close));
+    }
+}
+
 /// The latest state in queue order, with the task name and creation time of earlier records
 /// where it has none (Go's workers write RECEIVED, STARTED, ... without them).
 fn latest(states: &[TaskState]) -> Option<TaskState> {
@@ -908,7 +982,9 @@ impl ResultBackend for AmqpBackend {
 
     /// Deletes the task's queue (Go's `PurgeState`).
     async fn purge_state(&self, task_uuid: &str) -> Result<()> {
-        self.inner.delete_queue(task_uuid).await
+        self.inner
+            .bounded("delete task state", self.inner.delete_queue(task_uuid))
+            .await
     }
 
     /// Go's `InitGroup` stores nothing; the member list is kept here as a [`GroupMeta`]
