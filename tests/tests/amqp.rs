@@ -1049,3 +1049,41 @@ async fn a_closed_publishing_channel_is_reopened_without_reconnecting() {
     assert_eq!(queue_depth(&channel, &config.default_queue).await, 1);
     cleanup(&config).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_looks_at_missing_queues_leave_the_broker_working() {
+    // A passive declaration of a missing queue has the broker close its channel, and lapin
+    // never gives such a channel's number back: the depth of a dead-letter queue nothing was
+    // dead-lettered to yet (read by the metrics every minute, and by every admin page) took
+    // one of the connection's 2,047 channels each time, until the worker could open none.
+    use futures_util::StreamExt as _;
+    let config = unique_config("missing_looks");
+    let broker = AmqpBroker::connect(&config).await.unwrap();
+    let prefix = config.default_queue.clone();
+    let looks = futures_util::stream::iter(0..2_200)
+        .map(|i| {
+            let (broker, missing) = (broker.clone(), format!("{prefix}_missing_{i}"));
+            async move { (i, broker.queue_depth(&missing).await) }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for (i, look) in looks {
+        let e = look.expect_err("a missing queue has no depth");
+        assert!(e.to_string().contains("does not exist"), "look {i}: {e}");
+    }
+    // The broker still opens channels: it sends, and a consumer takes what was sent.
+    let server = Server::new(config.clone()).await.unwrap();
+    let sent = server.send(add::signature(vec![2, 3])).await.unwrap();
+    let worker = server.worker().spawn().await.unwrap();
+    assert_eq!(
+        final_state(&server, sent.task_uuid()).await.state,
+        State::Success
+    );
+    assert_eq!(
+        broker.queue_depth(&config.default_queue).await.unwrap(),
+        Some(0)
+    );
+    worker.shutdown().await.unwrap();
+    cleanup(&config).await;
+}

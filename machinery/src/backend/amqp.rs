@@ -53,7 +53,6 @@
 //! [`ErrorKind::Encode`] error. The URL's password never appears in errors or logs.
 
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,6 +72,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{allowed, ResultBackend};
+use crate::broker::amqp::recycle::Recycled;
 use crate::broker::amqp::{amqp_uri, quiet, short, TRACE_FRAMES_ENV};
 use crate::config::{mask_url, Config};
 use crate::error::{Error, ErrorKind, Result};
@@ -115,18 +115,6 @@ const MAX_OPS: usize = 256;
 /// closed it.
 const MAX_LOCKS: usize = 2 * MAX_OPS;
 
-/// How many channels a connection opens before the next operation gets a new one. lapin (4.12)
-/// never frees the number of a channel the broker closed (a passive declaration or a
-/// `basic.get` of a missing queue, a refused lock), and a connection has 2,047: without this,
-/// a process reading states that do not exist yet, or checking chords, could open no channel
-/// at all after a few thousand operations. Operations already running finish on the old
-/// connection, which is closed [`RETIRE_AFTER`] later.
-const RECYCLE_AFTER: usize = 1_024;
-
-/// How long a replaced connection stays open for the operations still running on it (more
-/// than one operation may take).
-const RETIRE_AFTER: Duration = Duration::from_secs(45);
-
 /// A result backend in RabbitMQ queues, in Go Machinery's layout; see the [module docs](self).
 ///
 /// Cheap to clone; clones share one connection, opened again when it is lost.
@@ -161,13 +149,13 @@ struct Inner {
     expiry_ms: i32,
     max_message_size: usize,
     trace_frames: bool,
-    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// Replaced after 1,024 channels: lapin never frees a channel the broker closed (reading
+    /// a state that does not exist yet, checking a chord, a refused lock; see [`Recycled`]).
+    connection: Recycled,
     /// Turns for operations ([`MAX_OPS`]).
     turns: tokio::sync::Semaphore,
     /// Lock channels open or closing ([`MAX_LOCKS`]).
     lock_channels: Arc<tokio::sync::Semaphore>,
-    /// Channels opened on the current connection ([`RECYCLE_AFTER`]).
-    opened: std::sync::atomic::AtomicUsize,
 }
 
 /// A channel holding the lock on one name (its exclusive consumer); dropping it closes the
@@ -266,10 +254,9 @@ impl AmqpBackend {
                 expiry_ms: expiry_ms(config.results_expire_in),
                 max_message_size: config.max_message_size,
                 trace_frames: std::env::var(TRACE_FRAMES_ENV).is_ok_and(|v| v == "1"),
-                connection: tokio::sync::Mutex::new(None),
+                connection: Recycled::default(),
                 turns: tokio::sync::Semaphore::new(MAX_OPS),
                 lock_channels: Arc::new(tokio::sync::Semaphore::new(MAX_LOCKS)),
-                opened: std::sync::atomic::AtomicUsize::new(0),
             }),
         };
         backend.inner.connection().await?;
@@ -452,21 +439,15 @@ impl Inner {
     }
 
     /// The connection for one new channel (every caller opens one on it), opened again (and
-    /// the exchange declared again) when it was lost or has given [`RECYCLE_AFTER`] channels.
+    /// the exchange declared again) when it was lost or has given its share ([`Recycled`]).
     async fn connection(&self) -> Result<Arc<Connection>> {
-        let mut current = self.connection.lock().await;
-        if let Some(connection) = current.as_ref() {
-            let connected = connection.status().connected();
-            if connected && self.opened.fetch_add(1, Ordering::Relaxed) < RECYCLE_AFTER {
-                return Ok(connection.clone());
-            }
-            if connected {
-                debug!(backend = %self.masked_url, "replacing the result backend's connection after {RECYCLE_AFTER} channels");
-                retire(connection.clone());
-            } else {
-                warn!(backend = %self.masked_url, "connection to the result backend lost; reconnecting");
-            }
-        }
+        self.connection
+            .get("the result backend", || self.connect())
+            .await
+    }
+
+    /// A new connection, with the exchange declared.
+    async fn connect(&self) -> Result<Arc<Connection>> {
         let properties = ConnectionProperties::default().with_connection_name(LongString::from(
             format!("machinery-results-{}", std::process::id()),
         ));
@@ -505,8 +486,6 @@ impl Inner {
             let _ = channel.close(200, "declared".into()).await;
         }
         debug!(backend = %self.masked_url, "connected to the result backend");
-        self.opened.store(0, Ordering::Relaxed);
-        *current = Some(connection.clone());
         Ok(connection)
     }
 
@@ -879,18 +858,6 @@ impl Inner {
             .await;
         locked.release().await;
         Ok(latest(&taken.items))
-    }
-}
-
-/// Closes a replaced connection once the operations still running on it have had their time
-/// ([`RETIRE_AFTER`]).
-fn retire(connection: Arc<Connection>) {
-    let close = async move {
-        tokio::time::sleep(RETIRE_AFTER).await;
-        let _ = connection.close(200, "replaced".into()).await;
-    };
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        drop(runtime.spawn(close));
     }
 }
 

@@ -118,6 +118,7 @@ mod acks;
 mod admin;
 mod confirms;
 mod lease;
+pub(crate) mod recycle;
 
 use acks::{Frame, Settle};
 use confirms::{Confirms, Outcome, Publish};
@@ -194,6 +195,11 @@ struct Inner {
     /// Dead-letter queues a depth reading found missing, and when (see
     /// [`AmqpBroker::dead_letter_depth`](Broker::dead_letter_depth)).
     missing: Mutex<HashMap<String, Instant>>,
+    /// A connection of its own for looking at queues that may not exist (the depth of a
+    /// dead-letter queue, the admin's reads), replaced after 1,024 channels: lapin never
+    /// frees a channel the broker closed ([`recycle`]), and on the main connection each such
+    /// look took one of its 2,047 for good.
+    inspect: recycle::Recycled,
 }
 
 /// How many dead-letter queue declarations [`Declared`] remembers; beyond this many, the
@@ -381,6 +387,7 @@ impl AmqpBroker {
                 leases: Mutex::new(Leases::default()),
                 me: me.clone(),
                 missing: Mutex::new(HashMap::new()),
+                inspect: recycle::Recycled::default(),
             }),
         };
         broker.inner.link().await?;
@@ -582,27 +589,61 @@ impl Inner {
 
     /// Connects once to node `node`; the flag says whether the broker refused us (bad
     /// credentials) rather than being unreachable.
+    /// A connection to `url` named `<name>-<process id>`, with lapin's frames hidden from
+    /// logs unless [`TRACE_FRAMES_ENV`] asks for them; an error only without a tokio runtime.
+    async fn open_connection(
+        &self,
+        url: &str,
+        name: &str,
+    ) -> Result<std::result::Result<Connection, lapin::Error>> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(format!("{name}-{}", std::process::id())));
+        if self.trace_frames {
+            return Ok(Connection::connect(url, properties).await);
+        }
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| {
+            Error::with_source(
+                ErrorKind::Unsupported,
+                "the AMQP broker needs a tokio runtime",
+                e,
+            )
+        })?;
+        Ok(quiet::connect(url, properties, handle).await)
+    }
+
+    /// A channel on the inspection connection ([`Inner::inspect`]), to the node the main
+    /// connection uses.
+    async fn inspect_channel(&self) -> Result<Channel> {
+        let connection = self
+            .inspect
+            .get("the broker's inspection connection", || async {
+                let node = self.node.load(Ordering::SeqCst);
+                let url = self
+                    .nodes
+                    .get(node)
+                    .map(|n| n.url.as_str())
+                    .ok_or_else(|| Error::config("no broker URL"))?;
+                let connected = self.open_connection(url, "machinery-inspect").await?;
+                connected
+                    .map(Arc::new)
+                    .map_err(|e| self.broker_error("cannot connect to the broker", e))
+            })
+            .await?;
+        connection
+            .create_channel()
+            .await
+            .map_err(|e| self.broker_error("cannot open a channel", e))
+    }
+
     async fn connect_once(&self, node: usize) -> std::result::Result<Link, (Error, bool)> {
         let Some(url) = self.nodes.get(node).map(|n| n.url.as_str()) else {
             let error = Error::config("no broker URL");
             return Err((error, false));
         };
-        let properties = ConnectionProperties::default().with_connection_name(LongString::from(
-            format!("machinery-{}", std::process::id()),
-        ));
-        let connected = if self.trace_frames {
-            Connection::connect(url, properties).await
-        } else {
-            let handle = tokio::runtime::Handle::try_current().map_err(|e| {
-                let error = Error::with_source(
-                    ErrorKind::Unsupported,
-                    "the AMQP broker needs a tokio runtime",
-                    e,
-                );
-                (error, false)
-            })?;
-            quiet::connect(url, properties, handle).await
-        };
+        let connected = self
+            .open_connection(url, "machinery")
+            .await
+            .map_err(|e| (e, false))?;
         let connection = connected.map_err(|e| {
             // Only refusals that a restart cannot cure: bad credentials. (A vhost that is
             // "not found" or "down" can be a broker still starting: keep retrying.)
@@ -1200,11 +1241,7 @@ impl Inner {
     /// queue closes the channel that asked); `None` if there is no such queue.
     async fn ready_count(&self, queue: &str) -> Result<Option<u64>> {
         let name = short("queue name", queue)?;
-        let link = self.link().await?;
-        let channel =
-            link.connection.create_channel().await.map_err(|e| {
-                self.broker_error("cannot open a channel to read a queue's depth", e)
-            })?;
+        let channel = self.inspect_channel().await?;
         let depth = passive_declare(&channel, name).await.map_err(|e| {
             self.broker_error(&format!("cannot read the depth of queue `{queue}`"), e)
         })?;

@@ -25,11 +25,7 @@ const SOURCE_HEADER: &str = "x-machinery-source-queue";
 
 impl AmqpBroker {
     async fn admin_channel(&self) -> Result<Channel> {
-        let link = self.inner.link().await?;
-        link.connection
-            .create_channel()
-            .await
-            .map_err(|e| self.inner.broker_error("cannot open a channel", e))
+        self.inner.inspect_channel().await
     }
 
     /// `(messages, consumers)` of `queue`, or `None` if it does not exist.
