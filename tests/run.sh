@@ -5,17 +5,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # One run at a time on this machine: the sweep below must not delete the queues of a run in
-# progress.
-exec 9>"${TMPDIR:-/tmp}/machinery-tests.lock"
-flock 9
-tests/services.sh start
+# progress. Every command below gets `9>&-`, so that no server it starts (Redis daemonizes)
+# keeps the lock after this run.
+LOCK=/tmp/machinery-tests.lock
+exec 9>>"$LOCK" || { echo "tests/run.sh: cannot open the lock file $LOCK" >&2; exit 1; }
+if ! flock -w 3600 9; then
+  echo "tests/run.sh: another run held $LOCK for an hour; giving up" >&2
+  exit 1
+fi
+tests/services.sh start 9>&-
 # Deletes the queues and exchanges test runs left on the local RabbitMQ (a failed or killed test
 # leaves its own); the binary comes with the tests' build, so the first run sweeps at its end.
 sweep() {
   local bin="${CARGO_TARGET_DIR:-target}/debug/machinery-test-sweep"
-  if [ -x "$bin" ]; then "$bin" || true; fi
+  if [ -x "$bin" ]; then "$bin" 9>&- || true; fi
 }
 sweep
 # The Sentinel tests start their own Redis deployment (tests/sentinel.sh); stop it afterwards.
-trap 'tests/sentinel.sh stop >/dev/null 2>&1 || true; sweep' EXIT
-cargo test --workspace --locked "$@"
+trap 'tests/sentinel.sh stop >/dev/null 2>&1 9>&- || true; sweep' EXIT
+cargo test --workspace --locked "$@" 9>&-

@@ -9,9 +9,10 @@
 //!
 //! Only names of that shape are touched. A queue with a consumer is left alone (and deleted
 //! `if_unused`, so one that gains a consumer meanwhile is kept); an exchange is deleted
-//! `if_unused` (no bindings left), after the queues. Lists come from `rabbitmqctl`, deletes go
-//! over AMQP (`AMQP_URL`, by default the tests' broker). Best effort: anything that fails is
-//! reported and skipped, and the exit status is 0.
+//! `if_unused` (no bindings left), after the queues. Lists come from the local `rabbitmqctl`
+//! (60 s at most), deletes go over AMQP (`AMQP_URL`, by default the tests' broker), and only
+//! when that URL is on this machine: a broker elsewhere may serve another machine's run. Best
+//! effort: anything that fails is reported and skipped, and the exit status is 0.
 
 use std::process::Command;
 
@@ -33,14 +34,34 @@ fn is_test_name(name: &str) -> bool {
         })
 }
 
-/// The rows `rabbitmqctl <args>` prints, split on tabs; `None` if it cannot be run.
+/// Whether `url` names this machine (the broker the local `rabbitmqctl` lists).
+fn is_local(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    };
+    matches!(host, "localhost" | "127.0.0.1" | "::1")
+}
+
+/// The rows `rabbitmqctl <args>` prints, split on tabs; `None` if it cannot be run or fails.
 fn rabbitmqctl(args: &[&str]) -> Option<Vec<Vec<String>>> {
-    let out = Command::new("rabbitmqctl")
-        .args(["-q"])
+    let out = match Command::new("rabbitmqctl")
+        .args(["-q", "--timeout", "60"])
         .args(args)
         .arg("--no-table-headers")
         .output()
-        .ok()?;
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("sweep: cannot run rabbitmqctl: {e}");
+            return None;
+        }
+    };
     if !out.status.success() {
         eprintln!(
             "sweep: rabbitmqctl {} failed: {}",
@@ -59,11 +80,17 @@ fn rabbitmqctl(args: &[&str]) -> Option<Vec<Vec<String>>> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    if !is_local(&url) {
+        eprintln!("sweep: the tests' broker is not on this machine; nothing swept");
+        return;
+    }
     let (Some(queues), Some(exchanges)) = (
         rabbitmqctl(&["list_queues", "name", "consumers"]),
         rabbitmqctl(&["list_exchanges", "name"]),
     ) else {
-        eprintln!("sweep: no rabbitmqctl here; nothing swept");
+        eprintln!("sweep: nothing swept");
         return;
     };
     let queues: Vec<&str> = queues
@@ -80,8 +107,6 @@ async fn main() {
     if queues.is_empty() && exchanges.is_empty() {
         return;
     }
-    let url = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let connection = match Connection::connect(&url, ConnectionProperties::default()).await {
         Ok(connection) => connection,
         Err(e) => {
@@ -129,7 +154,27 @@ async fn main() {
 
 #[cfg(test)]
 mod tests {
-    use super::is_test_name;
+    use super::{is_local, is_test_name};
+
+    #[test]
+    fn only_a_broker_on_this_machine_is_swept() {
+        for url in [
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "amqp://localhost",
+            "amqps://u:p@[::1]:5671/vhost",
+            "amqp://u:p@localhost:5672",
+        ] {
+            assert!(is_local(url), "{url}");
+        }
+        for url in [
+            "amqp://guest:guest@rabbit.internal:5672/%2f",
+            "amqp://10.0.0.5",
+            "amqp://u:127.0.0.1@example.com",
+            "amqp://localhost.example.com",
+        ] {
+            assert!(!is_local(url), "{url}");
+        }
+    }
 
     #[test]
     fn only_the_names_tests_generate_are_swept() {
