@@ -1055,7 +1055,7 @@ async fn thousands_of_looks_at_missing_queues_leave_the_broker_working() {
     // A passive declaration of a missing queue has the broker close its channel, and lapin
     // never gives such a channel's number back: the depth of a dead-letter queue nothing was
     // dead-lettered to yet (read by the metrics every minute, and by every admin page) took
-    // one of the connection's 2,047 channels each time, until the worker could open none.
+    // one of the main connection's 2,047 channels each time, until the worker could open none.
     use futures_util::StreamExt as _;
     let config = unique_config("missing_looks");
     let broker = AmqpBroker::connect(&config).await.unwrap();
@@ -1072,18 +1072,27 @@ async fn thousands_of_looks_at_missing_queues_leave_the_broker_working() {
         let e = look.expect_err("a missing queue has no depth");
         assert!(e.to_string().contains("does not exist"), "look {i}: {e}");
     }
-    // The broker still opens channels: it sends, and a consumer takes what was sent.
-    let server = Server::new(config.clone()).await.unwrap();
-    let sent = server.send(add::signature(vec![2, 3])).await.unwrap();
-    let worker = server.worker().spawn().await.unwrap();
-    assert_eq!(
-        final_state(&server, sent.task_uuid()).await.state,
-        State::Success
-    );
+    // This broker still opens channels on its main connection (a consumer's), publishes, and
+    // looks at queues.
+    let mut consumer = broker.consume(&config.default_queue, 1).await.unwrap();
+    broker
+        .publish(Message::new(
+            config.amqp.binding_key.clone(),
+            b"{}".to_vec(),
+        ))
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("a delivery")
+        .expect("the consumer is open")
+        .expect("a delivery, not an error");
+    delivery.ack().await.unwrap();
     assert_eq!(
         broker.queue_depth(&config.default_queue).await.unwrap(),
         Some(0)
     );
-    worker.shutdown().await.unwrap();
+    consumer.cancel().await.unwrap();
+    consumer.close().await.unwrap();
     cleanup(&config).await;
 }

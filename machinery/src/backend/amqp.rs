@@ -72,7 +72,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{allowed, ResultBackend};
-use crate::broker::amqp::recycle::Recycled;
+use crate::broker::amqp::recycle::{Losses, Recycled};
 use crate::broker::amqp::{amqp_uri, quiet, short, TRACE_FRAMES_ENV};
 use crate::config::{mask_url, Config};
 use crate::error::{Error, ErrorKind, Result};
@@ -100,8 +100,8 @@ const MAX_MESSAGES: usize = 1_000;
 /// How long an operation waits for a lock held by another process.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
-/// How long one whole operation may take (a broker that stopped answering), not counting
-/// its wait for a turn ([`MAX_OPS`]).
+/// How long one whole operation may take (a broker that stopped answering), and how long it
+/// may wait for its turn ([`MAX_OPS`]) before that.
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The most operations a backend (with its clones) runs at once; the others wait their turn.
@@ -166,6 +166,8 @@ struct Locked {
     consumer: Option<lapin::Consumer>,
     /// Counts the channel among [`MAX_LOCKS`] until it is closed.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Where a channel the broker closed is counted.
+    losses: Losses,
 }
 
 impl Locked {
@@ -182,6 +184,7 @@ impl Drop for Locked {
     /// send a `basic.cancel` for its channel number, which a new channel may have taken by
     /// then.
     fn drop(&mut self) {
+        self.losses.check(&self.channel);
         let channel = self.channel.clone();
         let consumer = self.consumer.take();
         let slot = self.slot.take();
@@ -349,7 +352,7 @@ impl AmqpBackend {
                 inner
                     .publish(&channel, &queue, &encode_state(state)?)
                     .await?;
-                let _ = channel.close(200, "done".into()).await;
+                inner.close(channel).await;
                 Ok(())
             })
             .await
@@ -415,7 +418,8 @@ impl Inner {
     }
 
     /// Runs one operation when its turn comes ([`MAX_OPS`] at once), failing with a
-    /// retryable [`ErrorKind::Backend`] error when it takes longer than [`OP_TIMEOUT`]. Every
+    /// retryable [`ErrorKind::Backend`] error when its turn does not come within
+    /// [`OP_TIMEOUT`], or it takes longer than that (its wait for a lock slot included). Every
     /// operation that opens a channel runs through here, once: none waits for a second turn
     /// while it holds one.
     async fn bounded<T>(
@@ -424,7 +428,16 @@ impl Inner {
         op: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         // The semaphore is never closed; a closed one would only let the operation run.
-        let _turn = self.turns.acquire().await.ok();
+        let Ok(turn) = tokio::time::timeout(OP_TIMEOUT, self.turns.acquire()).await else {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                format!(
+                    "RabbitMQ at {}: cannot {what}: no turn within {OP_TIMEOUT:?} ({MAX_OPS} operations at once)",
+                    self.masked_url
+                ),
+            ));
+        };
+        let _turn = turn.ok();
         tokio::time::timeout(OP_TIMEOUT, op)
             .await
             .unwrap_or_else(|_| {
@@ -494,7 +507,16 @@ impl Inner {
             .await?
             .create_channel()
             .await
-            .map_err(|e| self.error("cannot open a channel", e))
+            .map_err(|e| {
+                self.connection.exhausted(&e);
+                self.error("cannot open a channel", e)
+            })
+    }
+
+    /// Closes `channel`, counting it if the broker closed it first.
+    async fn close(&self, channel: Channel) {
+        self.connection.check(&channel);
+        let _ = channel.close(200, "done".into()).await;
     }
 
     /// Takes the lock on `name`: an exclusive consumer on `<name>.lock`, waiting (up to
@@ -508,6 +530,10 @@ impl Inner {
         loop {
             let connection = self.connection().await?;
             let channel = connection.create_channel().await;
+            if let Err(e) = &channel {
+                self.connection.exhausted(e);
+            }
+            let opened = channel.as_ref().ok().cloned();
             let mut args = FieldTable::default();
             args.insert("x-expires".into(), AMQPValue::LongInt(LOCK_QUEUE_EXPIRY_MS));
             let attempt = async {
@@ -540,14 +566,20 @@ impl Inner {
                     .map(|consumer| (channel, consumer))
             }
             .await;
+            // A refusal closed the channel (lapin keeps its number).
+            if let (Err(_), Some(channel)) = (&attempt, &opened) {
+                self.connection.check(channel);
+            }
             match attempt {
                 Ok((channel, consumer)) => {
                     return Ok(Locked {
                         channel,
                         consumer: Some(consumer),
                         slot,
+                        losses: self.connection.losses(),
                     })
                 }
+
                 // Held by another channel (ACCESS_REFUSED, which closes this channel; lapin
                 // may report it on the next channel it opens, or find that channel closing):
                 // try again on a new channel.
@@ -628,9 +660,11 @@ impl Inner {
     async fn message_count(&self, queue: &str) -> Result<Option<u32>> {
         let name = queue_name("queue name", queue)?;
         let channel = self.channel().await?;
-        let counts = crate::broker::amqp::passive_declare(&channel, name)
-            .await
-            .map_err(|e| self.error(&format!("cannot inspect the queue `{queue}`"), e))?;
+        let counts = crate::broker::amqp::passive_declare(&channel, name).await;
+        // A missing queue closed the channel.
+        self.connection.check(&channel);
+        let counts =
+            counts.map_err(|e| self.error(&format!("cannot inspect the queue `{queue}`"), e))?;
         Ok(counts.map(|(ready, _)| ready))
     }
 
@@ -660,7 +694,7 @@ impl Inner {
             .queue_delete(name, QueueDeleteOptions::default())
             .await
             .map_err(|e| self.error(&format!("cannot delete the queue `{queue}`"), e))?;
-        let _ = channel.close(200, "done".into()).await;
+        self.close(channel).await;
         Ok(())
     }
 
@@ -972,7 +1006,7 @@ impl ResultBackend for AmqpBackend {
                 let channel = inner.channel().await?;
                 inner.declare_result_queue(&channel, &queue).await?;
                 inner.publish(&channel, &queue, body.as_bytes()).await?;
-                let _ = channel.close(200, "done".into()).await;
+                inner.close(channel).await;
                 Ok(())
             })
             .await

@@ -210,6 +210,9 @@ const MAX_DECLARED: usize = 4096;
 /// read again (unless this process makes it meanwhile).
 const MISSING_RECHECK: Duration = Duration::from_secs(60);
 
+/// How long opening the inspection connection may take ([`Inner::inspect`]).
+const INSPECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The dead-letter queues declared on the current connection, in the order declared. Bounded
 /// by [`MAX_DECLARED`]; a queue that was forgotten is only declared again.
 #[derive(Default)]
@@ -587,8 +590,6 @@ impl Inner {
         }
     }
 
-    /// Connects once to node `node`; the flag says whether the broker refused us (bad
-    /// credentials) rather than being unreachable.
     /// A connection to `url` named `<name>-<process id>`, with lapin's frames hidden from
     /// logs unless [`TRACE_FRAMES_ENV`] asks for them; an error only without a tokio runtime.
     async fn open_connection(
@@ -611,30 +612,54 @@ impl Inner {
         Ok(quiet::connect(url, properties, handle).await)
     }
 
-    /// A channel on the inspection connection ([`Inner::inspect`]), to the node the main
-    /// connection uses.
+    /// A channel on the inspection connection ([`Inner::inspect`]), opened to the node of
+    /// the main connection (waiting for it as every call does while the broker is away).
+    /// Hand it back to [`Inner::inspected`] when done.
     async fn inspect_channel(&self) -> Result<Channel> {
         let connection = self
             .inspect
             .get("the broker's inspection connection", || async {
-                let node = self.node.load(Ordering::SeqCst);
+                let node = self.link().await?.node;
                 let url = self
                     .nodes
                     .get(node)
                     .map(|n| n.url.as_str())
                     .ok_or_else(|| Error::config("no broker URL"))?;
-                let connected = self.open_connection(url, "machinery-inspect").await?;
-                connected
-                    .map(Arc::new)
-                    .map_err(|e| self.broker_error("cannot connect to the broker", e))
+                let connect = self.open_connection(url, "machinery-inspect");
+                let connected = tokio::time::timeout(INSPECT_CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| {
+                        Error::new(
+                            ErrorKind::Broker,
+                            format!(
+                                "cannot connect to the broker ({}): no answer within {INSPECT_CONNECT_TIMEOUT:?}",
+                                self.node_url(node)
+                            ),
+                        )
+                    })??;
+                connected.map(Arc::new).map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Broker,
+                        format!("cannot connect to the broker ({})", self.node_url(node)),
+                        e,
+                    )
+                })
             })
             .await?;
-        connection
-            .create_channel()
-            .await
-            .map_err(|e| self.broker_error("cannot open a channel", e))
+        connection.create_channel().await.map_err(|e| {
+            self.inspect.exhausted(&e);
+            self.broker_error("cannot open a channel", e)
+        })
     }
 
+    /// Counts an inspection channel the broker closed (a look at a missing queue), then
+    /// drops it (lapin closes a channel still open when its last handle goes).
+    fn inspected(&self, channel: Channel) {
+        self.inspect.check(&channel);
+    }
+
+    /// Connects once to node `node`; the flag says whether the broker refused us (bad
+    /// credentials) rather than being unreachable.
     async fn connect_once(&self, node: usize) -> std::result::Result<Link, (Error, bool)> {
         let Some(url) = self.nodes.get(node).map(|n| n.url.as_str()) else {
             let error = Error::config("no broker URL");
@@ -1242,7 +1267,9 @@ impl Inner {
     async fn ready_count(&self, queue: &str) -> Result<Option<u64>> {
         let name = short("queue name", queue)?;
         let channel = self.inspect_channel().await?;
-        let depth = passive_declare(&channel, name).await.map_err(|e| {
+        let depth = passive_declare(&channel, name).await;
+        self.inspected(channel);
+        let depth = depth.map_err(|e| {
             self.broker_error(&format!("cannot read the depth of queue `{queue}`"), e)
         })?;
         Ok(depth.map(|(ready, _)| u64::from(ready)))

@@ -24,21 +24,29 @@ const REASON_HEADER: &str = "x-machinery-reason";
 const SOURCE_HEADER: &str = "x-machinery-source-queue";
 
 impl AmqpBroker {
+    /// A channel on the main connection, for reading or purging a queue known to exist.
     async fn admin_channel(&self) -> Result<Channel> {
-        self.inner.inspect_channel().await
+        let link = self.inner.link().await?;
+        link.connection
+            .create_channel()
+            .await
+            .map_err(|e| self.inner.broker_error("cannot open a channel", e))
     }
 
-    /// `(messages, consumers)` of `queue`, or `None` if it does not exist.
+    /// `(messages, consumers)` of `queue`, or `None` if it does not exist. Asked on the
+    /// inspection connection: a missing queue closes the channel that asked, and lapin keeps
+    /// its number.
     async fn passive(&self, queue: &str) -> Result<Option<(u64, u64)>> {
-        let channel = self.admin_channel().await?;
+        let name = short("queue name", queue)?;
+        let channel = self.inner.inspect_channel().await?;
         // NOT_FOUND is no queue; anything else that closed the channel is the same answer for
         // an operator (the queue cannot be read).
-        let counts = super::passive_declare(&channel, short("queue name", queue)?)
-            .await
-            .map_err(|e| {
-                self.inner
-                    .broker_error(&format!("cannot inspect queue `{queue}`"), e)
-            })?;
+        let counts = super::passive_declare(&channel, name).await;
+        self.inner.inspected(channel);
+        let counts = counts.map_err(|e| {
+            self.inner
+                .broker_error(&format!("cannot inspect queue `{queue}`"), e)
+        })?;
         Ok(counts.map(|(ready, consumers)| (u64::from(ready), u64::from(consumers))))
     }
 

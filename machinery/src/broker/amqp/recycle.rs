@@ -9,9 +9,12 @@
 //! chords that way, and the broker reads the depth of dead-letter queues that nothing was
 //! dead-lettered to: each leaves one number behind.
 //!
-//! [`Recycled`] counts the channels opened on its connection and, after [`RECYCLE_AFTER`],
-//! gives the next caller a new connection. Callers already working on the old one finish
-//! there; it is closed [`RETIRE_AFTER`] later.
+//! [`Recycled`] counts the channels its callers saw the broker close ([`Recycled::lost`]) and,
+//! after [`RECYCLE_AFTER`], gives the next caller a new connection; also as soon as a caller
+//! found it could open no channel ([`Recycled::exhausted`]: a loss no caller counted). Callers
+//! already working on the old one finish there; it is closed [`RETIRE_AFTER`] later. Its users
+//! hold a channel only for short calls: an operation of the result backend (30 s at most), one
+//! passive declaration of the broker.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,28 +26,43 @@ use tracing::{debug, warn};
 
 use crate::error::Result;
 
-/// How many channels a connection gives before the next caller gets a new one: even if every
-/// one of them leaked, the channels still open on it (a few hundred at most) keep it far
-/// from 2,047.
+/// How many channels the broker may close on a connection before the next caller gets a new
+/// one: with the channels open on it (a few hundred at most), far from 2,047.
 pub(crate) const RECYCLE_AFTER: usize = 1_024;
 
-/// How long a replaced connection stays open for the calls still running on it (longer than
-/// one call may take, 30 s).
-pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(45);
+/// How long a replaced connection stays open for the calls still running on it: longer than
+/// one call may take (30 s), and a lock's close after it (30 s more).
+pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(90);
 
-/// A connection opened on demand, opened again when it was lost or has given
-/// [`RECYCLE_AFTER`] channels.
+/// A connection opened on demand, opened again when it was lost, has lost
+/// [`RECYCLE_AFTER`] channels, or could open no channel.
 #[derive(Default)]
 pub(crate) struct Recycled {
     current: tokio::sync::Mutex<Option<Arc<Connection>>>,
-    /// Channels given on the current connection.
-    given: AtomicUsize,
+    /// Channels the broker closed since the current connection was opened (a connection
+    /// that could open none counts as [`RECYCLE_AFTER`]).
+    lost: Losses,
+}
+
+/// The count of channels the broker closed, shared with what holds a channel past a call
+/// (a lock's guard, which closes its channel in a task of its own).
+#[derive(Clone, Default)]
+pub(crate) struct Losses(Arc<AtomicUsize>);
+
+impl Losses {
+    /// Counts `channel` if the broker closed it (it is no longer open, and its holder did not
+    /// close it): call before closing a channel, or instead.
+    pub(crate) fn check(&self, channel: &lapin::Channel) {
+        if !channel.status().connected() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Recycled {
-    /// The connection to open one channel on (every caller opens one): the current one, or a
-    /// new one from `connect` when there is none, it was lost, or it has given
-    /// [`RECYCLE_AFTER`] channels. `what` names it in logs.
+    /// The connection to open a channel on: the current one, or a new one from `connect` when
+    /// there is none, it was lost, or it has lost its share of channels. `what` names it in
+    /// logs.
     pub(crate) async fn get<F>(
         &self,
         what: &str,
@@ -56,14 +74,13 @@ impl Recycled {
         let mut current = self.current.lock().await;
         if let Some(connection) = current.as_ref() {
             let connected = connection.status().connected();
-            if connected && self.given.fetch_add(1, Ordering::Relaxed) < RECYCLE_AFTER {
+            if connected && self.lost.0.load(Ordering::Relaxed) < RECYCLE_AFTER {
                 return Ok(connection.clone());
             }
             if connected {
                 debug!(
                     connection = what,
-                    channels = RECYCLE_AFTER,
-                    "replacing a connection that has given its share of channels"
+                    "replacing a connection whose channels the broker closed (lapin keeps their numbers)"
                 );
                 retire(connection.clone());
             } else {
@@ -72,9 +89,28 @@ impl Recycled {
         }
         *current = None;
         let connection = connect().await?;
-        self.given.store(1, Ordering::Relaxed);
+        self.lost.0.store(0, Ordering::Relaxed);
         *current = Some(connection.clone());
         Ok(connection)
+    }
+
+    /// The count the connection's users add to ([`Losses::check`]).
+    pub(crate) fn losses(&self) -> Losses {
+        self.lost.clone()
+    }
+
+    /// [`Losses::check`].
+    pub(crate) fn check(&self, channel: &lapin::Channel) {
+        self.lost.check(channel);
+    }
+
+    /// A channel could not be opened for the channel limit (`error`: lapin's count of
+    /// channels includes every one it kept): the next caller gets a new connection. Other
+    /// errors are left alone.
+    pub(crate) fn exhausted(&self, error: &lapin::Error) {
+        if matches!(error.kind(), lapin::ErrorKind::ChannelsLimitReached) {
+            self.lost.0.store(RECYCLE_AFTER, Ordering::Relaxed);
+        }
     }
 }
 
