@@ -8,10 +8,14 @@ cd "$(dirname "$0")/.."
 # progress. Every command below gets `9>&-`, so that no server it starts (Redis daemonizes)
 # keeps the lock after this run.
 LOCK=/tmp/machinery-tests.lock
+command -v flock >/dev/null || { echo "tests/run.sh: needs flock (util-linux)" >&2; exit 1; }
 exec 9>>"$LOCK" || { echo "tests/run.sh: cannot open the lock file $LOCK" >&2; exit 1; }
-if ! flock -w 3600 9; then
-  echo "tests/run.sh: another run held $LOCK for an hour; giving up" >&2
-  exit 1
+if ! flock -n 9; then
+  echo "tests/run.sh: another run holds $LOCK; waiting for it (an hour at most)" >&2
+  if ! flock -w 3600 9; then
+    echo "tests/run.sh: another run held $LOCK for an hour; giving up" >&2
+    exit 1
+  fi
 fi
 tests/services.sh start 9>&-
 # Deletes the queues and exchanges test runs left on the local RabbitMQ (a failed or killed test

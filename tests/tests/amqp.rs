@@ -24,6 +24,15 @@ async fn server(tag: &str) -> Server {
         .expect("connect to RabbitMQ and Redis")
 }
 
+/// The consumer's next delivery, within [`WAIT`].
+async fn next(consumer: &mut Box<dyn machinery::broker::Consumer>) -> Delivery {
+    tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("a delivery")
+        .expect("the consumer is open")
+        .expect("a delivery, not an error")
+}
+
 async fn final_state(server: &Server, uuid: &str) -> wire::TaskState {
     let deadline = tokio::time::Instant::now() + WAIT;
     server
@@ -783,13 +792,6 @@ async fn quorum_queue_redeliveries_carry_their_count() {
         .await
         .unwrap();
     let mut consumer = broker.consume(&config.default_queue, 1).await.unwrap();
-    async fn next(consumer: &mut Box<dyn machinery::broker::Consumer>) -> Delivery {
-        tokio::time::timeout(WAIT, consumer.next())
-            .await
-            .expect("a delivery")
-            .expect("the consumer is open")
-            .expect("a delivery, not an error")
-    }
     let first = next(&mut consumer).await;
     assert!(!first.redelivered());
     assert_eq!(first.delivery_count(), Some(0));
@@ -1054,7 +1056,8 @@ async fn a_closed_publishing_channel_is_reopened_without_reconnecting() {
 async fn thousands_of_looks_at_missing_queues_leave_the_broker_working() {
     // A passive declaration of a missing queue has the broker close its channel, and lapin
     // never gives such a channel's number back: the depth of a dead-letter queue nothing was
-    // dead-lettered to yet (read by the metrics every minute, and by every admin page) took
+    // dead-lettered to yet (read by the metrics every 2 s, and every 60 s while it is missing,
+    // and by every admin page) took
     // one of the main connection's 2,047 channels each time, until the worker could open none.
     use futures_util::StreamExt as _;
     let config = unique_config("missing_looks");
@@ -1082,12 +1085,7 @@ async fn thousands_of_looks_at_missing_queues_leave_the_broker_working() {
         ))
         .await
         .unwrap();
-    let delivery = tokio::time::timeout(WAIT, consumer.next())
-        .await
-        .expect("a delivery")
-        .expect("the consumer is open")
-        .expect("a delivery, not an error");
-    delivery.ack().await.unwrap();
+    next(&mut consumer).await.ack().await.unwrap();
     assert_eq!(
         broker.queue_depth(&config.default_queue).await.unwrap(),
         Some(0)

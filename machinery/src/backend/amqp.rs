@@ -72,7 +72,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{allowed, ResultBackend};
-use crate::broker::amqp::recycle::{Losses, Recycled};
+use crate::broker::amqp::recycle::{Counted, Losses, Recycled};
 use crate::broker::amqp::{amqp_uri, quiet, short, TRACE_FRAMES_ENV};
 use crate::config::{mask_url, Config};
 use crate::error::{Error, ErrorKind, Result};
@@ -149,8 +149,9 @@ struct Inner {
     expiry_ms: i32,
     max_message_size: usize,
     trace_frames: bool,
-    /// Replaced after 1,024 channels: lapin never frees a channel the broker closed (reading
-    /// a state that does not exist yet, checking a chord, a refused lock; see [`Recycled`]).
+    /// Replaced once the broker has closed 1,024 of its channels (reading a state that does
+    /// not exist yet, checking a chord, a refused lock): lapin never frees their numbers (see
+    /// [`Recycled`]).
     connection: Recycled,
     /// Turns for operations ([`MAX_OPS`]).
     turns: tokio::sync::Semaphore,
@@ -174,6 +175,39 @@ impl Locked {
     /// Releases the lock (see [`Drop`]).
     async fn release(self) {
         drop(self);
+    }
+}
+
+/// A channel of one operation: closed by [`Held::close`], or by lapin when dropped (an error
+/// on the way, a timeout); either way counted first if the broker closed it.
+struct Held {
+    channel: Channel,
+    losses: Losses,
+    /// Whether [`Held::close`] counted it already.
+    counted: bool,
+}
+
+impl Held {
+    async fn close(mut self) {
+        self.losses.check(&self.channel);
+        self.counted = true;
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = Channel;
+
+    fn deref(&self) -> &Channel {
+        &self.channel
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.losses.check(&self.channel);
+        }
     }
 }
 
@@ -352,7 +386,7 @@ impl AmqpBackend {
                 inner
                     .publish(&channel, &queue, &encode_state(state)?)
                     .await?;
-                inner.close(channel).await;
+                channel.close().await;
                 Ok(())
             })
             .await
@@ -451,9 +485,9 @@ impl Inner {
             })
     }
 
-    /// The connection for one new channel (every caller opens one on it), opened again (and
-    /// the exchange declared again) when it was lost or has given its share ([`Recycled`]).
-    async fn connection(&self) -> Result<Arc<Connection>> {
+    /// The connection to open a channel on, opened again (and the exchange declared again)
+    /// when it was lost or the broker has closed its share of its channels ([`Recycled`]).
+    async fn connection(&self) -> Result<Counted> {
         self.connection
             .get("the result backend", || self.connect())
             .await
@@ -502,21 +536,24 @@ impl Inner {
         Ok(connection)
     }
 
-    async fn channel(&self) -> Result<Channel> {
-        self.connection()
-            .await?
-            .create_channel()
+    /// A channel, and where to count it if the broker closes it.
+    async fn counted_channel(&self) -> Result<(Channel, Losses)> {
+        let counted = self.connection().await?;
+        let channel = counted
+            .channel()
             .await
-            .map_err(|e| {
-                self.connection.exhausted(&e);
-                self.error("cannot open a channel", e)
-            })
+            .map_err(|e| self.error("cannot open a channel", e))?;
+        Ok((channel, counted.losses))
     }
 
-    /// Closes `channel`, counting it if the broker closed it first.
-    async fn close(&self, channel: Channel) {
-        self.connection.check(&channel);
-        let _ = channel.close(200, "done".into()).await;
+    /// A channel that counts itself, when it goes, if the broker closed it.
+    async fn channel(&self) -> Result<Held> {
+        let (channel, losses) = self.counted_channel().await?;
+        Ok(Held {
+            channel,
+            losses,
+            counted: false,
+        })
     }
 
     /// Takes the lock on `name`: an exclusive consumer on `<name>.lock`, waiting (up to
@@ -528,11 +565,8 @@ impl Inner {
         let started = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
-            let connection = self.connection().await?;
-            let channel = connection.create_channel().await;
-            if let Err(e) = &channel {
-                self.connection.exhausted(e);
-            }
+            let counted = self.connection().await?;
+            let channel = counted.channel().await;
             let opened = channel.as_ref().ok().cloned();
             let mut args = FieldTable::default();
             args.insert("x-expires".into(), AMQPValue::LongInt(LOCK_QUEUE_EXPIRY_MS));
@@ -568,7 +602,7 @@ impl Inner {
             .await;
             // A refusal closed the channel (lapin keeps its number).
             if let (Err(_), Some(channel)) = (&attempt, &opened) {
-                self.connection.check(channel);
+                counted.losses.check(channel);
             }
             match attempt {
                 Ok((channel, consumer)) => {
@@ -576,7 +610,7 @@ impl Inner {
                         channel,
                         consumer: Some(consumer),
                         slot,
-                        losses: self.connection.losses(),
+                        losses: counted.losses,
                     })
                 }
 
@@ -659,12 +693,10 @@ impl Inner {
     /// The number of ready messages in `queue`, `None` when it does not exist.
     async fn message_count(&self, queue: &str) -> Result<Option<u32>> {
         let name = queue_name("queue name", queue)?;
-        let channel = self.channel().await?;
-        let counts = crate::broker::amqp::passive_declare(&channel, name).await;
-        // A missing queue closed the channel.
-        self.connection.check(&channel);
-        let counts =
-            counts.map_err(|e| self.error(&format!("cannot inspect the queue `{queue}`"), e))?;
+        let (channel, losses) = self.counted_channel().await?;
+        let counts = crate::broker::amqp::passive_declare(&channel, name, &losses)
+            .await
+            .map_err(|e| self.error(&format!("cannot inspect the queue `{queue}`"), e))?;
         Ok(counts.map(|(ready, _)| ready))
     }
 
@@ -694,7 +726,7 @@ impl Inner {
             .queue_delete(name, QueueDeleteOptions::default())
             .await
             .map_err(|e| self.error(&format!("cannot delete the queue `{queue}`"), e))?;
-        self.close(channel).await;
+        channel.close().await;
         Ok(())
     }
 
@@ -1006,7 +1038,7 @@ impl ResultBackend for AmqpBackend {
                 let channel = inner.channel().await?;
                 inner.declare_result_queue(&channel, &queue).await?;
                 inner.publish(&channel, &queue, body.as_bytes()).await?;
-                inner.close(channel).await;
+                channel.close().await;
                 Ok(())
             })
             .await

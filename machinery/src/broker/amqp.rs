@@ -613,10 +613,10 @@ impl Inner {
     }
 
     /// A channel on the inspection connection ([`Inner::inspect`]), opened to the node of
-    /// the main connection (waiting for it as every call does while the broker is away).
-    /// Hand it back to [`Inner::inspected`] when done.
-    async fn inspect_channel(&self) -> Result<Channel> {
-        let connection = self
+    /// the main connection (waiting for it as every call does while the broker is away), and
+    /// where to count it if the broker closes it.
+    async fn inspect_channel(&self) -> Result<(Channel, recycle::Losses)> {
+        let counted = self
             .inspect
             .get("the broker's inspection connection", || async {
                 let node = self.link().await?.node;
@@ -646,16 +646,11 @@ impl Inner {
                 })
             })
             .await?;
-        connection.create_channel().await.map_err(|e| {
-            self.inspect.exhausted(&e);
-            self.broker_error("cannot open a channel", e)
-        })
-    }
-
-    /// Counts an inspection channel the broker closed (a look at a missing queue), then
-    /// drops it (lapin closes a channel still open when its last handle goes).
-    fn inspected(&self, channel: Channel) {
-        self.inspect.check(&channel);
+        let channel = counted
+            .channel()
+            .await
+            .map_err(|e| self.broker_error("cannot open a channel", e))?;
+        Ok((channel, counted.losses))
     }
 
     /// Connects once to node `node`; the flag says whether the broker refused us (bad
@@ -1229,6 +1224,7 @@ pub(crate) fn amqp_uri(url: &str) -> String {
 pub(crate) async fn passive_declare(
     channel: &Channel,
     queue: ShortString,
+    losses: &recycle::Losses,
 ) -> std::result::Result<Option<(u32, u32)>, lapin::Error> {
     let declared = channel
         .queue_declare(
@@ -1240,6 +1236,8 @@ pub(crate) async fn passive_declare(
             FieldTable::default(),
         )
         .await;
+    // A missing queue closed the channel (lapin keeps its number); else it is closed here.
+    losses.check(channel);
     if channel.status().connected() {
         let _ = channel.close(200, "declared".into()).await;
     }
@@ -1266,12 +1264,12 @@ impl Inner {
     /// queue closes the channel that asked); `None` if there is no such queue.
     async fn ready_count(&self, queue: &str) -> Result<Option<u64>> {
         let name = short("queue name", queue)?;
-        let channel = self.inspect_channel().await?;
-        let depth = passive_declare(&channel, name).await;
-        self.inspected(channel);
-        let depth = depth.map_err(|e| {
-            self.broker_error(&format!("cannot read the depth of queue `{queue}`"), e)
-        })?;
+        let (channel, losses) = self.inspect_channel().await?;
+        let depth = passive_declare(&channel, name, &losses)
+            .await
+            .map_err(|e| {
+                self.broker_error(&format!("cannot read the depth of queue `{queue}`"), e)
+            })?;
         Ok(depth.map(|(ready, _)| u64::from(ready)))
     }
 }

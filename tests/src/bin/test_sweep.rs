@@ -48,10 +48,43 @@ fn is_local(url: &str) -> bool {
     matches!(host, "localhost" | "127.0.0.1" | "::1")
 }
 
-/// The rows `rabbitmqctl <args>` prints, split on tabs; `None` if it cannot be run or fails.
-fn rabbitmqctl(args: &[&str]) -> Option<Vec<Vec<String>>> {
+/// The virtual host `url` names (percent-decoded; `/` when it names none).
+fn vhost(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    let Some((_, path)) = rest.split_once('/') else {
+        return "/".into();
+    };
+    if path.is_empty() {
+        return "/".into();
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The rows `rabbitmqctl <args>` prints for `vhost`, split on tabs; `None` if it cannot be run
+/// or fails.
+fn rabbitmqctl(vhost: &str, args: &[&str]) -> Option<Vec<Vec<String>>> {
     let out = match Command::new("rabbitmqctl")
-        .args(["-q", "--timeout", "60"])
+        .args(["-q", "--timeout", "60", "-p", vhost])
         .args(args)
         .arg("--no-table-headers")
         .output()
@@ -86,9 +119,10 @@ async fn main() {
         eprintln!("sweep: the tests' broker is not on this machine; nothing swept");
         return;
     }
+    let vhost = vhost(&url);
     let (Some(queues), Some(exchanges)) = (
-        rabbitmqctl(&["list_queues", "name", "consumers"]),
-        rabbitmqctl(&["list_exchanges", "name"]),
+        rabbitmqctl(&vhost, &["list_queues", "name", "consumers"]),
+        rabbitmqctl(&vhost, &["list_exchanges", "name"]),
     ) else {
         eprintln!("sweep: nothing swept");
         return;
@@ -154,7 +188,17 @@ async fn main() {
 
 #[cfg(test)]
 mod tests {
-    use super::{is_local, is_test_name};
+    use super::{is_local, is_test_name, vhost};
+
+    #[test]
+    fn the_vhost_is_read_from_the_url() {
+        assert_eq!(vhost("amqp://guest:guest@127.0.0.1:5672/%2f"), "/");
+        assert_eq!(vhost("amqp://127.0.0.1:5672/"), "/");
+        assert_eq!(vhost("amqp://127.0.0.1:5672"), "/");
+        assert_eq!(vhost("amqp://localhost/tests?heartbeat=10"), "tests");
+        assert_eq!(vhost("amqp://localhost/a%2Fb"), "a/b");
+        assert_eq!(vhost("amqp://localhost/100%"), "100%");
+    }
 
     #[test]
     fn only_a_broker_on_this_machine_is_swept() {

@@ -1,8 +1,9 @@
 //! The operator's calls on RabbitMQ ([`Admin`](crate::admin::Admin)): queue depths by
 //! passive declare, the dead-letter queue read with `basic.get` (unacknowledged: closing the
 //! channel puts the messages back, in order), requeue and purge. Each call opens a channel of
-//! its own on the broker's connection and closes it: a refused passive declare (no such
-//! queue) closes that channel only.
+//! its own and closes it. Passive declarations, which a missing queue refuses (closing the
+//! channel, whose number lapin then keeps), go over the broker's inspection connection
+//! (`Inner::inspect`); reads and purges of a queue found there, over the main one.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 use lapin::types::AMQPValue;
@@ -38,15 +39,15 @@ impl AmqpBroker {
     /// its number.
     async fn passive(&self, queue: &str) -> Result<Option<(u64, u64)>> {
         let name = short("queue name", queue)?;
-        let channel = self.inner.inspect_channel().await?;
+        let (channel, losses) = self.inner.inspect_channel().await?;
         // NOT_FOUND is no queue; anything else that closed the channel is the same answer for
         // an operator (the queue cannot be read).
-        let counts = super::passive_declare(&channel, name).await;
-        self.inner.inspected(channel);
-        let counts = counts.map_err(|e| {
-            self.inner
-                .broker_error(&format!("cannot inspect queue `{queue}`"), e)
-        })?;
+        let counts = super::passive_declare(&channel, name, &losses)
+            .await
+            .map_err(|e| {
+                self.inner
+                    .broker_error(&format!("cannot inspect queue `{queue}`"), e)
+            })?;
         Ok(counts.map(|(ready, consumers)| (u64::from(ready), u64::from(consumers))))
     }
 

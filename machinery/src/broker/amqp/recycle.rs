@@ -9,12 +9,13 @@
 //! chords that way, and the broker reads the depth of dead-letter queues that nothing was
 //! dead-lettered to: each leaves one number behind.
 //!
-//! [`Recycled`] counts the channels its callers saw the broker close ([`Recycled::lost`]) and,
-//! after [`RECYCLE_AFTER`], gives the next caller a new connection; also as soon as a caller
-//! found it could open no channel ([`Recycled::exhausted`]: a loss no caller counted). Callers
+//! [`Recycled`] counts, per connection, the channels its callers saw the broker close
+//! ([`Losses::check`]) and, after [`RECYCLE_AFTER`], gives the next caller a new connection;
+//! also as soon as a channel could not be opened for the limit ([`Counted::channel`]: losses
+//! no caller counted). Callers
 //! already working on the old one finish there; it is closed [`RETIRE_AFTER`] later. Its users
-//! hold a channel only for short calls: an operation of the result backend (30 s at most), one
-//! passive declaration of the broker.
+//! hold a channel only for short calls: an operation of the result backend (30 s at most), or
+//! one passive declaration of the broker (which only the connection's heartbeat bounds).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,14 +39,29 @@ pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(90);
 /// [`RECYCLE_AFTER`] channels, or could open no channel.
 #[derive(Default)]
 pub(crate) struct Recycled {
-    current: tokio::sync::Mutex<Option<Arc<Connection>>>,
-    /// Channels the broker closed since the current connection was opened (a connection
-    /// that could open none counts as [`RECYCLE_AFTER`]).
-    lost: Losses,
+    current: tokio::sync::Mutex<Option<Counted>>,
 }
 
-/// The count of channels the broker closed, shared with what holds a channel past a call
-/// (a lock's guard, which closes its channel in a task of its own).
+/// A connection, with the count of its channels the broker closed.
+#[derive(Clone)]
+pub(crate) struct Counted {
+    pub(crate) connection: Arc<Connection>,
+    pub(crate) losses: Losses,
+}
+
+impl Counted {
+    /// Opens a channel; one refused for the channel limit has the next caller of
+    /// [`Recycled::get`] get a new connection.
+    pub(crate) async fn channel(&self) -> std::result::Result<lapin::Channel, lapin::Error> {
+        self.connection
+            .create_channel()
+            .await
+            .inspect_err(|e| self.losses.exhausted(e))
+    }
+}
+
+/// The count of one connection's channels the broker closed, shared with what holds a channel
+/// past a call (a lock's guard, which closes its channel in a task of its own).
 #[derive(Clone, Default)]
 pub(crate) struct Losses(Arc<AtomicUsize>);
 
@@ -57,60 +73,52 @@ impl Losses {
             self.0.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    /// A channel could not be opened for the channel limit (`error`; lapin's count of
+    /// channels includes every one it kept): counts as the whole share. Other errors are
+    /// left alone.
+    fn exhausted(&self, error: &lapin::Error) {
+        if matches!(error.kind(), lapin::ErrorKind::ChannelsLimitReached) {
+            self.0.fetch_max(RECYCLE_AFTER, Ordering::Relaxed);
+        }
+    }
+
+    fn spent(&self) -> bool {
+        self.0.load(Ordering::Relaxed) >= RECYCLE_AFTER
+    }
 }
 
 impl Recycled {
     /// The connection to open a channel on: the current one, or a new one from `connect` when
-    /// there is none, it was lost, or it has lost its share of channels. `what` names it in
-    /// logs.
-    pub(crate) async fn get<F>(
-        &self,
-        what: &str,
-        connect: impl FnOnce() -> F,
-    ) -> Result<Arc<Connection>>
+    /// there is none, it was lost, or the broker has closed its share of its channels. `what`
+    /// names it in logs.
+    pub(crate) async fn get<F>(&self, what: &str, connect: impl FnOnce() -> F) -> Result<Counted>
     where
         F: Future<Output = Result<Arc<Connection>>>,
     {
         let mut current = self.current.lock().await;
-        if let Some(connection) = current.as_ref() {
-            let connected = connection.status().connected();
-            if connected && self.lost.0.load(Ordering::Relaxed) < RECYCLE_AFTER {
-                return Ok(connection.clone());
+        if let Some(counted) = current.as_ref() {
+            let connected = counted.connection.status().connected();
+            if connected && !counted.losses.spent() {
+                return Ok(counted.clone());
             }
             if connected {
                 debug!(
                     connection = what,
                     "replacing a connection whose channels the broker closed (lapin keeps their numbers)"
                 );
-                retire(connection.clone());
+                retire(counted.connection.clone());
             } else {
                 warn!(connection = what, "connection lost; reconnecting");
             }
         }
         *current = None;
-        let connection = connect().await?;
-        self.lost.0.store(0, Ordering::Relaxed);
-        *current = Some(connection.clone());
-        Ok(connection)
-    }
-
-    /// The count the connection's users add to ([`Losses::check`]).
-    pub(crate) fn losses(&self) -> Losses {
-        self.lost.clone()
-    }
-
-    /// [`Losses::check`].
-    pub(crate) fn check(&self, channel: &lapin::Channel) {
-        self.lost.check(channel);
-    }
-
-    /// A channel could not be opened for the channel limit (`error`: lapin's count of
-    /// channels includes every one it kept): the next caller gets a new connection. Other
-    /// errors are left alone.
-    pub(crate) fn exhausted(&self, error: &lapin::Error) {
-        if matches!(error.kind(), lapin::ErrorKind::ChannelsLimitReached) {
-            self.lost.0.store(RECYCLE_AFTER, Ordering::Relaxed);
-        }
+        let counted = Counted {
+            connection: connect().await?,
+            losses: Losses::default(),
+        };
+        *current = Some(counted.clone());
+        Ok(counted)
     }
 }
 
