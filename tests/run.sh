@@ -10,12 +10,20 @@ cd "$(dirname "$0")/.."
 LOCK=/tmp/machinery-tests.lock
 command -v flock >/dev/null || { echo "tests/run.sh: needs flock (util-linux)" >&2; exit 1; }
 exec 9>>"$LOCK" || { echo "tests/run.sh: cannot open the lock file $LOCK" >&2; exit 1; }
-if ! flock -n 9; then
+# flock exits 200 when the lock is held (-E), anything else when it cannot lock at all.
+held=0
+flock -n -E 200 9 || held=$?
+if [ "$held" = 200 ]; then
   echo "tests/run.sh: another run holds $LOCK; waiting for it (an hour at most)" >&2
-  if ! flock -w 3600 9; then
-    echo "tests/run.sh: another run held $LOCK for an hour; giving up" >&2
-    exit 1
-  fi
+  held=0
+  flock -w 3600 -E 200 9 || held=$?
+fi
+if [ "$held" = 200 ]; then
+  echo "tests/run.sh: another run held $LOCK for an hour; giving up" >&2
+  exit 1
+elif [ "$held" != 0 ]; then
+  echo "tests/run.sh: cannot lock $LOCK (flock exited $held)" >&2
+  exit 1
 fi
 tests/services.sh start 9>&-
 # Deletes the queues and exchanges test runs left on the local RabbitMQ (a failed or killed test

@@ -63,17 +63,15 @@ use lapin::options::{
     QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{allowed, ResultBackend};
 use crate::broker::amqp::recycle::{Counted, Losses, Recycled};
-use crate::broker::amqp::{amqp_uri, quiet, short, TRACE_FRAMES_ENV};
+use crate::broker::amqp::{amqp_uri, open_connection, short, TRACE_FRAMES_ENV};
 use crate::config::{mask_url, Config};
 use crate::error::{Error, ErrorKind, Result};
 use crate::wire::{GoTime, GroupMeta, TaskState};
@@ -179,7 +177,7 @@ impl Locked {
 }
 
 /// A channel of one operation: closed by [`Held::close`], or by lapin when dropped (an error
-/// on the way, a timeout); either way counted first if the broker closed it.
+/// on the way, a timeout); either way counted first if the broker had closed it by then.
 struct Held {
     channel: Channel,
     losses: Losses,
@@ -188,18 +186,16 @@ struct Held {
 }
 
 impl Held {
+    /// The channel, to work on. Never close it through this (nor hand it to what closes it):
+    /// the guard would then count the client's close as the broker's.
+    fn get(&self) -> &Channel {
+        &self.channel
+    }
+
     async fn close(mut self) {
         self.losses.check(&self.channel);
         self.counted = true;
         let _ = self.channel.close(200, "done".into()).await;
-    }
-}
-
-impl std::ops::Deref for Held {
-    type Target = Channel;
-
-    fn deref(&self) -> &Channel {
-        &self.channel
     }
 }
 
@@ -381,12 +377,12 @@ impl AmqpBackend {
         inner
             .bounded("record a group member", async {
                 let queue = queue_name("group queue", group_uuid)?;
-                let channel = inner.channel().await?;
-                inner.declare_result_queue(&channel, &queue).await?;
+                let held = inner.channel().await?;
+                inner.declare_result_queue(held.get(), &queue).await?;
                 inner
-                    .publish(&channel, &queue, &encode_state(state)?)
+                    .publish(held.get(), &queue, &encode_state(state)?)
                     .await?;
-                channel.close().await;
+                held.close().await;
                 Ok(())
             })
             .await
@@ -495,21 +491,7 @@ impl Inner {
 
     /// A new connection, with the exchange declared.
     async fn connect(&self) -> Result<Arc<Connection>> {
-        let properties = ConnectionProperties::default().with_connection_name(LongString::from(
-            format!("machinery-results-{}", std::process::id()),
-        ));
-        let connected = if self.trace_frames {
-            Connection::connect(&self.url, properties).await
-        } else {
-            let handle = tokio::runtime::Handle::try_current().map_err(|e| {
-                Error::with_source(
-                    ErrorKind::Unsupported,
-                    "the AMQP result backend needs a tokio runtime",
-                    e,
-                )
-            })?;
-            quiet::connect(&self.url, properties, handle).await
-        };
+        let connected = open_connection(&self.url, "machinery-results", self.trace_frames).await?;
         let connection =
             Arc::new(connected.map_err(|e| self.error("cannot connect to the result backend", e))?);
         if !self.exchange.is_empty() {
@@ -721,12 +703,12 @@ impl Inner {
 
     async fn delete_queue(&self, queue: &str) -> Result<()> {
         let name = queue_name("queue name", queue)?;
-        let channel = self.channel().await?;
-        channel
+        let held = self.channel().await?;
+        held.get()
             .queue_delete(name, QueueDeleteOptions::default())
             .await
             .map_err(|e| self.error(&format!("cannot delete the queue `{queue}`"), e))?;
-        channel.close().await;
+        held.close().await;
         Ok(())
     }
 
@@ -1035,10 +1017,10 @@ impl ResultBackend for AmqpBackend {
         let queue = queue_name("group queue", &AmqpBackend::group_meta_queue(group_uuid))?;
         inner
             .bounded("store group", async {
-                let channel = inner.channel().await?;
-                inner.declare_result_queue(&channel, &queue).await?;
-                inner.publish(&channel, &queue, body.as_bytes()).await?;
-                channel.close().await;
+                let held = inner.channel().await?;
+                inner.declare_result_queue(held.get(), &queue).await?;
+                inner.publish(held.get(), &queue, body.as_bytes()).await?;
+                held.close().await;
                 Ok(())
             })
             .await

@@ -590,28 +590,6 @@ impl Inner {
         }
     }
 
-    /// A connection to `url` named `<name>-<process id>`, with lapin's frames hidden from
-    /// logs unless [`TRACE_FRAMES_ENV`] asks for them; an error only without a tokio runtime.
-    async fn open_connection(
-        &self,
-        url: &str,
-        name: &str,
-    ) -> Result<std::result::Result<Connection, lapin::Error>> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(LongString::from(format!("{name}-{}", std::process::id())));
-        if self.trace_frames {
-            return Ok(Connection::connect(url, properties).await);
-        }
-        let handle = tokio::runtime::Handle::try_current().map_err(|e| {
-            Error::with_source(
-                ErrorKind::Unsupported,
-                "the AMQP broker needs a tokio runtime",
-                e,
-            )
-        })?;
-        Ok(quiet::connect(url, properties, handle).await)
-    }
-
     /// A channel on the inspection connection ([`Inner::inspect`]), opened to the node of
     /// the main connection (waiting for it as every call does while the broker is away), and
     /// where to count it if the broker closes it.
@@ -625,7 +603,7 @@ impl Inner {
                     .get(node)
                     .map(|n| n.url.as_str())
                     .ok_or_else(|| Error::config("no broker URL"))?;
-                let connect = self.open_connection(url, "machinery-inspect");
+                let connect = open_connection(url, "machinery-inspect", self.trace_frames);
                 let connected = tokio::time::timeout(INSPECT_CONNECT_TIMEOUT, connect)
                     .await
                     .map_err(|_| {
@@ -660,8 +638,7 @@ impl Inner {
             let error = Error::config("no broker URL");
             return Err((error, false));
         };
-        let connected = self
-            .open_connection(url, "machinery")
+        let connected = open_connection(url, "machinery", self.trace_frames)
             .await
             .map_err(|e| (e, false))?;
         let connection = connected.map_err(|e| {
@@ -1221,6 +1198,28 @@ pub(crate) fn amqp_uri(url: &str) -> String {
 
 /// A passive declaration of `queue` on `channel`: its ready messages and consumers, or `None`
 /// when it does not exist (RabbitMQ then closes the channel). The channel is closed after.
+/// A connection to `url` named `<name>-<process id>`, with lapin's frames hidden from logs
+/// unless `trace_frames` ([`TRACE_FRAMES_ENV`]); an error only without a tokio runtime.
+pub(crate) async fn open_connection(
+    url: &str,
+    name: &str,
+    trace_frames: bool,
+) -> Result<std::result::Result<Connection, lapin::Error>> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(LongString::from(format!("{name}-{}", std::process::id())));
+    if trace_frames {
+        return Ok(Connection::connect(url, properties).await);
+    }
+    let handle = tokio::runtime::Handle::try_current().map_err(|e| {
+        Error::with_source(
+            ErrorKind::Unsupported,
+            "RabbitMQ connections need a tokio runtime",
+            e,
+        )
+    })?;
+    Ok(quiet::connect(url, properties, handle).await)
+}
+
 pub(crate) async fn passive_declare(
     channel: &Channel,
     queue: ShortString,

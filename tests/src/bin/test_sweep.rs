@@ -64,6 +64,7 @@ fn vhost(url: &str) -> String {
     while i < bytes.len() {
         let hex = bytes
             .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (bytes[i], hex) {
@@ -198,6 +199,7 @@ mod tests {
         assert_eq!(vhost("amqp://localhost/tests?heartbeat=10"), "tests");
         assert_eq!(vhost("amqp://localhost/a%2Fb"), "a/b");
         assert_eq!(vhost("amqp://localhost/100%"), "100%");
+        assert_eq!(vhost("amqp://localhost/a%+fb"), "a%+fb");
     }
 
     #[test]

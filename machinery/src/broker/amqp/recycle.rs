@@ -15,7 +15,8 @@
 //! no caller counted). Callers
 //! already working on the old one finish there; it is closed [`RETIRE_AFTER`] later. Its users
 //! hold a channel only for short calls: an operation of the result backend (30 s at most), or
-//! one passive declaration of the broker (which only the connection's heartbeat bounds).
+//! one passive declaration of the broker (bounded by the connection's heartbeat, and failed by
+//! the old connection's close if it is still waiting then).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,7 +37,7 @@ pub(crate) const RECYCLE_AFTER: usize = 1_024;
 pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(90);
 
 /// A connection opened on demand, opened again when it was lost, has lost
-/// [`RECYCLE_AFTER`] channels, or could open no channel.
+/// [`RECYCLE_AFTER`] channels, or hit the channel limit.
 #[derive(Default)]
 pub(crate) struct Recycled {
     current: tokio::sync::Mutex<Option<Counted>>,
@@ -66,8 +67,8 @@ impl Counted {
 pub(crate) struct Losses(Arc<AtomicUsize>);
 
 impl Losses {
-    /// Counts `channel` if the broker closed it (it is no longer open, and its holder did not
-    /// close it): call before closing a channel, or instead.
+    /// Counts `channel` if it is no longer open: call only before its holder closes it (or
+    /// instead), since a client's close looks the same afterwards.
     pub(crate) fn check(&self, channel: &lapin::Channel) {
         if !channel.status().connected() {
             self.0.fetch_add(1, Ordering::Relaxed);
