@@ -12,11 +12,11 @@
 //! [`Recycled`] counts, per connection, the channels its callers saw the broker close
 //! ([`Losses::check`]) and, after [`RECYCLE_AFTER`], gives the next caller a new connection;
 //! also as soon as a channel could not be opened for the limit ([`Counted::channel`]: losses
-//! no caller counted). Callers
-//! already working on the old one finish there; it is closed [`RETIRE_AFTER`] later. Its users
-//! hold a channel only for short calls: an operation of the result backend (30 s at most), or
-//! one passive declaration of the broker (bounded by the connection's heartbeat, and failed by
-//! the old connection's close if it is still waiting then).
+//! no caller counted). Callers already working on the old one finish there; it is closed
+//! [`RETIRE_AFTER`] later. Its users hold a channel only for short calls: an operation of the
+//! result backend (30 s at most), or one passive declaration of the broker (bounded by the
+//! connection's heartbeat, and failed by the old connection's close if it is still waiting
+//! then).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
