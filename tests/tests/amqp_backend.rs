@@ -589,6 +589,73 @@ async fn reading_thousands_of_states_that_do_not_exist_keeps_working() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_with_few_channels_a_connection_is_used_within_them() {
+    // A broker may allow far fewer channels a connection than RabbitMQ's default 2,047 (its
+    // `channel_max`; the client may ask for fewer, as here with `?channel_max=`). The backend
+    // sizes its turns, its lock channels and its recycling by what the connection negotiated:
+    // many operations at once wait their turn, and channels the broker closed are replaced
+    // before the connection runs out, not after an operation failed for it.
+    use futures_util::StreamExt as _;
+    let mut config = config("few_channels", 60);
+    let separator = if config.result_backend.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    config.result_backend = format!("{}{separator}channel_max=24", config.result_backend);
+    let backend = AmqpBackend::connect(&config).await.unwrap();
+    let uuids: Vec<String> = (0..300).map(|_| task_uuid()).collect();
+    let writes = uuids.iter().map(|uuid| {
+        let backend = backend.clone();
+        async move {
+            backend
+                .set_state(TaskState::new(uuid, State::Success))
+                .await
+        }
+    });
+    for (i, write) in futures_util::future::join_all(writes)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert!(write.is_ok(), "write {i}: {write:?}");
+    }
+    let reads = uuids.iter().map(|uuid| {
+        let backend = backend.clone();
+        async move { backend.get_state(uuid).await }
+    });
+    for (i, read) in futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert!(
+            matches!(&read, Ok(Some(state)) if state.state == State::Success),
+            "read {i}: {read:?}"
+        );
+    }
+    // Each read of a missing state leaves a channel number behind (lapin 4.12).
+    let missing = futures_util::stream::iter(0..200)
+        .map(|i| {
+            let backend = backend.clone();
+            async move { (i, backend.get_state(&task_uuid()).await) }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for (i, read) in missing {
+        assert!(matches!(read, Ok(None)), "missing read {i}: {read:?}");
+    }
+    // lapin 4.12 can hand a new channel the error of an earlier one the broker closed, when
+    // its number comes round again (at once, with so few): such an opening is made again on a
+    // new connection.
+    for uuid in &uuids {
+        backend.purge_state(uuid).await.unwrap();
+    }
+    cleanup(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_of_more_than_a_thousand_members_is_counted_once_each() {
     // Each member's final state goes to the group's queue (Go's markTaskCompleted) without
     // reading the queue first; only a redelivered member reads it, so that it is not counted

@@ -104,14 +104,35 @@ const OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The most operations a backend (with its clones) runs at once; the others wait their turn.
 /// Each opens a channel or two (its lock's, its own) whose closes may end after it, and a
-/// connection has at most 2,047 (RabbitMQ's default `channel_max`): waiting on a group of a
-/// few thousand members at once reads them all together.
+/// connection has as many as its negotiated `channel_max` (RabbitMQ's default 2,047): waiting
+/// on a group of a few thousand members at once reads them all together. On a connection with
+/// fewer than 8 × this many channels, an eighth of them ([`Shares`]).
 const MAX_OPS: usize = 256;
 
 /// The most lock channels a backend keeps open or closing: a lock's channel is closed after
 /// its operation ends, by a task of its own, which holds one of these until the broker has
-/// closed it.
+/// closed it. On a connection with fewer than 4 × this many channels, a quarter of them.
 const MAX_LOCKS: usize = 2 * MAX_OPS;
+
+/// How a backend shares out its connection's channels ([`Counted::channels`]): an eighth to
+/// operations, a quarter to lock channels, and half to channels the broker closes before the
+/// connection is replaced ([`Recycled`]); the last eighth is slack. Set by the first connection
+/// (a later one to the same broker negotiates the same; one that allows fewer still ends in
+/// a new connection when a channel is refused for the limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shares {
+    ops: usize,
+    locks: usize,
+}
+
+impl Shares {
+    fn of(channels: usize) -> Shares {
+        Shares {
+            ops: (channels / 8).clamp(1, MAX_OPS),
+            locks: (channels / 4).clamp(1, MAX_LOCKS),
+        }
+    }
+}
 
 /// A result backend in RabbitMQ queues, in Go Machinery's layout; see the [module docs](self).
 ///
@@ -147,13 +168,13 @@ struct Inner {
     expiry_ms: i32,
     max_message_size: usize,
     trace_frames: bool,
-    /// Replaced once the broker has closed 1,024 of its channels (reading a state that does
-    /// not exist yet, checking a chord, a refused lock): lapin never frees their numbers (see
-    /// [`Recycled`]).
+    /// Replaced once the broker has closed half its channels, 1,024 at most (reading a state
+    /// that does not exist yet, checking a chord, a refused lock): lapin never frees their
+    /// numbers (see [`Recycled`]).
     connection: Recycled,
-    /// Turns for operations ([`MAX_OPS`]).
+    /// Turns for operations ([`Shares::ops`], [`MAX_OPS`] at most).
     turns: tokio::sync::Semaphore,
-    /// Lock channels open or closing ([`MAX_LOCKS`]).
+    /// Lock channels open or closing ([`Shares::locks`], [`MAX_LOCKS`] at most).
     lock_channels: Arc<tokio::sync::Semaphore>,
 }
 
@@ -292,7 +313,13 @@ impl AmqpBackend {
                 lock_channels: Arc::new(tokio::sync::Semaphore::new(MAX_LOCKS)),
             }),
         };
-        backend.inner.connection().await?;
+        let first = backend.inner.connection().await?;
+        let shares = Shares::of(first.channels());
+        backend.inner.turns.forget_permits(MAX_OPS - shares.ops);
+        backend
+            .inner
+            .lock_channels
+            .forget_permits(MAX_LOCKS - shares.locks);
         Ok(backend)
     }
 
@@ -447,7 +474,7 @@ impl Inner {
         )
     }
 
-    /// Runs one operation when its turn comes ([`MAX_OPS`] at once), failing with a
+    /// Runs one operation when its turn comes ([`Shares::ops`] at once), failing with a
     /// retryable [`ErrorKind::Backend`] error when its turn does not come within
     /// [`OP_TIMEOUT`], or it takes longer than that (its wait for a lock slot included). Every
     /// operation that opens a channel runs through here, once: none waits for a second turn
@@ -462,7 +489,7 @@ impl Inner {
             return Err(Error::new(
                 ErrorKind::Backend,
                 format!(
-                    "RabbitMQ at {}: cannot {what}: no turn within {OP_TIMEOUT:?} ({MAX_OPS} operations at once)",
+                    "RabbitMQ at {}: cannot {what}: no turn within {OP_TIMEOUT:?} (too many operations at once)",
                     self.masked_url
                 ),
             ));
@@ -520,12 +547,10 @@ impl Inner {
 
     /// A channel, and where to count it if the broker closes it.
     async fn counted_channel(&self) -> Result<(Channel, Losses)> {
-        let counted = self.connection().await?;
-        let channel = counted
-            .channel()
-            .await
-            .map_err(|e| self.error("cannot open a channel", e))?;
-        Ok((channel, counted.losses))
+        self.connection
+            .channel("the result backend", || self.connect())
+            .await?
+            .map_err(|e| self.error("cannot open a channel", e))
     }
 
     /// A channel that counts itself, when it goes, if the broker closed it.
@@ -1118,6 +1143,28 @@ impl ResultBackend for AmqpBackend {
 mod tests {
     use super::*;
     use crate::wire::State;
+
+    #[test]
+    fn the_channels_of_a_connection_are_shared_out() {
+        // RabbitMQ's default `channel_max` (2,047), less channel 0.
+        assert_eq!(
+            Shares::of(2_046),
+            Shares {
+                ops: 255,
+                locks: 511
+            }
+        );
+        assert_eq!(
+            Shares::of(65_534),
+            Shares {
+                ops: MAX_OPS,
+                locks: MAX_LOCKS
+            }
+        );
+        // `?channel_max=24`: with the losses' half (11), 18 of 23.
+        assert_eq!(Shares::of(23), Shares { ops: 2, locks: 5 });
+        assert_eq!(Shares::of(0), Shares { ops: 1, locks: 1 });
+    }
 
     #[test]
     fn queue_names_from_the_wire_are_checked() {

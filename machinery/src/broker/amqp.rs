@@ -196,9 +196,9 @@ struct Inner {
     /// [`AmqpBroker::dead_letter_depth`](Broker::dead_letter_depth)).
     missing: Mutex<HashMap<String, Instant>>,
     /// A connection of its own for looking at queues that may not exist (the depth of a
-    /// dead-letter queue, the admin's reads), replaced after 1,024 channels: lapin never
-    /// frees a channel the broker closed ([`recycle`]), and on the main connection each such
-    /// look took one of its 2,047 for good.
+    /// dead-letter queue, the admin's reads), replaced after the broker closed half its
+    /// channels (1,024 at most): lapin never frees a channel the broker closed ([`recycle`]),
+    /// and on the main connection each such look took one of its channels for good.
     inspect: recycle::Recycled,
 }
 
@@ -594,9 +594,8 @@ impl Inner {
     /// the main connection (waiting for it as every call does while the broker is away), and
     /// where to count it if the broker closes it.
     async fn inspect_channel(&self) -> Result<(Channel, recycle::Losses)> {
-        let counted = self
-            .inspect
-            .get("the broker's inspection connection", || async {
+        self.inspect
+            .channel("the broker's inspection connection", || async {
                 let node = self.link().await?.node;
                 let url = self
                     .nodes
@@ -623,12 +622,8 @@ impl Inner {
                     )
                 })
             })
-            .await?;
-        let channel = counted
-            .channel()
-            .await
-            .map_err(|e| self.broker_error("cannot open a channel", e))?;
-        Ok((channel, counted.losses))
+            .await?
+            .map_err(|e| self.broker_error("cannot open a channel", e))
     }
 
     /// Connects once to node `node`; the flag says whether the broker refused us (bad
@@ -1196,8 +1191,6 @@ pub(crate) fn amqp_uri(url: &str) -> String {
     }
 }
 
-/// A passive declaration of `queue` on `channel`: its ready messages and consumers, or `None`
-/// when it does not exist (RabbitMQ then closes the channel). The channel is closed after.
 /// A connection to `url` named `<name>-<process id>`, with lapin's frames hidden from logs
 /// unless `trace_frames` ([`TRACE_FRAMES_ENV`]); an error only without a tokio runtime.
 pub(crate) async fn open_connection(
@@ -1220,6 +1213,9 @@ pub(crate) async fn open_connection(
     Ok(quiet::connect(url, properties, handle).await)
 }
 
+/// A passive declaration of `queue` on `channel`: its ready messages and consumers, or `None`
+/// when it does not exist (RabbitMQ then closes the channel, counted in `losses`). The channel
+/// is closed after.
 pub(crate) async fn passive_declare(
     channel: &Channel,
     queue: ShortString,

@@ -3,14 +3,16 @@
 //!
 //! A passive declaration or a `basic.get` of a queue that does not exist, or a refused
 //! exclusive consumer, makes RabbitMQ close the channel that asked. lapin 4.12 never gives the
-//! number of such a channel back, and a connection has 2,047 (RabbitMQ's default
-//! `channel_max`): after that many, it can open no channel at all, while it stays connected, so
+//! number of such a channel back, and a connection has as many as its negotiated
+//! `channel_max` (RabbitMQ's default is 2,047; a broker or the URL's `?channel_max=` may set
+//! fewer): after that many, it can open no channel at all, while it stays connected, so
 //! nothing reconnects it. The result backend reads states that do not exist yet and checks
 //! chords that way, and the broker reads the depth of dead-letter queues that nothing was
 //! dead-lettered to: each leaves one number behind.
 //!
 //! [`Recycled`] counts, per connection, the channels its callers saw the broker close
-//! ([`Losses::check`]) and, after [`RECYCLE_AFTER`], gives the next caller a new connection;
+//! ([`Losses::check`]) and, after half the connection's channels ([`Counted::channels`], at
+//! most [`RECYCLE_AFTER`]), gives the next caller a new connection;
 //! also as soon as a channel could not be opened for the limit ([`Counted::channel`]: losses
 //! no caller counted). Callers already working on the old one finish there; it is closed
 //! [`RETIRE_AFTER`] later. Its users hold a channel only for short calls: an operation of the
@@ -28,16 +30,18 @@ use tracing::{debug, warn};
 
 use crate::error::Result;
 
-/// How many channels the broker may close on a connection before the next caller gets a new
-/// one: with the channels open on it (a few hundred at most), far from 2,047.
+/// The most channels the broker may close on a connection before the next caller gets a new
+/// one; on a connection with fewer than twice as many, half of them: the rest is for the
+/// channels open on it, which its users keep to a quarter and an eighth of them (the result
+/// backend's lock channels and operations).
 pub(crate) const RECYCLE_AFTER: usize = 1_024;
 
 /// How long a replaced connection stays open for the calls still running on it: longer than
 /// one call may take (30 s), and a lock's close after it (30 s more).
 pub(crate) const RETIRE_AFTER: Duration = Duration::from_secs(90);
 
-/// A connection opened on demand, opened again when it was lost, has lost
-/// [`RECYCLE_AFTER`] channels, or hit the channel limit.
+/// A connection opened on demand, opened again when it was lost, has lost half its channels
+/// (at most [`RECYCLE_AFTER`]), or hit the channel limit.
 #[derive(Default)]
 pub(crate) struct Recycled {
     current: tokio::sync::Mutex<Option<Counted>>,
@@ -51,27 +55,67 @@ pub(crate) struct Counted {
 }
 
 impl Counted {
-    /// Opens a channel; one refused for the channel limit has the next caller of
-    /// [`Recycled::get`] get a new connection.
+    /// How many channels the connection may have open at once, kept or not: its negotiated
+    /// `channel_max`, less the connection's own channel 0, which lapin counts among them.
+    pub(crate) fn channels(&self) -> usize {
+        channels_of(&self.connection)
+    }
+
+    /// Opens a channel. One refused for the channel limit has the next caller of
+    /// [`Recycled::get`] get a new connection, and so does one that failed with another
+    /// channel's error ([`is_stale`]).
     pub(crate) async fn channel(&self) -> std::result::Result<lapin::Channel, lapin::Error> {
-        self.connection
-            .create_channel()
-            .await
-            .inspect_err(|e| self.losses.exhausted(e))
+        self.connection.create_channel().await.inspect_err(|e| {
+            if is_stale(e) {
+                debug!(error = %e, "a channel's opening failed with another channel's error; the connection will be replaced");
+                self.losses.spend();
+            } else {
+                self.losses.exhausted(e);
+            }
+        })
     }
 }
 
 /// The count of one connection's channels the broker closed, shared with what holds a channel
-/// past a call (a lock's guard, which closes its channel in a task of its own).
-#[derive(Clone, Default)]
-pub(crate) struct Losses(Arc<AtomicUsize>);
+/// past a call (a lock's guard, which closes its channel in a task of its own), and how many
+/// it may lose.
+#[derive(Clone)]
+pub(crate) struct Losses {
+    count: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+/// Whether `error`, from opening a channel, is a channel-level refusal (a soft error such as
+/// `NOT_FOUND`), which the broker never gives a `channel.open`: another channel's, left on the
+/// number. lapin 4.12 can hand a new channel the error of an earlier one the broker closed
+/// (seen with a `channel_max` of 24, where numbers come round again at once: three openings in
+/// a row failed with three different `NOT_FOUND`s of reads of missing queues). The
+/// connection is then replaced ([`Counted::channel`]) and the opening tried again there
+/// ([`Recycled::channel`]).
+fn is_stale(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
+}
+
+/// `connection`'s negotiated `channel_max` less channel 0 (lapin's count includes it).
+fn channels_of(connection: &Connection) -> usize {
+    usize::from(connection.configuration().channel_max()).saturating_sub(1)
+}
 
 impl Losses {
+    /// The losses of a connection with `channels` channels: it is replaced after half of them
+    /// (at least 1, at most [`RECYCLE_AFTER`]).
+    pub(crate) fn of(channels: usize) -> Losses {
+        Losses {
+            count: Arc::default(),
+            limit: (channels / 2).clamp(1, RECYCLE_AFTER),
+        }
+    }
+
     /// Counts `channel` if it is no longer open: call only before its holder closes it (or
     /// instead), since a client's close looks the same afterwards.
     pub(crate) fn check(&self, channel: &lapin::Channel) {
         if !channel.status().connected() {
-            self.0.fetch_add(1, Ordering::Relaxed);
+            self.count.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -80,12 +124,17 @@ impl Losses {
     /// left alone.
     fn exhausted(&self, error: &lapin::Error) {
         if matches!(error.kind(), lapin::ErrorKind::ChannelsLimitReached) {
-            self.0.fetch_max(RECYCLE_AFTER, Ordering::Relaxed);
+            self.spend();
         }
     }
 
+    /// Has the connection replaced for the next caller.
+    fn spend(&self) {
+        self.count.fetch_max(self.limit, Ordering::Relaxed);
+    }
+
     fn spent(&self) -> bool {
-        self.0.load(Ordering::Relaxed) >= RECYCLE_AFTER
+        self.count.load(Ordering::Relaxed) >= self.limit
     }
 }
 
@@ -114,12 +163,37 @@ impl Recycled {
             }
         }
         *current = None;
+        let connection = connect().await?;
         let counted = Counted {
-            connection: connect().await?,
-            losses: Losses::default(),
+            losses: Losses::of(channels_of(&connection)),
+            connection,
         };
         *current = Some(counted.clone());
         Ok(counted)
+    }
+}
+
+impl Recycled {
+    /// A channel on the connection [`get`](Self::get) gives, and where to count it; an opening
+    /// that failed with another channel's error ([`is_stale`]) is tried once more, on a new
+    /// connection. The outer error is `connect`'s; the inner one the opening's.
+    pub(crate) async fn channel<F>(
+        &self,
+        what: &str,
+        connect: impl Fn() -> F,
+    ) -> Result<std::result::Result<(lapin::Channel, Losses), lapin::Error>>
+    where
+        F: Future<Output = Result<Arc<Connection>>>,
+    {
+        let mut again = true;
+        loop {
+            let counted = self.get(what, &connect).await?;
+            match counted.channel().await {
+                Ok(channel) => return Ok(Ok((channel, counted.losses))),
+                Err(e) if again && is_stale(&e) => again = false,
+                Err(e) => return Ok(Err(e)),
+            }
+        }
     }
 }
 
@@ -132,5 +206,23 @@ fn retire(connection: Arc<Connection>) {
     };
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         drop(runtime.spawn(close));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_replaced_after_half_its_channels_are_lost() {
+        // RabbitMQ's default `channel_max` (2,047), less channel 0.
+        assert_eq!(Losses::of(2_046).limit, 1_023);
+        assert_eq!(Losses::of(65_534).limit, RECYCLE_AFTER);
+        assert_eq!(Losses::of(23).limit, 11);
+        assert_eq!(Losses::of(0).limit, 1);
+        let losses = Losses::of(23);
+        assert!(!losses.spent());
+        losses.spend();
+        assert!(losses.spent());
     }
 }
