@@ -516,16 +516,24 @@ async fn drain_rate_against_redis_results() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn more_operations_at_once_than_a_connection_has_channels_all_succeed() {
-    // Every operation opens a channel or two (the lock's and the work's), and a connection has
-    // at most 2,047. Waiting on a group of a few thousand members reads them all at once: the
-    // backend must queue the operations beyond what the connection can carry, not fail them.
-    // Every state here exists, so the broker closes no channel and the connection is never
-    // replaced: the turns alone keep it under the limit.
-    let config = config("many_ops", 60);
-    let backend = AmqpBackend::connect(&config).await.unwrap();
-    let uuids: Vec<String> = (0..2_500).map(|_| task_uuid()).collect();
+/// Reads `n` states that do not exist, 8 at a time, each expected to be `None`.
+async fn read_missing_states(backend: &AmqpBackend, n: usize) {
+    use futures_util::StreamExt as _;
+    let reads = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let backend = backend.clone();
+            async move { (i, backend.get_state(&task_uuid()).await) }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for (i, read) in reads {
+        assert!(matches!(read, Ok(None)), "read {i}: {read:?}");
+    }
+}
+
+/// Writes SUCCESS for every task in `uuids`, all at once, then reads each back, all at once.
+async fn write_then_read_at_once(backend: &AmqpBackend, uuids: &[String]) {
     let writes = uuids.iter().map(|uuid| {
         let backend = backend.clone();
         async move {
@@ -555,6 +563,19 @@ async fn more_operations_at_once_than_a_connection_has_channels_all_succeed() {
             "read {i}: {read:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_operations_at_once_than_a_connection_has_channels_all_succeed() {
+    // Every operation opens a channel or two (the lock's and the work's), and a connection has
+    // at most 2,047. Waiting on a group of a few thousand members reads them all at once: the
+    // backend must queue the operations beyond what the connection can carry, not fail them.
+    // Every state here exists, so the broker closes no channel and the connection is never
+    // replaced: the turns alone keep it under the limit.
+    let config = config("many_ops", 60);
+    let backend = AmqpBackend::connect(&config).await.unwrap();
+    let uuids: Vec<String> = (0..2_500).map(|_| task_uuid()).collect();
+    write_then_read_at_once(&backend, &uuids).await;
     cleanup(&config).await;
 }
 
@@ -564,20 +585,9 @@ async fn reading_thousands_of_states_that_do_not_exist_keeps_working() {
     // missing queue), and lapin never gives such a channel's number back: after 2,047 of them
     // the connection could open no channel, and every operation failed until the process
     // restarted. A few at a time, so that only the closed channels add up.
-    use futures_util::StreamExt as _;
     let config = config("missing_reads", 60);
     let backend = AmqpBackend::connect(&config).await.unwrap();
-    let reads = futures_util::stream::iter(0..2_200)
-        .map(|i| {
-            let backend = backend.clone();
-            async move { (i, backend.get_state(&task_uuid()).await) }
-        })
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await;
-    for (i, read) in reads {
-        assert!(matches!(read, Ok(None)), "read {i}: {read:?}");
-    }
+    read_missing_states(&backend, 2_200).await;
     // And the backend still writes.
     let uuid = task_uuid();
     backend
@@ -595,7 +605,6 @@ async fn a_broker_with_few_channels_a_connection_is_used_within_them() {
     // sizes its turns, its lock channels and its recycling by what the connection negotiated:
     // many operations at once wait their turn, and channels the broker closed are replaced
     // before the connection runs out, not after an operation failed for it.
-    use futures_util::StreamExt as _;
     let mut config = config("few_channels", 60);
     let separator = if config.result_backend.contains('?') {
         '&'
@@ -605,50 +614,12 @@ async fn a_broker_with_few_channels_a_connection_is_used_within_them() {
     config.result_backend = format!("{}{separator}channel_max=24", config.result_backend);
     let backend = AmqpBackend::connect(&config).await.unwrap();
     let uuids: Vec<String> = (0..300).map(|_| task_uuid()).collect();
-    let writes = uuids.iter().map(|uuid| {
-        let backend = backend.clone();
-        async move {
-            backend
-                .set_state(TaskState::new(uuid, State::Success))
-                .await
-        }
-    });
-    for (i, write) in futures_util::future::join_all(writes)
-        .await
-        .into_iter()
-        .enumerate()
-    {
-        assert!(write.is_ok(), "write {i}: {write:?}");
-    }
-    let reads = uuids.iter().map(|uuid| {
-        let backend = backend.clone();
-        async move { backend.get_state(uuid).await }
-    });
-    for (i, read) in futures_util::future::join_all(reads)
-        .await
-        .into_iter()
-        .enumerate()
-    {
-        assert!(
-            matches!(&read, Ok(Some(state)) if state.state == State::Success),
-            "read {i}: {read:?}"
-        );
-    }
+    write_then_read_at_once(&backend, &uuids).await;
     // Each read of a missing state leaves a channel number behind (lapin 4.12).
-    let missing = futures_util::stream::iter(0..200)
-        .map(|i| {
-            let backend = backend.clone();
-            async move { (i, backend.get_state(&task_uuid()).await) }
-        })
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await;
-    for (i, read) in missing {
-        assert!(matches!(read, Ok(None)), "missing read {i}: {read:?}");
-    }
-    // lapin 4.12 can hand a new channel the error of an earlier one the broker closed, when
-    // its number comes round again (at once, with so few): such an opening is made again on a
-    // new connection.
+    read_missing_states(&backend, 200).await;
+    // With so few numbers they soon come round again, and lapin 4.12 fails the opening of a
+    // channel given a number that a channel the broker closed left poisoned, with that
+    // channel's error (`recycle.rs`): these openings meet some and must open another.
     for uuid in &uuids {
         backend.purge_state(uuid).await.unwrap();
     }

@@ -116,7 +116,8 @@ const MAX_LOCKS: usize = 2 * MAX_OPS;
 
 /// How a backend shares out its connection's channels ([`Counted::channels`]): an eighth to
 /// operations, a quarter to lock channels, and half to channels the broker closes before the
-/// connection is replaced ([`Recycled`]); the last eighth is slack. Set by the first connection
+/// connection is replaced ([`Recycled`]), each rounded up; the last eighth is slack. At
+/// RabbitMQ's default `channel_max` of 2,047: 256, 512 and 1,024. Set by the first connection
 /// (a later one to the same broker negotiates the same; one that allows fewer still ends in
 /// a new connection when a channel is refused for the limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,8 +129,8 @@ struct Shares {
 impl Shares {
     fn of(channels: usize) -> Shares {
         Shares {
-            ops: (channels / 8).clamp(1, MAX_OPS),
-            locks: (channels / 4).clamp(1, MAX_LOCKS),
+            ops: channels.div_ceil(8).clamp(1, MAX_OPS),
+            locks: channels.div_ceil(4).clamp(1, MAX_LOCKS),
         }
     }
 }
@@ -547,10 +548,12 @@ impl Inner {
 
     /// A channel, and where to count it if the broker closes it.
     async fn counted_channel(&self) -> Result<(Channel, Losses)> {
-        self.connection
-            .channel("the result backend", || self.connect())
-            .await?
-            .map_err(|e| self.error("cannot open a channel", e))
+        let counted = self.connection().await?;
+        let channel = counted
+            .channel()
+            .await
+            .map_err(|e| self.error("cannot open a channel", e))?;
+        Ok((channel, counted.losses))
     }
 
     /// A channel that counts itself, when it goes, if the broker closed it.
@@ -1146,23 +1149,23 @@ mod tests {
 
     #[test]
     fn the_channels_of_a_connection_are_shared_out() {
-        // RabbitMQ's default `channel_max` (2,047), less channel 0.
+        // RabbitMQ's default `channel_max`.
         assert_eq!(
-            Shares::of(2_046),
-            Shares {
-                ops: 255,
-                locks: 511
-            }
-        );
-        assert_eq!(
-            Shares::of(65_534),
+            Shares::of(2_047),
             Shares {
                 ops: MAX_OPS,
                 locks: MAX_LOCKS
             }
         );
-        // `?channel_max=24`: with the losses' half (11), 18 of 23.
-        assert_eq!(Shares::of(23), Shares { ops: 2, locks: 5 });
+        assert_eq!(
+            Shares::of(65_535),
+            Shares {
+                ops: MAX_OPS,
+                locks: MAX_LOCKS
+            }
+        );
+        // `?channel_max=24`: with the losses' half (12), 21 of 24.
+        assert_eq!(Shares::of(24), Shares { ops: 3, locks: 6 });
         assert_eq!(Shares::of(0), Shares { ops: 1, locks: 1 });
     }
 

@@ -594,8 +594,9 @@ impl Inner {
     /// the main connection (waiting for it as every call does while the broker is away), and
     /// where to count it if the broker closes it.
     async fn inspect_channel(&self) -> Result<(Channel, recycle::Losses)> {
-        self.inspect
-            .channel("the broker's inspection connection", || async {
+        let counted = self
+            .inspect
+            .get("the broker's inspection connection", || async {
                 let node = self.link().await?.node;
                 let url = self
                     .nodes
@@ -622,8 +623,12 @@ impl Inner {
                     )
                 })
             })
-            .await?
-            .map_err(|e| self.broker_error("cannot open a channel", e))
+            .await?;
+        let channel = counted
+            .channel()
+            .await
+            .map_err(|e| self.broker_error("cannot open a channel", e))?;
+        Ok((channel, counted.losses))
     }
 
     /// Connects once to node `node`; the flag says whether the broker refused us (bad

@@ -2,13 +2,19 @@
 //! numbers.
 //!
 //! A passive declaration or a `basic.get` of a queue that does not exist, or a refused
-//! exclusive consumer, makes RabbitMQ close the channel that asked. lapin 4.12 never gives the
-//! number of such a channel back, and a connection has as many as its negotiated
-//! `channel_max` (RabbitMQ's default is 2,047; a broker or the URL's `?channel_max=` may set
-//! fewer): after that many, it can open no channel at all, while it stays connected, so
-//! nothing reconnects it. The result backend reads states that do not exist yet and checks
-//! chords that way, and the broker reads the depth of dead-letter queues that nothing was
-//! dead-lettered to: each leaves one number behind.
+//! exclusive consumer, makes RabbitMQ close the channel that asked. lapin 4.12 then poisons that
+//! channel's number for good (`Frames::channels_poison`, cleared only by its recovery, which
+//! machinery does not use): when its numbering comes round again (after `channel_max`
+//! openings), the channel given that number fails to open, at once and without a word to the
+//! broker, with the old channel's error (a `NOT_FOUND` of a queue, say), and stays in lapin's
+//! map of channels for good. A connection has as many numbers as its negotiated `channel_max`
+//! (RabbitMQ's default is 2,047; a broker or the URL's `?channel_max=` may set fewer): once
+//! they are all kept so, it can open no channel at all, while it stays connected, so nothing
+//! reconnects it. The result backend reads states that do not exist yet and checks chords that
+//! way, and the broker reads the depth of dead-letter queues that nothing was dead-lettered
+//! to: each leaves one number behind. [`Counted::channel`] opens again a channel that failed
+//! with such a leftover error ([`is_stale`]), on the same connection: each poisoned number
+//! fails one opening, once.
 //!
 //! [`Recycled`] counts, per connection, the channels its callers saw the broker close
 //! ([`Losses::check`]) and, after half the connection's channels ([`Counted::channels`], at
@@ -31,9 +37,9 @@ use tracing::{debug, warn};
 use crate::error::Result;
 
 /// The most channels the broker may close on a connection before the next caller gets a new
-/// one; on a connection with fewer than twice as many, half of them: the rest is for the
-/// channels open on it, which its users keep to a quarter and an eighth of them (the result
-/// backend's lock channels and operations).
+/// one; on a connection with fewer than twice as many, half of them (rounded up): the rest is
+/// for the channels open on it, which its users keep to a quarter and an eighth of them (the
+/// result backend's lock channels and operations).
 pub(crate) const RECYCLE_AFTER: usize = 1_024;
 
 /// How long a replaced connection stays open for the calls still running on it: longer than
@@ -56,23 +62,28 @@ pub(crate) struct Counted {
 
 impl Counted {
     /// How many channels the connection may have open at once, kept or not: its negotiated
-    /// `channel_max`, less the connection's own channel 0, which lapin counts among them.
+    /// `channel_max` (lapin numbers them from 1 to that, its own channel 0 apart).
     pub(crate) fn channels(&self) -> usize {
         channels_of(&self.connection)
     }
 
-    /// Opens a channel. One refused for the channel limit has the next caller of
-    /// [`Recycled::get`] get a new connection, and so does one that failed with another
-    /// channel's error ([`is_stale`]).
+    /// Opens a channel; one refused for the channel limit has the next caller of
+    /// [`Recycled::get`] get a new connection. An opening that failed with the error a channel
+    /// the broker closed left on its number ([`is_stale`]) is made again: that number is now
+    /// kept by lapin, so the next opening takes another. At most as many times as the
+    /// connection may lose channels (each such number was one, counted when it was lost), and
+    /// each fails at once, in the process.
     pub(crate) async fn channel(&self) -> std::result::Result<lapin::Channel, lapin::Error> {
-        self.connection.create_channel().await.inspect_err(|e| {
-            if is_stale(e) {
-                debug!(error = %e, "a channel's opening failed with another channel's error; the connection will be replaced");
-                self.losses.spend();
-            } else {
-                self.losses.exhausted(e);
+        let mut stale = 0;
+        loop {
+            match self.connection.create_channel().await {
+                Err(e) if is_stale(&e) && stale < self.losses.limit => {
+                    debug!(error = %e, "a channel's number was left poisoned by one the broker closed; opening another");
+                    stale += 1;
+                }
+                opened => return opened.inspect_err(|e| self.losses.exhausted(e)),
             }
-        })
+        }
     }
 }
 
@@ -86,28 +97,27 @@ pub(crate) struct Losses {
 }
 
 /// Whether `error`, from opening a channel, is a channel-level refusal (a soft error such as
-/// `NOT_FOUND`), which the broker never gives a `channel.open`: another channel's, left on the
-/// number. lapin 4.12 can hand a new channel the error of an earlier one the broker closed
-/// (seen with a `channel_max` of 24, where numbers come round again at once: three openings in
-/// a row failed with three different `NOT_FOUND`s of reads of missing queues). The
-/// connection is then replaced ([`Counted::channel`]) and the opening tried again there
-/// ([`Recycled::channel`]).
+/// `NOT_FOUND`), which the broker never gives a `channel.open` (it refuses one with a
+/// connection error): the error an earlier channel the broker closed left on the number (see
+/// the [module docs](self); seen with a `channel_max` of 24, where numbers come round again
+/// soon: three openings in a row failed with three different `NOT_FOUND`s of reads of missing
+/// queues).
 fn is_stale(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
 }
 
-/// `connection`'s negotiated `channel_max` less channel 0 (lapin's count includes it).
+/// `connection`'s negotiated `channel_max`: how many channels lapin lets it have.
 fn channels_of(connection: &Connection) -> usize {
-    usize::from(connection.configuration().channel_max()).saturating_sub(1)
+    usize::from(connection.configuration().channel_max())
 }
 
 impl Losses {
-    /// The losses of a connection with `channels` channels: it is replaced after half of them
-    /// (at least 1, at most [`RECYCLE_AFTER`]).
+    /// The losses of a connection with `channels` channels: it is replaced after half of them,
+    /// rounded up (at least 1, at most [`RECYCLE_AFTER`]).
     pub(crate) fn of(channels: usize) -> Losses {
         Losses {
             count: Arc::default(),
-            limit: (channels / 2).clamp(1, RECYCLE_AFTER),
+            limit: channels.div_ceil(2).clamp(1, RECYCLE_AFTER),
         }
     }
 
@@ -173,30 +183,6 @@ impl Recycled {
     }
 }
 
-impl Recycled {
-    /// A channel on the connection [`get`](Self::get) gives, and where to count it; an opening
-    /// that failed with another channel's error ([`is_stale`]) is tried once more, on a new
-    /// connection. The outer error is `connect`'s; the inner one the opening's.
-    pub(crate) async fn channel<F>(
-        &self,
-        what: &str,
-        connect: impl Fn() -> F,
-    ) -> Result<std::result::Result<(lapin::Channel, Losses), lapin::Error>>
-    where
-        F: Future<Output = Result<Arc<Connection>>>,
-    {
-        let mut again = true;
-        loop {
-            let counted = self.get(what, &connect).await?;
-            match counted.channel().await {
-                Ok(channel) => return Ok(Ok((channel, counted.losses))),
-                Err(e) if again && is_stale(&e) => again = false,
-                Err(e) => return Ok(Err(e)),
-            }
-        }
-    }
-}
-
 /// Closes a replaced connection once the calls still running on it have had their time
 /// ([`RETIRE_AFTER`]).
 fn retire(connection: Arc<Connection>) {
@@ -215,12 +201,12 @@ mod tests {
 
     #[test]
     fn a_connection_is_replaced_after_half_its_channels_are_lost() {
-        // RabbitMQ's default `channel_max` (2,047), less channel 0.
-        assert_eq!(Losses::of(2_046).limit, 1_023);
-        assert_eq!(Losses::of(65_534).limit, RECYCLE_AFTER);
-        assert_eq!(Losses::of(23).limit, 11);
+        // RabbitMQ's default `channel_max`.
+        assert_eq!(Losses::of(2_047).limit, RECYCLE_AFTER);
+        assert_eq!(Losses::of(65_535).limit, RECYCLE_AFTER);
+        assert_eq!(Losses::of(24).limit, 12);
         assert_eq!(Losses::of(0).limit, 1);
-        let losses = Losses::of(23);
+        let losses = Losses::of(24);
         assert!(!losses.spent());
         losses.spend();
         assert!(losses.spent());
