@@ -437,7 +437,7 @@ async fn kill_9_during_5000_tasks_then_restart_loses_nothing() {
     // for a minute fails the test, with its log.
     let raw = broker(&config).await;
     let give_up = Instant::now() + Duration::from_secs(60);
-    let mut empty = 0;
+    let mut missed = 0;
     let (done_before, held) = loop {
         let done = count_success(&producer, &handles).await;
         assert!(
@@ -455,10 +455,10 @@ async fn kill_9_during_5000_tasks_then_restart_loses_nothing() {
                 break (count_success(&producer, &handles).await, held);
             }
             worker.signal("CONT");
-            empty += 1;
+            missed += 1;
             if Instant::now() >= give_up {
                 panic!(
-                    "the worker held no message for 60 s while {} tasks waited; its log:\n{}",
+                    "the worker was not caught holding messages for 60 s while {} tasks waited; its log:\n{}",
                     TASKS as usize - done,
                     worker.drain_log().join("\n")
                 );
@@ -487,7 +487,7 @@ async fn kill_9_during_5000_tasks_then_restart_loses_nothing() {
         .is_empty());
     eprintln!(
         "kill -9 after {done_before} of {TASKS} done, {held} held by the dead worker \
-         (caught holding none {empty} times first): 0 lost"
+         (caught holding none, or its list still moving, {missed} times first): 0 lost"
     );
     cleanup(&config).await;
 }

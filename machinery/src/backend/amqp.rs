@@ -116,7 +116,7 @@ const MAX_LOCKS: usize = 2 * MAX_OPS;
 
 /// How a backend shares out its connection's channels ([`Counted::channels`]): an eighth to
 /// operations, a quarter to lock channels, and half to channels the broker closes before the
-/// connection is replaced ([`Recycled`]), each rounded up; the last eighth is slack. At
+/// connection is replaced ([`Recycled`]), each rounded up; the last eighth or so is slack. At
 /// RabbitMQ's default `channel_max` of 2,047: 256, 512 and 1,024. Set by the first connection
 /// (a later one to the same broker negotiates the same; one that allows fewer still ends in
 /// a new connection when a channel is refused for the limit).
@@ -625,8 +625,7 @@ impl Inner {
                 }
 
                 // Held by another channel (ACCESS_REFUSED, which closes this channel; lapin
-                // may report it on the next channel it opens, or find that channel closing):
-                // try again on a new channel.
+                // may find that channel closing): try again on a new channel.
                 Err(e)
                     if matches!(
                         soft_error(&e),

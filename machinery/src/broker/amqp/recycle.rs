@@ -70,16 +70,21 @@ impl Counted {
     /// Opens a channel; one refused for the channel limit has the next caller of
     /// [`Recycled::get`] get a new connection. An opening that failed with the error a channel
     /// the broker closed left on its number ([`is_stale`]) is made again: that number is now
-    /// kept by lapin, so the next opening takes another. At most as many times as the
-    /// connection may lose channels (each such number was one, counted when it was lost), and
-    /// each fails at once, in the process.
+    /// kept by lapin, so the next opening takes another. Each such failure is at once, in the
+    /// process, and keeps a number, so the channel limit ends the tries after `channel_max` at
+    /// most; past that many (which cannot happen), the last error is returned and the
+    /// connection replaced for the next caller.
     pub(crate) async fn channel(&self) -> std::result::Result<lapin::Channel, lapin::Error> {
         let mut stale = 0;
         loop {
             match self.connection.create_channel().await {
-                Err(e) if is_stale(&e) && stale < self.losses.limit => {
+                Err(e) if is_stale(&e) && stale < self.channels() => {
                     debug!(error = %e, "a channel's number was left poisoned by one the broker closed; opening another");
                     stale += 1;
+                }
+                Err(e) if is_stale(&e) => {
+                    self.losses.spend();
+                    return Err(e);
                 }
                 opened => return opened.inspect_err(|e| self.losses.exhausted(e)),
             }
@@ -96,14 +101,23 @@ pub(crate) struct Losses {
     limit: usize,
 }
 
-/// Whether `error`, from opening a channel, is a channel-level refusal (a soft error such as
+/// Whether `error`, from opening a channel, is what an earlier channel the broker closed left
+/// on the number (see the [module docs](self)): a channel-level refusal (a soft error such as
 /// `NOT_FOUND`), which the broker never gives a `channel.open` (it refuses one with a
-/// connection error): the error an earlier channel the broker closed left on the number (see
-/// the [module docs](self); seen with a `channel_max` of 24, where numbers come round again
-/// soon: three openings in a row failed with three different `NOT_FOUND`s of reads of missing
-/// queues).
+/// connection error), or, for a close with no error code, lapin's "closing" state, which a
+/// channel being opened is never in. Seen with a `channel_max` of 24, where numbers come round
+/// again soon: three openings in a row failed with three different `NOT_FOUND`s of reads of
+/// missing queues.
 fn is_stale(error: &lapin::Error) -> bool {
-    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => {
+            matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+        }
+        lapin::ErrorKind::InvalidChannelState(state, _) => {
+            matches!(state, lapin::ChannelState::Closing)
+        }
+        _ => false,
+    }
 }
 
 /// `connection`'s negotiated `channel_max`: how many channels lapin lets it have.
