@@ -33,6 +33,17 @@ async fn next(consumer: &mut Box<dyn machinery::broker::Consumer>) -> Delivery {
         .expect("a delivery, not an error")
 }
 
+/// Publishes an empty JSON object to `config`'s binding key.
+async fn publish_empty(broker: &AmqpBroker, config: &machinery::Config) {
+    broker
+        .publish(Message::new(
+            config.amqp.binding_key.clone(),
+            b"{}".to_vec(),
+        ))
+        .await
+        .unwrap();
+}
+
 async fn final_state(server: &Server, uuid: &str) -> wire::TaskState {
     let deadline = tokio::time::Instant::now() + WAIT;
     server
@@ -784,13 +795,7 @@ async fn quorum_queue_redeliveries_carry_their_count() {
         .queue_declare_args
         .insert("x-queue-type".into(), "quorum".into());
     let broker = AmqpBroker::connect(&config).await.unwrap();
-    broker
-        .publish(Message::new(
-            config.amqp.binding_key.clone(),
-            b"{}".to_vec(),
-        ))
-        .await
-        .unwrap();
+    publish_empty(&broker, &config).await;
     let mut consumer = broker.consume(&config.default_queue, 1).await.unwrap();
     let first = next(&mut consumer).await;
     assert!(!first.redelivered());
@@ -979,13 +984,7 @@ async fn passwords_appear_at_no_log_level() {
     assert_eq!(err.kind(), ErrorKind::Broker, "{err}");
     config.broker = format!("amqp://{user}:{password}@127.0.0.1:5672/%2f");
     let broker = AmqpBroker::connect(&config).await.unwrap();
-    broker
-        .publish(Message::new(
-            config.amqp.binding_key.clone(),
-            b"{}".to_vec(),
-        ))
-        .await
-        .unwrap();
+    publish_empty(&broker, &config).await;
     let token = format!("Tk-{}-sEcReT", &id[..8]);
     let returned = broker
         .publish(Message::new(
@@ -1078,13 +1077,7 @@ async fn thousands_of_looks_at_missing_queues_leave_the_broker_working() {
     // This broker still opens channels on its main connection (a consumer's), publishes, and
     // looks at queues.
     let mut consumer = broker.consume(&config.default_queue, 1).await.unwrap();
-    broker
-        .publish(Message::new(
-            config.amqp.binding_key.clone(),
-            b"{}".to_vec(),
-        ))
-        .await
-        .unwrap();
+    publish_empty(&broker, &config).await;
     next(&mut consumer).await.ack().await.unwrap();
     assert_eq!(
         broker.queue_depth(&config.default_queue).await.unwrap(),

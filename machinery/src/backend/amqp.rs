@@ -70,7 +70,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{allowed, ResultBackend};
-use crate::broker::amqp::recycle::{Counted, Losses, Recycled};
+use crate::broker::amqp::recycle::{open_channel, Counted, Losses, Recycled};
 use crate::broker::amqp::{amqp_uri, open_connection, short, TRACE_FRAMES_ENV};
 use crate::config::{mask_url, Config};
 use crate::error::{Error, ErrorKind, Result};
@@ -523,8 +523,7 @@ impl Inner {
         let connection =
             Arc::new(connected.map_err(|e| self.error("cannot connect to the result backend", e))?);
         if !self.exchange.is_empty() {
-            let channel = connection
-                .create_channel()
+            let channel = open_channel(&connection)
                 .await
                 .map_err(|e| self.error("cannot open a channel", e))?;
             // Go: AMQPConnector.Connect, ExchangeDeclare(durable, not auto-delete).

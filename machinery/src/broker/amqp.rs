@@ -197,8 +197,9 @@ struct Inner {
     missing: Mutex<HashMap<String, Instant>>,
     /// A connection of its own for looking at queues that may not exist (the depth of a
     /// dead-letter queue, the admin's reads), replaced after the broker closed half its
-    /// channels (1,024 at most): lapin never frees a channel the broker closed ([`recycle`]),
-    /// and on the main connection each such look took one of its channels for good.
+    /// channels (1,024 at most): lapin poisons the number of a channel the broker closed
+    /// ([`recycle`]), and on the main connection each such look took one of its numbers for
+    /// good.
     inspect: recycle::Recycled,
 }
 
@@ -671,8 +672,7 @@ impl Inner {
     /// Opens the publishing channel on `connection` (to node `node`) and declares the topology
     /// on it.
     async fn open_publisher(&self, connection: Arc<Connection>, node: usize) -> Result<Link> {
-        let channel = connection
-            .create_channel()
+        let channel = recycle::open_channel(&connection)
             .await
             .map_err(|e| self.broker_error("cannot open a channel", e))?;
         channel
@@ -801,10 +801,9 @@ impl Inner {
                 open.channel.clone()
             }
             _ => {
-                let channel =
-                    link.connection.create_channel().await.map_err(|e| {
-                        self.broker_error("cannot open a channel for declarations", e)
-                    })?;
+                let channel = recycle::open_channel(&link.connection)
+                    .await
+                    .map_err(|e| self.broker_error("cannot open a channel for declarations", e))?;
                 *side = Some(SideChannel {
                     connection: link.connection.clone(),
                     channel: channel.clone(),
@@ -1605,9 +1604,7 @@ impl AmqpConsumer {
     async fn open(&mut self) -> Result<()> {
         let link = self.broker.link().await?;
         let b = &self.broker;
-        let channel = link
-            .connection
-            .create_channel()
+        let channel = recycle::open_channel(&link.connection)
             .await
             .map_err(|e| b.broker_error("cannot open a consumer channel", e))?;
         channel

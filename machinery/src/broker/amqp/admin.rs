@@ -28,8 +28,7 @@ impl AmqpBroker {
     /// A channel on the main connection, for reading or purging a queue known to exist.
     async fn admin_channel(&self) -> Result<Channel> {
         let link = self.inner.link().await?;
-        link.connection
-            .create_channel()
+        super::recycle::open_channel(&link.connection)
             .await
             .map_err(|e| self.inner.broker_error("cannot open a channel", e))
     }

@@ -12,9 +12,9 @@
 //! they are all kept so, it can open no channel at all, while it stays connected, so nothing
 //! reconnects it. The result backend reads states that do not exist yet and checks chords that
 //! way, and the broker reads the depth of dead-letter queues that nothing was dead-lettered
-//! to: each leaves one number behind. [`Counted::channel`] opens again a channel that failed
-//! with such a leftover error ([`is_stale`]), on the same connection: each poisoned number
-//! fails one opening, once.
+//! to: each leaves one number behind. [`open_channel`], which every opening goes through, the
+//! broker's main connection's included, opens again a channel that failed with such a leftover
+//! error ([`is_stale`]), on the same connection: each poisoned number fails one opening, once.
 //!
 //! [`Recycled`] counts, per connection, the channels its callers saw the broker close
 //! ([`Losses::check`]) and, after half the connection's channels ([`Counted::channels`], at
@@ -67,27 +67,37 @@ impl Counted {
         channels_of(&self.connection)
     }
 
-    /// Opens a channel; one refused for the channel limit has the next caller of
-    /// [`Recycled::get`] get a new connection. An opening that failed with the error a channel
-    /// the broker closed left on its number ([`is_stale`]) is made again: that number is now
-    /// kept by lapin, so the next opening takes another. Each such failure is at once, in the
-    /// process, and keeps a number, so the channel limit ends the tries after `channel_max` at
-    /// most; past that many (which cannot happen), the last error is returned and the
-    /// connection replaced for the next caller.
+    /// Opens a channel ([`open_channel`]); one refused for the channel limit has the next
+    /// caller of [`Recycled::get`] get a new connection, and so has one still meeting poisoned
+    /// numbers after `channel_max` tries (which cannot happen).
     pub(crate) async fn channel(&self) -> std::result::Result<lapin::Channel, lapin::Error> {
-        let mut stale = 0;
-        loop {
-            match self.connection.create_channel().await {
-                Err(e) if is_stale(&e) && stale < self.channels() => {
-                    debug!(error = %e, "a channel's number was left poisoned by one the broker closed; opening another");
-                    stale += 1;
-                }
-                Err(e) if is_stale(&e) => {
-                    self.losses.spend();
-                    return Err(e);
-                }
-                opened => return opened.inspect_err(|e| self.losses.exhausted(e)),
+        open_channel(&self.connection).await.inspect_err(|e| {
+            if is_stale(e) {
+                self.losses.spend();
+            } else {
+                self.losses.exhausted(e);
             }
+        })
+    }
+}
+
+/// Opens a channel on `connection`, past the numbers lapin left poisoned (see the
+/// [module docs](self)): an opening that failed with the error a channel the broker closed
+/// left on its number ([`is_stale`]) is made again. That number is now kept by lapin, so the
+/// next opening takes another; each such failure is at once, in the process, and keeps a
+/// number, so the channel limit ends the tries after `channel_max` at most. Every channel
+/// machinery opens on RabbitMQ is opened here.
+pub(crate) async fn open_channel(
+    connection: &Connection,
+) -> std::result::Result<lapin::Channel, lapin::Error> {
+    let mut stale = 0;
+    loop {
+        match connection.create_channel().await {
+            Err(e) if is_stale(&e) && stale < channels_of(connection) => {
+                debug!(error = %e, "a channel's number was left poisoned by one the broker closed; opening another");
+                stale += 1;
+            }
+            opened => return opened,
         }
     }
 }
