@@ -27,9 +27,9 @@
 //! terminal colours, `BENCH_OBS=spans` or `BENCH_OBS=metrics` turns on only that part.
 //! `amqp_bench drain-child off|on [tasks]` is one such run alone; `BENCH_RESULTS=1` gives it the
 //! Redis result backend. In every mode, `BENCH_IN_PLACE=1` runs the worker's deliveries in place
-//! (`WorkerBuilder::in_place`), `BENCH_REGISTRY=0` turns the worker registry off
-//! (`REGISTRY=false`), and `BENCH_YIELD=1` makes the no-op body wait once (`yield_now`) before it
-//! ends. `amqp_bench raw-child [tasks]` is the raw consume alone, of the bare body, of machinery's
+//! and `BENCH_IN_PLACE=0` spawned (`WorkerBuilder::placement`; unset, the default, adaptive),
+//! `BENCH_REGISTRY=0` turns the worker registry off (`REGISTRY=false`), and `BENCH_YIELD=1` makes
+//! the no-op body wait once (`yield_now`) before it ends. `amqp_bench raw-child [tasks]` is the raw consume alone, of the bare body, of machinery's
 //! message, of that message with its `traceparent` in the AMQP headers too (what a header table
 //! costs), and of machinery's message storing its states. `BENCH_PIDS=pid,pid` also prints the CPU
 //! those processes (RabbitMQ's, Redis's) spend per task during each drain and raw consume;
@@ -51,6 +51,8 @@ use tokio::sync::Notify;
 
 #[path = "common/cpu.rs"]
 mod cpu;
+#[path = "common/placement.rs"]
+mod placement;
 #[path = "common/raw.rs"]
 mod raw;
 use cpu::cpu_seconds_of;
@@ -442,8 +444,8 @@ async fn machinery_rates_cpu(
     let mut builder = server
         .worker()
         .concurrency(usize::from(PREFETCH))
-        // `BENCH_IN_PLACE=1`: the deliveries run in place (`WorkerBuilder::in_place`).
-        .in_place(std::env::var("BENCH_IN_PLACE").is_ok_and(|v| v == "1"));
+        // `BENCH_IN_PLACE`: where the deliveries run (see `common/placement.rs`).
+        .placement(placement::from_env());
     // `BENCH_SUCCESS_INFO=1`: the `task succeeded` event at INFO (default DEBUG).
     if std::env::var("BENCH_SUCCESS_INFO").is_ok_and(|v| v == "1") {
         builder = builder.success_level(tracing::Level::INFO);

@@ -12,9 +12,10 @@
 //!
 //! `BENCH_TRACE=1` installs an INFO `fmt` subscriber writing into a sink without colours, and
 //! `BENCH_SPAN=0|3|5` makes the task span with that many fields instead of the default's (the
-//! README's "What it costs"). `BENCH_IN_PLACE=1` runs the worker's deliveries in place
-//! (`WorkerBuilder::in_place`). The allocator is mimalloc; `--features system-alloc` measures
-//! with the system's `malloc` instead.
+//! README's "What it costs"). `BENCH_IN_PLACE=1` runs the worker's deliveries in place,
+//! `BENCH_IN_PLACE=0` spawned (`WorkerBuilder::placement`; unset, the default, adaptive). The
+//! allocator is mimalloc; `--features system-alloc` measures with the system's `malloc`
+//! instead.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +24,9 @@ use machinery::wire::Signature;
 use machinery::worker::TaskSpan;
 use machinery::{task, Config, Server};
 use tokio::sync::Notify;
+
+#[path = "common/placement.rs"]
+mod placement;
 
 /// mimalloc, as a service that wants this rate would set it: glibc's `malloc` takes a lock
 /// when one thread frees what another allocated (the producer encodes a body, the worker drops
@@ -114,7 +118,7 @@ async fn end_to_end(tasks: usize, blocking: bool, name: &str) -> (f64, f64) {
     let mut builder = server
         .worker()
         .concurrency(256)
-        .in_place(std::env::var("BENCH_IN_PLACE").is_ok_and(|v| v == "1"));
+        .placement(placement::from_env());
     match std::env::var("BENCH_SPAN").as_deref() {
         Ok("0") => builder = builder.make_span(|_: &TaskSpan<'_>| tracing::info_span!("task")),
         Ok("3") => {

@@ -920,6 +920,76 @@ async fn in_place_a_body_that_waits_is_not_held_up_by_a_sibling() {
     worker.shutdown().await.unwrap();
 }
 
+/// The Tokio task each [`note_task`] body ran on.
+static TASK_IDS: Mutex<Vec<Option<tokio::task::Id>>> = Mutex::new(Vec::new());
+
+/// Notes the Tokio task its body runs on, and ends without waiting.
+#[task]
+async fn note_task() {
+    TASK_IDS.lock().unwrap().push(tokio::task::try_id());
+}
+
+/// By default a quick async body runs in place: on the worker's own task, with no task of its
+/// own per delivery (the worker's task has time to spare: 32 bodies that end at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_quick_bodies_run_on_the_workers_task() {
+    let server = Server::new(config("placement-quick")).await.unwrap();
+    let mut sent = Vec::new();
+    for _ in 0..32 {
+        sent.push(server.send(note_task::signature()).await.unwrap());
+    }
+    let worker = server.worker().spawn().await.unwrap();
+    for r in sent {
+        r.get_timeout(WAIT).await.unwrap();
+    }
+    worker.shutdown().await.unwrap();
+    let ids = TASK_IDS.lock().unwrap().clone();
+    assert_eq!(ids.len(), 32);
+    assert!(
+        ids.iter().all(Option::is_some),
+        "every body runs on a Tokio task"
+    );
+    let tasks: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(
+        tasks.len(),
+        1,
+        "every body ran on the worker's task, not one of its own"
+    );
+}
+
+static HOGS_NOW: AtomicU32 = AtomicU32::new(0);
+static HOGS_MOST: AtomicU32 = AtomicU32::new(0);
+
+/// Holds its thread (no await) for `ms`, counting the bodies doing so at once.
+#[task]
+async fn hog_counted(ms: u64) {
+    let now = HOGS_NOW.fetch_add(1, Ordering::SeqCst) + 1;
+    HOGS_MOST.fetch_max(now, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(ms));
+    HOGS_NOW.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// By default, bodies that hold their thread do not queue up on the worker's one thread: once
+/// the worker's task is the busy one, the next deliveries run as tasks of their own, beside each
+/// other on the runtime's threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_bodies_that_compute_run_beside_each_other() {
+    let server = Server::new(config("placement-hogs")).await.unwrap();
+    let mut sent = Vec::new();
+    for _ in 0..16 {
+        sent.push(server.send(hog_counted::signature(25)).await.unwrap());
+    }
+    let worker = server.worker().concurrency(4).spawn().await.unwrap();
+    for r in sent {
+        r.get_timeout(WAIT).await.unwrap();
+    }
+    worker.shutdown().await.unwrap();
+    assert!(
+        HOGS_MOST.load(Ordering::SeqCst) >= 2,
+        "the bodies ran one after another on the worker's thread"
+    );
+}
+
 static FOREVER_STARTED: AtomicBool = AtomicBool::new(false);
 static FOREVER_DROPPED: AtomicBool = AtomicBool::new(false);
 

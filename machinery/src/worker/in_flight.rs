@@ -1,23 +1,24 @@
-//! Where a worker runs its deliveries: each as a Tokio task of its own (the default), or all in
-//! place, as futures of the worker's own task ([`WorkerBuilder::in_place`]; an async body that
-//! waits then goes on as a task of its own, see the layers' `offload`).
+//! Where a worker runs its deliveries ([`Placement`]): each as a Tokio task of its own, or in
+//! place, as futures of the worker's own task (an async body that waits then goes on as a task
+//! of its own, see the layers' `offload`), or, by default, in place while the worker's task has
+//! time to spare and spawned while it is the busy one ([`Busy`]). The choice is made here, per
+//! delivery, and nowhere else.
 //!
-//! Either way the deliveries live in the set: when the worker's task is aborted, so are they,
+//! Either way the deliveries live in the sets: when the worker's task is aborted, so are they,
 //! and their unsettled deliveries go back to the broker.
-//!
-//! [`WorkerBuilder::in_place`]: crate::WorkerBuilder::in_place
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures_util::future::{CatchUnwind, Map};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt as _, StreamExt as _};
 use tokio::task::JoinSet;
-use tracing::error;
+use tracing::{debug, error};
 
 use super::layers::offload;
 
@@ -26,6 +27,41 @@ type DeliveryFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// A delivery that keeps its panic (see [`Deliveries::push`]); a named type, so that a
 /// delivery in place needs no box beyond its own.
 type Caught = Map<CatchUnwind<AssertUnwindSafe<DeliveryFuture>>, fn(std::thread::Result<()>)>;
+
+/// Where a worker runs its deliveries ([`WorkerBuilder::placement`]).
+///
+/// [`WorkerBuilder::placement`]: crate::WorkerBuilder::placement
+///
+/// ```no_run
+/// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
+/// use machinery::worker::Placement;
+///
+/// let worker = server.worker().placement(Placement::Spawned).spawn().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Placement {
+    /// In place while the worker's task has time to spare; spawned while it is the busy one
+    /// (the default). Every 50 ms the worker looks at how long its task spent running
+    /// deliveries in place: once that is half the time or more, the next deliveries are each
+    /// a task of its own for a second (then two, four, ... up to a minute while it stays so),
+    /// after which it tries in place again. A body that holds its thread (computes without
+    /// waiting) thus holds up the deliveries beside it for one window at most, and then such
+    /// bodies run beside each other on every thread of the runtime, as spawned.
+    #[default]
+    Adaptive,
+    /// Each delivery a Tokio task of its own, as Go runs each delivery in a goroutine of its
+    /// own (`v2/brokers/amqp/amqp.go`, `consume`): async bodies of different deliveries run
+    /// beside each other on the runtime's threads.
+    Spawned,
+    /// Every delivery a future of the worker's own task: no spawn and no wake of another
+    /// thread per delivery. An async body runs in its delivery until it first waits, then goes
+    /// on as a task of its own; its code before that first wait holds up the deliveries beside
+    /// it, and an async body that never waits runs on the worker's one thread, one after
+    /// another.
+    InPlace,
+}
 
 /// A delivery in place, not polled after a body was offloaded until the worker's task has
 /// yielded (see the layers' `offload`): it asks to be polled again, and the new task runs
@@ -40,62 +76,164 @@ impl Future for Gated {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        Pin::new(&mut self.0).poll(cx)
+        offload::in_place(|| Pin::new(&mut self.0).poll(cx))
     }
 }
 
-/// The deliveries a worker has in flight.
-pub(crate) enum Deliveries {
-    /// Each delivery a task of its own: async bodies of different deliveries run in parallel
-    /// on the runtime's threads.
-    Spawned(JoinSet<()>),
-    /// Every delivery a future of the worker's task, polled while the worker waits for the
-    /// next message: no spawn and no wake of another thread per delivery. An async body's
-    /// first poll holds up the deliveries beside it; after its first wait it is a task of its
-    /// own.
-    InPlace(FuturesUnordered<Gated>),
+/// The deliveries a worker has in flight: each a task of its own, or a future of the worker's
+/// task, as its [`Placement`] says.
+pub(crate) struct Deliveries {
+    placement: Placement,
+    /// Each a task of its own: async bodies of different deliveries run in parallel on the
+    /// runtime's threads.
+    spawned: JoinSet<()>,
+    /// Futures of the worker's task, polled while the worker waits for the next message: no
+    /// spawn and no wake of another thread per delivery. An async body's first poll holds up
+    /// the deliveries beside it; after its first wait it is a task of its own.
+    in_place: FuturesUnordered<Gated>,
+    /// How busy the worker's task is with the deliveries in place ([`Placement::Adaptive`]).
+    busy: Busy,
 }
 
 impl Deliveries {
-    pub(crate) fn new(in_place: bool) -> Deliveries {
-        if in_place {
-            Deliveries::InPlace(FuturesUnordered::new())
-        } else {
-            Deliveries::Spawned(JoinSet::new())
+    pub(crate) fn new(placement: Placement) -> Deliveries {
+        Deliveries {
+            placement,
+            spawned: JoinSet::new(),
+            in_place: FuturesUnordered::new(),
+            busy: Busy::new(Instant::now()),
         }
     }
 
-    /// Starts running `delivery`. A panic stays in its delivery and is logged at once, as a
-    /// task of its own would keep it; the delivery's message was not settled.
+    /// Starts running `delivery`, where its [`Placement`] says. A panic stays in its delivery
+    /// and is logged at once, as a task of its own would keep it; the delivery's message was
+    /// not settled.
     pub(crate) fn push(&mut self, delivery: DeliveryFuture) {
         let delivery: Caught = AssertUnwindSafe(delivery)
             .catch_unwind()
             .map(log_panic as fn(_));
-        match self {
-            Deliveries::Spawned(set) => {
-                // Reaped here, without waking the worker when each ends.
-                while set.try_join_next().is_some() {}
-                set.spawn(delivery);
-            }
-            Deliveries::InPlace(set) => set.push(Gated(delivery)),
+        let in_place = match self.placement {
+            Placement::Spawned => false,
+            Placement::InPlace => true,
+            Placement::Adaptive => self.busy.in_place(Instant::now()),
+        };
+        // Reaped here, without waking the worker when each ends.
+        while self.spawned.try_join_next().is_some() {}
+        if in_place {
+            self.in_place.push(Gated(delivery));
+        } else {
+            self.spawned.spawn(delivery);
         }
     }
 
-    /// Runs the deliveries in place (nothing for spawned ones, which run by themselves). Never
-    /// ends: await it beside what the worker waits for.
+    /// Runs the deliveries in place (nothing for spawned ones, which run by themselves), timing
+    /// each pass for [`Placement::Adaptive`]. Never ends: await it beside what the worker waits
+    /// for.
     pub(crate) async fn drive(&mut self) -> Infallible {
-        if let Deliveries::InPlace(set) = self {
-            while set.next().await.is_some() {}
-        }
-        std::future::pending().await
+        let Deliveries { in_place, busy, .. } = self;
+        poll_fn(|cx| {
+            if in_place.is_empty() {
+                return Poll::Pending;
+            }
+            let started = Instant::now();
+            // Until nothing in place is ready (or the set asked to be polled again).
+            while let Poll::Ready(Some(())) = in_place.poll_next_unpin(cx) {}
+            busy.add(started.elapsed());
+            Poll::Pending
+        })
+        .await
     }
 
     /// Waits until every delivery has ended.
     pub(crate) async fn drain(&mut self) {
-        match self {
-            Deliveries::Spawned(set) => while set.join_next().await.is_some() {},
-            Deliveries::InPlace(set) => while set.next().await.is_some() {},
+        while self.in_place.next().await.is_some() {}
+        while self.spawned.join_next().await.is_some() {}
+    }
+}
+
+/// How long the worker's task is looked at before deciding again ([`Placement::Adaptive`]).
+const WINDOW: Duration = Duration::from_millis(50);
+/// How long deliveries are spawned, the first time the worker's task was found busy.
+const FIRST_HOLD: Duration = Duration::from_secs(1);
+/// The longest they are spawned before trying in place again.
+const MAX_HOLD: Duration = Duration::from_secs(60);
+
+/// Whether the worker's task has time to spare for deliveries in place: the time it spent
+/// running them in the current window (at least [`WINDOW`]) against the window. Busy half the
+/// window or more, the next deliveries are spawned for a hold (from [`FIRST_HOLD`], doubled
+/// each time the first window after a hold is busy again, up to [`MAX_HOLD`]).
+#[derive(Debug)]
+struct Busy {
+    /// When the current window began.
+    since: Instant,
+    /// The time spent running deliveries in place since then.
+    spent: Duration,
+    /// While deliveries are spawned: until when.
+    until: Option<Instant>,
+    /// The next hold.
+    hold: Duration,
+    /// Whether the current window is the first after a hold.
+    probing: bool,
+}
+
+impl Busy {
+    fn new(now: Instant) -> Busy {
+        Busy {
+            since: now,
+            spent: Duration::ZERO,
+            until: None,
+            hold: FIRST_HOLD,
+            probing: false,
         }
+    }
+
+    /// Counts time spent running deliveries in place.
+    fn add(&mut self, spent: Duration) {
+        self.spent += spent;
+    }
+
+    /// Whether the delivery taken at `now` runs in place.
+    fn in_place(&mut self, now: Instant) -> bool {
+        if let Some(until) = self.until {
+            if now < until {
+                return false;
+            }
+            // The hold is over: try in place again, for a window.
+            self.until = None;
+            self.probing = true;
+            self.restart(now);
+            return true;
+        }
+        let window = now.saturating_duration_since(self.since);
+        if window < WINDOW {
+            return true;
+        }
+        if self.spent * 2 >= window {
+            if self.probing {
+                self.hold = (self.hold * 2).min(MAX_HOLD);
+            }
+            debug!(
+                busy_ms = self.spent.as_millis(),
+                window_ms = window.as_millis(),
+                hold_ms = self.hold.as_millis(),
+                "the worker's task is busy with its deliveries; spawning them for a while"
+            );
+            self.until = Some(now + self.hold);
+            self.probing = false;
+            self.restart(now);
+            return false;
+        }
+        if self.probing {
+            self.hold = FIRST_HOLD;
+            self.probing = false;
+        }
+        self.restart(now);
+        true
+    }
+
+    fn restart(&mut self, now: Instant) {
+        self.since = now;
+        self.spent = Duration::ZERO;
     }
 }
 
@@ -104,4 +242,76 @@ fn log_panic(outcome: std::thread::Result<()>) {
     let Err(payload) = outcome else { return };
     let panic = super::layers::panic_message(payload);
     error!(%panic, "a delivery panicked outside its task's body; unless it was settled before the panic, the broker gets it back");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_task_with_time_to_spare_runs_its_deliveries_in_place() {
+        let t0 = Instant::now();
+        let mut busy = Busy::new(t0);
+        busy.add(ms(10));
+        assert!(busy.in_place(t0 + ms(10)), "within the window");
+        busy.add(ms(14));
+        assert!(busy.in_place(t0 + ms(50)), "busy under half the window");
+        busy.add(ms(24));
+        assert!(busy.in_place(t0 + ms(99)), "a new window, not over yet");
+    }
+
+    #[test]
+    fn a_busy_task_spawns_for_a_hold_that_grows_while_it_stays_busy() {
+        let t0 = Instant::now();
+        let mut busy = Busy::new(t0);
+        busy.add(ms(25));
+        assert!(!busy.in_place(t0 + ms(50)), "busy half the window");
+        assert!(!busy.in_place(t0 + ms(1049)), "held for a second");
+        // The hold is over: one window in place, busy again, so the next hold is doubled.
+        let t1 = t0 + ms(1050);
+        assert!(busy.in_place(t1));
+        busy.add(ms(40));
+        assert!(!busy.in_place(t1 + ms(60)));
+        assert!(!busy.in_place(t1 + ms(2059)), "held for two seconds");
+        let t2 = t1 + ms(2060);
+        assert!(busy.in_place(t2));
+        // Calm for a window: the hold starts from a second again.
+        assert!(busy.in_place(t2 + ms(50)));
+        busy.add(ms(30));
+        let t3 = t2 + ms(100);
+        assert!(!busy.in_place(t3));
+        assert!(busy.in_place(t3 + FIRST_HOLD), "held for a second again");
+    }
+
+    #[test]
+    fn a_long_poll_spawns_what_follows_it() {
+        // One body held the worker's task for 200 ms: the delivery after it is spawned.
+        let t0 = Instant::now();
+        let mut busy = Busy::new(t0);
+        assert!(busy.in_place(t0));
+        busy.add(ms(200));
+        assert!(!busy.in_place(t0 + ms(200)));
+    }
+
+    #[test]
+    fn the_hold_is_bounded() {
+        let t0 = Instant::now();
+        let mut busy = Busy::new(t0);
+        let mut now = t0;
+        for _ in 0..20 {
+            busy.add(WINDOW);
+            now += WINDOW;
+            assert!(!busy.in_place(now));
+            now += MAX_HOLD;
+            assert!(
+                busy.in_place(now),
+                "tried in place again after at most a minute"
+            );
+        }
+        assert_eq!(busy.hold, MAX_HOLD);
+    }
 }

@@ -44,6 +44,7 @@ use crate::wire::Signature;
 use crate::TaskError;
 #[cfg_attr(not(feature = "redis"), allow(unused_imports))]
 pub(crate) use delivery::{derived_uuid, will_retry};
+pub use in_flight::Placement;
 pub use layers::HARD_LIMIT_EXIT_CODE;
 use layers::{AbortOnDrop, Hooks, InFlight, Layer, Layers, RateLimiter, Revoke, Slot, TimeLimits};
 use observe::{LogOutcome, Observer, Observers};
@@ -86,7 +87,7 @@ pub struct WorkerBuilder {
     name: Option<String>,
     queue: Option<String>,
     concurrency: usize,
-    in_place: bool,
+    placement: Placement,
     only: Option<Vec<String>>,
     defaults: WorkerDefaults,
     hard_time_limit: Option<Duration>,
@@ -108,7 +109,7 @@ impl WorkerBuilder {
             name: None,
             queue: None,
             concurrency: 16,
-            in_place: false,
+            placement: Placement::default(),
             only: None,
             defaults: WorkerDefaults::default(),
             hard_time_limit: None,
@@ -189,32 +190,46 @@ impl WorkerBuilder {
         self
     }
 
-    /// `true`: the deliveries run in place, as futures of the worker's own task. `false` (the
-    /// default): each is a Tokio task of its own, as Go runs each delivery in a goroutine of
-    /// its own (`v2/brokers/amqp/amqp.go`, `consume`).
+    /// Where the deliveries run ([`Placement`]; default [`Placement::Adaptive`]: in place,
+    /// as futures of the worker's own task, while that task has time to spare, and each a
+    /// Tokio task of its own while it is the busy one).
     ///
     /// In place, the worker's own work for each delivery (decoding, spans, recording the
     /// outcome) needs no spawn and no wake of another thread: on a drain of no-op tasks from
-    /// RabbitMQ with Redis results it took about a sixth less CPU per task than spawned, and
-    /// drained 8-10% faster (README, "Benchmarks"). An async body runs in its delivery until
-    /// it first waits, then goes on as a task of its own, inside its layers (time limits,
-    /// revoke): a body that waits (I/O, timers, other services) runs beside the worker on any
-    /// of the runtime's threads. A body's code up to its first `.await` runs on the worker's
-    /// task and holds up the deliveries beside it while it runs. Blocking (sync) bodies run on
-    /// Tokio's blocking threads either way. The worker's own work runs on one thread at a
-    /// time. With [`Worker::run`] the worker's task is the caller's.
+    /// RabbitMQ with Redis results it took about a fifth less CPU per task than spawned, and
+    /// drained faster (README, "Benchmarks"). An async body runs in its delivery until it
+    /// first waits, then goes on as a task of its own, inside its layers (time limits,
+    /// revoke). Blocking (sync) bodies run on Tokio's blocking threads either way. With
+    /// [`Worker::run`] the worker's task is the caller's.
     ///
-    /// An async body that never waits runs whole on the worker's task: such bodies run one
-    /// after another on one thread, where spawned they run on all of the runtime's threads.
+    /// ```no_run
+    /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
+    /// use machinery::worker::Placement;
+    ///
+    /// let worker = server.worker().placement(Placement::InPlace).spawn().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    /// `true`: [`Placement::InPlace`], every delivery in place; `false`:
+    /// [`Placement::Spawned`], each a Tokio task of its own, as Go runs each delivery in a
+    /// goroutine of its own (`v2/brokers/amqp/amqp.go`, `consume`). Without either, the
+    /// worker chooses as it goes ([`Placement::Adaptive`]; see [`placement`](Self::placement)).
     ///
     /// ```no_run
     /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {
     /// let worker = server.worker().in_place(true).spawn().await?;
     /// # Ok(()) }
     /// ```
-    pub fn in_place(mut self, in_place: bool) -> Self {
-        self.in_place = in_place;
-        self
+    pub fn in_place(self, in_place: bool) -> Self {
+        self.placement(if in_place {
+            Placement::InPlace
+        } else {
+            Placement::Spawned
+        })
     }
 
     /// Registers only the named tasks instead of every task in the binary.
@@ -442,7 +457,6 @@ impl WorkerBuilder {
             config.eta_tolerance,
             others,
             TimeLimits::new(self.hard_time_limit),
-            self.in_place,
         );
         Ok(Worker {
             ctx: Arc::new(Ctx {
@@ -465,7 +479,7 @@ impl WorkerBuilder {
             }),
             queue,
             concurrency: self.concurrency,
-            in_place: self.in_place,
+            placement: self.placement,
         })
     }
 
@@ -579,7 +593,7 @@ pub struct Worker {
     ctx: Arc<Ctx>,
     queue: String,
     concurrency: usize,
-    in_place: bool,
+    placement: Placement,
 }
 
 #[derive(Debug)]
@@ -750,7 +764,7 @@ impl Worker {
         #[cfg(feature = "redis")]
         let census = self.ctx.census.as_ref().map(|c| c.start(&self.queue));
         let mut outcome = Ok(());
-        let mut in_flight = in_flight::Deliveries::new(self.in_place);
+        let mut in_flight = in_flight::Deliveries::new(self.placement);
         tokio::pin!(shutdown);
         'serve: loop {
             let permit = tokio::select! {

@@ -110,20 +110,15 @@ pub(crate) struct Layers {
     admitting: Vec<Arc<dyn Layer>>,
     /// Also among `layers`; runs blocking bodies.
     limits: TimeLimits,
-    /// Whether an async body that waits goes on as a task of its own ([`offload`]): when
-    /// the deliveries run in place.
-    offload: bool,
 }
 
 impl Layers {
     /// The worker's layers: the ETA, `others` in order, then the time limit (innermost, so
-    /// that it times the body alone). `offload`: an async body that waits goes on, inside its
-    /// layers, as a task of its own (for deliveries that run in place; see [`offload`]).
+    /// that it times the body alone).
     pub(crate) fn new(
         eta_tolerance: Duration,
         others: Vec<Arc<dyn Layer>>,
         limits: TimeLimits,
-        offload: bool,
     ) -> Self {
         let mut layers: Vec<Arc<dyn Layer>> = vec![Arc::new(eta::Eta {
             tolerance: eta_tolerance,
@@ -135,7 +130,6 @@ impl Layers {
             layers,
             admitting,
             limits,
-            offload,
         }
     }
 
@@ -159,8 +153,10 @@ impl Layers {
             body = layer.wrap(call, body);
         }
         // A blocking body runs on the blocking pool already; only its handle is awaited here.
+        // An async body in a delivery in place that waits goes on, inside its layers, as a
+        // task of its own ([`offload`]).
         let outcome = match call.task.runner {
-            Runner::Async(_) if self.offload => offload::offload(body).await,
+            Runner::Async(_) => offload::offload(body).await,
             _ => body.await,
         };
         for layer in &self.layers {

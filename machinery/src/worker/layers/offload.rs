@@ -37,6 +37,10 @@ use crate::worker::trace;
 /// `body` and end it there; the task is aborted when this future is dropped (the worker's
 /// end: aborted, or out of time to shut down).
 pub(crate) async fn offload(mut body: Body) -> TaskOutcome {
+    // A delivery that is a task of its own (spawned) runs its body there.
+    if !IN_PLACE.try_with(Cell::get).unwrap_or(false) {
+        return body.await;
+    }
     if let Poll::Ready(outcome) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await {
         return outcome;
     }
@@ -48,6 +52,22 @@ pub(crate) async fn offload(mut body: Body) -> TaskOutcome {
 thread_local! {
     /// A body was offloaded on this thread since the worker's task was last polled.
     static SPAWNED: Cell<bool> = const { Cell::new(false) };
+    /// A delivery in place is being polled on this thread (by the worker's task).
+    static IN_PLACE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Polls a delivery in place: a body whose first poll this is goes on as a task of its own if
+/// it waits ([`offload`]); in a delivery spawned as a task of its own, it runs there.
+pub(crate) fn in_place<T>(poll: impl FnOnce() -> T) -> T {
+    /// Restores the flag, also when the poll panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = IN_PLACE.try_with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(IN_PLACE.try_with(|c| c.replace(true)).unwrap_or(false));
+    poll()
 }
 
 /// Whether a body was offloaded on this thread since the worker's task was last polled: the
