@@ -1,7 +1,7 @@
-//! Where an async body runs when the deliveries run in place
-//! ([`WorkerBuilder::in_place`](crate::WorkerBuilder::in_place)): in the delivery until it
-//! first waits, then as a Tokio task of its own, as Go runs each delivery in a goroutine
-//! (`v2/brokers/amqp/amqp.go`, `consume`).
+//! Where an async body runs in a delivery in place (see
+//! [`Placement`](crate::worker::Placement)): in the delivery until it first waits, then as a
+//! Tokio task of its own, as Go runs each delivery in a goroutine (`v2/brokers/amqp/amqp.go`,
+//! `consume`). In a delivery spawned as a task of its own, the body runs there.
 //!
 //! A body that ends in its first poll (most no-op and CPU-light tasks) costs no spawn and no
 //! wake of another thread. A body that waits (I/O, a timer, another service) goes on beside
