@@ -29,9 +29,10 @@
 //! Redis result backend. In every mode, `BENCH_IN_PLACE=1` runs the worker's deliveries in place
 //! and `BENCH_IN_PLACE=0` spawned (`WorkerBuilder::placement`; unset, the default, adaptive),
 //! `BENCH_REGISTRY=0` turns the worker registry off (`REGISTRY=false`), and `BENCH_YIELD=1` makes
-//! the no-op body wait once (`yield_now`) before it ends. `amqp_bench raw-child [tasks]` is the raw consume alone, of the bare body, of machinery's
-//! message, of that message with its `traceparent` in the AMQP headers too (what a header table
-//! costs), and of machinery's message storing its states. `BENCH_PIDS=pid,pid` also prints the CPU
+//! the no-op body wait once (`yield_now`) before it ends. `amqp_bench raw-child [tasks]` is the
+//! raw consume alone, of the bare body, of machinery's message, of that message with its
+//! `traceparent` in the AMQP headers too (what a header table costs), and of machinery's message
+//! storing its states. `BENCH_PIDS=pid,pid` also prints the CPU
 //! those processes (RabbitMQ's, Redis's) spend per task during each drain and raw consume;
 //! `BENCH_SIGNAL=1` (drain-child) prints `drain starts` on stderr when the drain starts (to attach
 //! a profiler).

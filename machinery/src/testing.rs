@@ -62,6 +62,8 @@ pub struct Fault {
     reply_lost: bool,
     /// The call panics (a backend or broker with a bug).
     panics: bool,
+    /// The call goes through after this wait (a slow store).
+    slow: Option<Duration>,
 }
 
 impl Fault {
@@ -76,6 +78,7 @@ impl Fault {
             routing_key: None,
             reply_lost: false,
             panics: false,
+            slow: None,
         }
     }
 
@@ -128,6 +131,23 @@ impl Fault {
     #[must_use]
     pub fn reply_lost(mut self) -> Fault {
         self.reply_lost = true;
+        self
+    }
+
+    /// Lets the call through after waiting `by` instead of failing it: a store that is slow
+    /// to answer. Backend calls only.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use machinery::testing::Fault;
+    ///
+    /// // Every state write waits 20 ms, then lands.
+    /// let slow = Fault::always().slow(Duration::from_millis(20));
+    /// # let _ = slow;
+    /// ```
+    #[must_use]
+    pub fn slow(mut self, by: Duration) -> Fault {
+        self.slow = Some(by);
         self
     }
 
@@ -245,20 +265,23 @@ impl<Op: Copy + Eq + std::hash::Hash + fmt::Debug> Faults<Op> {
         self.calls.get(&op).copied().unwrap_or(0)
     }
 
-    /// `Err` when the call fails; `Ok(Some(err))` when it goes through and its reply is lost.
+    /// `Err` when the call fails; else how it goes through.
     fn check(
         &mut self,
         op: Op,
         default: ErrorKind,
         state: Option<State>,
         key: Option<&str>,
-    ) -> Result<Option<Error>> {
+    ) -> Result<Strike> {
         *self.calls.entry(op).or_default() += 1;
         let Some(fault) = self.armed.get_mut(&op) else {
-            return Ok(None);
+            return Ok(Strike::Through);
         };
         if !fault.strike(state, key) {
-            return Ok(None);
+            return Ok(Strike::Through);
+        }
+        if let Some(by) = fault.slow {
+            return Ok(Strike::Wait(by));
         }
         if fault.panics {
             // Panicking on command is what this fault is for (opt-in, `testing` feature only,
@@ -271,9 +294,38 @@ impl<Op: Copy + Eq + std::hash::Hash + fmt::Debug> Faults<Op> {
         let kind = fault.kind.unwrap_or(default);
         let error = Error::new(kind, format!("injected fault: {op:?}"));
         if fault.reply_lost {
-            return Ok(Some(error));
+            return Ok(Strike::LoseReply(error));
         }
         Err(error)
+    }
+}
+
+/// How an armed call that does not fail goes through.
+#[derive(Debug)]
+enum Strike {
+    /// As it is.
+    Through,
+    /// It reaches the backend, and only its reply is lost (replaced by this error).
+    LoseReply(Error),
+    /// After a wait.
+    Wait(Duration),
+}
+
+impl Strike {
+    /// Makes `call` as this says.
+    async fn run<T>(self, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        match self {
+            Strike::Through => call.await,
+            Strike::LoseReply(error) => {
+                // The call lands; only its reply is lost.
+                drop(call.await);
+                Err(error)
+            }
+            Strike::Wait(by) => {
+                tokio::time::sleep(by).await;
+                call.await
+            }
+        }
     }
 }
 
@@ -317,7 +369,7 @@ impl FaultyBackend {
             .unwrap_or(0)
     }
 
-    fn check(&self, op: BackendOp, state: Option<&TaskState>) -> Result<Option<Error>> {
+    fn check(&self, op: BackendOp, state: Option<&TaskState>) -> Result<Strike> {
         let mut faults = lock(&self.faults);
         if let Some(state) = state {
             *faults
@@ -332,41 +384,51 @@ impl FaultyBackend {
 #[async_trait]
 impl ResultBackend for FaultyBackend {
     async fn set_state(&self, state: TaskState) -> Result<()> {
-        let lost = self.check(BackendOp::SetState, Some(&state))?;
-        lose(lost, self.inner.set_state(state).await)
+        self.check(BackendOp::SetState, Some(&state))?
+            .run(self.inner.set_state(state))
+            .await
     }
 
     async fn set_states(&self, states: Vec<TaskState>) -> Result<()> {
-        let mut lost = None;
+        // Every write is counted; the first that strikes decides.
+        let mut strike = Strike::Through;
         for state in &states {
-            lost = lost.or(self.check(BackendOp::SetState, Some(state))?);
+            let next = self.check(BackendOp::SetState, Some(state))?;
+            if matches!(strike, Strike::Through) {
+                strike = next;
+            }
         }
-        lose(lost, self.inner.set_states(states).await)
+        strike.run(self.inner.set_states(states)).await
     }
 
     async fn get_state(&self, task_uuid: &str) -> Result<Option<TaskState>> {
-        let lost = self.check(BackendOp::GetState, None)?;
-        lose(lost, self.inner.get_state(task_uuid).await)
+        self.check(BackendOp::GetState, None)?
+            .run(self.inner.get_state(task_uuid))
+            .await
     }
 
     async fn get_states(&self, task_uuids: &[String]) -> Result<Vec<Option<TaskState>>> {
-        let lost = self.check(BackendOp::GetState, None)?;
-        lose(lost, self.inner.get_states(task_uuids).await)
+        self.check(BackendOp::GetState, None)?
+            .run(self.inner.get_states(task_uuids))
+            .await
     }
 
     async fn transition(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let lost = self.check(BackendOp::Transition, Some(&state))?;
-        lose(lost, self.inner.transition(state).await)
+        self.check(BackendOp::Transition, Some(&state))?
+            .run(self.inner.transition(state))
+            .await
     }
 
     async fn start(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let lost = self.check(BackendOp::Transition, Some(&state))?;
-        lose(lost, self.inner.start(state).await)
+        self.check(BackendOp::Transition, Some(&state))?
+            .run(self.inner.start(state))
+            .await
     }
 
     async fn record(&self, state: TaskState) -> Result<Option<TaskState>> {
-        let lost = self.check(BackendOp::Transition, Some(&state))?;
-        lose(lost, self.inner.record(state).await)
+        self.check(BackendOp::Transition, Some(&state))?
+            .run(self.inner.record(state))
+            .await
     }
 
     async fn wait_final(&self, task_uuid: &str, deadline: Option<Instant>) -> Result<TaskState> {
@@ -378,18 +440,21 @@ impl ResultBackend for FaultyBackend {
     }
 
     async fn init_group(&self, group_uuid: &str, task_uuids: &[String]) -> Result<()> {
-        let lost = self.check(BackendOp::InitGroup, None)?;
-        lose(lost, self.inner.init_group(group_uuid, task_uuids).await)
+        self.check(BackendOp::InitGroup, None)?
+            .run(self.inner.init_group(group_uuid, task_uuids))
+            .await
     }
 
     async fn group_meta(&self, group_uuid: &str) -> Result<Option<GroupMeta>> {
-        let lost = self.check(BackendOp::GroupMeta, None)?;
-        lose(lost, self.inner.group_meta(group_uuid).await)
+        self.check(BackendOp::GroupMeta, None)?
+            .run(self.inner.group_meta(group_uuid))
+            .await
     }
 
     async fn trigger_chord(&self, group_uuid: &str) -> Result<bool> {
-        let lost = self.check(BackendOp::TriggerChord, None)?;
-        lose(lost, self.inner.trigger_chord(group_uuid).await)
+        self.check(BackendOp::TriggerChord, None)?
+            .run(self.inner.trigger_chord(group_uuid))
+            .await
     }
 
     async fn mark_group_member(
@@ -399,21 +464,12 @@ impl ResultBackend for FaultyBackend {
         state: &TaskState,
         again: bool,
     ) -> Result<()> {
-        let lost = self.check(BackendOp::MarkGroupMember, Some(state))?;
-        lose(
-            lost,
-            self.inner
-                .mark_group_member(group_uuid, group_task_count, state, again)
-                .await,
-        )
-    }
-}
-
-/// The reply of a call that went through, or the error that replaced it.
-fn lose<T>(lost: Option<Error>, reply: Result<T>) -> Result<T> {
-    match lost {
-        Some(error) => Err(error),
-        None => reply,
+        self.check(BackendOp::MarkGroupMember, Some(state))?
+            .run(
+                self.inner
+                    .mark_group_member(group_uuid, group_task_count, state, again),
+            )
+            .await
     }
 }
 
@@ -456,8 +512,9 @@ impl FaultyBroker {
 
     fn check(faults: &Mutex<Faults<BrokerOp>>, op: BrokerOp, key: Option<&str>) -> Result<()> {
         match lock(faults).check(op, ErrorKind::Broker, None, key)? {
-            Some(lost) => Err(lost),
-            None => Ok(()),
+            Strike::LoseReply(lost) => Err(lost),
+            // A slow fault is for backend calls only (`Fault::slow`).
+            Strike::Through | Strike::Wait(_) => Ok(()),
         }
     }
 

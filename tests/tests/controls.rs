@@ -461,6 +461,143 @@ async fn a_retry_later_whose_state_write_fails_is_not_lost() {
     worker.shutdown().await.unwrap();
 }
 
+// ---- placement: in place while the worker's task has time to spare ----
+
+type TaskIds = (Option<tokio::task::Id>, Option<tokio::task::Id>);
+
+/// The Tokio task each [`note_task`] body ran on, before and after it waited once, by set.
+static TASK_IDS: Mutex<Vec<(String, TaskIds)>> = Mutex::new(Vec::new());
+
+/// Notes the Tokio task its body runs on, waits once (`wait`), and notes it again, in `set`.
+#[task]
+async fn note_task(set: String, wait: bool) {
+    let before = tokio::task::try_id();
+    if wait {
+        tokio::task::yield_now().await;
+    }
+    TASK_IDS
+        .lock()
+        .unwrap()
+        .push((set, (before, tokio::task::try_id())));
+}
+
+/// The task ids [`note_task`] noted in `set`, taken out.
+fn task_ids(set: &str) -> Vec<TaskIds> {
+    let mut all = TASK_IDS.lock().unwrap();
+    let (these, others) = std::mem::take(&mut *all)
+        .into_iter()
+        .partition::<Vec<_>, _>(|(s, _)| s == set);
+    *all = others;
+    these.into_iter().map(|(_, ids)| ids).collect()
+}
+
+/// By default a quick async body runs in place: on the worker's own task, with no task of its
+/// own per delivery. The tasks come one at a time, 20 ms apart, over several of the worker's
+/// 50 ms windows: its task has time to spare. A body that waits goes on as a task of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_quick_bodies_run_on_the_workers_task_and_go_on_their_own_when_they_wait() {
+    let server = server("placement-quick").await;
+    let worker = spawn(server.worker()).await;
+    for _ in 0..8 {
+        let r = server
+            .send(note_task::signature("quick".into(), false))
+            .await
+            .unwrap();
+        r.get_timeout(WAIT).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let quick = task_ids("quick");
+    let r = server
+        .send(note_task::signature("waits".into(), true))
+        .await
+        .unwrap();
+    r.get_timeout(WAIT).await.unwrap();
+    let waited = task_ids("waits");
+    worker.shutdown().await.unwrap();
+    assert_eq!(quick.len(), 8);
+    let worker_task = quick[0].0;
+    assert!(worker_task.is_some(), "a body runs on a Tokio task");
+    assert!(
+        quick
+            .iter()
+            .all(|&(before, after)| before == worker_task && after == worker_task),
+        "every quick body ran on the worker's task: {quick:?}"
+    );
+    let [(before, after)] = waited[..] else {
+        panic!("one body: {waited:?}")
+    };
+    assert_eq!(before, worker_task, "its first poll in place");
+    assert_ne!(after, worker_task, "then on a task of its own");
+}
+
+/// Spawned, a body that waits stays on its delivery's task (it is not spawned again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawned_a_body_that_waits_stays_on_its_deliverys_task() {
+    let server = server("placement-spawned").await;
+    let worker = spawn(server.worker().in_place(false)).await;
+    let r = server
+        .send(note_task::signature("spawned".into(), true))
+        .await
+        .unwrap();
+    r.get_timeout(WAIT).await.unwrap();
+    worker.shutdown().await.unwrap();
+    let [(before, after)] = task_ids("spawned")[..] else {
+        panic!("one body")
+    };
+    assert!(before.is_some());
+    assert_eq!(before, after);
+}
+
+static HOGS_NOW: AtomicUsize = AtomicUsize::new(0);
+static HOGS_MOST: AtomicUsize = AtomicUsize::new(0);
+
+/// Holds its thread (no await) for `ms`, counting the bodies doing so at once.
+#[task]
+async fn hog_counted(ms: u64) {
+    let now = HOGS_NOW.fetch_add(1, Ordering::SeqCst) + 1;
+    HOGS_MOST.fetch_max(now, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(ms));
+    HOGS_NOW.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// By default, bodies that hold their thread do not queue up on the worker's one thread, even
+/// when they all start at once: here 8 wait in the queue, the worker takes them while it is
+/// idle, and their STARTED writes come back together, 20 ms later, from a slow store. The
+/// first body holds the worker's task; the ones that start after it go on their own tasks,
+/// beside each other on the runtime's threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_burst_of_bodies_that_compute_runs_beside_each_other() {
+    let memory = MemoryBroker::open("ctl-hogs", "machinery_tasks", "machinery_task");
+    let backend = Arc::new(FaultyBackend::new(Arc::new(MemoryBackend::open(
+        "ctl-hogs",
+        Duration::from_secs(3600),
+    ))));
+    backend.arm(
+        BackendOp::Transition,
+        Fault::always()
+            .on_state(State::Started)
+            .slow(Duration::from_millis(20)),
+    );
+    let server = Server::from_parts(
+        config("hogs"),
+        Arc::new(memory),
+        Some(backend.clone() as Arc<dyn ResultBackend>),
+    );
+    let mut sent = Vec::new();
+    for _ in 0..8 {
+        sent.push(server.send(hog_counted::signature(50)).await.unwrap());
+    }
+    let worker = spawn(server.worker().concurrency(8)).await;
+    for r in sent {
+        r.get_timeout(WAIT).await.unwrap();
+    }
+    worker.shutdown().await.unwrap();
+    assert!(
+        HOGS_MOST.load(Ordering::SeqCst) >= 2,
+        "the bodies ran one after another on the worker's thread"
+    );
+}
+
 // ---- Go's worker handlers ----
 
 #[tokio::test(flavor = "multi_thread")]

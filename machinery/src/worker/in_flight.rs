@@ -43,12 +43,17 @@ type Caught = Map<CatchUnwind<AssertUnwindSafe<DeliveryFuture>>, fn(std::thread:
 #[non_exhaustive]
 pub enum Placement {
     /// In place while the worker's task has time to spare; spawned while it is the busy one
-    /// (the default). Every 50 ms the worker looks at how long its task spent running
-    /// deliveries in place: once that is half the time or more, the next deliveries are each
-    /// a task of its own for a second (then two, four, ... up to a minute while it stays so),
-    /// after which it tries in place again. A body that holds its thread (computes without
-    /// waiting) thus holds up the deliveries beside it for one window at most, and then such
-    /// bodies run beside each other on every thread of the runtime, as spawned.
+    /// (the default).
+    ///
+    /// The worker times its task's passes over the deliveries in place. Once those took half
+    /// of a window of at least 50 ms, each new delivery is a task of its own for a second
+    /// (then two, four, ... up to a minute while the first window after each hold is busy
+    /// again), after which the worker tries in place again. And within one pass, a body that
+    /// starts after the pass has run 2 ms (or while deliveries are being spawned) goes on its
+    /// own task at once. A body that computes without waiting still holds up the deliveries
+    /// beside it while it runs, as no poll can be cut short; the bodies that start after it
+    /// in that pass, and the deliveries after the worker finds its task busy, run on their own
+    /// tasks, beside each other on every thread of the runtime, as spawned.
     #[default]
     Adaptive,
     /// Each delivery a Tokio task of its own, as Go runs each delivery in a goroutine of its
@@ -76,7 +81,7 @@ impl Future for Gated {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        offload::in_place(|| Pin::new(&mut self.0).poll(cx))
+        Pin::new(&mut self.0).poll(cx)
     }
 }
 
@@ -96,12 +101,13 @@ pub(crate) struct Deliveries {
 }
 
 impl Deliveries {
-    pub(crate) fn new(placement: Placement) -> Deliveries {
+    /// The deliveries of the worker named `worker` (for its log events).
+    pub(crate) fn new(placement: Placement, worker: &str) -> Deliveries {
         Deliveries {
             placement,
             spawned: JoinSet::new(),
             in_place: FuturesUnordered::new(),
-            busy: Busy::new(Instant::now()),
+            busy: Busy::new(Instant::now(), worker),
         }
     }
 
@@ -123,22 +129,55 @@ impl Deliveries {
             self.in_place.push(Gated(delivery));
         } else {
             self.spawned.spawn(delivery);
+            if !self.in_place.is_empty() {
+                // The new task sits in this thread's LIFO slot: no delivery in place runs
+                // before the worker's task yields (see the layers' `offload`).
+                offload::spawned();
+            }
         }
     }
 
-    /// Runs the deliveries in place (nothing for spawned ones, which run by themselves), timing
-    /// each pass for [`Placement::Adaptive`]. Never ends: await it beside what the worker waits
-    /// for.
-    pub(crate) async fn drive(&mut self) -> Infallible {
-        let Deliveries { in_place, busy, .. } = self;
-        poll_fn(|cx| {
-            if in_place.is_empty() {
-                return Poll::Pending;
+    /// Polls the deliveries in place until none is ready (or the set asks to be polled again);
+    /// whether none is left. With [`Placement::Adaptive`] the pass is timed, and a body that
+    /// starts after [`PASS_BUDGET`] of it, or while the worker's task is found busy, goes on
+    /// its own task at once.
+    fn pass(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.in_place.is_empty() {
+            return true;
+        }
+        let Deliveries {
+            placement,
+            in_place,
+            busy,
+            ..
+        } = self;
+        let adaptive = *placement == Placement::Adaptive;
+        let started = adaptive.then(Instant::now);
+        let bodies = match started {
+            Some(at) if busy.spawning(at) => offload::Bodies::Until(at),
+            Some(at) => offload::Bodies::Until(at.checked_add(PASS_BUDGET).unwrap_or(at)),
+            None => offload::Bodies::Here,
+        };
+        let empty = offload::in_place(bodies, || loop {
+            match in_place.poll_next_unpin(cx) {
+                Poll::Ready(Some(())) => {}
+                Poll::Ready(None) => break true,
+                Poll::Pending => break false,
             }
-            let started = Instant::now();
-            // Until nothing in place is ready (or the set asked to be polled again).
-            while let Poll::Ready(Some(())) = in_place.poll_next_unpin(cx) {}
-            busy.add(started.elapsed());
+        });
+        if let Some(started) = started {
+            let now = Instant::now();
+            busy.add(now.saturating_duration_since(started));
+            busy.look(now);
+        }
+        empty
+    }
+
+    /// Runs the deliveries in place (nothing for spawned ones, which run by themselves). Never
+    /// ends: await it beside what the worker waits for.
+    pub(crate) async fn drive(&mut self) -> Infallible {
+        poll_fn(|cx| {
+            self.pass(cx);
             Poll::Pending
         })
         .await
@@ -146,7 +185,14 @@ impl Deliveries {
 
     /// Waits until every delivery has ended.
     pub(crate) async fn drain(&mut self) {
-        while self.in_place.next().await.is_some() {}
+        poll_fn(|cx| {
+            if self.pass(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
         while self.spawned.join_next().await.is_some() {}
     }
 }
@@ -157,6 +203,11 @@ const WINDOW: Duration = Duration::from_millis(50);
 const FIRST_HOLD: Duration = Duration::from_secs(1);
 /// The longest they are spawned before trying in place again.
 const MAX_HOLD: Duration = Duration::from_secs(60);
+/// How long a pass over the deliveries in place may have run for a body that starts in it to
+/// take its first poll there ([`Placement::Adaptive`]); later ones go on their own tasks at
+/// once. A pass of a drain of no-op tasks with Redis results, which starts the bodies whose
+/// STARTED came back in one batch, takes well under a millisecond.
+const PASS_BUDGET: Duration = Duration::from_millis(2);
 
 /// Whether the worker's task has time to spare for deliveries in place: the time it spent
 /// running them in the current window (at least [`WINDOW`]) against the window. Busy half the
@@ -164,6 +215,8 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 /// each time the first window after a hold is busy again, up to [`MAX_HOLD`]).
 #[derive(Debug)]
 struct Busy {
+    /// The worker's name, for the log events.
+    worker: String,
     /// When the current window began.
     since: Instant,
     /// The time spent running deliveries in place since then.
@@ -177,8 +230,9 @@ struct Busy {
 }
 
 impl Busy {
-    fn new(now: Instant) -> Busy {
+    fn new(now: Instant, worker: &str) -> Busy {
         Busy {
+            worker: worker.to_owned(),
             since: now,
             spent: Duration::ZERO,
             until: None,
@@ -189,46 +243,56 @@ impl Busy {
 
     /// Counts time spent running deliveries in place.
     fn add(&mut self, spent: Duration) {
-        self.spent += spent;
+        self.spent = self.spent.saturating_add(spent);
     }
 
-    /// Whether the delivery taken at `now` runs in place.
+    /// Whether deliveries are being spawned at `now` (a hold is on).
+    fn spawning(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now < until)
+    }
+
+    /// Whether the delivery taken at `now` runs in place; see [`look`](Self::look).
     fn in_place(&mut self, now: Instant) -> bool {
+        self.look(now);
+        !self.spawning(now)
+    }
+
+    /// Looks at the worker's task at `now`: ends a hold that is over (the next window is a
+    /// probe), and once a window has passed, starts a hold if the task was busy for half of
+    /// it, else starts the next window.
+    fn look(&mut self, now: Instant) {
         if let Some(until) = self.until {
             if now < until {
-                return false;
+                return;
             }
-            // The hold is over: try in place again, for a window.
+            debug!(worker = %self.worker, "trying the deliveries in place again");
             self.until = None;
             self.probing = true;
             self.restart(now);
-            return true;
+            return;
         }
         let window = now.saturating_duration_since(self.since);
         if window < WINDOW {
-            return true;
+            return;
         }
-        if self.spent * 2 >= window {
+        if self.spent.saturating_mul(2) >= window {
             if self.probing {
-                self.hold = (self.hold * 2).min(MAX_HOLD);
+                self.hold = self.hold.saturating_mul(2).min(MAX_HOLD);
             }
             debug!(
+                worker = %self.worker,
                 busy_ms = self.spent.as_millis(),
                 window_ms = window.as_millis(),
                 hold_ms = self.hold.as_millis(),
                 "the worker's task is busy with its deliveries; spawning them for a while"
             );
-            self.until = Some(now + self.hold);
-            self.probing = false;
-            self.restart(now);
-            return false;
-        }
-        if self.probing {
+            // An instant too far to represent ends the hold at once.
+            self.until = Some(now.checked_add(self.hold).unwrap_or(now));
+        } else if self.probing {
             self.hold = FIRST_HOLD;
-            self.probing = false;
         }
+        self.probing = false;
         self.restart(now);
-        true
     }
 
     fn restart(&mut self, now: Instant) {
@@ -252,22 +316,27 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn busy(t0: Instant) -> Busy {
+        Busy::new(t0, "w")
+    }
+
     #[test]
     fn a_task_with_time_to_spare_runs_its_deliveries_in_place() {
         let t0 = Instant::now();
-        let mut busy = Busy::new(t0);
+        let mut busy = busy(t0);
         busy.add(ms(10));
         assert!(busy.in_place(t0 + ms(10)), "within the window");
         busy.add(ms(14));
         assert!(busy.in_place(t0 + ms(50)), "busy under half the window");
-        busy.add(ms(24));
+        // Busy more than half of the time so far, but the window is not over: not looked at.
+        busy.add(ms(40));
         assert!(busy.in_place(t0 + ms(99)), "a new window, not over yet");
     }
 
     #[test]
     fn a_busy_task_spawns_for_a_hold_that_grows_while_it_stays_busy() {
         let t0 = Instant::now();
-        let mut busy = Busy::new(t0);
+        let mut busy = busy(t0);
         busy.add(ms(25));
         assert!(!busy.in_place(t0 + ms(50)), "busy half the window");
         assert!(!busy.in_place(t0 + ms(1049)), "held for a second");
@@ -288,19 +357,35 @@ mod tests {
     }
 
     #[test]
-    fn a_long_poll_spawns_what_follows_it() {
-        // One body held the worker's task for 200 ms: the delivery after it is spawned.
+    fn time_spent_during_a_hold_does_not_count_after_it() {
         let t0 = Instant::now();
-        let mut busy = Busy::new(t0);
+        let mut busy = busy(t0);
+        busy.add(ms(50));
+        assert!(!busy.in_place(t0 + ms(50)));
+        // Deliveries taken in place before the hold still ran during it.
+        busy.add(ms(900));
+        let t1 = t0 + ms(50) + FIRST_HOLD;
+        assert!(busy.in_place(t1), "the hold is over");
+        assert!(busy.in_place(t1 + ms(60)), "a calm first window after it");
+    }
+
+    #[test]
+    fn a_pass_looks_at_the_task_too() {
+        // One body held the worker's task for 200 ms in a pass: the next delivery is spawned,
+        // and a body that starts in the next pass goes on its own task at once.
+        let t0 = Instant::now();
+        let mut busy = busy(t0);
         assert!(busy.in_place(t0));
         busy.add(ms(200));
-        assert!(!busy.in_place(t0 + ms(200)));
+        busy.look(t0 + ms(200));
+        assert!(busy.spawning(t0 + ms(201)));
+        assert!(!busy.in_place(t0 + ms(201)));
     }
 
     #[test]
     fn the_hold_is_bounded() {
         let t0 = Instant::now();
-        let mut busy = Busy::new(t0);
+        let mut busy = busy(t0);
         let mut now = t0;
         for _ in 0..20 {
             busy.add(WINDOW);

@@ -196,8 +196,8 @@ impl WorkerBuilder {
     ///
     /// In place, the worker's own work for each delivery (decoding, spans, recording the
     /// outcome) needs no spawn and no wake of another thread: on a drain of no-op tasks from
-    /// RabbitMQ with Redis results it took about a fifth less CPU per task than spawned, and
-    /// drained faster (README, "Benchmarks"). An async body runs in its delivery until it
+    /// RabbitMQ with Redis results it took about an eighth less CPU per task than spawned, and
+    /// drained faster (README, "Placement"). An async body runs in its delivery until it
     /// first waits, then goes on as a task of its own, inside its layers (time limits,
     /// revoke). Blocking (sync) bodies run on Tokio's blocking threads either way. With
     /// [`Worker::run`] the worker's task is the caller's.
@@ -738,6 +738,7 @@ impl Worker {
             worker = %self.ctx.name,
             queue = %self.queue,
             concurrency = self.concurrency,
+            placement = ?self.placement,
             tasks = self.ctx.registry.len(),
             "worker started"
         );
@@ -764,7 +765,7 @@ impl Worker {
         #[cfg(feature = "redis")]
         let census = self.ctx.census.as_ref().map(|c| c.start(&self.queue));
         let mut outcome = Ok(());
-        let mut in_flight = in_flight::Deliveries::new(self.placement);
+        let mut in_flight = in_flight::Deliveries::new(self.placement, &self.ctx.name);
         tokio::pin!(shutdown);
         'serve: loop {
             let permit = tokio::select! {

@@ -27,6 +27,7 @@ use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::Poll;
+use std::time::Instant;
 
 use super::{joined, AbortOnDrop, Body};
 use crate::task::TaskOutcome;
@@ -37,37 +38,64 @@ use crate::worker::trace;
 /// `body` and end it there; the task is aborted when this future is dropped (the worker's
 /// end: aborted, or out of time to shut down).
 pub(crate) async fn offload(mut body: Body) -> TaskOutcome {
-    // A delivery that is a task of its own (spawned) runs its body there.
-    if !IN_PLACE.try_with(Cell::get).unwrap_or(false) {
-        return body.await;
-    }
-    if let Poll::Ready(outcome) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await {
-        return outcome;
+    let first_poll_here = match IN_PLACE.try_with(Cell::get).ok().flatten() {
+        // A delivery that is a task of its own (spawned) runs its body there.
+        None => return body.await,
+        Some(Bodies::Here) => true,
+        Some(Bodies::Until(until)) => Instant::now() < until,
+    };
+    if first_poll_here {
+        if let Poll::Ready(outcome) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await
+        {
+            return outcome;
+        }
     }
     let mut handle = AbortOnDrop(tokio::spawn(trace::carried(body)));
     mark(true);
     joined((&mut handle.0).await)
 }
 
+/// Where a body that starts in a delivery in place takes its first poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bodies {
+    /// In place.
+    Here,
+    /// In place until this instant; from then on, at once on a task of its own.
+    Until(Instant),
+}
+
 thread_local! {
     /// A body was offloaded on this thread since the worker's task was last polled.
     static SPAWNED: Cell<bool> = const { Cell::new(false) };
-    /// A delivery in place is being polled on this thread (by the worker's task).
-    static IN_PLACE: Cell<bool> = const { Cell::new(false) };
+    /// The deliveries in place are being polled on this thread (by the worker's task): where
+    /// a body that starts there takes its first poll.
+    static IN_PLACE: Cell<Option<Bodies>> = const { Cell::new(None) };
 }
 
-/// Polls a delivery in place: a body whose first poll this is goes on as a task of its own if
-/// it waits ([`offload`]); in a delivery spawned as a task of its own, it runs there.
-pub(crate) fn in_place<T>(poll: impl FnOnce() -> T) -> T {
+/// Polls deliveries in place: a body that starts in them takes its first poll where `bodies`
+/// says, and goes on as a task of its own if it waits ([`offload`]); a body in a delivery
+/// spawned as a task of its own runs there.
+pub(crate) fn in_place<T>(bodies: Bodies, poll: impl FnOnce() -> T) -> T {
     /// Restores the flag, also when the poll panics.
-    struct Restore(bool);
+    struct Restore(Option<Bodies>);
     impl Drop for Restore {
         fn drop(&mut self) {
             let _ = IN_PLACE.try_with(|c| c.set(self.0));
         }
     }
-    let _restore = Restore(IN_PLACE.try_with(|c| c.replace(true)).unwrap_or(false));
+    let _restore = Restore(
+        IN_PLACE
+            .try_with(|c| c.replace(Some(bodies)))
+            .unwrap_or(None),
+    );
     poll()
+}
+
+/// Notes that the worker's task spawned a task on this thread: the deliveries in place wait
+/// for its next poll, so that the new task, in the thread's LIFO slot, is not held up behind
+/// them (see the [module docs](self)).
+pub(crate) fn spawned() {
+    mark(true);
 }
 
 /// Whether a body was offloaded on this thread since the worker's task was last polled: the
