@@ -2,8 +2,9 @@
 //!
 //! [`FaultyBroker`] and [`FaultyBackend`] wrap a real broker or backend (usually the embedded
 //! one) and pass every call through, except the calls a [`Fault`] is armed for: those fail with
-//! the fault's error, once, N times, forever, or only after a number of calls went through or a
-//! delay passed. Every call is counted, so a test can assert how often a state was written or a
+//! the fault's error (or, for a backend, lose their reply or go through late:
+//! [`Fault::reply_lost`], [`Fault::slow`]), once, N times, forever, or only after a number of
+//! calls went through or a delay passed. Every call is counted, so a test can assert how often a state was written or a
 //! message published. [`SlowLink`] sits between a client and a real server (RabbitMQ, Redis)
 //! and delays their bytes on command: a slow broker. Enabled with the `testing` feature.
 //!
@@ -43,7 +44,7 @@ use crate::wire::{GroupMeta, State, TaskState};
 mod slow_link;
 pub use slow_link::SlowLink;
 
-/// When and how an armed call fails.
+/// When and how an armed call fails (or, for a backend, loses its reply or goes through late).
 #[derive(Debug, Clone)]
 pub struct Fault {
     /// Calls that still go through before the fault starts.
@@ -135,7 +136,9 @@ impl Fault {
     }
 
     /// Lets the call through after waiting `by` instead of failing it: a store that is slow
-    /// to answer. Backend calls only.
+    /// to answer. It takes precedence over [`panics`](Self::panics),
+    /// [`reply_lost`](Self::reply_lost) and [`kind`](Self::kind). Backend calls only: armed on
+    /// a [`FaultyBroker`], a strike lets the call through at once (and still counts).
     ///
     /// ```
     /// use std::time::Duration;
@@ -390,7 +393,7 @@ impl ResultBackend for FaultyBackend {
     }
 
     async fn set_states(&self, states: Vec<TaskState>) -> Result<()> {
-        // Every write is counted; the first that strikes decides.
+        // Each write is counted until one fails; of the others, the first that strikes decides.
         let mut strike = Strike::Through;
         for state in &states {
             let next = self.check(BackendOp::SetState, Some(state))?;

@@ -494,6 +494,8 @@ fn task_ids(set: &str) -> Vec<TaskIds> {
 /// By default a quick async body runs in place: on the worker's own task, with no task of its
 /// own per delivery. The tasks come one at a time, 20 ms apart, over several of the worker's
 /// 50 ms windows: its task has time to spare. A body that waits goes on as a task of its own.
+/// (A pass over the deliveries in place that the OS holds up past its 2 ms budget sends the
+/// body it starts to a task of its own: most bodies, not all, are counted on.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_default_quick_bodies_run_on_the_workers_task_and_go_on_their_own_when_they_wait() {
     let server = server("placement-quick").await;
@@ -507,27 +509,48 @@ async fn by_default_quick_bodies_run_on_the_workers_task_and_go_on_their_own_whe
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let quick = task_ids("quick");
-    let r = server
-        .send(note_task::signature("waits".into(), true))
-        .await
-        .unwrap();
-    r.get_timeout(WAIT).await.unwrap();
+    for _ in 0..3 {
+        let r = server
+            .send(note_task::signature("waits".into(), true))
+            .await
+            .unwrap();
+        r.get_timeout(WAIT).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let waited = task_ids("waits");
     worker.shutdown().await.unwrap();
     assert_eq!(quick.len(), 8);
-    let worker_task = quick[0].0;
-    assert!(worker_task.is_some(), "a body runs on a Tokio task");
+    // The worker's task: the one most bodies ran on.
+    let mut counts: HashMap<tokio::task::Id, usize> = HashMap::new();
+    for &(before, after) in &quick {
+        assert!(before.is_some(), "a body runs on a Tokio task");
+        assert_eq!(
+            before, after,
+            "a body that does not wait stays where it started"
+        );
+        *counts.entry(before.unwrap()).or_default() += 1;
+    }
+    let (worker_task, on_it) = counts.into_iter().max_by_key(|&(_, n)| n).unwrap();
     assert!(
-        quick
-            .iter()
-            .all(|&(before, after)| before == worker_task && after == worker_task),
-        "every quick body ran on the worker's task: {quick:?}"
+        on_it >= 6,
+        "only {on_it} of 8 quick bodies ran on the worker's task: {quick:?}"
     );
-    let [(before, after)] = waited[..] else {
-        panic!("one body: {waited:?}")
-    };
-    assert_eq!(before, worker_task, "its first poll in place");
-    assert_ne!(after, worker_task, "then on a task of its own");
+    assert_eq!(waited.len(), 3);
+    let in_place: Vec<_> = waited
+        .iter()
+        .filter(|(before, _)| *before == Some(worker_task))
+        .collect();
+    assert!(
+        !in_place.is_empty(),
+        "no waiting body took its first poll on the worker's task: {waited:?}"
+    );
+    for (_, after) in in_place {
+        assert_ne!(
+            *after,
+            Some(worker_task),
+            "after its wait, on a task of its own"
+        );
+    }
 }
 
 /// Spawned, a body that waits stays on its delivery's task (it is not spawned again).
@@ -550,10 +573,13 @@ async fn spawned_a_body_that_waits_stays_on_its_deliverys_task() {
 
 static HOGS_NOW: AtomicUsize = AtomicUsize::new(0);
 static HOGS_MOST: AtomicUsize = AtomicUsize::new(0);
+/// The Tokio task each [`hog_counted`] body ran on.
+static HOG_TASKS: Mutex<Vec<Option<tokio::task::Id>>> = Mutex::new(Vec::new());
 
 /// Holds its thread (no await) for `ms`, counting the bodies doing so at once.
 #[task]
 async fn hog_counted(ms: u64) {
+    HOG_TASKS.lock().unwrap().push(tokio::task::try_id());
     let now = HOGS_NOW.fetch_add(1, Ordering::SeqCst) + 1;
     HOGS_MOST.fetch_max(now, Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(ms));
@@ -561,10 +587,10 @@ async fn hog_counted(ms: u64) {
 }
 
 /// By default, bodies that hold their thread do not queue up on the worker's one thread, even
-/// when they all start at once: here 8 wait in the queue, the worker takes them while it is
-/// idle, and their STARTED writes come back together, 20 ms later, from a slow store. The
-/// first body holds the worker's task; the ones that start after it go on their own tasks,
-/// beside each other on the runtime's threads.
+/// when they all start at once after the worker was idle: here the worker starts, 30 ms later
+/// 8 such tasks arrive, and their STARTED writes come back together 100 ms later from a slow
+/// store. The first body holds the worker's task; the ones that were waiting behind it go on
+/// tasks of their own, beside each other on the runtime's threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_default_a_burst_of_bodies_that_compute_runs_beside_each_other() {
     let memory = MemoryBroker::open("ctl-hogs", "machinery_tasks", "machinery_task");
@@ -576,25 +602,40 @@ async fn by_default_a_burst_of_bodies_that_compute_runs_beside_each_other() {
         BackendOp::Transition,
         Fault::always()
             .on_state(State::Started)
-            .slow(Duration::from_millis(20)),
+            .slow(Duration::from_millis(100)),
     );
     let server = Server::from_parts(
         config("hogs"),
         Arc::new(memory),
         Some(backend.clone() as Arc<dyn ResultBackend>),
     );
+    let worker = spawn(server.worker().concurrency(8)).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
     let mut sent = Vec::new();
     for _ in 0..8 {
-        sent.push(server.send(hog_counted::signature(50)).await.unwrap());
+        sent.push(server.send(hog_counted::signature(30)).await.unwrap());
     }
-    let worker = spawn(server.worker().concurrency(8)).await;
     for r in sent {
         r.get_timeout(WAIT).await.unwrap();
     }
     worker.shutdown().await.unwrap();
+    let tasks = HOG_TASKS.lock().unwrap().clone();
+    assert_eq!(tasks.len(), 8);
+    // The bodies on the worker's task share its id; each other one has its own. The first
+    // holds the worker's task; one whose wake came late (both runtime threads held by
+    // bodies, no thread turning the timers) may take its first poll there too.
+    let mut by_task: HashMap<Option<tokio::task::Id>, usize> = HashMap::new();
+    for task in &tasks {
+        *by_task.entry(*task).or_default() += 1;
+    }
+    let on_one = by_task.values().copied().max().unwrap_or(0);
+    assert!(
+        on_one <= 3,
+        "{on_one} of 8 bodies ran one after another on the worker's task: {tasks:?}"
+    );
     assert!(
         HOGS_MOST.load(Ordering::SeqCst) >= 2,
-        "the bodies ran one after another on the worker's thread"
+        "the bodies ran one after another"
     );
 }
 

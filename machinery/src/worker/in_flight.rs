@@ -48,12 +48,13 @@ pub enum Placement {
     /// The worker times its task's passes over the deliveries in place. Once those took half
     /// of a window of at least 50 ms, each new delivery is a task of its own for a second
     /// (then two, four, ... up to a minute while the first window after each hold is busy
-    /// again), after which the worker tries in place again. And within one pass, a body that
-    /// starts after the pass has run 2 ms (or while deliveries are being spawned) goes on its
-    /// own task at once. A body that computes without waiting still holds up the deliveries
-    /// beside it while it runs, as no poll can be cut short; the bodies that start after it
-    /// in that pass, and the deliveries after the worker finds its task busy, run on their own
-    /// tasks, beside each other on every thread of the runtime, as spawned.
+    /// again), after which the worker tries in place again. And a body that starts after a
+    /// pass over the deliveries in place has run 2 ms, within 10 ms of the end of a pass that
+    /// took 2 ms or more, or while deliveries are being spawned, goes on its own task at once. A body that
+    /// computes without waiting still holds up the deliveries beside it while it runs, as no
+    /// poll can be cut short; the bodies that were waiting behind it, and the deliveries after
+    /// the worker finds its task busy, run on their own tasks, beside each other on every
+    /// thread of the runtime, as spawned.
     #[default]
     Adaptive,
     /// Each delivery a Tokio task of its own, as Go runs each delivery in a goroutine of its
@@ -139,8 +140,9 @@ impl Deliveries {
 
     /// Polls the deliveries in place until none is ready (or the set asks to be polled again);
     /// whether none is left. With [`Placement::Adaptive`] the pass is timed, and a body that
-    /// starts after [`PASS_BUDGET`] of it, or while the worker's task is found busy, goes on
-    /// its own task at once.
+    /// starts after [`PASS_BUDGET`] of it, soon after a pass that took that long, or while the
+    /// worker's task is found busy, goes on its own task at once (see
+    /// [`Busy::bodies_until`]): the pass goes on, and every body ready after it goes so too.
     fn pass(&mut self, cx: &mut Context<'_>) -> bool {
         if self.in_place.is_empty() {
             return true;
@@ -153,9 +155,13 @@ impl Deliveries {
         } = self;
         let adaptive = *placement == Placement::Adaptive;
         let started = adaptive.then(Instant::now);
+        if let Some(at) = started {
+            // A window that began long before (the worker idle, bodies waiting on a slow
+            // store) is over: this pass is timed in a window of its own.
+            busy.look(at);
+        }
         let bodies = match started {
-            Some(at) if busy.spawning(at) => offload::Bodies::Until(at),
-            Some(at) => offload::Bodies::Until(at.checked_add(PASS_BUDGET).unwrap_or(at)),
+            Some(at) => offload::Bodies::Until(busy.bodies_until(at)),
             None => offload::Bodies::Here,
         };
         let empty = offload::in_place(bodies, || loop {
@@ -167,7 +173,7 @@ impl Deliveries {
         });
         if let Some(started) = started {
             let now = Instant::now();
-            busy.add(now.saturating_duration_since(started));
+            busy.passed(now.saturating_duration_since(started), now);
             busy.look(now);
         }
         empty
@@ -208,6 +214,8 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 /// once. A pass of a drain of no-op tasks with Redis results, which starts the bodies whose
 /// STARTED came back in one batch, takes well under a millisecond.
 const PASS_BUDGET: Duration = Duration::from_millis(2);
+/// How long after a pass that took [`PASS_BUDGET`] or more no body starts in place.
+const AWAY: Duration = Duration::from_millis(10);
 
 /// Whether the worker's task has time to spare for deliveries in place: the time it spent
 /// running them in the current window (at least [`WINDOW`]) against the window. Busy half the
@@ -223,6 +231,8 @@ struct Busy {
     spent: Duration,
     /// While deliveries are spawned: until when.
     until: Option<Instant>,
+    /// After a pass that took [`PASS_BUDGET`] or more: until when bodies do not start in place.
+    away_until: Option<Instant>,
     /// The next hold.
     hold: Duration,
     /// Whether the current window is the first after a hold.
@@ -236,6 +246,7 @@ impl Busy {
             since: now,
             spent: Duration::ZERO,
             until: None,
+            away_until: None,
             hold: FIRST_HOLD,
             probing: false,
         }
@@ -244,6 +255,27 @@ impl Busy {
     /// Counts time spent running deliveries in place.
     fn add(&mut self, spent: Duration) {
         self.spent = self.spent.saturating_add(spent);
+    }
+
+    /// Counts a pass over the deliveries in place that took `took` and ended at `now`.
+    fn passed(&mut self, took: Duration, now: Instant) {
+        self.add(took);
+        if took >= PASS_BUDGET {
+            self.away_until = now.checked_add(AWAY);
+        }
+    }
+
+    /// Until when a body that starts in a pass begun at `at` takes its first poll in place:
+    /// for [`PASS_BUDGET`] of the pass; not at all within [`AWAY`] of the end of a pass that
+    /// took that long (a body held the worker's task: the ones that were waiting behind it go
+    /// on their own tasks, also when their wakes come in a later pass, as they do when the
+    /// runtime's other threads were asleep meanwhile and no thread turned its timers), nor
+    /// while deliveries are being spawned.
+    fn bodies_until(&self, at: Instant) -> Instant {
+        if self.spawning(at) || self.away_until.is_some_and(|until| at < until) {
+            return at;
+        }
+        at.checked_add(PASS_BUDGET).unwrap_or(at)
     }
 
     /// Whether deliveries are being spawned at `now` (a hold is on).
@@ -380,6 +412,26 @@ mod tests {
         busy.look(t0 + ms(200));
         assert!(busy.spawning(t0 + ms(201)));
         assert!(!busy.in_place(t0 + ms(201)));
+    }
+
+    #[test]
+    fn bodies_start_in_place_for_a_pass_budget_unless_a_pass_was_long_just_before() {
+        let t0 = Instant::now();
+        let mut busy = busy(t0);
+        assert_eq!(busy.bodies_until(t0), t0 + PASS_BUDGET);
+        busy.passed(ms(1), t0 + ms(1));
+        assert_eq!(busy.bodies_until(t0 + ms(1)), t0 + ms(1) + PASS_BUDGET);
+        // A body held the worker's task for 30 ms: for the next 10 ms, bodies go on their own,
+        // also after a short pass meanwhile.
+        busy.passed(ms(30), t0 + ms(31));
+        assert_eq!(busy.bodies_until(t0 + ms(31)), t0 + ms(31));
+        busy.passed(ms(1), t0 + ms(32));
+        assert_eq!(busy.bodies_until(t0 + ms(40)), t0 + ms(40));
+        assert_eq!(busy.bodies_until(t0 + ms(41)), t0 + ms(41) + PASS_BUDGET);
+        // During a hold, none does.
+        busy.add(ms(40));
+        busy.look(t0 + ms(60));
+        assert_eq!(busy.bodies_until(t0 + ms(61)), t0 + ms(61));
     }
 
     #[test]

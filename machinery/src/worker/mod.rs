@@ -199,8 +199,10 @@ impl WorkerBuilder {
     /// RabbitMQ with Redis results it took about an eighth less CPU per task than spawned, and
     /// drained faster (README, "Placement"). An async body runs in its delivery until it
     /// first waits, then goes on as a task of its own, inside its layers (time limits,
-    /// revoke). Blocking (sync) bodies run on Tokio's blocking threads either way. With
-    /// [`Worker::run`] the worker's task is the caller's.
+    /// revoke); with [`Placement::Adaptive`], one that starts after the worker's pass over its
+    /// deliveries in place has run 2 ms, or while the worker spawns its deliveries, goes on
+    /// its own task at once. Blocking (sync) bodies run on Tokio's blocking threads either
+    /// way. With [`Worker::run`] the worker's task is the caller's.
     ///
     /// ```no_run
     /// # async fn doc(server: machinery::Server) -> machinery::Result<()> {

@@ -1,7 +1,9 @@
 //! Where an async body runs in a delivery in place (see
 //! [`Placement`](crate::worker::Placement)): in the delivery until it first waits, then as a
 //! Tokio task of its own, as Go runs each delivery in a goroutine (`v2/brokers/amqp/amqp.go`,
-//! `consume`). In a delivery spawned as a task of its own, the body runs there.
+//! `consume`); or, when it starts late in a pass over the deliveries in place (its budget
+//! spent, [`Bodies::Until`]), on a task of its own from the start. In a delivery spawned as a
+//! task of its own, the body runs there.
 //!
 //! A body that ends in its first poll (most no-op and CPU-light tasks) costs no spawn and no
 //! wake of another thread. A body that waits (I/O, a timer, another service) goes on beside
@@ -33,8 +35,10 @@ use super::{joined, AbortOnDrop, Body};
 use crate::task::TaskOutcome;
 use crate::worker::trace;
 
-/// Runs `body` in place until it first waits, then as a task of its own, as the same
-/// execution, inside the same span and subscriber. The time limit and revoke are inside
+/// In a delivery in place, runs `body` there until it first waits, then as a task of its own
+/// (or on a task of its own from the start, when the pass over the deliveries in place is past
+/// its budget: see [`Bodies`]), as the same execution, inside the same span and subscriber. In
+/// a delivery that is a task of its own, runs it there. The time limit and revoke are inside
 /// `body` and end it there; the task is aborted when this future is dropped (the worker's
 /// end: aborted, or out of time to shut down).
 pub(crate) async fn offload(mut body: Body) -> TaskOutcome {
@@ -44,11 +48,14 @@ pub(crate) async fn offload(mut body: Body) -> TaskOutcome {
         Some(Bodies::Here) => true,
         Some(Bodies::Until(until)) => Instant::now() < until,
     };
-    if first_poll_here {
-        if let Poll::Ready(outcome) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await
-        {
-            return outcome;
-        }
+    if !first_poll_here {
+        // Past the pass's budget, no body starts in place: the pass goes on (no mark), and
+        // what it polls now holds the new task up only for the worker's own short work.
+        let mut handle = AbortOnDrop(tokio::spawn(trace::carried(body)));
+        return joined((&mut handle.0).await);
+    }
+    if let Poll::Ready(outcome) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await {
+        return outcome;
     }
     let mut handle = AbortOnDrop(tokio::spawn(trace::carried(body)));
     mark(true);
