@@ -491,6 +491,19 @@ fn task_ids(set: &str) -> Vec<TaskIds> {
     these.into_iter().map(|(_, ids)| ids).collect()
 }
 
+/// Runs `n` [`note_task`]s in `set`, one at a time, 20 ms apart; the task ids they noted.
+async fn one_at_a_time(server: &Server, set: &str, wait: bool, n: usize) -> Vec<TaskIds> {
+    for _ in 0..n {
+        let r = server
+            .send(note_task::signature(set.into(), wait))
+            .await
+            .unwrap();
+        r.get_timeout(WAIT).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task_ids(set)
+}
+
 /// By default a quick async body runs in place: on the worker's own task, with no task of its
 /// own per delivery. The tasks come one at a time, 20 ms apart, over several of the worker's
 /// 50 ms windows: its task has time to spare. A body that waits goes on as a task of its own.
@@ -500,24 +513,8 @@ fn task_ids(set: &str) -> Vec<TaskIds> {
 async fn by_default_quick_bodies_run_on_the_workers_task_and_go_on_their_own_when_they_wait() {
     let server = server("placement-quick").await;
     let worker = spawn(server.worker()).await;
-    for _ in 0..8 {
-        let r = server
-            .send(note_task::signature("quick".into(), false))
-            .await
-            .unwrap();
-        r.get_timeout(WAIT).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let quick = task_ids("quick");
-    for _ in 0..3 {
-        let r = server
-            .send(note_task::signature("waits".into(), true))
-            .await
-            .unwrap();
-        r.get_timeout(WAIT).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let waited = task_ids("waits");
+    let quick = one_at_a_time(&server, "quick", false, 8).await;
+    let waited = one_at_a_time(&server, "waits", true, 3).await;
     worker.shutdown().await.unwrap();
     assert_eq!(quick.len(), 8);
     // The worker's task: the one most bodies ran on.
