@@ -212,9 +212,11 @@ const MAX_HOLD: Duration = Duration::from_secs(60);
 /// How long a pass over the deliveries in place may have run for a body that starts in it to
 /// take its first poll there ([`Placement::Adaptive`]); later ones go on their own tasks at
 /// once. A pass of a drain of no-op tasks with Redis results, which starts the bodies whose
-/// STARTED came back in one batch, takes well under a millisecond.
+/// STARTED came back in one batch, takes well under a millisecond: in `amqp_bench drain-child
+/// off 20000` 1 to 3 of the 20,000 bodies started past the budget.
 const PASS_BUDGET: Duration = Duration::from_millis(2);
-/// How long after a pass that took [`PASS_BUDGET`] or more no body starts in place.
+/// How long after a pass that took [`PASS_BUDGET`] or more no body starts in place. (In the
+/// same drain, 330 and 771 of the 20,000 bodies went on their own tasks so, in 2 runs.)
 const AWAY: Duration = Duration::from_millis(10);
 
 /// Whether the worker's task has time to spare for deliveries in place: the time it spent
