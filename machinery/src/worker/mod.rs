@@ -200,8 +200,8 @@ impl WorkerBuilder {
     /// drained faster (README, "Placement"). An async body runs in its delivery until it
     /// first waits, then goes on as a task of its own, inside its layers (time limits,
     /// revoke); with [`Placement::Adaptive`], one that starts after the worker's pass over its
-    /// deliveries in place has run 2 ms, or while the worker spawns its deliveries, goes on
-    /// its own task at once. Blocking (sync) bodies run on Tokio's blocking threads either
+    /// deliveries in place has run 2 ms, just after such a long pass, or while the worker
+    /// spawns its deliveries, goes on its own task at once. Blocking (sync) bodies run on Tokio's blocking threads either
     /// way. With [`Worker::run`] the worker's task is the caller's.
     ///
     /// ```no_run
