@@ -4,9 +4,10 @@
 //! one) and pass every call through, except the calls a [`Fault`] is armed for: those fail with
 //! the fault's error (or, for a backend, lose their reply or go through late:
 //! [`Fault::reply_lost`], [`Fault::slow`]), once, N times, forever, or only after a number of
-//! calls went through or a delay passed. Every call is counted, so a test can assert how often a state was written or a
-//! message published. [`SlowLink`] sits between a client and a real server (RabbitMQ, Redis)
-//! and delays their bytes on command: a slow broker. Enabled with the `testing` feature.
+//! calls went through or a delay passed. Every call is counted, so a test can assert how often
+//! a state was written or a message published. [`SlowLink`] sits between a client and a real
+//! server (RabbitMQ, Redis) and delays their bytes on command: a slow broker. Enabled with the
+//! `testing` feature.
 //!
 //! ```
 //! use std::sync::Arc;

@@ -50,11 +50,11 @@ pub enum Placement {
     /// (then two, four, ... up to a minute while the first window after each hold is busy
     /// again), after which the worker tries in place again. And a body that starts after a
     /// pass over the deliveries in place has run 2 ms, within 10 ms of the end of a pass that
-    /// took 2 ms or more, or while deliveries are being spawned, goes on its own task at once. A body that
-    /// computes without waiting still holds up the deliveries beside it while it runs, as no
-    /// poll can be cut short; the bodies that were waiting behind it, and the deliveries after
-    /// the worker finds its task busy, run on their own tasks, beside each other on every
-    /// thread of the runtime, as spawned.
+    /// took 2 ms or more, or while deliveries are being spawned, goes on its own task at once.
+    /// A body that computes without waiting still holds up the deliveries beside it while it
+    /// runs, as no poll can be cut short; the bodies that were waiting behind it, and the
+    /// deliveries after the worker finds its task busy, run on their own tasks, beside each
+    /// other on every thread of the runtime, as spawned.
     #[default]
     Adaptive,
     /// Each delivery a Tokio task of its own, as Go runs each delivery in a goroutine of its

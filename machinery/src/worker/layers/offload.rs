@@ -48,17 +48,19 @@ pub(crate) async fn offload(mut body: Body) -> TaskOutcome {
         Some(Bodies::Here) => true,
         Some(Bodies::Until(until)) => Instant::now() < until,
     };
-    if !first_poll_here {
-        // Past the pass's budget, no body starts in place: the pass goes on (no mark), and
-        // what it polls now holds the new task up only for the worker's own short work.
-        let mut handle = AbortOnDrop(tokio::spawn(trace::carried(body)));
-        return joined((&mut handle.0).await);
-    }
-    if let Poll::Ready(outcome) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await {
-        return outcome;
+    if first_poll_here {
+        if let Poll::Ready(outcome) = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll(cx))).await
+        {
+            return outcome;
+        }
     }
     let mut handle = AbortOnDrop(tokio::spawn(trace::carried(body)));
-    mark(true);
+    // A body that waited after its first poll here: the deliveries wait for the worker's next
+    // poll (the LIFO slot). One past the pass's budget starts no body here: the pass goes on,
+    // and what it polls now holds the new task up only for the worker's own short work.
+    if first_poll_here {
+        mark(true);
+    }
     joined((&mut handle.0).await)
 }
 
